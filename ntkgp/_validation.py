@@ -1,0 +1,81 @@
+"""Checks on user input that turn silent wrong answers into clear errors."""
+
+from __future__ import annotations
+
+import torch
+from gpytorch.likelihoods import (
+    FixedNoiseGaussianLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+    MultitaskGaussianLikelihood,
+)
+from torch import Tensor
+
+__all__ = ["check_inputs", "check_likelihood", "check_targets"]
+
+
+def check_inputs(x: Tensor, name: str, device: torch.device | None = None) -> None:
+    """``x`` must be a non-empty, finite, floating-point tensor of shape ``(N, ...)``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; ntkgp needs floating-point inputs (convert with "
+            f"{name}.float() or .double(), matching the network's dtype)"
+        )
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); it needs at least one example")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(-1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{name} contains NaN or infinite values (first rows: {bad})")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the network is on {device}; move one of them")
+
+
+def check_targets(y: Tensor, num_data: int, num_outputs: int, device: torch.device) -> Tensor:
+    """Validate regression targets and return them as a floating tensor of shape ``(N,)``
+    (one output) or ``(N, C)``."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"train_y must be a torch.Tensor, got {type(y).__name__}")
+    if not y.is_floating_point():
+        y = y.to(torch.get_default_dtype())
+    if num_outputs == 1 and y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    expected = (num_data,) if num_outputs == 1 else (num_data, num_outputs)
+    if tuple(y.shape) != expected:
+        raise ValueError(
+            f"train_y has shape {tuple(y.shape)} but the network has {num_outputs} output(s) for "
+            f"{num_data} training inputs, so train_y must have shape {expected}"
+        )
+    if not torch.isfinite(y).all():
+        raise ValueError("train_y contains NaN or infinite values")
+    if y.device != device:
+        raise ValueError(f"train_y is on {y.device} but the network is on {device}")
+    return y
+
+
+def check_likelihood(likelihood: Likelihood, num_outputs: int) -> None:
+    """The likelihood must be a Gaussian one whose number of tasks matches the network."""
+    if isinstance(likelihood, MultitaskGaussianLikelihood):
+        if likelihood.num_tasks != num_outputs:
+            raise ValueError(
+                f"MultitaskGaussianLikelihood has num_tasks={likelihood.num_tasks} but the network "
+                f"has {num_outputs} outputs"
+            )
+        if likelihood.rank != 0:
+            raise NotImplementedError(
+                "MultitaskGaussianLikelihood with rank > 0 (correlated task noise) is not supported "
+                "by the exact solvers; use rank=0"
+            )
+        return
+    if isinstance(likelihood, (GaussianLikelihood, FixedNoiseGaussianLikelihood)):
+        if num_outputs != 1:
+            raise ValueError(
+                f"{type(likelihood).__name__} is for single-output networks but the network has "
+                f"{num_outputs} outputs; use MultitaskGaussianLikelihood(num_tasks={num_outputs})"
+            )
+        return
+    raise TypeError(
+        f"LinearizedGP supports Gaussian likelihoods (GaussianLikelihood, FixedNoiseGaussianLikelihood, "
+        f"MultitaskGaussianLikelihood); got {type(likelihood).__name__}"
+    )

@@ -1,0 +1,284 @@
+r"""The network as a pure function of its parameters: the one place that touches ``torch.func``.
+
+Everything else in ntkgp (kernels, means, operators, solvers) is built on the four
+primitives of :class:`FunctionalNetwork`:
+
+* ``forward(x)``      :math:`f(x;\hat\theta)`, shape ``(N, C)``;
+* ``jvp(x, v)``       :math:`J(x)\,v` for a batch of tangents, shape ``(T, N, C)``;
+* ``vjp(x, u)``       :math:`J(x)^\top u` for a batch of cotangents, shape ``(T, P)``;
+* ``jacobian(x)``     :math:`J(x)`, shape ``(n, C, P)`` for one chunk of data.
+
+Each pass over data is chunked, so memory is bounded by ``chunk_size`` examples at a time.
+
+The network is evaluated with :func:`torch.func.functional_call` on a frozen copy of its
+trained parameters :math:`\hat\theta` and its buffers, in eval mode. The user's module is
+never changed: if it sits in train mode (with no mode-dependent layers), it is switched to
+eval for the duration of each call and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+from ntkgp.progress import progress_bar
+
+__all__ = ["FunctionalNetwork", "MODE_DEPENDENT_MODULES"]
+
+#: Module types whose output depends on ``module.training``; ntkgp refuses them in train mode.
+MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+_DEFAULT_CHUNK_ELEMENTS = 2**25  # a Jacobian chunk holds at most this many entries (128 MiB in float32)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily put every submodule in eval mode, restoring the exact previous flags."""
+    flags = [(m, m.training) for m in module.modules()]
+    if not any(training for _, training in flags):
+        yield
+        return
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class FunctionalNetwork:
+    r"""A trained network :math:`f(x;\theta)` as a pure function of its parameter tensors.
+
+    Parameters
+    ----------
+    net:
+        The trained module. Its output for ``n`` inputs must have shape ``(n, C)`` or ``(n,)``
+        (read as ``C = 1``). Parameters with ``requires_grad=False`` are held fixed and are not
+        part of :math:`\theta`.
+    input_shape:
+        Shape of one input example, e.g. ``(8,)`` or ``(1, 8, 8)``. ntkgp passes inputs
+        around flattened as ``(N, D)`` (as GPyTorch kernels expect) and reshapes them to
+        ``(N, *input_shape)`` before calling ``net``.
+    chunk_size:
+        Number of examples per chunk in every pass over data. ``None`` picks it so that a
+        chunk's Jacobian holds about 2**25 entries.
+    progress:
+        Show tqdm progress bars on passes over many chunks.
+
+    Raises
+    ------
+    ValueError
+        If the net has BatchNorm/InstanceNorm/Dropout layers in train mode, or no trainable
+        parameters.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        input_shape: tuple[int, ...] | torch.Size,
+        *,
+        chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        in_train_mode = [
+            name
+            for name, m in net.named_modules()
+            if m.training and isinstance(m, MODE_DEPENDENT_MODULES)
+        ]
+        if in_train_mode:
+            raise ValueError(
+                "the network has layers whose output depends on train/eval mode and they are in "
+                f"train mode: {in_train_mode[:5]}. ntkgp linearizes the network as it predicts, "
+                "in eval mode; call net.eval() before building the GP."
+            )
+        if net.training:
+            warnings.warn(
+                "the network is in train mode; ntkgp evaluates it in eval mode (it has no "
+                "BatchNorm or Dropout layers, so the outputs are the same).",
+                stacklevel=3,
+            )
+        trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the network has no parameters with requires_grad=True to linearize")
+
+        self.module = net
+        self.input_shape = torch.Size(input_shape)
+        #: names of the parameter tensors in :math:`\theta`, in ``named_parameters()`` order
+        self.names: tuple[str, ...] = tuple(n for n, _ in trainable)
+        #: :math:`\hat\theta`, a frozen copy of the trained values
+        self.params: dict[str, Tensor] = {n: p.detach().clone() for n, p in trainable}
+        frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
+        self.buffers: dict[str, Tensor] = {**frozen, **{n: b for n, b in net.named_buffers()}}
+        self.shapes: tuple[torch.Size, ...] = tuple(p.shape for p in self.params.values())
+        self.numels: tuple[int, ...] = tuple(p.numel() for p in self.params.values())
+        #: column offset of each parameter tensor in the flattened parameter vector
+        self.offsets: tuple[int, ...] = tuple(
+            sum(self.numels[:i]) for i in range(len(self.numels) + 1)
+        )
+        first = next(iter(self.params.values()))
+        self.dtype: torch.dtype = first.dtype
+        self.device: torch.device = first.device
+        self.progress = progress
+        self._chunk_size = chunk_size
+        self._num_outputs: int | None = None
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_parameters(self) -> int:
+        """P, the number of scalar parameters in :math:`\\theta`."""
+        return self.offsets[-1]
+
+    @property
+    def num_outputs(self) -> int:
+        """C, the width of the network's output (probed once on a zero input)."""
+        if self._num_outputs is None:
+            probe = torch.zeros(1, *self.input_shape, dtype=self.dtype, device=self.device)
+            with torch.no_grad():
+                out = self._call(self.params, probe)
+            self._num_outputs = out.shape[-1]
+        return self._num_outputs
+
+    def chunk_size(self, tangents: int = 1) -> int:
+        """Examples per chunk for a pass that carries ``tangents`` vectors at once."""
+        if self._chunk_size is not None:
+            base = self._chunk_size
+        else:
+            base = _DEFAULT_CHUNK_ELEMENTS // (self.num_outputs * self.num_parameters)
+        return max(1, base // max(1, tangents))
+
+    def chunks(self, x: Tensor, size: int, *, desc: str = "") -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(start, x[start:start + size])`` over the rows of ``x``."""
+        starts = range(0, x.shape[0], size)
+        bar = progress_bar(starts, desc=desc, enable=self.progress and len(starts) > 1)
+        for start in bar:
+            yield start, x[start : start + size]
+
+    # -------------------------------------------------------------- flattening
+    def flatten(self, tensors: dict[str, Tensor], batch_dims: int = 0) -> Tensor:
+        """Concatenate per-tensor values ``(*B, *shape)`` into one ``(*B, P)`` tensor."""
+        parts = [tensors[n].reshape(*tensors[n].shape[:batch_dims], -1) for n in self.names]
+        return torch.cat(parts, dim=-1)
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Split ``(*B, P)`` into per-tensor values ``(*B, *shape)``."""
+        batch = vector.shape[:-1]
+        return {
+            n: vector[..., self.offsets[i] : self.offsets[i + 1]].reshape(*batch, *self.shapes[i])
+            for i, n in enumerate(self.names)
+        }
+
+    @property
+    def flat_params(self) -> Tensor:
+        r""":math:`\hat\theta` as one vector, shape ``(P,)``."""
+        return self.flatten(self.params)
+
+    # --------------------------------------------------------------- the core
+    def _call(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        # shape: x (n, D) flattened, or (n, *input_shape) -> out (n, C)
+        x = x.reshape(x.shape[0], *self.input_shape)
+        with _eval_mode(self.module):
+            out = functional_call(self.module, {**params, **self.buffers}, (x,))
+        if out.dim() == 1:
+            out = out.unsqueeze(-1)
+        if out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"the network must map (n, *input_shape) inputs to (n, C) or (n,) outputs; "
+                f"for n={x.shape[0]} inputs it returned shape {tuple(out.shape)}"
+            )
+        return out
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t.to(dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        r""":math:`f(x;\hat\theta)`. Shape: x ``(N, D)`` -> ``(N, C)``."""
+        size = self.chunk_size()
+        outs = [self._call(self.params, self._cast(xc)) for _, xc in self.chunks(x, size)]
+        return torch.cat(outs, dim=0)
+
+    @torch.no_grad()
+    def jvp(self, x: Tensor, tangents: Tensor) -> Tensor:
+        r"""Jacobian-vector products :math:`J(x)\,v_t` for ``T`` tangents at once.
+
+        Shape: x ``(N, D)``, tangents ``(T, P)`` -> ``(T, N, C)``.
+        """
+        size = self.chunk_size(tangents.shape[0])
+        tangents = self.unflatten(self._cast(tangents))
+        outs = []
+        for _, xc in self.chunks(x, size, desc="jvp"):
+            xc = self._cast(xc)
+
+            def one(tangent: dict[str, Tensor], xc: Tensor = xc) -> Tensor:
+                return jvp(lambda p: self._call(p, xc), (self.params,), (tangent,))[1]
+
+            outs.append(vmap(one)(tangents))
+        return torch.cat(outs, dim=1)
+
+    @torch.no_grad()
+    def vjp(self, x: Tensor, cotangents: Tensor) -> Tensor:
+        r"""Vector-Jacobian products :math:`J(x)^\top u_t`, summed over data, for ``T`` cotangents.
+
+        Shape: x ``(N, D)``, cotangents ``(T, N, C)`` -> ``(T, P)``.
+        """
+        cotangents = self._cast(cotangents)
+        size = self.chunk_size(cotangents.shape[0])
+        total: Tensor | None = None
+        for start, xc in self.chunks(x, size, desc="vjp"):
+            xc = self._cast(xc)
+            _, pullback = vjp(lambda p: self._call(p, xc), self.params)
+            grads = vmap(pullback)(cotangents[:, start : start + xc.shape[0]])[0]
+            flat = self.flatten(grads, batch_dims=1)
+            total = flat if total is None else total + flat
+        assert total is not None
+        return total
+
+    @torch.no_grad()
+    def jacobian(self, x: Tensor) -> Tensor:
+        r"""The Jacobian :math:`J(x)` of one chunk, per example. Shape: ``(n, D)`` -> ``(n, C, P)``.
+
+        Callers chunk the data; this materialises ``n * C * P`` entries.
+        """
+        x = self._cast(x)
+
+        def single(params: dict[str, Tensor], xi: Tensor) -> Tensor:
+            return self._call(params, xi.unsqueeze(0)).squeeze(0)
+
+        jac = vmap(jacrev(single), in_dims=(None, 0))(self.params, x)
+        # shape: jac[name] (n, C, *param_shape) -> (n, C, P)
+        return torch.cat([jac[n].reshape(x.shape[0], jac[n].shape[1], -1) for n in self.names], -1)
+
+    def jacobian_block(self, x: Tensor) -> Tensor:
+        """``J(x)`` for a block larger than one chunk, computed chunk by chunk. ``(n, C, P)``."""
+        inner = self.chunk_size()
+        if x.shape[0] <= inner:
+            return self.jacobian(x)
+        return torch.cat([self.jacobian(x[i : i + inner]) for i in range(0, x.shape[0], inner)], 0)
+
+    def iter_jacobians(self, x: Tensor, size: int, *, desc: str = "jacobian") -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(start, J(x[start:start+size]))`` with the Jacobian shaped ``(n, C, P)``."""
+        for start, xc in self.chunks(x, size, desc=desc):
+            yield start, self.jacobian_block(xc)
+
+    def jacobian_bytes_per_example(self) -> int:
+        """Bytes of one example's Jacobian, ``C * P`` entries in the network's dtype."""
+        return self.num_outputs * self.num_parameters * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+

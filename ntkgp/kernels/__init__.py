@@ -1,0 +1,5 @@
+"""GPyTorch kernels."""
+
+from ntkgp.kernels.ntk_kernel import NTKKernel
+
+__all__ = ["NTKKernel"]

@@ -1,0 +1,5 @@
+"""GPyTorch means."""
+
+from ntkgp.means.linearized_mean import LinearizedMean
+
+__all__ = ["LinearizedMean"]

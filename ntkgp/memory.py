@@ -1,0 +1,55 @@
+"""Memory budgets and the error raised when a dense object will not fit."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["KernelTooLargeError", "available_memory", "check_fits", "default_budget"]
+
+_GiB = 2**30
+
+
+class KernelTooLargeError(MemoryError):
+    """A dense kernel, Jacobian product or factor would not fit in the available memory."""
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: ``cudaMemGetInfo`` on CUDA, ``MemAvailable`` on Linux CPUs."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * _GiB
+
+
+def default_budget(device: torch.device) -> int:
+    """Working-memory budget for chunked passes: a quarter of free memory, at most 4 GiB."""
+    return max(64 * 2**20, min(available_memory(device) // 4, 4 * _GiB))
+
+
+def check_fits(nbytes: int, what: str, device: torch.device, limit: int | None = None) -> None:
+    """Raise :class:`KernelTooLargeError` if ``nbytes`` exceed ``limit`` (default: free memory).
+
+    The message names the size and the ways out: the lazy ``NTKKernel`` operator (matvecs by
+    vjp/jvp, no dense kernel), fewer training points, or the weight-space solver when the
+    network is small.
+    """
+    limit = available_memory(device) if limit is None else limit
+    if nbytes > limit:
+        raise KernelTooLargeError(
+            f"{what} needs {nbytes / _GiB:.2f} GiB but only {limit / _GiB:.2f} GiB are available "
+            f"on {device}. Use the lazy path instead: ntkgp.NTKKernel returns an NTKLinearOperator "
+            "whose matvecs are one vjp and one jvp with no dense kernel, so it can serve a GPyTorch "
+            "model solved by CG; or subsample the training data; or, when the network has fewer "
+            "parameters than N*C, pass solver='weight'."
+        )

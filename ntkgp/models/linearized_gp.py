@@ -1,0 +1,192 @@
+r"""A trained network, linearized, as an exact GPyTorch GP."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gpytorch
+import torch
+from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
+from gpytorch.likelihoods import Likelihood
+from gpytorch.models import ExactGP
+from linear_operator.operators import LinearOperator
+from torch import Tensor, nn
+
+from ntkgp._validation import check_inputs, check_likelihood, check_targets
+from ntkgp.functional import FunctionalNetwork
+from ntkgp.kernels.ntk_kernel import NTKKernel
+from ntkgp.means.linearized_mean import LinearizedMean
+from ntkgp.operators.exact_ntk_covariance import ExactNTKCovariance
+from ntkgp.operators.posterior_covariance import PosteriorCovariance
+from ntkgp.parameter_groups import PriorPrecisionSpec
+from ntkgp.solvers import ExactPosterior, ExactSolver, make_solver
+
+__all__ = ["LinearizedGP"]
+
+
+class LinearizedGP(ExactGP):
+    r"""The linearized-Laplace GP of a trained network, for regression.
+
+    With :math:`f_{\text{lin}}(x;\theta) = f(x;\hat\theta) + J(x)(\theta-\hat\theta)` and
+    :math:`\theta\sim\mathcal N(0, P_0^{-1})` this is the GP with
+
+    * mean :math:`m(x) = f(x;\hat\theta) - J(x)\hat\theta` (:class:`~ntkgp.means.LinearizedMean`);
+    * kernel :math:`k(x,x') = J(x)P_0^{-1}J(x')^\top` (:class:`~ntkgp.kernels.NTKKernel`).
+
+    Its log evidence equals the linearized-Laplace (GGN) log marginal likelihood at a MAP, and
+    its predictive covariance equals the GLM predictive
+    :math:`J_*(J^\top S^{-1}J + P_0)^{-1}J_*^\top` (see ``docs/math.md``).
+
+    It is an ordinary GPyTorch ``ExactGP``: train the hyperparameters (prior precisions and
+    the likelihood's noise) with ``ExactMarginalLogLikelihood`` and Adam over
+    ``model.parameters()``; predict with ``model.eval()`` and ``likelihood(model(x))``.
+    The network's weights are not among ``model.parameters()`` and are never changed.
+
+    All linear algebra is exact (Cholesky), in float64, whatever N: in kernel space
+    (``(N C)^3``) or, when the network has fewer parameters than ``N C``, in weight space
+    (``P^3``). What does not depend on the hyperparameters (per-group Grams, or
+    :math:`J^\top J`) is computed once, at construction.
+
+    Parameters
+    ----------
+    net:
+        The trained network, mapping ``(n, *input_shape)`` to ``(n, C)`` (or ``(n,)``). Put
+        BatchNorm/Dropout networks in eval mode first.
+    likelihood:
+        ``GaussianLikelihood`` or ``FixedNoiseGaussianLikelihood`` (``C = 1``), or
+        ``MultitaskGaussianLikelihood(num_tasks=C)`` with ``rank=0``.
+    train_x:
+        Training inputs ``(N, *input_shape)``, floating point, on the network's device.
+    train_y:
+        Targets ``(N,)`` for ``C = 1`` or ``(N, C)``.
+    prior_precision:
+        :math:`\delta`: a number, one value per parameter tensor, or ``{module name: value}``.
+    solver:
+        ``"auto"`` (weight space if ``P < N C``, else kernel space), ``"kernel"`` or ``"weight"``.
+    chunk_size:
+        Examples per chunk in passes over data (default: about 2**25 Jacobian entries).
+    memory_budget:
+        Bytes for Jacobian blocks (default: a quarter of free memory, at most 4 GiB).
+    progress:
+        Show tqdm progress bars on long passes.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        likelihood: Likelihood,
+        train_x: Tensor,
+        train_y: Tensor,
+        prior_precision: PriorPrecisionSpec = 1.0,
+        *,
+        solver: str = "auto",
+        chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        check_inputs(train_x, "train_x")
+        network = FunctionalNetwork(net, train_x.shape[1:], chunk_size=chunk_size, progress=progress)
+        check_inputs(train_x, "train_x", device=network.device)
+        if train_x.dtype != network.dtype:
+            raise TypeError(f"train_x has dtype {train_x.dtype} but the network's parameters are {network.dtype}")
+        check_likelihood(likelihood, network.num_outputs)
+        num_data = train_x.shape[0]
+        train_y = check_targets(train_y, num_data, network.num_outputs, network.device)
+        flat_x = train_x.reshape(num_data, -1)
+        super().__init__(flat_x, train_y, likelihood)
+
+        self.network = network
+        self.mean_module = LinearizedMean(network)
+        self.covar_module = NTKKernel(network, prior_precision, memory_budget=memory_budget)
+        self.solver: ExactSolver = make_solver(
+            solver, network, self.covar_module.groups, flat_x, self.covar_module.memory_budget
+        )
+        self._train_mean = self.mean_module(flat_x)
+        self._posterior: tuple[tuple[Tensor, Tensor], ExactPosterior] | None = None
+
+    # ------------------------------------------------------------ properties
+    @property
+    def prior_precision(self) -> Tensor:
+        r""":math:`\delta`, one per parameter group, shape ``(G,)``."""
+        return self.covar_module.prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        self.covar_module.prior_precision = value
+
+    @property
+    def num_outputs(self) -> int:
+        """C, the number of network outputs."""
+        return self.network.num_outputs
+
+    # ---------------------------------------------------------- distributions
+    def _flatten(self, x: Tensor) -> Tensor:
+        check_inputs(x, "x", device=self.network.device)
+        shape = self.network.input_shape
+        if tuple(x.shape[1:]) == tuple(shape) or (x.dim() == 2 and x.shape[1] == shape.numel()):
+            return x.reshape(x.shape[0], -1)
+        raise ValueError(
+            f"inputs have shape {tuple(x.shape)}; expected (n, {', '.join(map(str, shape))}) "
+            f"or flattened (n, {shape.numel()})"
+        )
+
+    def _distribution(self, mean: Tensor, covar: LinearOperator) -> MultivariateNormal:
+        if self.num_outputs == 1:
+            return MultivariateNormal(mean.reshape(-1), covar)
+        return MultitaskMultivariateNormal(mean.reshape(-1, self.num_outputs), covar, interleaved=True)
+
+    def forward(self, x: Tensor) -> MultivariateNormal:
+        """The GP prior at ``x`` with the lazy NTK operator (no solves)."""
+        return self._distribution(self.mean_module(x), self.covar_module(x).evaluate_kernel())
+
+    def _training_covariance(self, prior_precision: Tensor) -> ExactNTKCovariance:
+        zeros = torch.zeros(self.solver.size, dtype=torch.float64, device=self.network.device)
+        return ExactNTKCovariance(prior_precision, zeros, solver=self.solver)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> MultivariateNormal:
+        x = self._flatten(args[0])
+        if gpytorch.settings.prior_mode.on():
+            return self.forward(x)
+        if self.training:
+            train_x = self.train_inputs[0]
+            if x.shape != train_x.shape or not torch.equal(x, train_x):
+                raise RuntimeError(
+                    "in train mode LinearizedGP must be called on its training inputs "
+                    "(call model.eval() to predict elsewhere)"
+                )
+            return self._distribution(self._train_mean, self._training_covariance(self.prior_precision))
+        posterior = self.posterior()
+        return self._distribution(posterior.mean(x), PosteriorCovariance(x, posterior=posterior))
+
+    # ------------------------------------------------------------- posterior
+    def _noise(self, prior_precision: Tensor) -> Tensor:
+        marginal = self.likelihood(self._distribution(self._train_mean, self._training_covariance(prior_precision)))
+        return marginal.lazy_covariance_matrix.noise
+
+    def _residual(self) -> Tensor:
+        return (self.train_targets.to(torch.float64) - self._train_mean).reshape(-1)
+
+    @torch.no_grad()
+    def posterior(self) -> ExactPosterior:
+        """The exact posterior at the current hyperparameters (cached until they change)."""
+        delta = self.prior_precision.detach().clone()
+        noise = self._noise(delta).detach().clone()
+        if self._posterior is not None:
+            (d0, n0), post = self._posterior
+            if torch.equal(d0, delta) and torch.equal(n0, noise):
+                return post
+        post = self.solver.posterior(delta, noise, self._residual())
+        self._posterior = ((delta, noise), post)
+        return post
+
+    def log_evidence(self) -> Tensor:
+        r"""Exact log marginal likelihood :math:`\log p(y \mid \delta, \sigma)`, differentiable.
+
+        Equal to ``ExactMarginalLogLikelihood(likelihood, model)(model(train_x), train_y) * N * C``
+        in train mode.
+        """
+        delta = self.prior_precision
+        noise = self._noise(delta)
+        inv_quad, log_det = self.solver.inv_quad_logdet(delta, noise, self._residual().unsqueeze(-1), True)
+        return -0.5 * (inv_quad.sum() + log_det + self.solver.size * math.log(2 * math.pi))

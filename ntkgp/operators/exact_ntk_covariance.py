@@ -1,0 +1,113 @@
+r"""The NTK plus noise on the training inputs, with exact (direct) solves.
+
+This is the covariance that :class:`~ntkgp.models.LinearizedGP` hands GPyTorch in train mode.
+Adding a likelihood's diagonal noise keeps the class, and ``inv_quad_logdet`` / ``solve``
+go to the model's :class:`~ntkgp.solvers.ExactSolver` (Cholesky in kernel or weight space)
+instead of linear_operator's CG and stochastic Lanczos quadrature, whatever the size.
+"""
+
+from __future__ import annotations
+
+import torch
+from linear_operator.operators import BatchRepeatLinearOperator, DiagLinearOperator, LinearOperator
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
+
+if TYPE_CHECKING:
+    from ntkgp.solvers.base import ExactSolver
+
+__all__ = ["ExactNTKCovariance"]
+
+
+class ExactNTKCovariance(LinearOperator):
+    r""":math:`K(\delta) + \operatorname{diag}(s)` on the training inputs, ``(N*C) x (N*C)``.
+
+    Parameters
+    ----------
+    prior_precision:
+        :math:`\delta`, ``(G,)``.
+    noise:
+        The noise diagonal :math:`s`, ``(N*C,)`` (zeros for the noise-free prior).
+    solver:
+        The exact solver holding the cached training Grams or :math:`J^\top J`.
+    """
+
+    def __init__(self, prior_precision: Tensor, noise: Tensor, *, solver: ExactSolver) -> None:
+        super().__init__(prior_precision, noise, solver=solver)
+        self.prior_precision, self.noise, self.solver = prior_precision, noise, solver
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64
+
+    @property
+    def device(self) -> torch.device:
+        return self.noise.device
+
+    def _size(self) -> torch.Size:
+        return torch.Size((self.solver.size, self.solver.size))
+
+    def _transpose_nonbatch(self) -> ExactNTKCovariance:
+        return self
+
+    def __add__(self, other: object) -> LinearOperator:
+        if isinstance(other, DiagLinearOperator):
+            extra = other.diagonal(dim1=-1, dim2=-2).to(torch.float64)
+            if extra.shape != self.noise.shape:
+                extra = extra.expand(self.noise.shape)
+            return ExactNTKCovariance(self.prior_precision, self.noise + extra, solver=self.solver)
+        if isinstance(other, LinearOperator):
+            raise NotImplementedError(
+                f"ntkgp's exact training covariance accepts diagonal noise only, got "
+                f"{type(other).__name__} (e.g. MultitaskGaussianLikelihood with rank > 0)"
+            )
+        return super().__add__(other)
+
+    # ----------------------------------------------------------- exact solves
+    def inv_quad_logdet(
+        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        vector = inv_quad_rhs is not None and inv_quad_rhs.dim() == 1
+        rhs = inv_quad_rhs.unsqueeze(-1) if vector else inv_quad_rhs
+        inv_quad, log_det = self.solver.inv_quad_logdet(self.prior_precision, self.noise, rhs, logdet)
+        if inv_quad_rhs is not None and reduce_inv_quad:
+            inv_quad = inv_quad.sum(-1)
+        return inv_quad, log_det
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        vector = right_tensor.dim() == 1
+        rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
+        res = self.solver.solve(self.prior_precision, self.noise, rhs)
+        res = res.squeeze(-1) if vector else res
+        return res if left_tensor is None else left_tensor.to(res.dtype) @ res
+
+    def _cholesky(self, upper: bool = False) -> LinearOperator:
+        from linear_operator.operators import TriangularLinearOperator
+
+        from ntkgp.solvers.cholesky import cholesky
+
+        factor = cholesky(self.to_dense(), what="the training kernel plus noise")
+        return TriangularLinearOperator(factor.mT if upper else factor, upper=upper)
+
+    # --------------------------------------------------------------- products
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        cols, batch = _as_columns(rhs)
+        out = self.solver.matmul(self.prior_precision, self.noise, cols).to(rhs.dtype)
+        return _from_columns(out, batch, rhs.shape[-1])
+
+    def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
+        left, _ = _as_columns(left_vecs)
+        right, _ = _as_columns(right_vecs)
+        return self.solver.bilinear_derivative(self.prior_precision, self.noise, left, right)
+
+    def _diagonal(self) -> Tensor:
+        return self.solver.diagonal(self.prior_precision, self.noise)
+
+    def to_dense(self) -> Tensor:
+        return self.solver.dense(self.prior_precision, self.noise)
+
+    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
+        return BatchRepeatLinearOperator(self, batch_repeat=batch_shape)

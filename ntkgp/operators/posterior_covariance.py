@@ -1,0 +1,71 @@
+r"""The exact predictive covariance of the latent function at test inputs, lazily."""
+
+from __future__ import annotations
+
+import torch
+from linear_operator.operators import BatchRepeatLinearOperator, LinearOperator
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
+
+if TYPE_CHECKING:
+    from ntkgp.solvers.base import ExactPosterior
+
+__all__ = ["PosteriorCovariance"]
+
+
+class PosteriorCovariance(LinearOperator):
+    r"""Posterior covariance :math:`\Sigma_{**}`, ``(N_* C) x (N_* C)``, float64.
+
+    Kernel space: :math:`K_{**} - K_{*X}(K+S)^{-1}K_{X*}`; weight space:
+    :math:`J_* (P_0 + J^\top S^{-1} J)^{-1} J_*^\top`. ``diagonal()`` is chunked over test
+    points and never forms the full matrix; ``to_dense()`` forms it once and caches it;
+    ``matmul`` is lazy (vjp/jvp and the cached Cholesky).
+    """
+
+    def __init__(self, x: Tensor, *, posterior: ExactPosterior) -> None:
+        super().__init__(x, posterior=posterior)
+        self.x, self.posterior = x, posterior
+        self._dense: Tensor | None = None
+        self._diag: Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def _size(self) -> torch.Size:
+        m = self.x.shape[0] * self.posterior.network.num_outputs
+        return torch.Size((m, m))
+
+    def _transpose_nonbatch(self) -> PosteriorCovariance:
+        return self
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        if self._dense is not None:
+            return self._dense.to(rhs.dtype) @ rhs
+        cols, batch = _as_columns(rhs)
+        out = self.posterior.covariance_matmul(self.x, cols).to(rhs.dtype)
+        return _from_columns(out, batch, rhs.shape[-1])
+
+    def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
+        return (None,)
+
+    def _diagonal(self) -> Tensor:
+        if self._diag is None:
+            self._diag = (self._dense.diagonal() if self._dense is not None
+                          else self.posterior.covariance_diagonal(self.x))
+        return self._diag
+
+    def to_dense(self) -> Tensor:
+        if self._dense is None:
+            self._dense = self.posterior.covariance(self.x)
+        return self._dense
+
+    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
+        return BatchRepeatLinearOperator(self, batch_repeat=batch_shape)

@@ -1,0 +1,46 @@
+r"""Exact solvers for the NTK GP on its training data, and the rule that picks one.
+
+* :class:`KernelSpaceSolver`: Cholesky of :math:`K + S`, ``(N C)^3/3`` per evaluation,
+  ``G (N C)^2`` floats cached;
+* :class:`WeightSpaceSolver`: Cholesky of :math:`P_0 + J^\top S^{-1} J`, ``P^3/3`` per
+  evaluation, ``C P^2`` floats cached.
+
+``solver="auto"`` takes the weight-space form when ``P < N C`` (as the design asks), else
+kernel space. Both are direct: no CG, no stochastic trace estimates.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ntkgp.functional import FunctionalNetwork
+from ntkgp.parameter_groups import ParameterGroups
+from ntkgp.solvers.base import ExactPosterior, ExactSolver
+from ntkgp.solvers.cholesky import NotPositiveDefiniteError, cholesky
+from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
+from ntkgp.solvers.weight_space import WeightSpacePosterior, WeightSpaceSolver
+
+__all__ = [
+    "ExactPosterior",
+    "ExactSolver",
+    "KernelSpacePosterior",
+    "KernelSpaceSolver",
+    "NotPositiveDefiniteError",
+    "WeightSpacePosterior",
+    "WeightSpaceSolver",
+    "cholesky",
+    "make_solver",
+]
+
+SOLVERS: dict[str, type[ExactSolver]] = {"kernel": KernelSpaceSolver, "weight": WeightSpaceSolver}
+
+
+def make_solver(
+    solver: str, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int
+) -> ExactSolver:
+    """Build the exact solver named ``solver`` (``"auto"``, ``"kernel"`` or ``"weight"``)."""
+    if solver == "auto":
+        solver = "weight" if network.num_parameters < x.shape[0] * network.num_outputs else "kernel"
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be 'auto', 'kernel' or 'weight', got {solver!r}")
+    return SOLVERS[solver](network, groups, x, budget)

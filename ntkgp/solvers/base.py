@@ -1,0 +1,120 @@
+r"""The interface shared by the exact solvers.
+
+A solver holds everything about the training data that does not depend on the
+hyperparameters (per-group Grams or :math:`J^\top J`), computed once. Its methods take the
+current prior precisions ``delta`` ``(G,)`` and the noise diagonal ``noise`` ``(N*C,)`` as
+tensor arguments, so gradients flow to them by ordinary autograd.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from ntkgp.functional import FunctionalNetwork
+from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
+from ntkgp.parameter_groups import ParameterGroups
+
+__all__ = ["ExactPosterior", "ExactSolver"]
+
+
+class ExactSolver(ABC):
+    """Exact (direct, non-iterative) linear algebra with :math:`K(\\delta) + \\operatorname{diag}(s)`
+    on the training inputs.
+
+    Parameters
+    ----------
+    network, groups:
+        The linearized network and its prior groups.
+    x:
+        Training inputs ``(N, D)``, flattened.
+    budget:
+        Bytes for Jacobian blocks in chunked passes.
+    """
+
+    #: short name reported in docs and reprs: ``"kernel"`` or ``"weight"``
+    name: str = ""
+
+    def __init__(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> None:
+        self.network, self.groups, self.x, self.budget = network, groups, x, budget
+
+    @property
+    def size(self) -> int:
+        """M = N * C, the side of the training covariance."""
+        return self.x.shape[0] * self.network.num_outputs
+
+    def ntk(self, delta: Tensor) -> NTKLinearOperator:
+        """The lazy NTK on the training inputs."""
+        return NTKLinearOperator(self.x, self.x, delta, network=self.network, groups=self.groups, budget=self.budget)
+
+    @abstractmethod
+    def inv_quad_logdet(
+        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
+    ) -> tuple[Tensor, Tensor]:
+        r"""Per-column :math:`r^\top (K + S)^{-1} r` (``(t,)``) and :math:`\log|K + S|`, differentiable."""
+
+    @abstractmethod
+    def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
+        r""":math:`(K + S)^{-1}\,\text{rhs}`, ``rhs`` of shape ``(M, t)``, differentiable."""
+
+    @abstractmethod
+    def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
+        """:math:`K + S` as a dense ``(M, M)`` float64 tensor, differentiable."""
+
+    @abstractmethod
+    def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
+        """:math:`(K + S)\\,\\text{rhs}` without gradient tracking."""
+
+    @abstractmethod
+    def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
+        """The diagonal of :math:`K + S`, ``(M,)``."""
+
+    @abstractmethod
+    def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> ExactPosterior:
+        """The posterior given targets minus prior mean, ``residual`` ``(M,)``; no gradients."""
+
+    def bilinear_derivative(
+        self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        r"""Gradients of :math:`\sum_t l_t^\top (K + S) r_t` w.r.t. ``delta`` and ``noise``."""
+        grad_delta = self.ntk(delta.detach().requires_grad_(True))._bilinear_derivative(left, right)[2]
+        grad_noise = (left * right).sum(-1).to(noise.dtype)
+        return grad_delta, grad_noise
+
+
+class ExactPosterior(ABC):
+    r"""The GP posterior on a fixed set of hyperparameters, with no gradients.
+
+    Its mean is :math:`\mu(x_*) = f(x_*;\hat\theta) + J(x_*)(\bar\theta - \hat\theta)`, where
+    :math:`\bar\theta` (``weights``) is the posterior mean of the linearized model's weights.
+    """
+
+    def __init__(self, network: FunctionalNetwork, groups: ParameterGroups, weights: Tensor, budget: int) -> None:
+        self.network, self.groups, self.budget = network, groups, budget
+        #: posterior mean weights, ``(P,)``, float64
+        self.weights = weights
+
+    @torch.no_grad()
+    def mean(self, x: Tensor) -> Tensor:
+        """Predictive mean, ``(N*, C)``, float64."""
+        f = self.network.forward(x).to(torch.float64)
+        shift = (self.weights - self.network.flat_params.to(torch.float64)).unsqueeze(0)
+        return f + self.network.jvp(x, shift)[0].to(torch.float64)
+
+    def rows_per_block(self, cols: int) -> int:
+        """Test points per block so that a ``(block * C) x cols`` float64 matrix fits the budget."""
+        return max(1, self.budget // (8 * 4 * self.network.num_outputs * max(cols, 1)))
+
+    @abstractmethod
+    def covariance(self, x: Tensor) -> Tensor:
+        """Dense predictive covariance of the latent function, ``(N*C, N*C)``, float64."""
+
+    @abstractmethod
+    def covariance_diagonal(self, x: Tensor) -> Tensor:
+        """Predictive variances, ``(N*C,)``, float64, chunked over test points."""
+
+    @abstractmethod
+    def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
+        """Predictive covariance times ``rhs`` ``(N*C, t)``, lazily."""

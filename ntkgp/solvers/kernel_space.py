@@ -1,0 +1,126 @@
+r"""Exact solves in kernel (function) space: Cholesky of :math:`K + S`, ``(N*C)`` square.
+
+Built once: the per-group Gram matrices :math:`K_g = J_g(X) J_g(X)^\top`, ``(G, M, M)``.
+Each evaluation: :math:`K(\delta) = \sum_g K_g/\delta_g` (``G M^2``), one Cholesky
+(``M^3/3``). Cost is independent of the number of parameters P after the build.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ntkgp.functional import FunctionalNetwork
+from ntkgp.gram import ntk_gram, ntk_gram_diagonal
+from ntkgp.memory import check_fits
+from ntkgp.parameter_groups import ParameterGroups
+from ntkgp.solvers.base import ExactPosterior, ExactSolver
+from ntkgp.solvers.cholesky import cholesky
+
+__all__ = ["KernelSpacePosterior", "KernelSpaceSolver"]
+
+
+def _weighted(delta: Tensor, grams: Tensor) -> Tensor:
+    # shape: delta (G,), grams (G, m1, m2) -> (m1, m2)
+    return torch.einsum("g,gij->ij", delta.to(grams.dtype).reciprocal(), grams)
+
+
+class KernelSpaceSolver(ExactSolver):
+    """Cholesky of the ``(N*C) x (N*C)`` kernel plus noise, from cached per-group Grams."""
+
+    name = "kernel"
+
+    def __init__(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> None:
+        super().__init__(network, groups, x, budget)
+        M, G = self.size, groups.num_groups
+        check_fits(8 * (G + 2) * M * M, f"the kernel-space solver ({G} Gram matrices of {M} x {M})", network.device)
+        #: per-group Gram matrices, ``(G, M, M)``, float64
+        self.grams = ntk_gram(network, groups, x, budget=budget)
+
+    def _factor(self, delta: Tensor, noise: Tensor) -> Tensor:
+        matrix = self.dense(delta, noise)
+        return cholesky(matrix, what="the training kernel plus noise (K + S)")
+
+    def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
+        return _weighted(delta, self.grams) + torch.diag_embed(noise.to(torch.float64))
+
+    def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.dense(delta, noise) @ rhs.to(torch.float64)
+
+    def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
+        inv = delta.to(torch.float64).reciprocal()
+        return inv @ self.grams.diagonal(dim1=-2, dim2=-1) + noise.to(torch.float64)
+
+    def inv_quad_logdet(
+        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
+    ) -> tuple[Tensor, Tensor]:
+        factor = self._factor(delta, noise)
+        zero = torch.zeros((), dtype=torch.float64, device=factor.device)
+        inv_quad = zero
+        if rhs is not None:
+            w = torch.linalg.solve_triangular(factor, rhs.to(torch.float64), upper=False)
+            inv_quad = w.square().sum(-2)
+        log_det = 2.0 * factor.diagonal().log().sum() if logdet else zero
+        return inv_quad, log_det
+
+    def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
+        return torch.cholesky_solve(rhs.to(torch.float64), self._factor(delta, noise))
+
+    def bilinear_derivative(
+        self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        left, right = left.to(torch.float64), right.to(torch.float64)
+        quad = torch.einsum("it,gij,jt->g", left, self.grams, right)
+        grad_delta = (-quad / delta.detach().to(torch.float64).square()).to(delta.dtype)
+        return grad_delta, (left * right).sum(-1).to(noise.dtype)
+
+    @torch.no_grad()
+    def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> KernelSpacePosterior:
+        delta, noise = delta.detach(), noise.detach()
+        factor = self._factor(delta, noise)
+        alpha = torch.cholesky_solve(residual.to(torch.float64).reshape(-1, 1), factor)
+        # posterior weights: theta_bar = P0^{-1} J^T alpha
+        cot = alpha.reshape(1, self.x.shape[0], self.network.num_outputs)
+        pulled = self.network.vjp(self.x, cot).to(torch.float64)
+        weights = self.groups.scale_tangents(pulled, delta.to(torch.float64).reciprocal(), self.network.offsets)[0]
+        return KernelSpacePosterior(self, delta, factor, weights)
+
+
+class KernelSpacePosterior(ExactPosterior):
+    r"""Predictive covariance :math:`K_{**} - K_{*X} (K + S)^{-1} K_{X*}` via the cached Cholesky."""
+
+    def __init__(self, solver: KernelSpaceSolver, delta: Tensor, factor: Tensor, weights: Tensor) -> None:
+        super().__init__(solver.network, solver.groups, weights, solver.budget)
+        self.solver, self.delta, self.factor = solver, delta, factor
+
+    def _cross_solved(self, x: Tensor) -> Tensor:
+        # shape: x (n, D) -> V = L^{-1} K_{X*}, (M, n*C)
+        cross = _weighted(self.delta, ntk_gram(self.network, self.groups, self.solver.x, x, budget=self.budget))
+        return torch.linalg.solve_triangular(self.factor, cross, upper=False)
+
+    @torch.no_grad()
+    def covariance(self, x: Tensor) -> Tensor:
+        prior = _weighted(self.delta, ntk_gram(self.network, self.groups, x, budget=self.budget))
+        v = self._cross_solved(x)
+        return prior - v.T @ v
+
+    @torch.no_grad()
+    def covariance_diagonal(self, x: Tensor) -> Tensor:
+        prior = self.delta.to(torch.float64).reciprocal() @ ntk_gram_diagonal(
+            self.network, self.groups, x, budget=self.budget
+        )
+        block = self.rows_per_block(self.solver.size)
+        explained = torch.cat([self._cross_solved(x[i : i + block]).square().sum(0)
+                               for i in range(0, x.shape[0], block)])
+        return prior - explained
+
+    @torch.no_grad()
+    def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
+        rhs = rhs.to(torch.float64)
+        prior = self.solver.ntk(self.delta)
+        cross = type(prior)(self.solver.x, x, self.delta, network=self.network, groups=self.groups, budget=self.budget)
+        t = cross._matmul(rhs)  # shape: (M, t)
+        t = torch.cholesky_solve(t, self.factor)
+        return type(prior)(x, x, self.delta, network=self.network, groups=self.groups,
+                           budget=self.budget)._matmul(rhs) - cross._t_matmul(t)
