@@ -121,8 +121,9 @@ class FunctionalNetwork:
         self.names: tuple[str, ...] = tuple(n for n, _ in trainable)
         #: :math:`\hat\theta`, a frozen copy of the trained values
         self.params: dict[str, Tensor] = {n: p.detach().clone() for n, p in trainable}
-        frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
-        self.buffers: dict[str, Tensor] = {**frozen, **{n: b for n, b in net.named_buffers()}}
+        frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+        #: frozen copies of the buffers (e.g. BatchNorm statistics) and of fixed parameters
+        self.buffers: dict[str, Tensor] = {**frozen, **{n: b.detach().clone() for n, b in net.named_buffers()}}
         self.shapes: tuple[torch.Size, ...] = tuple(p.shape for p in self.params.values())
         self.numels: tuple[int, ...] = tuple(p.numel() for p in self.params.values())
         #: column offset of each parameter tensor in the flattened parameter vector
@@ -147,8 +148,14 @@ class FunctionalNetwork:
         """C, the width of the network's output (probed once on a zero input)."""
         if self._num_outputs is None:
             probe = torch.zeros(1, *self.input_shape, dtype=self.dtype, device=self.device)
-            with torch.no_grad():
-                out = self._call(self.params, probe)
+            try:
+                with torch.no_grad():
+                    out = self._call(self.params, probe)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the network cannot be evaluated on examples of shape {tuple(self.input_shape)} "
+                    f"(taken from the training inputs): {err}"
+                ) from err
             self._num_outputs = out.shape[-1]
         return self._num_outputs
 
@@ -240,7 +247,7 @@ class FunctionalNetwork:
         total: Tensor | None = None
         for start, xc in self.chunks(x, size, desc="vjp"):
             xc = self._cast(xc)
-            _, pullback = vjp(lambda p: self._call(p, xc), self.params)
+            _, pullback = vjp(lambda p, xc=xc: self._call(p, xc), self.params)
             grads = vmap(pullback)(cotangents[:, start : start + xc.shape[0]])[0]
             flat = self.flatten(grads, batch_dims=1)
             total = flat if total is None else total + flat

@@ -37,7 +37,8 @@ class NTKKernel(Kernel):
 
     ``forward`` returns a lazy :class:`~ntkgp.operators.NTKLinearOperator`: matvecs are one
     vjp and one jvp over data chunks; nothing ``N x P`` or ``N x N`` is formed unless asked.
-    It composes with other GPyTorch kernels (``NTKKernel(net) + ScaleKernel(RBFKernel())``).
+    It composes with other GPyTorch kernels
+    (``NTKKernel(net, input_shape=(D,)) + ScaleKernel(RBFKernel())``).
 
     Parameters
     ----------

@@ -19,7 +19,8 @@ class LinearizedMean(Mean):
     It costs one forward pass and one jvp (tangent :math:`\hat\theta`) per data chunk and has
     no hyperparameters.
 
-    Returns shape ``(N,)`` for a single-output network and ``(N, C)`` otherwise, in float64.
+    Returns shape ``(N,)`` for a single-output network and ``(N, C)`` otherwise, in the dtype
+    of ``x`` (the difference is formed in float64).
     """
 
     def __init__(self, network: FunctionalNetwork) -> None:
@@ -30,5 +31,5 @@ class LinearizedMean(Mean):
     def forward(self, x: Tensor) -> Tensor:
         f = self.network.forward(x).to(torch.float64)
         jtheta = self.network.jvp(x, self.network.flat_params.unsqueeze(0))[0].to(torch.float64)
-        mean = f - jtheta
+        mean = (f - jtheta).to(x.dtype)
         return mean.squeeze(-1) if self.network.num_outputs == 1 else mean

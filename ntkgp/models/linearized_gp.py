@@ -10,7 +10,7 @@ import torch
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from gpytorch.likelihoods import Likelihood
 from gpytorch.models import ExactGP
-from linear_operator.operators import LinearOperator
+from linear_operator.operators import DiagLinearOperator, LinearOperator, ZeroLinearOperator
 from torch import Tensor, nn
 
 from ntkgp._validation import check_inputs, check_likelihood, check_targets
@@ -23,6 +23,7 @@ from ntkgp.parameter_groups import PriorPrecisionSpec
 from ntkgp.solvers import ExactPosterior, ExactSolver, make_solver
 
 __all__ = ["LinearizedGP"]
+
 
 
 class LinearizedGP(ExactGP):
@@ -99,11 +100,25 @@ class LinearizedGP(ExactGP):
         self.network = network
         self.mean_module = LinearizedMean(network)
         self.covar_module = NTKKernel(network, prior_precision, memory_budget=memory_budget)
+        self._train_mean = self.mean_module(flat_x).to(torch.float64)
         self.solver: ExactSolver = make_solver(
-            solver, network, self.covar_module.groups, flat_x, self.covar_module.memory_budget
+            solver, network, self.covar_module.groups, flat_x, self.covar_module.memory_budget,
+            noise_varies_over_data=self._noise_varies_over_data(),
         )
-        self._train_mean = self.mean_module(flat_x)
         self._posterior: tuple[tuple[Tensor, Tensor], ExactPosterior] | None = None
+
+    def _noise_varies_over_data(self) -> bool:
+        """Whether the likelihood's noise differs between data points (per-point fixed noise)."""
+        with torch.no_grad():
+            per_point = self._noise().reshape(-1, self.num_outputs)
+        return not torch.equal(per_point, per_point[:1].expand_as(per_point))
+
+    def set_train_data(self, inputs: Any = None, targets: Any = None, strict: bool = True) -> None:
+        """Not supported: the solver caches Grams of the training inputs. Build a new LinearizedGP."""
+        raise NotImplementedError(
+            "LinearizedGP caches Jacobian products of its training data; build a new LinearizedGP "
+            "for new training inputs or targets"
+        )
 
     # ------------------------------------------------------------ properties
     @property
@@ -160,9 +175,14 @@ class LinearizedGP(ExactGP):
         return self._distribution(posterior.mean(x), PosteriorCovariance(x, posterior=posterior))
 
     # ------------------------------------------------------------- posterior
-    def _noise(self, prior_precision: Tensor) -> Tensor:
-        marginal = self.likelihood(self._distribution(self._train_mean, self._training_covariance(prior_precision)))
-        return marginal.lazy_covariance_matrix.noise
+    def _noise(self) -> Tensor:
+        """The likelihood's noise on the training data, ``(N*C,)``, differentiable in its parameters."""
+        m = self._train_mean.numel()
+        zero = ZeroLinearOperator(m, m, dtype=torch.float64, device=self.network.device)
+        noise = self.likelihood(self._distribution(self._train_mean, zero)).lazy_covariance_matrix
+        if not isinstance(noise, DiagLinearOperator):
+            raise NotImplementedError(f"the likelihood's noise must be diagonal, got {type(noise).__name__}")
+        return noise.diagonal().to(torch.float64).expand(m)
 
     def _residual(self) -> Tensor:
         return (self.train_targets.to(torch.float64) - self._train_mean).reshape(-1)
@@ -171,7 +191,7 @@ class LinearizedGP(ExactGP):
     def posterior(self) -> ExactPosterior:
         """The exact posterior at the current hyperparameters (cached until they change)."""
         delta = self.prior_precision.detach().clone()
-        noise = self._noise(delta).detach().clone()
+        noise = self._noise().detach().clone()
         if self._posterior is not None:
             (d0, n0), post = self._posterior
             if torch.equal(d0, delta) and torch.equal(n0, noise):
@@ -187,6 +207,6 @@ class LinearizedGP(ExactGP):
         in train mode.
         """
         delta = self.prior_precision
-        noise = self._noise(delta)
+        noise = self._noise()
         inv_quad, log_det = self.solver.inv_quad_logdet(delta, noise, self._residual().unsqueeze(-1), True)
         return -0.5 * (inv_quad.sum() + log_det + self.solver.size * math.log(2 * math.pi))

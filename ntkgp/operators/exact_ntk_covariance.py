@@ -8,12 +8,13 @@ instead of linear_operator's CG and stochastic Lanczos quadrature, whatever the 
 
 from __future__ import annotations
 
-import torch
-from linear_operator.operators import BatchRepeatLinearOperator, DiagLinearOperator, LinearOperator
 from typing import TYPE_CHECKING
 
+import torch
+from linear_operator.operators import DiagLinearOperator, LinearOperator
 from torch import Tensor
 
+from ntkgp.operators._batch import expand_dense, unsqueeze_dense
 from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class ExactNTKCovariance(LinearOperator):
     def _cholesky(self, upper: bool = False) -> LinearOperator:
         from linear_operator.operators import TriangularLinearOperator
 
-        from ntkgp.solvers.cholesky import cholesky
+        from ntkgp.cholesky import cholesky
 
         factor = cholesky(self.to_dense(), what="the training kernel plus noise")
         return TriangularLinearOperator(factor.mT if upper else factor, upper=upper)
@@ -110,4 +111,7 @@ class ExactNTKCovariance(LinearOperator):
         return self.solver.dense(self.prior_precision, self.noise)
 
     def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        return BatchRepeatLinearOperator(self, batch_repeat=batch_shape)
+        return expand_dense(self, batch_shape)
+
+    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
+        return unsqueeze_dense(self, dim)

@@ -7,6 +7,8 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ntkgp.functional import FunctionalNetwork
+from ntkgp.memory import check_fits
+from ntkgp.operators._batch import expand_dense, unsqueeze_dense
 
 __all__ = ["JacobianLinearOperator"]
 
@@ -87,16 +89,22 @@ class JacobianLinearOperator(LinearOperator):
         out = self._jvp_columns(cols) if self.transposed else self._vjp_columns(cols)
         return _from_columns(out, batch, rhs.shape[-1])
 
+    def _set_requires_grad(self, val: bool) -> None:
+        pass  # no differentiable parameters: the network's inputs and weights are held fixed
+
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
         return (None,)  # the network's inputs and weights are not differentiated
 
     def to_dense(self) -> Tensor:
+        n_rows, n_cols = self.shape
+        check_fits(n_rows * n_cols * self.x.element_size(), f"the dense Jacobian ({n_rows} x {n_cols})", self.device)
         rows = [jac.reshape(-1, self.network.num_parameters) for _, jac in
                 self.network.iter_jacobians(self.x, self.network.chunk_size())]
         dense = torch.cat(rows, 0)
         return dense.T if self.transposed else dense
 
     def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        from linear_operator.operators import BatchRepeatLinearOperator
+        return expand_dense(self, batch_shape)
 
-        return BatchRepeatLinearOperator(self, batch_repeat=batch_shape)
+    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
+        return unsqueeze_dense(self, dim)

@@ -3,13 +3,17 @@ operator of shape ``(N1*C) x (N2*C)``."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-from linear_operator.operators import BatchRepeatLinearOperator, LinearOperator
+from linear_operator.operators import LinearOperator
 from torch import Tensor
 
+from ntkgp.cholesky import cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram, ntk_gram_diagonal
-from ntkgp.memory import check_fits
+from ntkgp.memory import available_memory, check_fits
+from ntkgp.operators._batch import expand_dense, unsqueeze_dense
 from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
 from ntkgp.parameter_groups import ParameterGroups
 
@@ -91,13 +95,34 @@ class NTKLinearOperator(LinearOperator):
             return pulled
         return self.groups.scale_tangents(pulled, scale, self.network.offsets)
 
+    def _set_requires_grad(self, val: bool) -> None:
+        # Only the prior precisions are differentiable; inputs and network weights are not.
+        self.prior_precision.requires_grad_(val)
+
     def _matmul(self, rhs: Tensor) -> Tensor:
         cols, batch = _as_columns(rhs)
-        inv_delta = self.prior_precision.detach().reciprocal()
-        tangents = self._scaled_pullback(self.x2, cols, inv_delta)  # shape: (t, P)
-        out = self.network.jvp(self.x1, tangents)  # shape: (t, N1, C)
-        out = out.reshape(out.shape[0], -1).T.to(rhs.dtype)
+        if torch.is_grad_enabled() and self.prior_precision.requires_grad:
+            out = self._matmul_differentiable(cols)
+        else:
+            inv_delta = self.prior_precision.detach().reciprocal()
+            tangents = self._scaled_pullback(self.x2, cols, inv_delta)  # shape: (t, P)
+            out = self.network.jvp(self.x1, tangents)  # shape: (t, N1, C)
+            out = out.reshape(out.shape[0], -1).T.to(rhs.dtype)
         return _from_columns(out, batch, rhs.shape[-1])
+
+    def _matmul_differentiable(self, cols: Tensor) -> Tensor:
+        """``K @ cols`` as ``sum_g (J_g J_g^T cols) / delta_g``, differentiable in ``delta`` by autograd.
+
+        Costs G jvps per column instead of one, so it is used only when autograd needs it
+        (linear_operator's own autograd functions call :meth:`_bilinear_derivative` instead).
+        """
+        G, t = self.groups.num_groups, cols.shape[-1]
+        pulled = self._scaled_pullback(self.x2, cols.detach(), None)  # shape: (t, P)
+        masked = torch.zeros(G, t, pulled.shape[-1], dtype=pulled.dtype, device=pulled.device)
+        for g, start, stop in self.groups.column_ranges(self.network.offsets):
+            masked[g, :, start:stop] = pulled[:, start:stop]
+        out = self.network.jvp(self.x1, masked.reshape(G * t, -1)).reshape(G, t, -1)  # shape: (G, t, M1)
+        return torch.einsum("g,gtm->mt", self.prior_precision.reciprocal().to(cols.dtype), out.to(cols.dtype))
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
         return self._transpose_nonbatch()._matmul(rhs)
@@ -116,6 +141,50 @@ class NTKLinearOperator(LinearOperator):
         delta = self.prior_precision.detach()
         grad = -per_group.to(delta.dtype) / delta.square()
         return (None, None, grad)
+
+    # ---------------------------------------------------------- exact solves
+    def _dense_fits(self) -> bool:
+        rows, cols = self.shape
+        return 8 * (self.groups.num_groups + 3) * rows * cols <= available_memory(self.device) // 2
+
+    def _exact_or_warn(self) -> bool:
+        if self._dense_fits():
+            return True
+        warnings.warn(
+            f"the {self.shape[0]} x {self.shape[1]} NTK does not fit in memory for an exact Cholesky; "
+            "falling back to linear_operator's CG / Lanczos, whose accuracy is set by "
+            "gpytorch.settings.cg_tolerance, max_cg_iterations and num_trace_samples",
+            stacklevel=3,
+        )
+        return False
+
+    def inv_quad_logdet(
+        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Exact (Cholesky) when the dense kernel fits in memory; else linear_operator's CG/SLQ."""
+        if not self._exact_or_warn():
+            return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+        factor = cholesky(self.to_dense(), what="the NTK")
+        zero = torch.zeros((), dtype=factor.dtype, device=factor.device)
+        inv_quad, log_det = zero, zero
+        if inv_quad_rhs is not None:
+            rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
+            inv_quad = torch.linalg.solve_triangular(factor, rhs.to(factor.dtype), upper=False).square().sum(-2)
+            if reduce_inv_quad:
+                inv_quad = inv_quad.sum(-1)
+        if logdet:
+            log_det = 2.0 * factor.diagonal().log().sum()
+        return inv_quad, log_det
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        """Exact (Cholesky) when the dense kernel fits in memory; else linear_operator's CG."""
+        if not self._exact_or_warn():
+            return super().solve(right_tensor, left_tensor)
+        factor = cholesky(self.to_dense(), what="the NTK")
+        rhs = right_tensor.unsqueeze(-1) if right_tensor.dim() == 1 else right_tensor
+        res = torch.cholesky_solve(rhs.to(factor.dtype), factor)
+        res = res.squeeze(-1) if right_tensor.dim() == 1 else res
+        return res if left_tensor is None else left_tensor.to(res.dtype) @ res
 
     # ---------------------------------------------------------------- dense
     def _group_weights(self) -> Tensor:
@@ -151,4 +220,7 @@ class NTKLinearOperator(LinearOperator):
         return values.reshape(shape).to(self.dtype)
 
     def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        return BatchRepeatLinearOperator(self, batch_repeat=batch_shape)
+        return expand_dense(self, batch_shape)
+
+    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
+        return unsqueeze_dense(self, dim)

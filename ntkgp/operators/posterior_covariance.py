@@ -2,12 +2,14 @@ r"""The exact predictive covariance of the latent function at test inputs, lazil
 
 from __future__ import annotations
 
-import torch
-from linear_operator.operators import BatchRepeatLinearOperator, LinearOperator
 from typing import TYPE_CHECKING
 
+import torch
+from linear_operator.operators import LinearOperator
 from torch import Tensor
 
+from ntkgp.memory import check_fits
+from ntkgp.operators._batch import expand_dense, unsqueeze_dense
 from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
 
 if TYPE_CHECKING:
@@ -64,8 +66,13 @@ class PosteriorCovariance(LinearOperator):
 
     def to_dense(self) -> Tensor:
         if self._dense is None:
+            m = self.shape[-1]
+            check_fits(3 * 8 * m * m, f"the dense predictive covariance ({m} x {m}); use .variance", self.device)
             self._dense = self.posterior.covariance(self.x)
         return self._dense
 
     def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        return BatchRepeatLinearOperator(self, batch_repeat=batch_shape)
+        return expand_dense(self, batch_shape)
+
+    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
+        return unsqueeze_dense(self, dim)

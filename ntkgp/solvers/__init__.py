@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ntkgp.cholesky import NotPositiveDefiniteError, cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.parameter_groups import ParameterGroups
 from ntkgp.solvers.base import ExactPosterior, ExactSolver
-from ntkgp.solvers.cholesky import NotPositiveDefiniteError, cholesky
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
 from ntkgp.solvers.weight_space import WeightSpacePosterior, WeightSpaceSolver
 
@@ -36,11 +36,27 @@ SOLVERS: dict[str, type[ExactSolver]] = {"kernel": KernelSpaceSolver, "weight": 
 
 
 def make_solver(
-    solver: str, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int
+    solver: str,
+    network: FunctionalNetwork,
+    groups: ParameterGroups,
+    x: Tensor,
+    budget: int,
+    *,
+    noise_varies_over_data: bool = False,
 ) -> ExactSolver:
-    """Build the exact solver named ``solver`` (``"auto"``, ``"kernel"`` or ``"weight"``)."""
+    """Build the exact solver named ``solver`` (``"auto"``, ``"kernel"`` or ``"weight"``).
+
+    ``"auto"`` picks weight space when ``P < N C`` and the noise is the same for every data
+    point (the dual form needs that), else kernel space.
+    """
+    if solver == "weight" and noise_varies_over_data:
+        raise ValueError(
+            "solver='weight' needs noise that is the same for every data point; this likelihood's "
+            "noise varies over the data (use solver='kernel' or 'auto')"
+        )
     if solver == "auto":
-        solver = "weight" if network.num_parameters < x.shape[0] * network.num_outputs else "kernel"
+        small_net = network.num_parameters < x.shape[0] * network.num_outputs
+        solver = "weight" if small_net and not noise_varies_over_data else "kernel"
     if solver not in SOLVERS:
         raise ValueError(f"solver must be 'auto', 'kernel' or 'weight', got {solver!r}")
     return SOLVERS[solver](network, groups, x, budget)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ntkgp.cholesky import cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram, ntk_gram_diagonal
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
 from ntkgp.solvers.base import ExactPosterior, ExactSolver
-from ntkgp.solvers.cholesky import cholesky
 
 __all__ = ["KernelSpacePosterior", "KernelSpaceSolver"]
 

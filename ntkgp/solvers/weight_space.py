@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ntkgp.cholesky import cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import jacobian_outer_products
 from ntkgp.memory import check_fits
 from ntkgp.operators.jacobian_linear_operator import JacobianLinearOperator
 from ntkgp.parameter_groups import ParameterGroups
 from ntkgp.solvers.base import ExactPosterior, ExactSolver
-from ntkgp.solvers.cholesky import cholesky
 
 __all__ = ["WeightSpacePosterior", "WeightSpaceSolver"]
 

@@ -1,0 +1,22 @@
+"""Batch broadcasting for ntkgp's operators, which are not batch-aware."""
+
+from __future__ import annotations
+
+import torch
+from linear_operator.operators import DenseLinearOperator, LinearOperator
+
+
+def expand_dense(op: LinearOperator, batch_shape: torch.Size) -> LinearOperator:
+    """Broadcast a non-batched operator to ``batch_shape`` by densifying it once.
+
+    ntkgp's operators represent one matrix; GPyTorch's exact-GP flows never batch them. Where
+    linear_operator needs a batch (e.g. adding a batched tensor), the dense matrix is expanded
+    (a view, no copies).
+    """
+    dense = op.to_dense()
+    return DenseLinearOperator(dense.expand(*batch_shape, *dense.shape[-2:]))
+
+
+def unsqueeze_dense(op: LinearOperator, dim: int) -> LinearOperator:
+    """Add a batch dimension to a non-batched operator by densifying it once."""
+    return DenseLinearOperator(op.to_dense().unsqueeze(dim))

@@ -1,0 +1,135 @@
+"""Independent float64 truths for the tests: brute-force weight-space linear algebra.
+
+Nothing here uses ntkgp. Jacobians come from ``torch.autograd.functional.jacobian`` (not
+torch.func), and posteriors are formed by explicit inverses of the ``P x P`` posterior
+precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+def mlp(d_in: int, hidden: int, d_out: int, *, depth: int = 1, seed: int = 0, dtype=torch.float64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    width = d_in
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.Tanh()]
+        width = hidden
+    layers.append(nn.Linear(width, d_out))
+    return nn.Sequential(*layers).to(dtype)
+
+
+def toy_regression(n: int, d: int, c: int = 1, *, seed: int = 0, dtype=torch.float64) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    w = torch.randn(d, c, generator=g, dtype=dtype)
+    y = torch.sin(x @ w) + 0.1 * torch.randn(n, c, generator=g, dtype=dtype)
+    return x, (y[:, 0] if c == 1 else y)
+
+
+def prior_vector(net: nn.Module, delta: float | list[float]) -> Tensor:
+    """Per-parameter prior precision, ``(P,)``: scalar or one value per parameter tensor."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    if isinstance(delta, (int, float)):
+        delta = [float(delta)] * len(params)
+    return torch.cat([torch.full((p.numel(),), float(d), dtype=torch.float64) for p, d in zip(params, delta)])
+
+
+def train_map(net: nn.Module, x: Tensor, y: Tensor, prior: Tensor, noise: Tensor | float, *, iters: int = 8) -> float:
+    """Fit ``net`` to the MAP of sum_c ||y_c - f_c||^2 / (2 s_c) + theta^T diag(prior) theta / 2 by LBFGS.
+
+    Returns the final gradient norm (the tests need a tight MAP: the GP/Laplace identities
+    hold exactly only there).
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
+    y2 = y.reshape(x.shape[0], -1)
+    noise = torch.as_tensor(noise, dtype=x.dtype)
+    opt = torch.optim.LBFGS(params, max_iter=1000, tolerance_grad=1e-13, tolerance_change=0,
+                            history_size=100, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        out = net(x).reshape(x.shape[0], -1)
+        theta = torch.cat([p.reshape(-1) for p in params])
+        loss = ((out - y2).square() / (2 * noise)).sum() + 0.5 * (prior.to(x.dtype) * theta.square()).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(iters):
+        opt.step(closure)
+    if sum(p.numel() for p in params) <= 2000:
+        _newton_refine(net, params, x, y2, prior, noise)
+    closure()
+    return float(torch.cat([p.grad.reshape(-1) for p in params]).norm())
+
+
+def _newton_refine(net: nn.Module, params: list[nn.Parameter], x: Tensor, y2: Tensor, prior: Tensor,
+                   noise: Tensor, steps: int = 4) -> None:
+    """Exact Newton steps on the MAP objective: quadratic convergence to round-off."""
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    shapes = [p.shape for p in params]
+
+    def objective(theta: Tensor) -> Tensor:
+        chunks = torch.split(theta, [s.numel() for s in shapes])
+        ps = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
+        out = functional_call(net, ps, (x,)).reshape(x.shape[0], -1)
+        return ((out - y2).square() / (2 * noise)).sum() + 0.5 * (prior.to(x.dtype) * theta.square()).sum()
+
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    for _ in range(steps):
+        grad = torch.autograd.functional.jacobian(objective, theta)
+        hess = torch.autograd.functional.hessian(objective, theta)
+        theta = theta - torch.linalg.solve(hess, grad)
+    with torch.no_grad():
+        for p, c in zip(params, torch.split(theta, [s.numel() for s in shapes])):
+            p.copy_(c.reshape(p.shape))
+
+
+def jacobian(net: nn.Module, x: Tensor) -> Tensor:
+    """``J(x)``, ``(N*C, P)``, point-major rows, float64, by torch.autograd.functional."""
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    values = tuple(dict(net.named_parameters())[n].detach() for n in names)
+
+    def f(*ps: Tensor) -> Tensor:
+        return functional_call(net, dict(zip(names, ps)), (x,)).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, values)
+    return torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1).to(torch.float64)
+
+
+def flat_params(net: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters() if p.requires_grad]).to(torch.float64)
+
+
+def posterior_covariance(j_train: Tensor, j_test: Tensor, prior: Tensor, noise: Tensor) -> Tensor:
+    """GLM predictive covariance J*(J^T S^-1 J + P0)^-1 J*^T with S = diag(noise) ``(N*C,)``."""
+    precision = j_train.T @ (j_train / noise.unsqueeze(-1)) + torch.diag(prior)
+    return j_test @ torch.linalg.inv(precision) @ j_test.T
+
+
+def log_evidence(net: nn.Module, x: Tensor, y: Tensor, prior: Tensor, noise: Tensor) -> Tensor:
+    """Exact log N(y; m(X), J P0^-1 J^T + S) with m = f - J theta_hat, in float64."""
+    j = jacobian(net, x)
+    with torch.no_grad():
+        f = net(x).reshape(-1).to(torch.float64)
+    mean = f - j @ flat_params(net)
+    cov = j @ torch.diag(1 / prior) @ j.T + torch.diag(noise)
+    return torch.distributions.MultivariateNormal(mean, cov).log_prob(y.reshape(-1).to(torch.float64))
+
+
+def laplace_evidence(net: nn.Module, x: Tensor, y: Tensor, prior: Tensor, noise: Tensor) -> Tensor:
+    """Weight-space Laplace (GGN) log marginal likelihood at the current weights."""
+    j = jacobian(net, x)
+    theta = flat_params(net)
+    with torch.no_grad():
+        r = y.reshape(-1).to(torch.float64) - net(x).reshape(-1).to(torch.float64)
+    loglik = -0.5 * (r.square() / noise).sum() - 0.5 * torch.log(2 * math.pi * noise).sum()
+    precision = j.T @ (j / noise.unsqueeze(-1)) + torch.diag(prior)
+    log_det_ratio = torch.logdet(precision) - prior.log().sum()
+    return loglik - 0.5 * (log_det_ratio + (prior * theta.square()).sum())
