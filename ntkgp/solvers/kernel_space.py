@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ntkgp.cholesky import cholesky
 from ntkgp.functional import FunctionalNetwork
-from ntkgp.gram import ntk_gram, ntk_gram_diagonal
+from ntkgp.gram import ntk_gram
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
 from ntkgp.solvers.base import ExactPosterior, ExactSolver
@@ -88,39 +88,64 @@ class KernelSpaceSolver(ExactSolver):
 
 
 class KernelSpacePosterior(ExactPosterior):
-    r"""Predictive covariance :math:`K_{**} - K_{*X} (K + S)^{-1} K_{X*}` via the cached Cholesky."""
+    r"""Predictive covariance :math:`K_{**} - K_{*X} (K + S)^{-1} K_{X*}` via the cached Cholesky.
+
+    Each block of test points has its Jacobian :math:`J_*` computed once. With
+    :math:`D^{-1} = P_0^{-1}` per parameter, the prior block is :math:`(J_* D^{-1}) J_*^\top` and
+    the cross-covariance :math:`K_{X*} = J_X (D^{-1} J_*^\top)`, one matrix product with the
+    training Jacobian. That Jacobian is kept in memory when it fits in the budget and is
+    otherwise recomputed chunk by chunk for each test block.
+    """
 
     def __init__(self, solver: KernelSpaceSolver, delta: Tensor, factor: Tensor, weights: Tensor) -> None:
         super().__init__(solver.network, solver.groups, weights, solver.budget)
         self.solver, self.delta, self.factor = solver, delta, factor
+        network = self.network
+        #: :math:`P_0^{-1}` per parameter, ``(P,)``, in the network's dtype
+        self.prior_variance = self.groups.expand(delta.reciprocal(), network.numels).to(network.dtype)
+        train_bytes = solver.size * network.num_parameters * network.dtype.itemsize
+        self._train_jacobian: Tensor | None = None
+        if train_bytes <= self.budget // 2:
+            self._train_jacobian = network.jacobian_block(solver.x).reshape(-1, network.num_parameters)
 
-    def _cross_solved(self, x: Tensor) -> Tensor:
-        # shape: x (n, D) -> V = L^{-1} K_{X*}, (M, n*C)
-        cross = _weighted(self.delta, ntk_gram(self.network, self.groups, self.solver.x, x, budget=self.budget))
-        return torch.linalg.solve_triangular(self.factor, cross, upper=False)
+    def _test_block(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Prior covariance block ``(n*C, n*C)`` and ``V = L^{-1} K_{X*}`` ``(M, n*C)`` for test inputs ``x``."""
+        jac = self.network.jacobian_block(x).reshape(-1, self.network.num_parameters)
+        scaled = jac * self.prior_variance  # shape: (n*C, P)
+        prior = (scaled @ jac.T).to(torch.float64)
+        if self._train_jacobian is not None:
+            cross = (self._train_jacobian @ scaled.T).to(torch.float64)
+        else:
+            blocks = [jac_x.reshape(-1, self.network.num_parameters) @ scaled.T
+                      for _, jac_x in self.network.iter_jacobians(self.solver.x, self._train_rows(), desc="cross")]
+            cross = torch.cat(blocks, 0).to(torch.float64)
+        return prior, torch.linalg.solve_triangular(self.factor, cross, upper=False)
+
+    def _train_rows(self) -> int:
+        return max(1, self.budget // (2 * self.network.jacobian_bytes_per_example()))
+
+    def _test_rows(self) -> int:
+        per_point = self.network.jacobian_bytes_per_example() * 2 + 8 * 2 * self.solver.size * self.network.num_outputs
+        return max(1, self.budget // (2 * per_point))
 
     @torch.no_grad()
     def covariance(self, x: Tensor) -> Tensor:
-        prior = _weighted(self.delta, ntk_gram(self.network, self.groups, x, budget=self.budget))
-        v = self._cross_solved(x)
+        prior, v = self._test_block(x)
         return prior - v.T @ v
 
     @torch.no_grad()
     def covariance_diagonal(self, x: Tensor) -> Tensor:
-        prior = self.delta.to(torch.float64).reciprocal() @ ntk_gram_diagonal(
-            self.network, self.groups, x, budget=self.budget
-        )
-        block = self.rows_per_block(self.solver.size)
-        explained = torch.cat([self._cross_solved(x[i : i + block]).square().sum(0)
-                               for i in range(0, x.shape[0], block)])
-        return prior - explained
+        parts = []
+        for _, xb in self.network.chunks(x, self._test_rows(), desc="predictive variance"):
+            prior, v = self._test_block(xb)
+            parts.append(prior.diagonal() - v.square().sum(0))
+        return torch.cat(parts)
 
     @torch.no_grad()
     def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
         rhs = rhs.to(torch.float64)
-        prior = self.solver.ntk(self.delta)
-        cross = type(prior)(self.solver.x, x, self.delta, network=self.network, groups=self.groups, budget=self.budget)
-        t = cross._matmul(rhs)  # shape: (M, t)
-        t = torch.cholesky_solve(t, self.factor)
-        return type(prior)(x, x, self.delta, network=self.network, groups=self.groups,
-                           budget=self.budget)._matmul(rhs) - cross._t_matmul(t)
+        ntk = self.solver.ntk(self.delta)
+        cross = type(ntk)(self.solver.x, x, self.delta, network=self.network, groups=self.groups, budget=self.budget)
+        prior = type(ntk)(x, x, self.delta, network=self.network, groups=self.groups, budget=self.budget)
+        t = torch.cholesky_solve(cross._matmul(rhs), self.factor)  # shape: (M, t)
+        return prior._matmul(rhs) - cross._t_matmul(t)
