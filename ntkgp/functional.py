@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ntkgp.progress import progress_bar
 
-__all__ = ["FunctionalNetwork", "MODE_DEPENDENT_MODULES"]
+__all__ = ["FunctionalNetwork", "LinearLayer", "MODE_DEPENDENT_MODULES"]
 
 #: Module types whose output depends on ``module.training``; ntkgp refuses them in train mode.
 MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
@@ -40,6 +41,19 @@ MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 _DEFAULT_CHUNK_ELEMENTS = 2**25  # a Jacobian chunk holds at most this many entries (128 MiB in float32)
+
+
+class LinearLayer(NamedTuple):
+    """An ``nn.Linear`` module handled by structured Gram matrices."""
+
+    name: str
+    #: index of its weight / bias in :attr:`FunctionalNetwork.names` (None if not trainable)
+    weight: int | None
+    bias: int | None
+
+
+def _join(module: str, attr: str) -> str:
+    return f"{module}.{attr}" if module else attr
 
 
 @contextlib.contextmanager
@@ -76,6 +90,9 @@ class FunctionalNetwork:
         chunk's Jacobian holds about 2**25 entries.
     progress:
         Show tqdm progress bars on passes over many chunks.
+    structured:
+        Use per-layer structured Gram matrices for ``nn.Linear`` layers (see
+        :attr:`linear_layers`); ``False`` contracts per-example Jacobians for every tensor.
 
     Raises
     ------
@@ -91,6 +108,7 @@ class FunctionalNetwork:
         *,
         chunk_size: int | None = None,
         progress: bool = False,
+        structured: bool = True,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
@@ -136,6 +154,7 @@ class FunctionalNetwork:
         self.progress = progress
         self._chunk_size = chunk_size
         self._num_outputs: int | None = None
+        self._linear_layers: tuple[LinearLayer, ...] | None = None if structured else ()
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -255,26 +274,107 @@ class FunctionalNetwork:
         return total
 
     @torch.no_grad()
-    def jacobian(self, x: Tensor) -> Tensor:
+    def jacobian(self, x: Tensor, tensors: Sequence[int] | None = None) -> Tensor:
         r"""The Jacobian :math:`J(x)` of one chunk, per example. Shape: ``(n, D)`` -> ``(n, C, P)``.
 
-        Callers chunk the data; this materialises ``n * C * P`` entries.
+        With ``tensors`` (indices into :attr:`names`), only those parameter tensors' columns,
+        concatenated in that order. Callers chunk the data; this materialises ``n * C * P`` entries.
         """
         x = self._cast(x)
+        names = self.names if tensors is None else [self.names[i] for i in tensors]
+        wrt = {n: self.params[n] for n in names}
+        fixed = {n: p for n, p in self.params.items() if n not in wrt}
 
         def single(params: dict[str, Tensor], xi: Tensor) -> Tensor:
-            return self._call(params, xi.unsqueeze(0)).squeeze(0)
+            return self._call({**fixed, **params}, xi.unsqueeze(0)).squeeze(0)
 
-        jac = vmap(jacrev(single), in_dims=(None, 0))(self.params, x)
+        jac = vmap(jacrev(single), in_dims=(None, 0))(wrt, x)
         # shape: jac[name] (n, C, *param_shape) -> (n, C, P)
-        return torch.cat([jac[n].reshape(x.shape[0], jac[n].shape[1], -1) for n in self.names], -1)
+        return torch.cat([jac[n].reshape(x.shape[0], jac[n].shape[1], -1) for n in names], -1)
 
-    def jacobian_block(self, x: Tensor) -> Tensor:
+    def jacobian_block(self, x: Tensor, tensors: Sequence[int] | None = None) -> Tensor:
         """``J(x)`` for a block larger than one chunk, computed chunk by chunk. ``(n, C, P)``."""
         inner = self.chunk_size()
         if x.shape[0] <= inner:
-            return self.jacobian(x)
-        return torch.cat([self.jacobian(x[i : i + inner]) for i in range(0, x.shape[0], inner)], 0)
+            return self.jacobian(x, tensors)
+        return torch.cat([self.jacobian(x[i : i + inner], tensors) for i in range(0, x.shape[0], inner)], 0)
+
+    # ------------------------------------------------- structured (per-layer) factors
+    @property
+    def linear_layers(self) -> tuple[LinearLayer, ...]:
+        r"""The ``nn.Linear`` modules whose Jacobian factorizes per example.
+
+        For such a layer with input :math:`a_n` and output cotangent :math:`g_{n,c} =
+        \partial f_c(x_n)/\partial z_n`, :math:`\partial f_c(x_n)/\partial W = g_{n,c} a_n^\top`
+        and :math:`\partial f_c(x_n)/\partial b = g_{n,c}`. A layer qualifies when it is called
+        exactly once per forward pass on 2-D ``(n, d_in)`` input and has a trainable parameter.
+        Found once by a probe forward pass on two zero examples.
+        """
+        if self._linear_layers is None:
+            probe = torch.zeros(2, *self.input_shape, dtype=self.dtype, device=self.device)
+            _ = self.num_outputs  # its own probe pass must not be counted below
+            calls: dict[str, list[int]] = {}
+            modules = {name: m for name, m in self.module.named_modules() if type(m) is nn.Linear}
+
+            def record(name: str, inp: tuple[Tensor, ...]) -> None:
+                calls.setdefault(name, []).append(inp[0].dim())
+
+            handles = [m.register_forward_hook(lambda mod, inp, out, name=name: record(name, inp))
+                       for name, m in modules.items()]
+            try:
+                with torch.no_grad():
+                    self._call(self.params, probe)
+            finally:
+                for h in handles:
+                    h.remove()
+            index = {n: i for i, n in enumerate(self.names)}
+            layers = []
+            for name, dims in calls.items():
+                weight, bias = index.get(_join(name, "weight")), index.get(_join(name, "bias"))
+                if dims == [2] and (weight is not None or bias is not None):
+                    layers.append(LinearLayer(name, weight, bias))
+            self._linear_layers = tuple(layers)
+        return self._linear_layers
+
+    @property
+    def generic_tensors(self) -> tuple[int, ...]:
+        """Indices of parameter tensors not covered by :attr:`linear_layers` (contracted generically)."""
+        covered = {i for layer in self.linear_layers for i in (layer.weight, layer.bias) if i is not None}
+        return tuple(i for i in range(len(self.names)) if i not in covered)
+
+    def linear_layer_factors(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        r"""Per-layer factors ``(A, G)`` of :attr:`linear_layers`, chunked over data.
+
+        ``A`` ``(n, d_in)`` holds the layer inputs :math:`a_n`; ``G`` ``(n, C, d_out)`` the output
+        cotangents :math:`g_{n,c}`, from one forward pass with zero "probe" tensors added to each
+        layer's output and one backward pass per network output.
+        """
+        parts = [self._factors_chunk(self._cast(xc)) for _, xc in self.chunks(x, self.chunk_size(), desc="factors")]
+        return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
+                for i in range(len(self.linear_layers))]
+
+    def _factors_chunk(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        modules = dict(self.module.named_modules())
+        inputs: dict[str, Tensor] = {}
+        probes: dict[str, Tensor] = {}
+
+        def hook(module: nn.Module, inp: tuple[Tensor, ...], out: Tensor, name: str) -> Tensor:
+            inputs[name] = inp[0].detach()
+            probes[name] = torch.zeros_like(out, requires_grad=True)
+            return out + probes[name]
+
+        handles = [modules[layer.name].register_forward_hook(
+            lambda m, i, o, name=layer.name: hook(m, i, o, name)) for layer in self.linear_layers]
+        names = [layer.name for layer in self.linear_layers]
+        try:
+            with torch.enable_grad():
+                out = self._call(self.params, x)
+                per_output = [torch.autograd.grad(out[:, c].sum(), [probes[n] for n in names], retain_graph=True)
+                              for c in range(out.shape[1])]
+        finally:
+            for h in handles:
+                h.remove()
+        return [(inputs[n], torch.stack([g[i] for g in per_output], 1)) for i, n in enumerate(names)]
 
     def iter_jacobians(self, x: Tensor, size: int, *, desc: str = "jacobian") -> Iterator[tuple[int, Tensor]]:
         """Yield ``(start, J(x[start:start+size]))`` with the Jacobian shaped ``(n, C, P)``."""

@@ -196,3 +196,26 @@ def test_set_train_data_is_refused() -> None:
     model = ntkgp.LinearizedGP(net, gpytorch.likelihoods.GaussianLikelihood().double(), x, y)
     with pytest.raises(NotImplementedError, match="new LinearizedGP"):
         model.set_train_data(targets=y + 1, strict=False)
+
+
+@pytest.mark.parametrize("budget", [2**30, 4096])
+def test_mixed_network_predictive_with_streamed_jacobians(budget: int) -> None:
+    """Conv (generic) + Linear (structured) layers; a tiny budget streams every Jacobian block."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 4), nn.Tanh(),
+                        nn.Linear(4, 2)).double().eval()
+    x = torch.randn(30, 1, 5, 5, dtype=torch.float64)
+    y = torch.randn(30, 2, dtype=torch.float64)
+    x_test = torch.randn(6, 1, 5, 5, dtype=torch.float64)
+    lik = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, has_task_noise=False).double()
+    lik.noise = torch.tensor(0.05, dtype=torch.float64)
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=torch.linspace(0.5, 3.0, 6), solver="kernel",
+                               memory_budget=budget, chunk_size=7).eval()
+    with torch.no_grad():
+        f = model(x_test)
+        cov, var = f.covariance_matrix, f.variance.reshape(-1)
+    prior = truth.prior_vector(net, torch.linspace(0.5, 3.0, 6).tolist())
+    j, jt = truth.jacobian(net, x), truth.jacobian(net, x_test)
+    brute = truth.posterior_covariance(j, jt, prior, torch.full((60,), 0.05, dtype=torch.float64))
+    assert torch.allclose(cov, brute, rtol=1e-9, atol=1e-12 * brute.abs().max())
+    assert torch.allclose(var, brute.diagonal(), rtol=1e-9, atol=1e-12 * brute.abs().max())

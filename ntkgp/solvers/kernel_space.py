@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ntkgp.cholesky import cholesky
 from ntkgp.functional import FunctionalNetwork
-from ntkgp.gram import ntk_gram
+from ntkgp.gram import ntk_gram, structured_gram
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
 from ntkgp.solvers.base import ExactPosterior, ExactSolver
@@ -90,42 +90,56 @@ class KernelSpaceSolver(ExactSolver):
 class KernelSpacePosterior(ExactPosterior):
     r"""Predictive covariance :math:`K_{**} - K_{*X} (K + S)^{-1} K_{X*}` via the cached Cholesky.
 
-    Each block of test points has its Jacobian :math:`J_*` computed once. With
-    :math:`D^{-1} = P_0^{-1}` per parameter, the prior block is :math:`(J_* D^{-1}) J_*^\top` and
-    the cross-covariance :math:`K_{X*} = J_X (D^{-1} J_*^\top)`, one matrix product with the
-    training Jacobian. That Jacobian is kept in memory when it fits in the budget and is
-    otherwise recomputed chunk by chunk for each test block.
+    For each block of test points, the prior block :math:`K_{**}` and the cross-covariance
+    :math:`K_{X*}` are formed in one pass: ``nn.Linear`` layers by structured products of layer
+    factors (the training factors are cached), every other parameter tensor from the test
+    block's Jacobian :math:`J_*` scaled by :math:`P_0^{-1}`, as :math:`J_X (P_0^{-1} J_*^\top)`.
+    That training Jacobian is kept in memory when it fits in the budget.
     """
 
     def __init__(self, solver: KernelSpaceSolver, delta: Tensor, factor: Tensor, weights: Tensor) -> None:
         super().__init__(solver.network, solver.groups, weights, solver.budget)
         self.solver, self.delta, self.factor = solver, delta, factor
         network = self.network
-        #: :math:`P_0^{-1}` per parameter, ``(P,)``, in the network's dtype
-        self.prior_variance = self.groups.expand(delta.reciprocal(), network.numels).to(network.dtype)
-        train_bytes = solver.size * network.num_parameters * network.dtype.itemsize
-        self._train_jacobian: Tensor | None = None
-        if train_bytes <= self.budget // 2:
-            self._train_jacobian = network.jacobian_block(solver.x).reshape(-1, network.num_parameters)
+        self.group_weights = delta.to(torch.float64).reciprocal()
+        self.rest = network.generic_tensors
+        self.rest_width = sum(network.numels[t] for t in self.rest)
+        per_param = self.groups.expand(delta.reciprocal(), network.numels).to(network.dtype)
+        #: :math:`P_0^{-1}` on the generically handled columns, ``(P_rest,)``
+        self.rest_prior_variance = torch.cat(
+            [per_param[network.offsets[t] : network.offsets[t + 1]] for t in self.rest]
+        ) if self.rest else per_param[:0]
+        self.train_factors = network.linear_layer_factors(solver.x) if network.linear_layers else []
+        self._train_rest_jacobian: Tensor | None = None
+        if self.rest and solver.size * self.rest_width * network.dtype.itemsize <= self.budget // 2:
+            self._train_rest_jacobian = network.jacobian_block(solver.x, self.rest).reshape(-1, self.rest_width)
 
     def _test_block(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Prior covariance block ``(n*C, n*C)`` and ``V = L^{-1} K_{X*}`` ``(M, n*C)`` for test inputs ``x``."""
-        jac = self.network.jacobian_block(x).reshape(-1, self.network.num_parameters)
-        scaled = jac * self.prior_variance  # shape: (n*C, P)
-        prior = (scaled @ jac.T).to(torch.float64)
-        if self._train_jacobian is not None:
-            cross = (self._train_jacobian @ scaled.T).to(torch.float64)
-        else:
-            blocks = [jac_x.reshape(-1, self.network.num_parameters) @ scaled.T
-                      for _, jac_x in self.network.iter_jacobians(self.solver.x, self._train_rows(), desc="cross")]
-            cross = torch.cat(blocks, 0).to(torch.float64)
+        m, nc = self.solver.size, x.shape[0] * self.network.num_outputs
+        prior = torch.zeros(nc, nc, dtype=torch.float64, device=self.network.device)
+        cross = torch.zeros(m, nc, dtype=torch.float64, device=self.network.device)
+        if self.train_factors:
+            test_factors = self.network.linear_layer_factors(x)
+            structured_gram(self.network, self.groups, test_factors, test_factors, prior, weights=self.group_weights)
+            structured_gram(self.network, self.groups, self.train_factors, test_factors, cross,
+                            weights=self.group_weights)
+        if self.rest:
+            jac = self.network.jacobian_block(x, self.rest).reshape(-1, self.rest_width)
+            scaled = jac * self.rest_prior_variance  # shape: (n*C, P_rest)
+            prior += (scaled @ jac.T).to(torch.float64)
+            if self._train_rest_jacobian is not None:
+                cross += (self._train_rest_jacobian @ scaled.T).to(torch.float64)
+            else:
+                rows = max(1, self.budget // (2 * self.network.num_outputs * self.rest_width * jac.element_size()))
+                parts = [self.network.jacobian_block(xt, self.rest).reshape(-1, self.rest_width) @ scaled.T
+                         for _, xt in self.network.chunks(self.solver.x, rows, desc="cross")]
+                cross += torch.cat(parts).to(torch.float64)
         return prior, torch.linalg.solve_triangular(self.factor, cross, upper=False)
 
-    def _train_rows(self) -> int:
-        return max(1, self.budget // (2 * self.network.jacobian_bytes_per_example()))
-
     def _test_rows(self) -> int:
-        per_point = self.network.jacobian_bytes_per_example() * 2 + 8 * 2 * self.solver.size * self.network.num_outputs
+        per_point = (self.network.num_outputs * self.rest_width * self.network.dtype.itemsize * 2
+                     + 8 * 2 * self.solver.size * self.network.num_outputs)
         return max(1, self.budget // (2 * per_point))
 
     @torch.no_grad()
