@@ -169,18 +169,22 @@ def ntk_gram_diagonal(
 
 
 def jacobian_outer_products(
-    network: FunctionalNetwork, x: Tensor, *, per_output: bool, budget: int
+    network: FunctionalNetwork, x: Tensor, *, per_output: bool, budget: int, hessian_factor: Tensor | None = None
 ) -> Tensor:
     r""":math:`J^\top J` accumulated over data in float64.
 
     Returns shape ``(C, P, P)`` with :math:`J_c^\top J_c` per output ``c`` if ``per_output``,
-    else ``(1, P, P)`` with :math:`\sum_c J_c^\top J_c`.
+    else ``(1, P, P)`` with :math:`\sum_c J_c^\top J_c`. With ``hessian_factor`` ``B``
+    ``(N, C, C)``, each example's Jacobian is replaced by :math:`B_n^\top J_n`, giving the GGN
+    :math:`J^\top \Lambda J = \sum_n J_n^\top B_n B_n^\top J_n`.
     """
     P, C = network.num_parameters, network.num_outputs
     out = torch.zeros(C if per_output else 1, P, P, dtype=torch.float64, device=network.device)
     rows = max(1, budget // (2 * network.jacobian_bytes_per_example()))
-    for _, jac in network.iter_jacobians(x, rows, desc="J^T J"):
+    for start, jac in network.iter_jacobians(x, rows, desc="J^T J"):
         jac = jac.to(torch.float64)  # shape: (n, C, P)
+        if hessian_factor is not None:
+            jac = torch.einsum("nca,ncp->nap", hessian_factor[start : start + jac.shape[0]], jac)
         if per_output:
             out += torch.einsum("ncp,ncq->cpq", jac, jac)
         else:

@@ -16,19 +16,24 @@ from torch import Tensor
 from ntkgp.cholesky import NotPositiveDefiniteError, cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import ExactPosterior, ExactSolver
+from ntkgp.solvers.base import ExactPosterior, ExactSolver, SolverBase
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
+from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver, make_laplace_solver
 from ntkgp.solvers.weight_space import WeightSpacePosterior, WeightSpaceSolver
 
 __all__ = [
     "ExactPosterior",
     "ExactSolver",
+    "KernelSpaceLaplaceSolver",
     "KernelSpacePosterior",
     "KernelSpaceSolver",
     "NotPositiveDefiniteError",
+    "SolverBase",
+    "WeightSpaceLaplaceSolver",
     "WeightSpacePosterior",
     "WeightSpaceSolver",
     "cholesky",
+    "make_laplace_solver",
     "make_solver",
 ]
 

@@ -17,12 +17,11 @@ from ntkgp.functional import FunctionalNetwork
 from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
 from ntkgp.parameter_groups import ParameterGroups
 
-__all__ = ["ExactPosterior", "ExactSolver"]
+__all__ = ["ExactPosterior", "ExactSolver", "SolverBase"]
 
 
-class ExactSolver(ABC):
-    """Exact (direct, non-iterative) linear algebra with :math:`K(\\delta) + \\operatorname{diag}(s)`
-    on the training inputs.
+class SolverBase:
+    """What every solver holds: the network, its prior groups, the training inputs, a budget.
 
     Parameters
     ----------
@@ -48,6 +47,11 @@ class ExactSolver(ABC):
     def ntk(self, delta: Tensor) -> NTKLinearOperator:
         """The lazy NTK on the training inputs."""
         return NTKLinearOperator(self.x, self.x, delta, network=self.network, groups=self.groups, budget=self.budget)
+
+
+class ExactSolver(SolverBase, ABC):
+    r"""Exact (direct, non-iterative) linear algebra with :math:`K(\delta) + \operatorname{diag}(s)`
+    on the training inputs, for Gaussian likelihoods."""
 
     @abstractmethod
     def inv_quad_logdet(
@@ -101,6 +105,8 @@ class ExactPosterior(ABC):
         """Predictive mean, ``(N*, C)``, float64."""
         f = self.network.forward(x).to(torch.float64)
         shift = (self.weights - self.network.flat_params.to(torch.float64)).unsqueeze(0)
+        if not shift.any():  # the Laplace posterior is centred at the MAP: the mean is f(x)
+            return f
         return f + self.network.jvp(x, shift)[0].to(torch.float64)
 
     def rows_per_block(self, cols: int) -> int:

@@ -15,9 +15,16 @@ from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram, structured_gram
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import ExactPosterior, ExactSolver
+from ntkgp.solvers.base import ExactPosterior, ExactSolver, SolverBase
 
 __all__ = ["KernelSpacePosterior", "KernelSpaceSolver"]
+
+
+def apply_factor_transpose(hessian_factor: Tensor, rows: Tensor) -> Tensor:
+    r""":math:`B^\top R` for block-diagonal ``B`` (blocks ``(N, C, C)``) and ``R`` ``(N*C, k)``."""
+    n, c, _ = hessian_factor.shape
+    out = torch.einsum("nca,nck->nak", hessian_factor.to(rows.dtype), rows.reshape(n, c, -1))
+    return out.reshape(n * c, -1)
 
 
 def _weighted(delta: Tensor, grams: Tensor) -> Tensor:
@@ -90,6 +97,10 @@ class KernelSpaceSolver(ExactSolver):
 class KernelSpacePosterior(ExactPosterior):
     r"""Predictive covariance :math:`K_{**} - K_{*X} (K + S)^{-1} K_{X*}` via the cached Cholesky.
 
+    For the Laplace GP of a non-Gaussian likelihood, with :math:`\Lambda = BB^\top` per point,
+    it is :math:`K_{**} - K_{*X} B (I + B^\top K B)^{-1} B^\top K_{X*}` (same code, with
+    :math:`B^\top` applied to :math:`K_{X*}` before the triangular solve).
+
     For each block of test points, the prior block :math:`K_{**}` and the cross-covariance
     :math:`K_{X*}` are formed in one pass: ``nn.Linear`` layers by structured products of layer
     factors (the training factors are cached), every other parameter tensor from the test
@@ -97,9 +108,14 @@ class KernelSpacePosterior(ExactPosterior):
     That training Jacobian is kept in memory when it fits in the budget.
     """
 
-    def __init__(self, solver: KernelSpaceSolver, delta: Tensor, factor: Tensor, weights: Tensor) -> None:
+    def __init__(
+        self, solver: SolverBase, delta: Tensor, factor: Tensor, weights: Tensor,
+        hessian_factor: Tensor | None = None,
+    ) -> None:
         super().__init__(solver.network, solver.groups, weights, solver.budget)
         self.solver, self.delta, self.factor = solver, delta, factor
+        #: Laplace: per-point ``B`` ``(N, C, C)``; the factor is then that of :math:`I + B^\top K B`
+        self.hessian_factor = hessian_factor
         network = self.network
         self.group_weights = delta.to(torch.float64).reciprocal()
         self.rest = network.generic_tensors
@@ -135,6 +151,8 @@ class KernelSpacePosterior(ExactPosterior):
                 parts = [self.network.jacobian_block(xt, self.rest).reshape(-1, self.rest_width) @ scaled.T
                          for _, xt in self.network.chunks(self.solver.x, rows, desc="cross")]
                 cross += torch.cat(parts).to(torch.float64)
+        if self.hessian_factor is not None:
+            cross = apply_factor_transpose(self.hessian_factor, cross)
         return prior, torch.linalg.solve_triangular(self.factor, cross, upper=False)
 
     def _test_rows(self) -> int:

@@ -23,7 +23,7 @@ from ntkgp.gram import jacobian_outer_products
 from ntkgp.memory import check_fits
 from ntkgp.operators.jacobian_linear_operator import JacobianLinearOperator
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import ExactPosterior, ExactSolver
+from ntkgp.solvers.base import ExactPosterior, ExactSolver, SolverBase
 
 __all__ = ["WeightSpacePosterior", "WeightSpaceSolver"]
 
@@ -125,7 +125,7 @@ class WeightSpaceSolver(ExactSolver):
 class WeightSpacePosterior(ExactPosterior):
     r"""Predictive covariance :math:`J_* A^{-1} J_*^\top` (the GLM predictive)."""
 
-    def __init__(self, solver: WeightSpaceSolver, factor: Tensor, weights: Tensor) -> None:
+    def __init__(self, solver: SolverBase, factor: Tensor, weights: Tensor) -> None:
         super().__init__(solver.network, solver.groups, weights, solver.budget)
         self.solver, self.factor = solver, factor
 

@@ -1,0 +1,109 @@
+r"""Exact solvers for the Laplace GP of a non-Gaussian likelihood.
+
+With :math:`\Lambda = BB^\top` (block diagonal, per-point ``C x C`` blocks, at
+:math:`\hat f = f(X;\hat\theta)`) the Laplace evidence is
+
+.. math::
+    \log p(y \mid \hat f) - \tfrac12 \hat\theta^\top P_0 \hat\theta - \tfrac12 \log|I + B^\top K B|,
+
+and :math:`\log|I + B^\top K B| = \log|P_0 + J^\top \Lambda J| - \log|P_0|` (determinant lemma),
+so it equals the weight-space GGN Laplace evidence exactly. Both forms are cached once:
+
+* kernel space: :math:`B^\top K_g B` per group, ``(G, NC, NC)``;
+* weight space: :math:`J^\top \Lambda J`, ``(P, P)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ntkgp.cholesky import cholesky
+from ntkgp.functional import FunctionalNetwork
+from ntkgp.gram import jacobian_outer_products, ntk_gram
+from ntkgp.memory import check_fits
+from ntkgp.parameter_groups import ParameterGroups
+from ntkgp.solvers.base import ExactPosterior, SolverBase
+from ntkgp.solvers.kernel_space import KernelSpacePosterior, apply_factor_transpose
+from ntkgp.solvers.weight_space import WeightSpacePosterior
+
+__all__ = ["KernelSpaceLaplaceSolver", "WeightSpaceLaplaceSolver", "make_laplace_solver"]
+
+
+class KernelSpaceLaplaceSolver(SolverBase):
+    r"""Cholesky of :math:`I + \sum_g B^\top K_g B / \delta_g`, ``(N*C)`` square."""
+
+    name = "kernel"
+
+    def __init__(
+        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, hessian_factor: Tensor
+    ) -> None:
+        super().__init__(network, groups, x, budget)
+        M, G = self.size, groups.num_groups
+        check_fits(8 * (G + 2) * M * M, f"the kernel-space Laplace solver ({G} matrices of {M} x {M})",
+                   network.device)
+        self.hessian_factor = hessian_factor
+        #: per-group :math:`B^\top K_g B`, ``(G, M, M)``, float64
+        self.grams = ntk_gram(network, groups, x, budget=budget)
+        for g in range(groups.num_groups):  # in place: B^T K_g B, one group at a time
+            left = apply_factor_transpose(hessian_factor, self.grams[g])
+            self.grams[g] = apply_factor_transpose(hessian_factor, left.T.contiguous()).T
+
+    def _laplace_factor(self, delta: Tensor) -> Tensor:
+        matrix = torch.einsum("g,gij->ij", delta.to(torch.float64).reciprocal(), self.grams)
+        matrix = matrix + torch.eye(self.size, dtype=matrix.dtype, device=matrix.device)
+        return cholesky(matrix, what="I + B^T K B")
+
+    def log_det(self, delta: Tensor) -> Tensor:
+        r""":math:`\log|I + B^\top K B|`, differentiable in ``delta``."""
+        return 2.0 * self._laplace_factor(delta).diagonal().log().sum()
+
+    @torch.no_grad()
+    def laplace_posterior(self, delta: Tensor) -> ExactPosterior:
+        delta = delta.detach()
+        weights = self.network.flat_params.to(torch.float64)
+        return KernelSpacePosterior(self, delta, self._laplace_factor(delta), weights,
+                                    hessian_factor=self.hessian_factor)
+
+
+class WeightSpaceLaplaceSolver(SolverBase):
+    r"""Cholesky of the GGN posterior precision :math:`P_0 + J^\top\Lambda J`, ``P x P``."""
+
+    name = "weight"
+
+    def __init__(
+        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, hessian_factor: Tensor
+    ) -> None:
+        super().__init__(network, groups, x, budget)
+        P = network.num_parameters
+        check_fits(8 * 3 * P * P, f"the weight-space Laplace solver ({P} x {P})", network.device)
+        self.hessian_factor = hessian_factor
+        self.outer = jacobian_outer_products(network, x, per_output=False, budget=budget,
+                                             hessian_factor=hessian_factor)
+
+    def _laplace_factor(self, delta: Tensor) -> Tensor:
+        prior = self.groups.expand(delta.to(torch.float64), self.network.numels)
+        return cholesky(self.outer[0] + torch.diag_embed(prior), what="the GGN posterior precision")
+
+    def log_det(self, delta: Tensor) -> Tensor:
+        r""":math:`\log|P_0 + J^\top\Lambda J| - \log|P_0|`, differentiable in ``delta``."""
+        prior = self.groups.expand(delta.to(torch.float64), self.network.numels)
+        return 2.0 * self._laplace_factor(delta).diagonal().log().sum() - prior.log().sum()
+
+    @torch.no_grad()
+    def laplace_posterior(self, delta: Tensor) -> ExactPosterior:
+        weights = self.network.flat_params.to(torch.float64)
+        return WeightSpacePosterior(self, self._laplace_factor(delta.detach()), weights)
+
+
+def make_laplace_solver(
+    solver: str, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, hessian_factor: Tensor
+) -> KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver:
+    """``"auto"`` (weight space when ``P < N C``), ``"kernel"`` or ``"weight"``."""
+    if solver == "auto":
+        solver = "weight" if network.num_parameters < x.shape[0] * network.num_outputs else "kernel"
+    if solver == "kernel":
+        return KernelSpaceLaplaceSolver(network, groups, x, budget, hessian_factor)
+    if solver == "weight":
+        return WeightSpaceLaplaceSolver(network, groups, x, budget, hessian_factor)
+    raise ValueError(f"solver must be 'auto', 'kernel' or 'weight', got {solver!r}")
