@@ -3,6 +3,7 @@
 >>> model = ntkgp.LinearizedGP(net, likelihood, train_x, train_y, prior_precision=1.0)
 """
 
+from ntkgp import likelihoods, mlls
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.kernels import NTKKernel
 from ntkgp.means import LinearizedMean
@@ -26,5 +27,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "ParameterGroups",
     "PosteriorCovariance",
+    "likelihoods",
+    "mlls",
     "parameter_groups",
 ]

@@ -133,3 +133,54 @@ def laplace_evidence(net: nn.Module, x: Tensor, y: Tensor, prior: Tensor, noise:
     precision = j.T @ (j / noise.unsqueeze(-1)) + torch.diag(prior)
     log_det_ratio = torch.logdet(precision) - prior.log().sum()
     return loglik - 0.5 * (log_det_ratio + (prior * theta.square()).sum())
+
+
+# ----------------------------------------------------------------- Laplace (non-Gaussian) truths
+def train_map_loss(net: nn.Module, x: Tensor, nll, prior: Tensor, *, iters: int = 6, newton: int = 6) -> float:
+    """MAP of ``nll(net(x)) + theta^T diag(prior) theta / 2`` by LBFGS then exact Newton; returns |grad|."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    shapes = [p.shape for p in params]
+    opt = torch.optim.LBFGS(params, max_iter=500, tolerance_grad=1e-13, tolerance_change=0, history_size=100,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        theta = torch.cat([p.reshape(-1) for p in params])
+        loss = nll(net(x)) + 0.5 * (prior * theta.square()).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(iters):
+        opt.step(closure)
+
+    def objective(theta: Tensor) -> Tensor:
+        ps = {n: c.reshape(s) for n, c, s in zip(names, torch.split(theta, [s.numel() for s in shapes]), shapes)}
+        return nll(functional_call(net, ps, (x,))) + 0.5 * (prior * theta.square()).sum()
+
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    for _ in range(newton):
+        grad = torch.autograd.functional.jacobian(objective, theta)
+        theta = theta - torch.linalg.solve(torch.autograd.functional.hessian(objective, theta), grad)
+    with torch.no_grad():
+        for p, c in zip(params, torch.split(theta, [s.numel() for s in shapes])):
+            p.copy_(c.reshape(p.shape))
+    closure()
+    return float(torch.cat([p.grad.reshape(-1) for p in params]).norm())
+
+
+def nll_hessians(per_point_nll, f: Tensor) -> Tensor:
+    """Per-point Hessians ``(N, C, C)`` of ``per_point_nll(f_n, n)`` w.r.t. ``f_n``, by autograd."""
+    return torch.stack([torch.autograd.functional.hessian(lambda v, n=n: per_point_nll(v, n), f[n].detach())
+                        for n in range(f.shape[0])])
+
+
+def ggn_laplace(net: nn.Module, x: Tensor, x_test: Tensor, hessians: Tensor, prior: Tensor,
+                log_lik: Tensor) -> tuple[Tensor, Tensor]:
+    """Weight-space GGN Laplace: (log evidence, latent predictive covariance ``(N*C, N*C)``)."""
+    j, jt = jacobian(net, x), jacobian(net, x_test)
+    lam = torch.block_diag(*hessians)
+    precision = j.T @ lam @ j + torch.diag(prior)
+    theta = flat_params(net)
+    evidence = log_lik - 0.5 * (prior * theta.square()).sum() - 0.5 * (torch.logdet(precision) - prior.log().sum())
+    return evidence, jt @ torch.linalg.inv(precision) @ jt.T

@@ -34,6 +34,8 @@ def point_blocks(dist: MultivariateNormal) -> tuple[Tensor, Tensor]:
         mean = dist.mean
         n, c = mean.shape
         cov = dist.lazy_covariance_matrix
+        if hasattr(cov, "point_blocks"):  # ntkgp's posterior covariance: blocks without the full matrix
+            return mean, cov.point_blocks()
         if c == 1:
             return mean, cov.diagonal(dim1=-1, dim2=-2).reshape(n, 1, 1)
         dense = cov.to_dense().reshape(n, c, n, c)

@@ -9,18 +9,26 @@ import gpytorch
 import torch
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from gpytorch.likelihoods import Likelihood
-from gpytorch.models import ExactGP
+from gpytorch.models import GP, ExactGP
 from linear_operator.operators import DiagLinearOperator, LinearOperator, ZeroLinearOperator
 from torch import Tensor, nn
 
 from ntkgp._validation import check_inputs, check_likelihood, check_targets
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.kernels.ntk_kernel import NTKKernel
+from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.means.linearized_mean import LinearizedMean
 from ntkgp.operators.exact_ntk_covariance import ExactNTKCovariance
 from ntkgp.operators.posterior_covariance import PosteriorCovariance
 from ntkgp.parameter_groups import PriorPrecisionSpec
-from ntkgp.solvers import ExactPosterior, ExactSolver, make_solver
+from ntkgp.solvers import (
+    ExactPosterior,
+    ExactSolver,
+    KernelSpaceLaplaceSolver,
+    WeightSpaceLaplaceSolver,
+    make_laplace_solver,
+    make_solver,
+)
 
 __all__ = ["LinearizedGP"]
 
@@ -91,21 +99,41 @@ class LinearizedGP(ExactGP):
         check_inputs(train_x, "train_x", device=network.device)
         if train_x.dtype != network.dtype:
             raise TypeError(f"train_x has dtype {train_x.dtype} but the network's parameters are {network.dtype}")
-        check_likelihood(likelihood, network.num_outputs)
         num_data = train_x.shape[0]
-        train_y = check_targets(train_y, num_data, network.num_outputs, network.device)
+        if isinstance(likelihood, LaplaceLikelihood):
+            if likelihood.num_outputs != network.num_outputs:
+                raise ValueError(
+                    f"the network has {network.num_outputs} outputs but {type(likelihood).__name__} expects "
+                    f"{likelihood.num_outputs}"
+                )
+            train_y = likelihood.check_targets(train_y, num_data)
+            check_inputs(train_y.to(torch.float64), "train_y", device=network.device)
+        else:
+            check_likelihood(likelihood, network.num_outputs)
+            train_y = check_targets(train_y, num_data, network.num_outputs, network.device)
         flat_x = train_x.reshape(num_data, -1)
-        super().__init__(flat_x, train_y, likelihood)
+        # ExactGP.__init__ without its Gaussian-only check: the Laplace likelihoods are handled here.
+        GP.__init__(self)
+        self.train_inputs, self.train_targets = (flat_x,), train_y
+        self.likelihood, self.prediction_strategy = likelihood, None
 
         self.network = network
         self.mean_module = LinearizedMean(network)
         self.covar_module = NTKKernel(network, prior_precision, memory_budget=memory_budget)
         self._train_mean = self.mean_module(flat_x).to(torch.float64)
-        self.solver: ExactSolver = make_solver(
-            solver, network, self.covar_module.groups, flat_x, self.covar_module.memory_budget,
-            noise_varies_over_data=self._noise_varies_over_data(),
-        )
-        self._posterior: tuple[tuple[Tensor, Tensor], ExactPosterior] | None = None
+        groups, budget = self.covar_module.groups, self.covar_module.memory_budget
+        self.solver: ExactSolver | KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver
+        if isinstance(likelihood, LaplaceLikelihood):
+            f_hat = network.forward(flat_x).to(torch.float64)
+            likelihood.check_outputs(f_hat)
+            #: :math:`\log p(y \mid \hat f)` at the MAP
+            self.map_log_likelihood = likelihood.log_likelihood(f_hat, train_y)
+            self.solver = make_laplace_solver(solver, network, groups, flat_x, budget,
+                                              likelihood.hessian_factor(f_hat))
+        else:
+            self.solver = make_solver(solver, network, groups, flat_x, budget,
+                                      noise_varies_over_data=self._noise_varies_over_data())
+        self._posterior: tuple[tuple[Tensor, ...], ExactPosterior] | None = None
 
     def _noise_varies_over_data(self) -> bool:
         """Whether the likelihood's noise differs between data points (per-point fixed noise)."""
@@ -134,6 +162,16 @@ class LinearizedGP(ExactGP):
     def num_outputs(self) -> int:
         """C, the number of network outputs."""
         return self.network.num_outputs
+
+    @property
+    def num_data(self) -> int:
+        """N, the number of training points."""
+        return self.train_inputs[0].shape[0]
+
+    @property
+    def is_laplace(self) -> bool:
+        """Whether the likelihood is non-Gaussian (Laplace approximation at the MAP)."""
+        return isinstance(self.likelihood, LaplaceLikelihood)
 
     # ---------------------------------------------------------- distributions
     def _flatten(self, x: Tensor) -> Tensor:
@@ -170,6 +208,8 @@ class LinearizedGP(ExactGP):
                     "in train mode LinearizedGP must be called on its training inputs "
                     "(call model.eval() to predict elsewhere)"
                 )
+            if self.is_laplace:  # the prior at the training inputs; the evidence is log_evidence()
+                return self._distribution(self._train_mean, self.covar_module(x).evaluate_kernel())
             return self._distribution(self._train_mean, self._training_covariance(self.prior_precision))
         posterior = self.posterior()
         return self._distribution(posterior.mean(x), PosteriorCovariance(x, posterior=posterior))
@@ -189,24 +229,38 @@ class LinearizedGP(ExactGP):
 
     @torch.no_grad()
     def posterior(self) -> ExactPosterior:
-        """The exact posterior at the current hyperparameters (cached until they change)."""
+        """The exact posterior at the current hyperparameters (cached until they change).
+
+        Gaussian likelihoods: the GP posterior. Others: the Laplace posterior, centred at the
+        MAP, with covariance :math:`J_*(J^\top\\Lambda J + P_0)^{-1}J_*^\top`.
+        """
         delta = self.prior_precision.detach().clone()
-        noise = self._noise().detach().clone()
+        key = (delta,) if self.is_laplace else (delta, self._noise().detach().clone())
         if self._posterior is not None:
-            (d0, n0), post = self._posterior
-            if torch.equal(d0, delta) and torch.equal(n0, noise):
+            old, post = self._posterior
+            if all(torch.equal(a, b) for a, b in zip(old, key)):
                 return post
-        post = self.solver.posterior(delta, noise, self._residual())
-        self._posterior = ((delta, noise), post)
+        if self.is_laplace:
+            post = self.solver.laplace_posterior(delta)
+        else:
+            post = self.solver.posterior(delta, key[1], self._residual())
+        self._posterior = (key, post)
         return post
 
     def log_evidence(self) -> Tensor:
-        r"""Exact log marginal likelihood :math:`\log p(y \mid \delta, \sigma)`, differentiable.
+        r"""The log marginal likelihood, differentiable in the hyperparameters.
 
-        Equal to ``ExactMarginalLogLikelihood(likelihood, model)(model(train_x), train_y) * N * C``
-        in train mode.
+        Gaussian likelihoods: the exact :math:`\log p(y \mid \delta, \sigma)`, equal to
+        ``ExactMarginalLogLikelihood(likelihood, model)(model(train_x), train_y) * N * C``.
+        Others: the Laplace evidence
+        :math:`\log p(y\mid\hat f) - \tfrac12\hat\theta^\top P_0\hat\theta - \tfrac12\log|I + B^\top K B|`.
         """
         delta = self.prior_precision
+        if self.is_laplace:
+            theta = self.network.flat_params.to(torch.float64)
+            prior = self.covar_module.groups.expand(delta.to(torch.float64), self.network.numels)
+            scatter = (prior * theta.square()).sum()
+            return self.map_log_likelihood - 0.5 * scatter - 0.5 * self.solver.log_det(delta)
         noise = self._noise()
         inv_quad, log_det = self.solver.inv_quad_logdet(delta, noise, self._residual().unsqueeze(-1), True)
         return -0.5 * (inv_quad.sum() + log_det + self.solver.size * math.log(2 * math.pi))

@@ -64,6 +64,14 @@ class PosteriorCovariance(LinearOperator):
                           else self.posterior.covariance_diagonal(self.x))
         return self._diag
 
+    def point_blocks(self) -> Tensor:
+        """Per-point ``C x C`` covariance blocks, ``(N*, C, C)``, without forming the full matrix."""
+        if self._dense is not None:
+            C = self.posterior.network.num_outputs
+            n = self._dense.shape[0] // C
+            return self._dense.reshape(n, C, n, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        return self.posterior.covariance_blocks(self.x)
+
     def to_dense(self) -> Tensor:
         if self._dense is None:
             m = self.shape[-1]
