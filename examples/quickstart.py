@@ -19,8 +19,8 @@ What it shows
 
 Run it with ``bash scripts/quickstart.sh`` (or ``.venv/bin/python examples/quickstart.py``);
 ``--out`` sets the figure's path, ``--seed`` the split and initialization, ``--steps``/``--lr``
-the marginal-likelihood optimization (400 Adam steps at lr 0.1 by default, which converges). It needs scikit-learn and matplotlib (no
-downloads) and takes a few seconds on a CPU.
+the marginal-likelihood optimization (400 Adam steps at lr 0.1 by default, which converges).
+It needs scikit-learn and matplotlib (no downloads) and takes a few seconds on a CPU.
 
 On this small, noisy data set (noise dominates: σ ≈ 0.67 in standardized units) the three
 predictives score within a few hundredths of a nat of each other, and which one wins depends on

@@ -48,9 +48,10 @@ class NaturalGaussianLikelihood(LaplaceLikelihood):
     ----------
     link_approx:
         How ``likelihood(f)`` forms the predictive moments of :math:`y` from the latent Gaussian
-        over :math:`\eta`: ``"delta"`` (default; second order for :math:`\mathbb E[\sigma^2]`,
-        first order for :math:`\mathrm{Var}[\mu]`) or ``"mc"`` (Monte Carlo over :math:`\eta`,
-        discarding samples with :math:`\eta_2 \ge 0`).
+        over :math:`\eta`: ``"delta"`` (default; second-order Taylor expansion for
+        :math:`\mathbb E[\mu]` and :math:`\mathbb E[\sigma^2]`, first order for
+        :math:`\mathrm{Var}[\mu]`) or ``"mc"`` (Monte Carlo over :math:`\eta`, discarding samples
+        with :math:`\eta_2 \ge 0`).
     n_samples, generator:
         Samples and random generator for ``"mc"``.
     """
@@ -118,5 +119,7 @@ class NaturalGaussianLikelihood(LaplaceLikelihood):
         mu, var = self.moments(mean)
         grad_mu = torch.stack([-1 / (2 * eta2), eta1 / (2 * eta2.square())], -1)  # shape: (N, 2)
         epistemic = torch.einsum("ni,nij,nj->n", grad_mu, covariance, grad_mu)
-        aleatoric = var - covariance[:, 1, 1] / (2 * eta2**3)  # + 1/2 d2(sigma^2)/d eta2^2 * Var[eta2]
-        return HeteroscedasticNormal(mu, aleatoric, epistemic)
+        # second-order terms: 1/2 tr(Hessian @ Cov) of mu(eta) and of sigma^2(eta) = -1/(2 eta2)
+        mean = mu + covariance[:, 0, 1] / (2 * eta2.square()) - eta1 * covariance[:, 1, 1] / (2 * eta2**3)
+        aleatoric = var - covariance[:, 1, 1] / (2 * eta2**3)
+        return HeteroscedasticNormal(mean, aleatoric, epistemic)
