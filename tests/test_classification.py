@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from functools import cache
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -225,20 +226,39 @@ def test_link_approximations() -> None:
     model = ntkgp.LinearizedGP(net, SoftmaxLikelihood(num_classes=3), x, y, prior_precision=1.5).eval()
     with torch.no_grad():
         f = model(x_test)
+    mean, blocks = f.mean, f.lazy_covariance_matrix.point_blocks()
     gen = torch.Generator().manual_seed(1)
-    mc = SoftmaxLikelihood(num_classes=3, link_approx="mc", n_samples=100_000, generator=gen)(f).probs
+    mc = SoftmaxLikelihood(num_classes=3, link_approx="mc", n_samples=20_000, generator=gen)(f).probs
     gen.manual_seed(1)
-    again = SoftmaxLikelihood(num_classes=3, link_approx="mc", n_samples=100_000, generator=gen)(f).probs
+    again = SoftmaxLikelihood(num_classes=3, link_approx="mc", n_samples=20_000, generator=gen)(f).probs
     assert torch.equal(mc, again)  # reproducible with a generator
-    probit = SoftmaxLikelihood(num_classes=3)(f).probs
-    bridge = SoftmaxLikelihood(num_classes=3, link_approx="bridge")(f).probs
-    for probs in (probit, bridge):
+    for link in ("probit", "bridge", "mc"):
+        probs = SoftmaxLikelihood(num_classes=3, link_approx=link)(f).probs
         assert torch.allclose(probs.sum(-1), torch.ones(len(x_test), dtype=probs.dtype))
-        assert (probs - mc).abs().max() < 0.1  # both approximate the MC integral
     # bridge, written out by hand for one point
-    mean, var = f.mean[0], f.lazy_covariance_matrix.point_blocks()[0].diagonal()
-    alpha = (1 - 2 / 3 + mean.exp() / 9 * (-mean).exp().sum()) / var
+    bridge = SoftmaxLikelihood(num_classes=3, link_approx="bridge")(f).probs
+    m, v = mean[0], blocks[0].diagonal()
+    alpha = (1 - 2 / 3 + m.exp() / 9 * (-m).exp().sum()) / v
     assert torch.allclose(bridge[0], alpha / alpha.sum())
+    # vanishing latent variance: probit and MC both become softmax(mean)
+    tiny = blocks * 1e-8
+    for link in ("probit", "mc"):
+        probs = SoftmaxLikelihood(num_classes=3, link_approx=link, generator=gen).predictive(mean, tiny).probs
+        assert torch.allclose(probs, torch.softmax(mean, -1), atol=1e-4)
+
+
+def test_sigmoid_mc_against_quadrature() -> None:
+    """E[sigmoid(f)], f ~ N(m, v): MC within 5 standard errors of Gauss-Hermite quadrature."""
+    m = torch.tensor([-2.0, 0.3, 1.5], dtype=torch.float64)
+    v = torch.tensor([4.0, 0.5, 9.0], dtype=torch.float64)
+    nodes, weights = (torch.tensor(a, dtype=torch.float64) for a in np.polynomial.hermite.hermgauss(80))
+    values = torch.sigmoid(m.unsqueeze(-1) + (2 * v).sqrt().unsqueeze(-1) * nodes)
+    exact = (weights * values).sum(-1) / math.sqrt(math.pi)
+    lik = BernoulliLikelihood(link_approx="mc", n_samples=200_000, generator=torch.Generator().manual_seed(0))
+    mc = lik.predictive(m.unsqueeze(-1), v.reshape(-1, 1, 1)).probs
+    assert ((mc - exact).abs() < 5 * 0.5 / math.sqrt(200_000)).all()
+    probit = BernoulliLikelihood().predictive(m.unsqueeze(-1), v.reshape(-1, 1, 1)).probs
+    assert ((probit - exact).abs() < 0.02).all()  # MacKay's probit approximation is good to ~1e-2 for sigmoid
 
 
 def test_adam_moves_prior_precision_to_the_evidence_optimum() -> None:

@@ -9,6 +9,7 @@ tensor arguments, so gradients flow to them by ordinary autograd.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -38,6 +39,23 @@ class SolverBase:
 
     def __init__(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> None:
         self.network, self.groups, self.x, self.budget = network, groups, x, budget
+        self._last_factor: tuple[tuple[Tensor, ...], Tensor] | None = None
+
+    def cached_factor(self, compute: Callable[[], Tensor], *key: Tensor) -> Tensor:
+        """A Cholesky factor, reused when the hyperparameters ``key`` are unchanged.
+
+        The evidence and then the posterior at the same hyperparameters share one factorization.
+        A call that needs gradients (some ``key`` requires grad) always factorizes afresh.
+        """
+        needs_grad = torch.is_grad_enabled() and any(k.requires_grad for k in key)
+        values = tuple(k.detach() for k in key)
+        if not needs_grad and self._last_factor is not None:
+            old, factor = self._last_factor
+            if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(old, values)):
+                return factor
+        factor = compute()
+        self._last_factor = (tuple(v.clone() for v in values), factor.detach())
+        return factor
 
     @property
     def size(self) -> int:

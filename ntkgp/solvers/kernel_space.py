@@ -45,8 +45,9 @@ class KernelSpaceSolver(ExactSolver):
         self.grams = ntk_gram(network, groups, x, budget=budget)
 
     def _factor(self, delta: Tensor, noise: Tensor) -> Tensor:
-        matrix = self.dense(delta, noise)
-        return cholesky(matrix, what="the training kernel plus noise (K + S)")
+        return self.cached_factor(
+            lambda: cholesky(self.dense(delta, noise), what="the training kernel plus noise (K + S)"), delta, noise
+        )
 
     def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
         return _weighted(delta, self.grams) + torch.diag_embed(noise.to(torch.float64))

@@ -50,9 +50,12 @@ class KernelSpaceLaplaceSolver(SolverBase):
             self.grams[g] = apply_factor_transpose(hessian_factor, left.T.contiguous()).T
 
     def _laplace_factor(self, delta: Tensor) -> Tensor:
-        matrix = torch.einsum("g,gij->ij", delta.to(torch.float64).reciprocal(), self.grams)
-        matrix = matrix + torch.eye(self.size, dtype=matrix.dtype, device=matrix.device)
-        return cholesky(matrix, what="I + B^T K B")
+        def compute() -> Tensor:
+            matrix = torch.einsum("g,gij->ij", delta.to(torch.float64).reciprocal(), self.grams)
+            matrix = matrix + torch.eye(self.size, dtype=matrix.dtype, device=matrix.device)
+            return cholesky(matrix, what="I + B^T K B")
+
+        return self.cached_factor(compute, delta)
 
     def log_det(self, delta: Tensor) -> Tensor:
         r""":math:`\log|I + B^\top K B|`, differentiable in ``delta``."""
@@ -83,7 +86,9 @@ class WeightSpaceLaplaceSolver(SolverBase):
 
     def _laplace_factor(self, delta: Tensor) -> Tensor:
         prior = self.groups.expand(delta.to(torch.float64), self.network.numels)
-        return cholesky(self.outer[0] + torch.diag_embed(prior), what="the GGN posterior precision")
+        return self.cached_factor(
+            lambda: cholesky(self.outer[0] + torch.diag_embed(prior), what="the GGN posterior precision"), delta
+        )
 
     def log_det(self, delta: Tensor) -> Tensor:
         r""":math:`\log|P_0 + J^\top\Lambda J| - \log|P_0|`, differentiable in ``delta``."""

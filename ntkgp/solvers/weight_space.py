@@ -60,7 +60,10 @@ class WeightSpaceSolver(ExactSolver):
         return data + torch.diag_embed(prior)
 
     def _factor(self, delta: Tensor, noise_c: Tensor) -> Tensor:
-        return cholesky(self._precision(delta, noise_c), what="the posterior precision (P0 + J^T S^-1 J)")
+        return self.cached_factor(
+            lambda: cholesky(self._precision(delta, noise_c), what="the posterior precision (P0 + J^T S^-1 J)"),
+            delta, noise_c,
+        )
 
     def _pull(self, rhs: Tensor, noise_c: Tensor) -> Tensor:
         r"""``b = J^T S^{-1} rhs``, ``(P, t)``, differentiable in ``rhs`` and the noise."""
