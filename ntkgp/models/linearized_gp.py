@@ -35,7 +35,7 @@ __all__ = ["LinearizedGP"]
 
 
 class LinearizedGP(ExactGP):
-    r"""The linearized-Laplace GP of a trained network, for regression.
+    r"""The linearized-Laplace GP of a trained network.
 
     With :math:`f_{\text{lin}}(x;\theta) = f(x;\hat\theta) + J(x)(\theta-\hat\theta)` and
     :math:`\theta\sim\mathcal N(0, P_0^{-1})` this is the GP with
@@ -63,12 +63,16 @@ class LinearizedGP(ExactGP):
         The trained network, mapping ``(n, *input_shape)`` to ``(n, C)`` (or ``(n,)``). Put
         BatchNorm/Dropout networks in eval mode first.
     likelihood:
-        ``GaussianLikelihood`` or ``FixedNoiseGaussianLikelihood`` (``C = 1``), or
-        ``MultitaskGaussianLikelihood(num_tasks=C)`` with ``rank=0``.
+        Regression (exact GP): ``GaussianLikelihood`` or ``FixedNoiseGaussianLikelihood``
+        (``C = 1``), or ``MultitaskGaussianLikelihood(num_tasks=C)`` with ``rank=0``.
+        Classification and heteroscedastic regression (the Laplace GP at the MAP, with the
+        per-point GGN blocks :math:`\Lambda_n`): ``ntkgp.likelihoods.SoftmaxLikelihood``,
+        ``BernoulliLikelihood`` or ``NaturalGaussianLikelihood``; fit their prior precisions
+        with ``ntkgp.mlls.LaplaceMarginalLogLikelihood``.
     train_x:
         Training inputs ``(N, *input_shape)``, floating point, on the network's device.
     train_y:
-        Targets ``(N,)`` for ``C = 1`` or ``(N, C)``.
+        Targets ``(N,)`` for ``C = 1`` or ``(N, C)``; integer labels ``(N,)`` for softmax.
     prior_precision:
         :math:`\delta`: a number, one value per parameter tensor, or ``{module name: value}``.
     solver:
