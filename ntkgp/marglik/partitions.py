@@ -1,0 +1,33 @@
+"""Partitions of the training data into subsets for the stochastic evidence bound."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["class_partition", "random_partition"]
+
+
+def random_partition(num_data: int, subset_size: int, *, generator: torch.Generator | None = None) -> list[Tensor]:
+    """Split ``range(num_data)`` at random into subsets of ``subset_size`` (the last may be smaller)."""
+    if subset_size < 1:
+        raise ValueError(f"subset_size must be positive, got {subset_size}")
+    order = torch.randperm(num_data, generator=generator)
+    return list(order.split(subset_size))
+
+
+def class_partition(labels: Tensor, subset_size: int, *, generator: torch.Generator | None = None) -> list[Tensor]:
+    """Subsets of ``subset_size`` that each hold points of as few classes as possible.
+
+    Points are shuffled within each class, the classes laid end to end, and the sequence cut
+    into consecutive subsets. Grouping by class keeps the strongly correlated points (same
+    class, similar NTK features) together, which tightens the bound (Immer et al., 2023).
+    """
+    if subset_size < 1:
+        raise ValueError(f"subset_size must be positive, got {subset_size}")
+    labels = labels.reshape(-1).cpu()
+    order = []
+    for c in torch.unique(labels):
+        members = (labels == c).nonzero().flatten()
+        order.append(members[torch.randperm(members.numel(), generator=generator)])
+    return list(torch.cat(order).split(subset_size))

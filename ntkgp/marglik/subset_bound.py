@@ -1,0 +1,123 @@
+r"""A lower bound on the log evidence from NTKs of data subsets (Immer et al., ICML 2023).
+
+The Laplace-form log evidence of the linearized network at :math:`\hat\theta` is
+
+.. math::
+    \mathcal L = \log p(y \mid \hat f) - \tfrac12 \hat\theta^\top P_0 \hat\theta
+                 - \tfrac12 \log\lvert I + B^\top K B\rvert ,
+
+with :math:`\Lambda = BB^\top` the per-point GGN blocks (for a Gaussian likelihood
+:math:`B = S^{-1/2}`, and at a MAP :math:`\mathcal L` equals the exact GP evidence). For a
+partition of the data into subsets :math:`s`, Fischer's inequality for the positive-definite
+:math:`I + B^\top K B` gives
+:math:`\log\lvert I + B^\top K B\rvert \le \sum_s \log\lvert I + B_s^\top K_{ss} B_s\rvert`, so
+
+.. math::
+    \mathcal L \;\ge\; \mathcal L_{\text{sub}} = \log p(y \mid \hat f) - \tfrac12 \hat\theta^\top P_0 \hat\theta
+        - \tfrac12 \sum_s \log\lvert I + B_s^\top K_{ss} B_s\rvert ,
+
+which needs only the ``(B C) x (B C)`` kernels of the subsets: cost linear in N. It is a sum
+over subsets, so one subset ``s`` drawn uniformly, with its term scaled by the number of subsets,
+gives an unbiased estimate of :math:`\mathcal L_{\text{sub}}` and of its gradients with respect
+to the prior precisions (and the noise): :meth:`SubsetEvidenceBound.minibatch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ntkgp.cholesky import cholesky
+from ntkgp.gram import ntk_gram
+from ntkgp.likelihoods.base import LaplaceLikelihood
+from ntkgp.solvers.kernel_space import apply_factor_transpose
+
+__all__ = ["SubsetEvidenceBound"]
+
+
+class SubsetEvidenceBound:
+    """The subset-NTK lower bound on the log evidence of a :class:`~ntkgp.models.LinearizedGP`.
+
+    Parameters
+    ----------
+    model:
+        The LinearizedGP (its network, prior groups, likelihood and training data are used; its
+        hyperparameters are read at each evaluation, so gradients reach them).
+    subsets:
+        A partition of ``range(N)`` (e.g. :func:`random_partition` or :func:`class_partition`).
+        The per-subset, per-group Gram matrices are computed once, here.
+    """
+
+    def __init__(self, model: torch.nn.Module, subsets: Sequence[Tensor]) -> None:
+        covered = torch.cat([torch.as_tensor(s).reshape(-1) for s in subsets]).sort().values
+        if not torch.equal(covered.cpu(), torch.arange(model.num_data)):
+            raise ValueError("subsets must partition range(N): every training point exactly once")
+        self.model = model
+        self.subsets = [torch.as_tensor(s).reshape(-1).to(model.network.device) for s in subsets]
+        network, groups = model.network, model.covar_module.groups
+        x = model.train_inputs[0]
+        budget = model.covar_module.memory_budget
+        #: per subset, per-group Grams ``(G, b*C, b*C)``, float64
+        self.grams = [ntk_gram(network, groups, x[s], budget=budget) for s in self.subsets]
+        f_hat = network.forward(x).to(torch.float64)
+        self.laplace = isinstance(model.likelihood, LaplaceLikelihood)
+        if self.laplace:
+            factor = model.likelihood.hessian_factor(f_hat)  # shape: (N, C, C)
+            self.factors = [factor[s] for s in self.subsets]
+        else:
+            #: training residuals of the network, ``y - f(X; theta_hat)``, ``(N*C,)``
+            self.residual = (model.train_targets.to(torch.float64).reshape(x.shape[0], -1) - f_hat).reshape(-1)
+
+    @property
+    def num_subsets(self) -> int:
+        return len(self.subsets)
+
+    def _data_and_prior_terms(self) -> Tensor:
+        model = self.model
+        delta = model.prior_precision
+        theta = model.network.flat_params.to(torch.float64)
+        prior = model.covar_module.groups.expand(delta.to(torch.float64), model.network.numels)
+        scatter = (prior * theta.square()).sum()
+        if self.laplace:
+            return model.map_log_likelihood - 0.5 * scatter
+        noise = model._noise()
+        log_lik = -0.5 * (self.residual.square() / noise + torch.log(2 * math.pi * noise)).sum()
+        return log_lik - 0.5 * scatter
+
+    def _subset_log_det(self, index: int) -> Tensor:
+        r""":math:`\log|I + B_s^\top K_{ss} B_s|` of subset ``index``, differentiable."""
+        model = self.model
+        C = model.num_outputs
+        delta = model.prior_precision.to(torch.float64)
+        kernel = torch.einsum("g,gij->ij", delta.reciprocal(), self.grams[index])
+        rows = self.subsets[index]
+        if self.laplace:
+            b = self.factors[index]  # shape: (b, C, C)
+            matrix = apply_factor_transpose(b, apply_factor_transpose(b, kernel).T).T  # B^T K B
+        else:
+            noise = model._noise().reshape(-1, C)[rows].reshape(-1)
+            inv_sd = noise.rsqrt()
+            matrix = inv_sd.unsqueeze(-1) * kernel * inv_sd.unsqueeze(-2)
+        matrix = matrix + torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        return 2.0 * cholesky(matrix, what="I + B_s^T K_ss B_s").diagonal().log().sum()
+
+    def __call__(self) -> Tensor:
+        """The bound :math:`\\mathcal L_{\\text{sub}}` over all subsets, differentiable."""
+        log_det = sum(self._subset_log_det(i) for i in range(self.num_subsets))
+        return self._data_and_prior_terms() - 0.5 * log_det
+
+    def minibatch(self, index: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        """An unbiased estimate of the bound from one subset (drawn uniformly if ``index`` is None).
+
+        Its expectation over the subset, and that of its gradients, equals :meth:`__call__`.
+        """
+        if index is None:
+            index = int(torch.randint(self.num_subsets, (1,), generator=generator))
+        return self._data_and_prior_terms() - 0.5 * self.num_subsets * self._subset_log_det(index)
+
+    def laplace_evidence(self) -> Tensor:
+        r"""The un-partitioned :math:`\mathcal L` (one subset holding all data), for comparison."""
+        return SubsetEvidenceBound(self.model, [torch.arange(self.model.num_data)])()
