@@ -3,7 +3,7 @@
 >>> model = ntkgp.LinearizedGP(net, likelihood, train_x, train_y, prior_precision=1.0)
 """
 
-from ntkgp import likelihoods, mlls
+from ntkgp import likelihoods, marglik, mlls
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.kernels import NTKKernel
 from ntkgp.means import LinearizedMean
@@ -28,6 +28,7 @@ __all__ = [
     "ParameterGroups",
     "PosteriorCovariance",
     "likelihoods",
+    "marglik",
     "mlls",
     "parameter_groups",
 ]

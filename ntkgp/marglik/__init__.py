@@ -1,6 +1,15 @@
-"""Marginal-likelihood model selection: subset-NTK evidence bounds (and, later, online training)."""
+"""Marginal-likelihood model selection: online training and subset-NTK evidence bounds."""
 
+from ntkgp.marglik.online import MarglikTuner, OnlineMarglikResult, fit_online_marglik, negative_log_likelihood
 from ntkgp.marglik.partitions import class_partition, random_partition
 from ntkgp.marglik.subset_bound import SubsetEvidenceBound
 
-__all__ = ["SubsetEvidenceBound", "class_partition", "random_partition"]
+__all__ = [
+    "MarglikTuner",
+    "OnlineMarglikResult",
+    "SubsetEvidenceBound",
+    "class_partition",
+    "fit_online_marglik",
+    "negative_log_likelihood",
+    "random_partition",
+]

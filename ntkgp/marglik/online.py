@@ -1,0 +1,278 @@
+r"""Online marginal-likelihood training (Immer et al., ICML 2021), on the NTK evidence.
+
+While a network trains on its MAP objective, with the current prior as weight decay,
+
+.. math::
+    -\log p(y \mid f(X;\theta)) + \tfrac12 \textstyle\sum_g \delta_g \lVert\theta_g\rVert^2 ,
+
+every few epochs the hyperparameters (per-group prior precisions :math:`\delta_g`, and the
+likelihood's noise for regression) take a few Adam steps on the log evidence of the *current*
+linearization: the exact evidence of :class:`~ntkgp.models.LinearizedGP`, or, for large data,
+the subset-NTK lower bound (:class:`~ntkgp.marglik.SubsetEvidenceBound`), whose cost is linear
+in N. The hyperparameters and their Adam state persist across the rebuilds.
+
+:class:`MarglikTuner` fits into any training loop; :func:`fit_online_marglik` is a complete
+full-batch or mini-batch loop built on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import gpytorch
+import torch
+from gpytorch.likelihoods import Likelihood
+from torch import Tensor, nn
+
+from ntkgp.likelihoods.base import LaplaceLikelihood
+from ntkgp.marglik.partitions import class_partition, random_partition
+from ntkgp.marglik.subset_bound import SubsetEvidenceBound
+from ntkgp.parameter_groups import PriorPrecisionSpec, parameter_groups
+from ntkgp.progress import progress_bar
+
+__all__ = ["MarglikTuner", "OnlineMarglikResult", "fit_online_marglik", "negative_log_likelihood"]
+
+
+def negative_log_likelihood(likelihood: Likelihood, f: Tensor, y: Tensor) -> Tensor:
+    r""":math:`-\log p(y \mid f)` summed over the batch, up to terms free of ``f``, for the network's loss.
+
+    Gaussian likelihoods use their current noise (detached): :math:`\sum (y - f)^2 / (2\sigma^2)`.
+    """
+    if isinstance(likelihood, LaplaceLikelihood):
+        return -likelihood.log_likelihood(f, y)
+    noise = likelihood.noise.detach().to(f.dtype).reshape(-1)
+    if isinstance(likelihood, gpytorch.likelihoods.MultitaskGaussianLikelihood) and likelihood.has_task_noise:
+        noise = likelihood.task_noises.detach().to(f.dtype) + (noise if likelihood.has_global_noise else 0)
+    f = f.reshape(y.shape[0], -1)
+    return 0.5 * ((y.reshape(f.shape).to(f.dtype) - f).square() / noise).sum()
+
+
+@contextlib.contextmanager
+def _eval(net: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class MarglikTuner:
+    """Prior precisions (and noise) tuned by the NTK evidence, inside your own training loop.
+
+    .. code-block:: python
+
+        tuner = ntkgp.marglik.MarglikTuner(net, likelihood, train_x, train_y, prior_precision=torch.ones(6))
+        for epoch in range(epochs):
+            for xb, yb in loader:
+                loss = nll(net(xb), yb) * N / len(xb) + tuner.prior_penalty(net)
+                ...
+            if epoch % 5 == 0:
+                tuner.step(net)           # a few Adam steps on the hyperparameters
+
+    Parameters
+    ----------
+    net:
+        The network being trained (its parameter names define the prior groups).
+    likelihood:
+        A GPyTorch Gaussian likelihood (its noise is tuned too) or an
+        ``ntkgp.likelihoods`` likelihood.
+    train_x, train_y:
+        The training data (the evidence is computed on all of it).
+    prior_precision:
+        Initial :math:`\\delta`: a number, one per parameter tensor, or ``{module: value}``.
+    steps, lr:
+        Adam steps per :meth:`step`, and the Adam learning rate on the log hyperparameters.
+    subset_size:
+        ``None``: the exact evidence. Otherwise the subset-NTK lower bound with subsets of this
+        size, drawn afresh at each :meth:`step` (grouped by class for classification).
+    generator:
+        Random generator for the partitions.
+    model_kwargs:
+        Passed to :class:`~ntkgp.models.LinearizedGP` (``solver``, ``memory_budget``, ...).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        likelihood: Likelihood,
+        train_x: Tensor,
+        train_y: Tensor,
+        prior_precision: PriorPrecisionSpec = 1.0,
+        *,
+        steps: int = 10,
+        lr: float = 0.1,
+        subset_size: int | None = None,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> None:
+        names = [n for n, p in net.named_parameters() if p.requires_grad]
+        self.groups = parameter_groups(names, prior_precision)
+        self.names = names
+        self.likelihood, self.train_x, self.train_y = likelihood, train_x, train_y
+        self.steps, self.subset_size, self.generator = steps, subset_size, generator
+        self.model_kwargs = model_kwargs
+        device = next(net.parameters()).device
+        #: raw (softplus-inverse) prior precisions, ``(G,)``: persists across rebuilds
+        self.raw_prior_precision = nn.Parameter(
+            torch.log(torch.expm1(self.groups.initial_precision.to(device)))
+        )
+        hyper = [self.raw_prior_precision, *likelihood.parameters()]
+        self.optimizer = torch.optim.Adam(hyper, lr=lr)
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def prior_precision(self) -> Tensor:
+        r"""Current :math:`\delta`, ``(G,)``."""
+        return torch.nn.functional.softplus(self.raw_prior_precision)
+
+    def prior_penalty(self, net: nn.Module) -> Tensor:
+        r""":math:`\tfrac12\sum_g \delta_g \lVert\theta_g\rVert^2` with the current (detached) :math:`\delta`."""
+        delta = self.prior_precision.detach()
+        params = dict(net.named_parameters())
+        total = torch.zeros((), dtype=delta.dtype, device=delta.device)
+        for name, g in zip(self.names, self.groups.tensor_group):
+            total = total + 0.5 * delta[g] * params[name].square().sum()
+        return total
+
+    def _objective(self, model: torch.nn.Module) -> Callable[[], Tensor]:
+        if self.subset_size is None:
+            return model.log_evidence
+        labels = model.train_targets if isinstance(self.likelihood, LaplaceLikelihood) and \
+            not model.train_targets.is_floating_point() else None
+        if labels is not None:
+            parts = class_partition(labels, self.subset_size, generator=self.generator)
+        else:
+            parts = random_partition(model.num_data, self.subset_size, generator=self.generator)
+        return SubsetEvidenceBound(model, parts)
+
+    def step(self, net: nn.Module) -> dict[str, Any]:
+        """Linearize ``net`` as it is now and take ``steps`` Adam steps on the hyperparameters.
+
+        Returns (and appends to :attr:`history`) the log evidence (or bound) before and after,
+        the prior precisions and the noise.
+        """
+        from ntkgp.models.linearized_gp import LinearizedGP
+
+        start = time.perf_counter()
+        with _eval(net):
+            model = LinearizedGP(net, self.likelihood, self.train_x, self.train_y,
+                                 prior_precision=self.prior_precision.detach(), **self.model_kwargs)
+        model.covar_module.raw_prior_precision = self.raw_prior_precision  # share the persistent tensor
+        objective = self._objective(model)
+        model.train()
+        self.likelihood.train()
+        values = []
+        for _ in range(self.steps):
+            self.optimizer.zero_grad()
+            value = objective()
+            (-value / model.num_data).backward()
+            self.optimizer.step()
+            values.append(float(value))
+        record = {
+            "log_evidence_before": values[0],
+            "log_evidence_after": float(objective()),
+            "prior_precision": self.prior_precision.detach().cpu().tolist(),
+            "noise": _noise_values(self.likelihood),
+            "seconds": time.perf_counter() - start,
+        }
+        self.history.append(record)
+        return record
+
+
+def _noise_values(likelihood: Likelihood) -> list[float] | None:
+    if isinstance(likelihood, LaplaceLikelihood):
+        return None
+    if getattr(likelihood, "has_task_noise", False):
+        return (likelihood.task_noises.detach().reshape(-1) + (likelihood.noise.detach().reshape(-1)
+                if likelihood.has_global_noise else 0)).cpu().tolist()
+    return likelihood.noise.detach().reshape(-1).cpu().tolist()
+
+
+@dataclass
+class OnlineMarglikResult:
+    """What :func:`fit_online_marglik` returns."""
+
+    #: the tuner (hyperparameters, their history)
+    tuner: MarglikTuner
+    #: per epoch: ``{"epoch", "loss"}``, plus the tuner's record on marglik epochs
+    history: list[dict[str, Any]] = field(default_factory=list)
+    #: wall-clock seconds of the whole run and of the marglik steps alone
+    seconds: float = 0.0
+    marglik_seconds: float = 0.0
+
+    @property
+    def prior_precision(self) -> Tensor:
+        return self.tuner.prior_precision.detach()
+
+
+def fit_online_marglik(
+    net: nn.Module,
+    likelihood: Likelihood,
+    train_x: Tensor,
+    train_y: Tensor,
+    *,
+    prior_precision: PriorPrecisionSpec = 1.0,
+    epochs: int = 100,
+    batch_size: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    marglik_every: int = 5,
+    burnin: int = 10,
+    callback: Callable[[int, dict[str, Any]], None] | None = None,
+    progress: bool = True,
+    generator: torch.Generator | None = None,
+    **tuner_kwargs: Any,
+) -> OnlineMarglikResult:
+    r"""Train ``net`` on its MAP objective while tuning its prior (and noise) by the evidence.
+
+    Each epoch runs Adam (or ``optimizer``) over shuffled mini-batches of ``batch_size``
+    (full batch if ``None``) on :math:`\tfrac{N}{|b|}\,\text{NLL}_b + \tfrac12\sum_g\delta_g\lVert\theta_g\rVert^2`.
+    From epoch ``burnin`` on, every ``marglik_every`` epochs, :meth:`MarglikTuner.step` updates
+    the hyperparameters. ``tuner_kwargs`` go to :class:`MarglikTuner` (``steps``, ``lr`` is the
+    network's learning rate here, so the hyperparameters' is ``hyper_lr``; ``subset_size``, ...).
+
+    Returns
+    -------
+    OnlineMarglikResult
+        The tuner (final :math:`\delta`, history of hyperparameters and evidence) and a per-epoch
+        history; ``callback(epoch, record)`` is called after each epoch.
+    """
+    hyper_lr = tuner_kwargs.pop("hyper_lr", 0.1)
+    tuner = MarglikTuner(net, likelihood, train_x, train_y, prior_precision, lr=hyper_lr, generator=generator,
+                         **tuner_kwargs)
+    optimizer = optimizer or torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    n = train_x.shape[0]
+    size = n if batch_size is None else batch_size
+    result = OnlineMarglikResult(tuner)
+    start = time.perf_counter()
+    for epoch in progress_bar(range(epochs), desc="online marglik", enable=progress):
+        net.train()
+        order = torch.randperm(n, generator=generator).to(train_x.device)
+        total = 0.0
+        for idx in order.split(size):
+            optimizer.zero_grad()
+            nll = negative_log_likelihood(likelihood, net(train_x[idx]), train_y[idx])
+            loss = nll * (n / idx.numel()) + tuner.prior_penalty(net)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * idx.numel() / n
+        record: dict[str, Any] = {"epoch": epoch, "loss": total}
+        if epoch >= burnin and (epoch - burnin) % marglik_every == 0:
+            t0 = time.perf_counter()
+            record.update(tuner.step(net))
+            result.marglik_seconds += time.perf_counter() - t0
+        result.history.append(record)
+        if callback is not None:
+            callback(epoch, record)
+    net.eval()
+    result.seconds = time.perf_counter() - start
+    if not math.isfinite(result.history[-1]["loss"]):
+        raise FloatingPointError("the training loss became non-finite; lower lr or the initial prior precision")
+    return result
