@@ -235,11 +235,15 @@ def test_link_approximations() -> None:
     for link in ("probit", "bridge", "mc"):
         probs = SoftmaxLikelihood(num_classes=3, link_approx=link)(f).probs
         assert torch.allclose(probs.sum(-1), torch.ones(len(x_test), dtype=probs.dtype))
-    # bridge, written out by hand for one point
+    # bridge, written out by hand for one point, after projecting onto sum-zero logits
     bridge = SoftmaxLikelihood(num_classes=3, link_approx="bridge")(f).probs
-    m, v = mean[0], blocks[0].diagonal()
+    proj = torch.eye(3, dtype=torch.float64) - 1 / 3
+    m, v = proj @ mean[0], (proj @ blocks[0] @ proj).diagonal()
     alpha = (1 - 2 / 3 + m.exp() / 9 * (-m).exp().sum()) / v
     assert torch.allclose(bridge[0], alpha / alpha.sum())
+    # like the softmax, the bridge ignores a constant shift of the logits
+    shifted = SoftmaxLikelihood(num_classes=3, link_approx="bridge").predictive(mean + 2.5, blocks).probs
+    assert torch.allclose(shifted, bridge)
     # vanishing latent variance: probit and MC both become softmax(mean)
     tiny = blocks * 1e-8
     for link in ("probit", "mc"):

@@ -219,3 +219,31 @@ def test_mixed_network_predictive_with_streamed_jacobians(budget: int) -> None:
     brute = truth.posterior_covariance(j, jt, prior, torch.full((60,), 0.05, dtype=torch.float64))
     assert torch.allclose(cov, brute, rtol=1e-9, atol=1e-12 * brute.abs().max())
     assert torch.allclose(var, brute.diagonal(), rtol=1e-9, atol=1e-12 * brute.abs().max())
+
+
+@pytest.mark.parametrize("solver", ["kernel", "weight"])
+def test_many_test_points_cost_linear_memory_and_match_small_calls(solver: str, monkeypatch) -> None:
+    """Variances and per-point blocks for many test points never form an n x n matrix."""
+    net, x, y = _regression(c=2)
+    lik = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2).double()
+    model = ntkgp.LinearizedGP(net, lik, x, y, solver=solver).eval()
+    x_test, _ = truth.toy_regression(3000, 3, seed=36)
+    with torch.no_grad():
+        small = torch.cat([model(xb).variance for xb in x_test[:300].split(7)])
+    allocations = []
+    real_zeros = torch.zeros
+
+    def watch(*size, **kwargs):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        allocations.append(int(torch.tensor(shape).prod()) if len(shape) else 1)
+        return real_zeros(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", watch)
+    with torch.no_grad():
+        f = model(x_test)
+        big = f.variance
+        blocks = f.lazy_covariance_matrix.point_blocks()
+    monkeypatch.setattr(torch, "zeros", real_zeros)
+    assert max(allocations, default=0) < 3000 * 3000  # nothing quadratic in the number of test points
+    assert torch.allclose(big[:300], small, rtol=1e-10)
+    assert torch.allclose(blocks.diagonal(dim1=-2, dim2=-1), big, rtol=1e-12)

@@ -5,7 +5,10 @@ under a Gaussian latent :math:`f \sim \mathcal N(\mu, \Sigma)`.
   (MacKay's probit approximation, applied per class);
 * ``"bridge"``: the Laplace bridge (Hobbhahn, Kristiadi & Hennig, 2022): the Dirichlet with
   :math:`\alpha_k = \Sigma_{kk}^{-1}\big(1 - \tfrac2K + \tfrac{e^{\mu_k}}{K^2}\sum_l e^{-\mu_l}\big)`,
-  whose mean :math:`\alpha / \sum_l \alpha_l` is returned;
+  whose mean :math:`\alpha / \sum_l \alpha_l` is returned. The softmax is unchanged by adding
+  a constant to all logits, the bridge is not, so the Gaussian is first projected onto the
+  sum-zero subspace, :math:`\mu \to \Pi\mu`, :math:`\Sigma \to \Pi\Sigma\Pi` with
+  :math:`\Pi = I - \mathbf 1\mathbf 1^\top / K`;
 * ``"mc"``: the average of ``softmax`` over samples of :math:`f`, reproducible with a
   ``torch.Generator``.
 """
@@ -47,7 +50,10 @@ def expected_softmax(
         return torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * variances), dim=-1)
     if link_approx == "bridge":
         k = mean.shape[-1]
-        alpha = (1 - 2 / k + mean.exp() / k**2 * (-mean).exp().sum(-1, keepdim=True)) / variances
+        centred = mean - mean.mean(-1, keepdim=True)
+        projection = torch.eye(k, dtype=covariance.dtype, device=covariance.device) - 1.0 / k
+        variances = (projection @ covariance @ projection).diagonal(dim1=-2, dim2=-1)
+        alpha = (1 - 2 / k + centred.exp() / k**2 * (-centred).exp().sum(-1, keepdim=True)) / variances
         return alpha / alpha.sum(-1, keepdim=True)
     samples = _gaussian_samples(mean, covariance, n_samples, generator)
     return torch.softmax(samples, dim=-1).mean(0)

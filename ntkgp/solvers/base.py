@@ -131,17 +131,10 @@ class ExactPosterior(ABC):
         """Test points per block so that a ``(block * C) x cols`` float64 matrix fits the budget."""
         return max(1, self.budget // (8 * 4 * self.network.num_outputs * max(cols, 1)))
 
-    @torch.no_grad()
+    @abstractmethod
     def covariance_blocks(self, x: Tensor) -> Tensor:
-        """Per-point ``C x C`` blocks of the predictive covariance, ``(N*, C, C)``, chunked over test points."""
-        C = self.network.num_outputs
-        rows = max(1, min(x.shape[0], int((self.budget // (8 * 4 * C * C)) ** 0.5)))
-        parts = []
-        for start in range(0, x.shape[0], rows):
-            cov = self.covariance(x[start : start + rows])
-            n = cov.shape[0] // C
-            parts.append(cov.reshape(n, C, n, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1))
-        return torch.cat(parts)
+        """Per-point ``C x C`` blocks of the predictive covariance, ``(N*, C, C)``, float64; memory
+        linear in the number of test points."""
 
     @abstractmethod
     def covariance(self, x: Tensor) -> Tensor:

@@ -131,24 +131,37 @@ class KernelSpacePosterior(ExactPosterior):
         if self.rest and solver.size * self.rest_width * network.dtype.itemsize <= self.budget // 2:
             self._train_rest_jacobian = network.jacobian_block(solver.x, self.rest).reshape(-1, self.rest_width)
 
-    def _test_block(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Prior covariance block ``(n*C, n*C)`` and ``V = L^{-1} K_{X*}`` ``(M, n*C)`` for test inputs ``x``."""
-        m, nc = self.solver.size, x.shape[0] * self.network.num_outputs
-        prior = torch.zeros(nc, nc, dtype=torch.float64, device=self.network.device)
-        cross = torch.zeros(m, nc, dtype=torch.float64, device=self.network.device)
+    def _test_parts(self, x: Tensor, full: bool) -> tuple[Tensor, Tensor]:
+        """For test inputs ``x``: the prior covariance (dense ``(n*C, n*C)`` if ``full``, else the
+        per-point blocks ``(n, C, C)``) and ``V = L^{-1} B^T K_{X*}`` ``(M, n*C)``.
+
+        Memory is linear in ``n`` unless ``full``.
+        """
+        C = self.network.num_outputs
+        n, m = x.shape[0], self.solver.size
+        device = self.network.device
+        cross = torch.zeros(m, n * C, dtype=torch.float64, device=device)
+        prior = torch.zeros(*((n * C, n * C) if full else (n, C, C)), dtype=torch.float64, device=device)
         if self.train_factors:
             test_factors = self.network.linear_layer_factors(x)
-            structured_gram(self.network, self.groups, test_factors, test_factors, prior, weights=self.group_weights)
             structured_gram(self.network, self.groups, self.train_factors, test_factors, cross,
                             weights=self.group_weights)
+            if full:
+                structured_gram(self.network, self.groups, test_factors, test_factors, prior,
+                                weights=self.group_weights)
+            else:
+                prior += self._structured_point_blocks(test_factors, n)
         if self.rest:
             jac = self.network.jacobian_block(x, self.rest).reshape(-1, self.rest_width)
             scaled = jac * self.rest_prior_variance  # shape: (n*C, P_rest)
-            prior += (scaled @ jac.T).to(torch.float64)
+            if full:
+                prior += (scaled @ jac.T).to(torch.float64)
+            else:
+                prior += torch.einsum("ncp,ndp->ncd", scaled.reshape(n, C, -1), jac.reshape(n, C, -1)).to(torch.float64)
             if self._train_rest_jacobian is not None:
                 cross += (self._train_rest_jacobian @ scaled.T).to(torch.float64)
             else:
-                rows = max(1, self.budget // (2 * self.network.num_outputs * self.rest_width * jac.element_size()))
+                rows = max(1, self.budget // (2 * C * self.rest_width * jac.element_size()))
                 parts = [self.network.jacobian_block(xt, self.rest).reshape(-1, self.rest_width) @ scaled.T
                          for _, xt in self.network.chunks(self.solver.x, rows, desc="cross")]
                 cross += torch.cat(parts).to(torch.float64)
@@ -156,23 +169,41 @@ class KernelSpacePosterior(ExactPosterior):
             cross = apply_factor_transpose(self.hessian_factor, cross)
         return prior, torch.linalg.solve_triangular(self.factor, cross, upper=False)
 
+    def _structured_point_blocks(self, factors: list[tuple[Tensor, ...]], n: int, size: int = 64) -> Tensor:
+        """Per-point ``C x C`` prior blocks of the structured layers, in sub-blocks of ``size`` points."""
+        C = self.network.num_outputs
+        out = torch.zeros(n, C, C, dtype=torch.float64, device=self.network.device)
+        for start in range(0, n, size):
+            part = [tuple(t[start : start + size] for t in layer) for layer in factors]
+            r = min(size, n - start)
+            block = torch.zeros(r * C, r * C, dtype=torch.float64, device=self.network.device)
+            structured_gram(self.network, self.groups, part, part, block, weights=self.group_weights)
+            out[start : start + r] = block.reshape(r, C, r, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        return out
+
     def _test_rows(self) -> int:
-        per_point = (self.network.num_outputs * self.rest_width * self.network.dtype.itemsize * 2
-                     + 8 * 2 * self.solver.size * self.network.num_outputs)
+        per_point = self.network.num_outputs * (self.rest_width * self.network.dtype.itemsize * 2
+                                                + 8 * 2 * self.solver.size)
         return max(1, self.budget // (2 * per_point))
 
     @torch.no_grad()
     def covariance(self, x: Tensor) -> Tensor:
-        prior, v = self._test_block(x)
+        prior, v = self._test_parts(x, full=True)
         return prior - v.T @ v
 
     @torch.no_grad()
-    def covariance_diagonal(self, x: Tensor) -> Tensor:
+    def covariance_blocks(self, x: Tensor) -> Tensor:
+        C = self.network.num_outputs
         parts = []
-        for _, xb in self.network.chunks(x, self._test_rows(), desc="predictive variance"):
-            prior, v = self._test_block(xb)
-            parts.append(prior.diagonal() - v.square().sum(0))
+        for _, xb in self.network.chunks(x, self._test_rows(), desc="predictive blocks"):
+            prior, v = self._test_parts(xb, full=False)
+            v = v.reshape(v.shape[0], xb.shape[0], C)
+            parts.append(prior - torch.einsum("mnc,mnd->ncd", v, v))
         return torch.cat(parts)
+
+    @torch.no_grad()
+    def covariance_diagonal(self, x: Tensor) -> Tensor:
+        return self.covariance_blocks(x).diagonal(dim1=-2, dim2=-1).reshape(-1)
 
     @torch.no_grad()
     def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:

@@ -143,10 +143,17 @@ class WeightSpacePosterior(ExactPosterior):
         return v.T @ v
 
     @torch.no_grad()
+    def covariance_blocks(self, x: Tensor) -> Tensor:
+        C = self.network.num_outputs
+        parts = []
+        for _, xb in self.network.chunks(x, self.rows_per_block(self.network.num_parameters), desc="predictive"):
+            v = self._solved_jacobian(xb).reshape(-1, xb.shape[0], C)  # shape: (P, n, C)
+            parts.append(torch.einsum("pnc,pnd->ncd", v, v))
+        return torch.cat(parts)
+
+    @torch.no_grad()
     def covariance_diagonal(self, x: Tensor) -> Tensor:
-        block = self.rows_per_block(self.network.num_parameters)
-        return torch.cat([self._solved_jacobian(x[i : i + block]).square().sum(0)
-                          for i in range(0, x.shape[0], block)])
+        return self.covariance_blocks(x).diagonal(dim1=-2, dim2=-1).reshape(-1)
 
     @torch.no_grad()
     def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
