@@ -69,7 +69,6 @@ from dataclasses import dataclass
 import matplotlib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gpytorch.likelihoods import Likelihood
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
@@ -118,37 +117,6 @@ def load_data(seed: int, noise_sd: float = 6.0) -> Data:
 def make_net(width: int) -> nn.Sequential:
     """A ``64-width-10`` tanh MLP in float64 (the global default dtype is left alone)."""
     return nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, NUM_CLASSES)).double()
-
-
-def train_map(net: nn.Module, x: Tensor, y: Tensor, delta: float, adam_steps: int = 800,
-              lbfgs_steps: int = 1000) -> float:
-    r"""Full-batch MAP fit of :math:`\sum_n \mathrm{CE}(f(x_n), y_n) + \tfrac{\delta}{2}\lVert\theta\rVert^2`:
-    Adam, then L-BFGS. Returns the norm of the final gradient (near 0 at a MAP)."""
-    params = list(net.parameters())
-
-    def objective() -> Tensor:
-        return F.cross_entropy(net(x), y, reduction="sum") + 0.5 * delta * sum(p.square().sum() for p in params)
-
-    adam = torch.optim.Adam(params, lr=1e-2)
-    for _ in range(adam_steps):
-        adam.zero_grad()
-        objective().backward()
-        adam.step()
-    lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=lbfgs_steps, tolerance_grad=1e-9,
-                              tolerance_change=1e-14, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        lbfgs.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    lbfgs.step(closure)
-    lbfgs.zero_grad()
-    objective().backward()
-    grad_norm = float(torch.cat([p.grad.reshape(-1) for p in params]).norm())
-    lbfgs.zero_grad()
-    return grad_norm
 
 
 def fit_prior_precision(model: ntkgp.LinearizedGP, x: Tensor, y: Tensor, max_iter: int = 30) -> int:
@@ -282,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     # --- MAP ---------------------------------------------------------------------------------
     torch.manual_seed(args.seed)
     net = make_net(args.width)
-    grad_norm = train_map(net, x, y, args.weight_decay)
+    grad_norm = ntkgp.marglik.train_map(net, ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES), x, y,
+                                         args.weight_decay, adam_steps=800, lbfgs_steps=1000)
     net.eval()
     num_params = sum(p.numel() for p in net.parameters())
     print(f"digits: {len(y)} train / {len(data.y_test)} test images; MLP 64-{args.width}-10 tanh, P = {num_params}, "

@@ -115,57 +115,6 @@ class NaturalParameterNet(nn.Module):
         return torch.stack([h[:, 0] * precision, -precision / 2], -1)
 
 
-def train_map(net: nn.Module, x: Tensor, y: Tensor, delta: float, adam_steps: int = 2000,
-              lbfgs_steps: int = 1500) -> float:
-    r"""Full-batch MAP fit of :math:`-\sum_n \log\mathcal N(y_n\mid\mu_n,\sigma_n^2) +
-    \tfrac{\delta}{2}\lVert\theta\rVert^2` in the natural parameters: Adam, then L-BFGS.
-    Returns the norm of the final gradient (near 0 at a MAP)."""
-    params = list(net.parameters())
-    lik = NaturalGaussianLikelihood()
-
-    def objective() -> Tensor:
-        return -lik.log_likelihood(net(x), y) + 0.5 * delta * sum(p.square().sum() for p in params)
-
-    adam = torch.optim.Adam(params, lr=1e-2)
-    for _ in range(adam_steps):
-        adam.zero_grad()
-        objective().backward()
-        adam.step()
-    lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=lbfgs_steps, tolerance_grad=1e-6,
-                              tolerance_change=1e-14, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        lbfgs.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    lbfgs.step(closure)
-    lbfgs.zero_grad()
-    objective().backward()
-    grad_norm = float(torch.cat([p.grad.reshape(-1) for p in params]).norm())
-    lbfgs.zero_grad()
-    return grad_norm
-
-
-def fit_prior_precision(model: ntkgp.LinearizedGP, x: Tensor, y: Tensor, steps: int, lr: float) -> list[float]:
-    """Maximize the Laplace marginal likelihood over the prior precision with Adam.
-
-    Returns the log evidence (summed over the data) after each step."""
-    mll = ntkgp.mlls.LaplaceMarginalLogLikelihood(model.likelihood, model)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    curve = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = -mll(model(x), y)
-        loss.backward()
-        opt.step()
-        curve.append(-loss.item() * x.shape[0])
-    model.eval()
-    return curve
-
-
 def region(x: float) -> str:
     """Where ``x`` lies relative to the training inputs."""
     if GAP[0] < x < GAP[1]:
@@ -265,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     x, y = make_data(args.n, args.seed)
     torch.manual_seed(args.seed)
     net = NaturalParameterNet(args.width).double()
-    grad_norm = train_map(net, x, y, args.weight_decay)
+    grad_norm = ntkgp.marglik.train_map(net, NaturalGaussianLikelihood(), x, y, args.weight_decay,
+                                         adam_steps=2000, lbfgs_steps=200, tolerance_grad=1e-6)
     net.eval()
     num_params = sum(p.numel() for p in net.parameters())
     print(f"data: N = {args.n}, x in {X_RANGE} without {GAP}, noise sd 0.1 -> 0.58; "
@@ -277,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         before = float(model.log_evidence())
     t0 = time.perf_counter()
-    fit_prior_precision(model, x, y, args.steps, args.lr)
+    ntkgp.marglik.fit_hyperparameters(model, steps=args.steps, lr=args.lr)
     delta = float(model.prior_precision.detach())
     with torch.no_grad():
         after = float(model.log_evidence())

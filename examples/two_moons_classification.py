@@ -45,7 +45,6 @@ import time
 import matplotlib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import make_moons
 from torch import Tensor, nn
 
@@ -60,57 +59,6 @@ def make_net(width: int = 32) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
     ).double()
-
-
-def train_map(net: nn.Module, x: Tensor, y: Tensor, delta: float, adam_steps: int = 2000,
-              lbfgs_steps: int = 200) -> float:
-    r"""Full-batch MAP fit of
-    :math:`\sum_n \mathrm{BCE}(f(x_n), y_n) + \tfrac{\delta}{2}\lVert\theta\rVert^2`:
-    Adam, then L-BFGS. Returns the norm of the final gradient (near 0 at a MAP)."""
-    params = list(net.parameters())
-
-    def objective() -> Tensor:
-        nll = F.binary_cross_entropy_with_logits(net(x)[:, 0], y, reduction="sum")
-        return nll + 0.5 * delta * sum(p.square().sum() for p in params)
-
-    adam = torch.optim.Adam(params, lr=1e-2)
-    for _ in range(adam_steps):
-        adam.zero_grad()
-        objective().backward()
-        adam.step()
-    lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=lbfgs_steps, tolerance_grad=1e-10,
-                              tolerance_change=1e-14, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        lbfgs.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    lbfgs.step(closure)
-    lbfgs.zero_grad()
-    objective().backward()
-    grad_norm = float(torch.cat([p.grad.reshape(-1) for p in params]).norm())
-    lbfgs.zero_grad()
-    return grad_norm
-
-
-def fit_prior_precision(model: ntkgp.LinearizedGP, x: Tensor, y: Tensor, steps: int, lr: float) -> list[float]:
-    """Maximize the Laplace marginal likelihood over the prior precision with Adam.
-
-    Returns the log evidence (summed over the data) after each step."""
-    mll = ntkgp.mlls.LaplaceMarginalLogLikelihood(model.likelihood, model)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    curve = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = -mll(model(x), y)
-        loss.backward()
-        opt.step()
-        curve.append(-loss.item() * x.shape[0])
-    model.eval()
-    return curve
 
 
 @torch.no_grad()
@@ -174,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     y = torch.as_tensor(y_np, dtype=torch.float64)
     torch.manual_seed(args.seed)
     net = make_net()
-    grad_norm = train_map(net, x, y, args.weight_decay)
+    grad_norm = ntkgp.marglik.train_map(net, ntkgp.likelihoods.BernoulliLikelihood(), x, y, args.weight_decay,
+                                         adam_steps=2000, lbfgs_steps=200, tolerance_grad=1e-10)
     net.eval()
     t_map = time.perf_counter() - start
 
@@ -196,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         evidence_before = float(model.log_evidence())
     untuned_grid, untuned_train = gp_probs(model, grid), gp_probs(model, x)
     t0 = time.perf_counter()
-    fit_prior_precision(model, x, y, args.steps, args.lr)
+    ntkgp.marglik.fit_hyperparameters(model, steps=args.steps, lr=args.lr)
     t_fit = time.perf_counter() - t0
     delta = float(model.prior_precision.detach())
     with torch.no_grad():

@@ -141,3 +141,20 @@ def test_tuner_in_a_custom_loop_with_the_subset_bound() -> None:
             assert record["log_evidence_after"] >= record["log_evidence_before"] - 1e-6
     assert len(tuner.history) == 3 and tuner.prior_precision.shape == (4,)
     assert not torch.equal(tuner.prior_precision.detach(), torch.ones(4, dtype=torch.float64))
+
+
+def test_train_map_and_fit_hyperparameters() -> None:
+    x, y = truth.toy_regression(50, 3, seed=61)
+    net = truth.mlp(3, 8, 1, seed=62)
+    lik = gpytorch.likelihoods.GaussianLikelihood().double()
+    lik.noise = torch.tensor(0.05, dtype=torch.float64)
+    spec = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    grad_norm = ntkgp.marglik.train_map(net, lik, x, y, spec, adam_steps=300, lbfgs_steps=500)
+    assert grad_norm < 1e-6
+    # the MAP of the GP's own objective: the linearized posterior mean is the network's output
+    model = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision=spec).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x).mean, net(x)[:, 0], atol=1e-6)
+    curve = ntkgp.marglik.fit_hyperparameters(model, steps=50, lr=0.1)
+    assert len(curve) == 50 and curve[-1] > curve[0]
+    assert not model.training

@@ -1,5 +1,6 @@
-"""Marginal-likelihood model selection: online training and subset-NTK evidence bounds."""
+"""Marginal-likelihood model selection: MAP training, hyperparameter fitting, online training, subset bounds."""
 
+from ntkgp.marglik.map import fit_hyperparameters, train_map
 from ntkgp.marglik.online import MarglikTuner, OnlineMarglikResult, fit_online_marglik, negative_log_likelihood
 from ntkgp.marglik.partitions import class_partition, random_partition
 from ntkgp.marglik.subset_bound import SubsetEvidenceBound
@@ -9,7 +10,9 @@ __all__ = [
     "OnlineMarglikResult",
     "SubsetEvidenceBound",
     "class_partition",
+    "fit_hyperparameters",
     "fit_online_marglik",
     "negative_log_likelihood",
     "random_partition",
+    "train_map",
 ]
