@@ -24,12 +24,13 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ntkgp.progress import progress_bar
 
-__all__ = ["FunctionalNetwork", "LinearLayer", "MODE_DEPENDENT_MODULES"]
+__all__ = ["FunctionalNetwork", "LinearLayer", "MODE_DEPENDENT_MODULES", "StructuredLayer"]
 
 #: Module types whose output depends on ``module.training``; ntkgp refuses them in train mode.
 MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
@@ -43,13 +44,55 @@ MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
 _DEFAULT_CHUNK_ELEMENTS = 2**25  # a Jacobian chunk holds at most this many entries (128 MiB in float32)
 
 
-class LinearLayer(NamedTuple):
-    """An ``nn.Linear`` module handled by structured Gram matrices."""
+class StructuredLayer(NamedTuple):
+    r"""A module whose per-example Jacobian factorizes, handled by structured Gram matrices.
+
+    ``kind`` tags the factorization (see :meth:`FunctionalNetwork.structured_factors`):
+
+    * ``"linear"``: ``nn.Linear`` on 2-D input; factors ``A`` ``(n, d_in)``, ``G`` ``(n, C, d_out)``.
+    * ``"conv"``: ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``) on batched input; factors: the
+      unfolded input patches ``U`` ``(n, L, d_in k)`` (``k`` the kernel's number of taps, ``L`` the
+      number of output positions) and the output cotangents ``G`` ``(n, C, L, d_out)``.
+    """
 
     name: str
     #: index of its weight / bias in :attr:`FunctionalNetwork.names` (None if not trainable)
     weight: int | None
     bias: int | None
+    kind: str = "linear"
+
+
+#: The historical name: a structured layer (``nn.Linear`` ones are built with ``kind="linear"``).
+LinearLayer = StructuredLayer
+
+_CONV_TYPES: dict[type[nn.Module], int] = {nn.Conv1d: 3, nn.Conv2d: 4}  # module type -> its batched input dim
+
+
+def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    r"""Unfolded input patches :math:`U_n` of a convolution: ``(n, d_in, *spatial)`` -> ``(n, L, d_in k)``.
+
+    With them the convolution is :math:`z_{n,l} = W u_{n,l} + b` for every output position
+    :math:`l`, where ``W`` is the weight reshaped to ``(d_out, d_in k)`` (channel-major, then kernel
+    taps, as ``weight.reshape(d_out, -1)``). The input is padded exactly as the module pads it
+    (its ``padding``, including ``"same"`` with its asymmetric split, and ``padding_mode``), then
+    unfolded with the module's kernel size, stride and dilation. Conv1d runs as a Conv2d of height 1.
+    """
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if isinstance(module.padding, str):
+        pads = [0, 0] * len(kernel)  # "valid"
+        if module.padding == "same":
+            for i, (d, k) in enumerate(zip(reversed(dilation), reversed(kernel))):
+                total = d * (k - 1)
+                pads[2 * i], pads[2 * i + 1] = total // 2, total - total // 2
+    else:
+        pads = [p for p in reversed(module.padding) for _ in range(2)]
+    if any(pads):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    if len(kernel) == 1:  # shape: (n, d_in, T) -> (n, d_in, 1, T)
+        x, kernel, stride, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
+    # shape: (n, d_in * k, L) -> (n, L, d_in * k)
+    return F.unfold(x, kernel, dilation=dilation, stride=stride).transpose(1, 2)
 
 
 def _join(module: str, attr: str) -> str:
@@ -91,8 +134,9 @@ class FunctionalNetwork:
     progress:
         Show tqdm progress bars on passes over many chunks.
     structured:
-        Use per-layer structured Gram matrices for ``nn.Linear`` layers (see
-        :attr:`linear_layers`); ``False`` contracts per-example Jacobians for every tensor.
+        Use per-layer structured Gram matrices for ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``
+        layers (see :attr:`structured_layers`); ``False`` contracts per-example Jacobians for
+        every tensor.
 
     Raises
     ------
@@ -154,7 +198,9 @@ class FunctionalNetwork:
         self.progress = progress
         self._chunk_size = chunk_size
         self._num_outputs: int | None = None
-        self._linear_layers: tuple[LinearLayer, ...] | None = None if structured else ()
+        self._structured_layers: tuple[StructuredLayer, ...] | None = None if structured else ()
+        #: entries per example held by one factor pass (factors and activations), set with the layers
+        self._factor_entries = 0
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -301,57 +347,118 @@ class FunctionalNetwork:
 
     # ------------------------------------------------- structured (per-layer) factors
     @property
-    def linear_layers(self) -> tuple[LinearLayer, ...]:
-        r"""The ``nn.Linear`` modules whose Jacobian factorizes per example.
+    def structured_layers(self) -> tuple[StructuredLayer, ...]:
+        r"""The layers whose Jacobian factorizes per example (handled by structured Grams).
 
-        For such a layer with input :math:`a_n` and output cotangent :math:`g_{n,c} =
-        \partial f_c(x_n)/\partial z_n`, :math:`\partial f_c(x_n)/\partial W = g_{n,c} a_n^\top`
-        and :math:`\partial f_c(x_n)/\partial b = g_{n,c}`. A layer qualifies when it is called
-        exactly once per forward pass on 2-D ``(n, d_in)`` input and has a trainable parameter.
-        Found once by a probe forward pass on two zero examples.
+        * ``nn.Linear`` (``kind="linear"``) with input :math:`a_n` and output cotangent
+          :math:`g_{n,c} = \partial f_c(x_n)/\partial z_n`:
+          :math:`\partial f_c(x_n)/\partial W = g_{n,c} a_n^\top`,
+          :math:`\partial f_c(x_n)/\partial b = g_{n,c}`. Qualifies on 2-D ``(n, d_in)`` input.
+        * ``nn.Conv1d`` / ``nn.Conv2d`` (``kind="conv"``) with ``groups=1``, with input patches
+          :math:`u_{n,l}` and output cotangents :math:`g_{n,c,l}` at output positions :math:`l`:
+          :math:`\partial f_c(x_n)/\partial W = \sum_l g_{n,c,l} u_{n,l}^\top`,
+          :math:`\partial f_c(x_n)/\partial b = \sum_l g_{n,c,l}`. Qualifies on batched input
+          (3-D for Conv1d, 4-D for Conv2d).
+
+        A layer qualifies when it is called exactly once per forward pass (shared modules fall
+        back to the generic route), on the input above, has a trainable parameter, and none of its
+        parameters is tied into another module. Only exact module types count (subclasses may
+        override ``forward``). Found once by a probe forward pass on two zero examples. A parameter
+        used outside its module's ``forward`` (e.g. ``F.linear(x, self.layer.weight)``) is not
+        detected: build such a network with ``structured=False``.
         """
-        if self._linear_layers is None:
-            probe = torch.zeros(2, *self.input_shape, dtype=self.dtype, device=self.device)
-            _ = self.num_outputs  # its own probe pass must not be counted below
-            calls: dict[str, list[int]] = {}
-            modules = {name: m for name, m in self.module.named_modules() if type(m) is nn.Linear}
+        if self._structured_layers is None:
+            self._discover_layers()
+        assert self._structured_layers is not None
+        return self._structured_layers
 
-            def record(name: str, inp: tuple[Tensor, ...]) -> None:
-                calls.setdefault(name, []).append(inp[0].dim())
+    @property
+    def linear_layers(self) -> tuple[StructuredLayer, ...]:
+        """The historical name of :attr:`structured_layers` (it holds conv layers too)."""
+        return self.structured_layers
 
-            handles = [m.register_forward_hook(lambda mod, inp, out, name=name: record(name, inp))
-                       for name, m in modules.items()]
-            try:
-                with torch.no_grad():
-                    self._call(self.params, probe)
-            finally:
-                for h in handles:
-                    h.remove()
-            index = {n: i for i, n in enumerate(self.names)}
-            layers = []
-            for name, dims in calls.items():
-                weight, bias = index.get(_join(name, "weight")), index.get(_join(name, "bias"))
-                if dims == [2] and (weight is not None or bias is not None):
-                    layers.append(LinearLayer(name, weight, bias))
-            self._linear_layers = tuple(layers)
-        return self._linear_layers
+    def _discover_layers(self) -> None:
+        probe = torch.zeros(2, *self.input_shape, dtype=self.dtype, device=self.device)
+        C = self.num_outputs  # its own probe pass must not be counted below
+        kinds = {nn.Linear: 2, **_CONV_TYPES}
+        calls: dict[str, list[tuple[int, int, int]]] = {}  # name -> per call: (input dim, in, out numel)
+        activations = [0]
+        modules = dict(self.module.named_modules())
+        # a parameter tied into several modules gets contributions from all of them: generic route
+        uses: dict[int, int] = {}
+        for _, p in self.module.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        candidates = {name for name, m in modules.items()
+                      if type(m) in kinds and getattr(m, "groups", 1) == 1
+                      and all(uses[id(p)] == 1 for p in m.parameters(recurse=False))}
+
+        def record(name: str, inp: tuple[Tensor, ...], out: object) -> None:
+            if isinstance(out, Tensor):
+                activations[0] += out.numel()
+            if name in candidates and isinstance(out, Tensor):
+                calls.setdefault(name, []).append((inp[0].dim(), inp[0].numel(), out.numel()))
+
+        leaves = {name: m for name, m in modules.items() if name in candidates or not any(m.children())}
+        handles = [m.register_forward_hook(lambda mod, inp, out, name=name: record(name, inp, out))
+                   for name, m in leaves.items()]
+        try:
+            with torch.no_grad():
+                self._call(self.params, probe)
+        finally:
+            for h in handles:
+                h.remove()
+        index = {n: i for i, n in enumerate(self.names)}
+        layers = []
+        entries = 2 * activations[0] // probe.shape[0]  # activations and their gradients, per example
+        for name, seen in calls.items():
+            module = modules[name]
+            weight, bias = index.get(_join(name, "weight")), index.get(_join(name, "bias"))
+            if len(seen) != 1 or seen[0][0] != kinds[type(module)] or (weight is None and bias is None):
+                continue
+            numel_in, numel_out = seen[0][1] // probe.shape[0], seen[0][2] // probe.shape[0]  # per example
+            if type(module) is nn.Linear:
+                layers.append(StructuredLayer(name, weight, bias, "linear"))
+                entries += numel_in + C * numel_out
+            else:
+                L = numel_out // module.out_channels
+                taps = module.in_channels * module.weight.shape[2:].numel()
+                layers.append(StructuredLayer(name, weight, bias, "conv"))
+                entries += numel_in + L * taps + C * numel_out
+        self._structured_layers = tuple(layers)
+        self._factor_entries = entries
 
     @property
     def generic_tensors(self) -> tuple[int, ...]:
-        """Indices of parameter tensors not covered by :attr:`linear_layers` (contracted generically)."""
-        covered = {i for layer in self.linear_layers for i in (layer.weight, layer.bias) if i is not None}
+        """Indices of parameter tensors not covered by :attr:`structured_layers` (contracted generically)."""
+        covered = {i for layer in self.structured_layers for i in (layer.weight, layer.bias) if i is not None}
         return tuple(i for i in range(len(self.names)) if i not in covered)
 
-    def linear_layer_factors(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-        r"""Per-layer factors ``(A, G)`` of :attr:`linear_layers`, chunked over data.
+    def factor_chunk_size(self) -> int:
+        """Examples per chunk of a factor pass: the given ``chunk_size``, else about 2**25 entries held."""
+        if self._chunk_size is not None:
+            return self._chunk_size
+        _ = self.structured_layers
+        return max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, self._factor_entries))
 
-        ``A`` ``(n, d_in)`` holds the layer inputs :math:`a_n`; ``G`` ``(n, C, d_out)`` the output
-        cotangents :math:`g_{n,c}`, from one forward pass with zero "probe" tensors added to each
-        layer's output and one backward pass per network output.
+    def structured_factors(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        r"""Per-layer factors of :attr:`structured_layers`, chunked over data, in the network's dtype.
+
+        For a ``"linear"`` layer ``(A, G)``: ``A`` ``(n, d_in)`` holds the layer inputs :math:`a_n`,
+        ``G`` ``(n, C, d_out)`` the output cotangents :math:`g_{n,c}`. For a ``"conv"`` layer
+        ``(U, G)``: ``U`` ``(n, L, d_in k)`` the unfolded input patches (:func:`conv_patches`),
+        ``G`` ``(n, C, L, d_out)`` the output cotangents per output position. One forward pass with
+        zero "probe" tensors added to each layer's output, and one backward pass per network output.
         """
-        parts = [self._factors_chunk(self._cast(xc)) for _, xc in self.chunks(x, self.chunk_size(), desc="factors")]
+        size = self.factor_chunk_size()
+        parts = [self._factors_chunk(self._cast(xc)) for _, xc in self.chunks(x, size, desc="factors")]
+        if len(parts) == 1:
+            return parts[0]
         return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
-                for i in range(len(self.linear_layers))]
+                for i in range(len(self.structured_layers))]
+
+    def linear_layer_factors(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The historical name of :meth:`structured_factors` (conv layers included)."""
+        return self.structured_factors(x)
 
     def _factors_chunk(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
         modules = dict(self.module.named_modules())
@@ -363,9 +470,10 @@ class FunctionalNetwork:
             probes[name] = torch.zeros_like(out, requires_grad=True)
             return out + probes[name]
 
+        layers = self.structured_layers
         handles = [modules[layer.name].register_forward_hook(
-            lambda m, i, o, name=layer.name: hook(m, i, o, name)) for layer in self.linear_layers]
-        names = [layer.name for layer in self.linear_layers]
+            lambda m, i, o, name=layer.name: hook(m, i, o, name)) for layer in layers]
+        names = [layer.name for layer in layers]
         try:
             with torch.enable_grad():
                 out = self._call(self.params, x)
@@ -374,7 +482,20 @@ class FunctionalNetwork:
         finally:
             for h in handles:
                 h.remove()
-        return [(inputs[n], torch.stack([g[i] for g in per_output], 1)) for i, n in enumerate(names)]
+        factors = []
+        for i, layer in enumerate(layers):
+            # shape: per output c, the cotangent of the layer output (n, d_out) or (n, d_out, *spatial)
+            cot = torch.stack([g[i] for g in per_output], 1)
+            if layer.kind == "linear":
+                factors.append((inputs[layer.name], cot))
+                continue
+            patches = conv_patches(modules[layer.name], inputs[layer.name])  # shape: (n, L, d_in k)
+            # shape: (n, C, d_out, *spatial) -> (n, C, L, d_out)
+            cot = cot.flatten(3).transpose(2, 3)
+            if cot.shape[2] != patches.shape[1]:
+                raise RuntimeError(f"conv layer {layer.name!r}: {patches.shape[1]} patches for {cot.shape[2]} outputs")
+            factors.append((patches, cot))
+        return factors
 
     def iter_jacobians(self, x: Tensor, size: int, *, desc: str = "jacobian") -> Iterator[tuple[int, Tensor]]:
         """Yield ``(start, J(x[start:start+size]))`` with the Jacobian shaped ``(n, C, P)``."""

@@ -1,0 +1,322 @@
+r"""Benchmark: building the NTK Gram matrix alone, structured (ntkgp) versus generic Jacobian contraction.
+
+What is timed
+-------------
+The ``(N*C) x (N*C)`` NTK Gram :math:`K = J(X) J(X)^\top` (one parameter group, float64 output) of
+an MLP ``d_in -> width -> ... -> width -> 1`` with ``depth`` tanh hidden layers, in float32
+(defaults: ``d_in = 8``, ``width = 512``, ``depth = 3``, ``P = 530,433``; ``N = 4000`` inputs drawn
+from a standard normal), built by ``ntkgp.gram.ntk_gram`` on
+
+* **structured**: ``FunctionalNetwork(net, (d_in,))``: every ``nn.Linear`` by its factors,
+  :math:`K_W = (A A^\top) \circ (G G^\top)`, :math:`K_b = G G^\top` (one forward pass with zero
+  probes and one backward pass per output, then two GEMMs per layer);
+* **generic**: ``FunctionalNetwork(net, (d_in,), structured=False)``: per-example Jacobians by
+  ``vmap(jacrev)`` in blocks, contracted block by block (exploiting symmetry).
+
+Both get the same ``--budget`` (bytes for Jacobian blocks; the generic route holds two blocks of
+``budget / 2``; the structured route needs no Jacobian blocks at all). Each is warmed up once on
+64 points, then timed ``--repeats`` / ``--generic-repeats`` times (``time.perf_counter``, wall
+clock, one process); the tables show medians.
+
+GEMM efficiency
+---------------
+The machine's float32 matmul rate is measured first: median time of ``torch.mm`` of two
+``4096 x 4096`` float32 matrices (``2 * 4096**3`` flops). The structured route's GEMM work is
+counted analytically: per linear layer, :math:`2N^2 d_{in}` for :math:`AA^\top` plus
+:math:`2(NC)^2 d_{out}` for :math:`GG^\top` (the bias shares :math:`GG^\top`). Reported: that count
+divided by (a) the whole structured build time ("end to end") and (b) the time of just those
+GEMMs on the same factors, each as a fraction of the measured matmul rate. The difference between
+(a) and (b) is the factor pass and the float64 accumulation into the output.
+
+Agreement
+---------
+At ``--check-n`` points: ``max |K_structured - K_generic| / max |K_generic|`` in float32, and each
+float32 Gram against the float64 Gram of a float64 copy of the network (generic route).
+
+Peak memory: per route, the peak resident memory the build added (``VmHWM`` after reset by
+``/proc/self/clear_refs``, minus the RSS before), when the kernel allows the reset.
+
+Usage::
+
+    .venv/bin/python benchmarks/kernel_build.py --n 500 --generic-repeats 1      # quick
+    flock /tmp/ntkgp-bench.lock .venv/bin/python benchmarks/kernel_build.py --json /tmp/bench/kernel_build.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ntkgp import FunctionalNetwork  # noqa: E402
+from ntkgp.gram import ntk_gram  # noqa: E402
+from ntkgp.parameter_groups import parameter_groups  # noqa: E402
+
+
+# ---------------------------------------------------------------------- machine
+def machine_info() -> dict[str, Any]:
+    """CPU model, core counts, library versions and thread settings."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def gemm_rate(size: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """The machine's float32 matmul rate: median over ``repeats`` of ``torch.mm`` on ``size x size``."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    times = time_calls(lambda: torch.mm(a, b), repeats)
+    median = statistics.median(times)
+    return {"size": size, "seconds_median": median, "gflops": 2 * size**3 / median / 1e9,
+            "gflops_best": 2 * size**3 / min(times) / 1e9}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_memory(fn: Callable[[], object]) -> tuple[object, float | None]:
+    """Run ``fn``; return its result and the peak RSS it added in MiB (None if the peak cannot be reset)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return fn(), None
+    base = _status_kib("VmRSS")
+    result = fn()
+    return result, (_status_kib("VmHWM") - base) / 1024
+
+
+def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def timed_with_peak(fn: Callable[[], object], repeats: int) -> tuple[list[float], float | None]:
+    """``repeats`` timed calls of ``fn`` (results dropped); the first also measures its peak memory."""
+    start = time.perf_counter()
+    _, mib = peak_memory(fn)
+    times = [time.perf_counter() - start]
+    return times + time_calls(fn, repeats - 1), mib
+
+
+# ---------------------------------------------------------------------- problem
+def make_net(d_in: int, width: int, depth: int, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    d = d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.Tanh()]
+        d = width
+    layers.append(nn.Linear(d, 1))
+    return nn.Sequential(*layers).eval()
+
+
+def structured_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
+    """Analytic GEMM flops of the structured Gram: per Linear, 2 N^2 d_in + 2 (N C)^2 d_out."""
+    return float(sum(2 * n * n * m.in_features + 2 * (n * outputs) ** 2 * m.out_features
+                     for m in net.modules() if isinstance(m, nn.Linear)))
+
+
+def gemms_only(network: FunctionalNetwork, x: Tensor, repeats: int) -> list[float]:
+    """Time just the structured route's GEMMs (A A^T and G G^T per layer) on precomputed factors."""
+    factors = network.structured_factors(x)
+
+    def run() -> None:
+        for a, g in factors:
+            a @ a.T
+            flat = g.reshape(-1, g.shape[-1])
+            flat @ flat.T
+
+    run()
+    return time_calls(run, repeats)
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a.to(torch.float64) - b.to(torch.float64)).abs().max() / b.abs().max())
+
+
+def agreement(net: nn.Module, d_in: int, n: int, budget: int, seed: int) -> dict[str, float]:
+    """Structured vs generic in float32, and each against a float64 (generic) reference, at n points."""
+    x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed + 1))
+    groups = parameter_groups(FunctionalNetwork(net, (d_in,)).names, 1.0)
+    k_fast = ntk_gram(FunctionalNetwork(net, (d_in,)), groups, x, budget=budget)
+    k_slow = ntk_gram(FunctionalNetwork(net, (d_in,), structured=False), groups, x, budget=budget)
+    net64 = copy.deepcopy(net).double()
+    k_ref = ntk_gram(FunctionalNetwork(net64, (d_in,), structured=False), groups, x.double(), budget=budget)
+    k_ref_structured = ntk_gram(FunctionalNetwork(net64, (d_in,)), groups, x.double(), budget=budget)
+    return {
+        "n": n,
+        "structured_vs_generic_float32": rel_err(k_fast, k_slow),
+        "structured_float32_vs_float64": rel_err(k_fast, k_ref),
+        "generic_float32_vs_float64": rel_err(k_slow, k_ref),
+        "structured_vs_generic_float64": rel_err(k_ref_structured, k_ref),
+    }
+
+
+# ---------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(f"# machine: {info['cpu_model']}, {info['usable_cores']} usable cores, torch {info['torch']} "
+          f"({info['torch_threads']} threads), load {info['loadavg_at_start']}", flush=True)
+    rate = gemm_rate()
+    print(f"# float32 GEMM rate (torch.mm 4096^2, median of 5): {rate['gflops']:.1f} GFLOP/s", flush=True)
+
+    net = make_net(args.d_in, args.width, args.depth, args.seed)
+    x = torch.randn(args.n, args.d_in, generator=torch.Generator().manual_seed(args.seed))
+    fast = FunctionalNetwork(net, (args.d_in,))
+    slow = FunctionalNetwork(net, (args.d_in,), structured=False)
+    groups = parameter_groups(fast.names, 1.0)
+    C, P = fast.num_outputs, fast.num_parameters
+    print(f"# MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh, float32, P = {P:,}, "
+          f"N = {args.n}, C = {C}, budget = {args.budget / 2**20:.0f} MiB", flush=True)
+
+    def build(network: FunctionalNetwork, points: Tensor) -> Tensor:
+        return ntk_gram(network, groups, points, budget=args.budget)
+
+    warm = x[:64]
+    build(fast, warm)
+    fast_times, fast_mib = timed_with_peak(lambda: build(fast, x), args.repeats)
+    factor_times = time_calls(lambda: fast.structured_factors(x), args.repeats)
+    gemm_times = gemms_only(fast, x, args.repeats)
+    flops = structured_gemm_flops(net, args.n, C)
+    fast_median = statistics.median(fast_times)
+    print(f"structured: median {fast_median:.3f} s of {[round(t, 3) for t in fast_times]}", flush=True)
+    gemm_median = statistics.median(gemm_times)
+    result: dict[str, Any] = {
+        "benchmark": "kernel_build", "machine": info, "gemm_rate": rate, "args": vars(args),
+        "problem": {"network": f"MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh",
+                    "P": P, "C": C, "N": args.n, "dtype": "float32", "budget_bytes": args.budget},
+        "structured": {
+            "seconds": fast_times, "median": fast_median, "peak_mib": fast_mib,
+            "factor_pass_median": statistics.median(factor_times),
+            "gemm_only_median": gemm_median,
+            "gemm_flops": flops,
+            "gflops_end_to_end": flops / fast_median / 1e9,
+            "gflops_gemm_only": flops / gemm_median / 1e9,
+            "fraction_of_peak_end_to_end": flops / fast_median / 1e9 / rate["gflops"],
+            "fraction_of_peak_gemm_only": flops / gemm_median / 1e9 / rate["gflops"],
+        },
+    }
+    if not args.skip_generic:
+        build(slow, warm)
+        slow_times, slow_mib = timed_with_peak(lambda: build(slow, x), args.generic_repeats)
+        slow_median = statistics.median(slow_times)
+        print(f"generic: median {slow_median:.3f} s of {[round(t, 3) for t in slow_times]}", flush=True)
+        result["generic"] = {"seconds": slow_times, "median": slow_median, "peak_mib": slow_mib}
+        result["speedup"] = slow_median / fast_median
+    if args.check_n:
+        result["agreement"] = agreement(net, args.d_in, args.check_n, args.budget, args.seed)
+        print(f"agreement at N = {args.check_n}: {result['agreement']}", flush=True)
+    return result
+
+
+def _fmt_mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results as Markdown tables."""
+    prob, s, rate = result["problem"], result["structured"], result["gemm_rate"]
+    lines = [
+        f"**NTK Gram build**, {prob['network']}, P = {prob['P']:,}, N = {prob['N']}, C = {prob['C']}, float32, "
+        f"budget {prob['budget_bytes'] / 2**20:.0f} MiB; {result['machine']['cpu_model']}, "
+        f"{result['machine']['torch_threads']} threads; float32 GEMM rate {rate['gflops']:.1f} GFLOP/s",
+        "",
+        "| route | median time (s) | runs | speed-up | peak memory added (MiB) |",
+        "|---|---:|---:|---:|---:|",
+        f"| structured (ntkgp) | {s['median']:.3f} | {len(s['seconds'])} | 1.0x | {_fmt_mib(s['peak_mib'])} |",
+    ]
+    if "generic" in result:
+        g = result["generic"]
+        lines.append(f"| generic vmap(jacrev) | {g['median']:.2f} | {len(g['seconds'])} | "
+                     f"(structured is **{result['speedup']:.1f}x** faster) | {_fmt_mib(g['peak_mib'])} |")
+    lines += [
+        "",
+        "| structured route | value |",
+        "|---|---:|",
+        f"| GEMM flops (analytic, 2N²d_in + 2(NC)²d_out per layer) | {s['gemm_flops'] / 1e9:.1f} GFLOP |",
+        f"| factor pass (median) | {s['factor_pass_median']:.3f} s |",
+        f"| GEMMs alone (median) | {s['gemm_only_median']:.3f} s |",
+        f"| GEMM rate, GEMMs alone | {s['gflops_gemm_only']:.1f} GFLOP/s "
+        f"({100 * s['fraction_of_peak_gemm_only']:.0f}% of measured peak) |",
+        f"| GEMM rate, end to end | {s['gflops_end_to_end']:.1f} GFLOP/s "
+        f"({100 * s['fraction_of_peak_end_to_end']:.0f}% of measured peak) |",
+    ]
+    if "agreement" in result:
+        a = result["agreement"]
+        lines += [
+            "",
+            f"| agreement at N = {a['n']} (max abs difference / max abs entry) | value |",
+            "|---|---:|",
+            f"| structured vs generic, float32 | {a['structured_vs_generic_float32']:.1e} |",
+            f"| structured float32 vs float64 reference | {a['structured_float32_vs_float64']:.1e} |",
+            f"| generic float32 vs float64 reference | {a['generic_float32_vs_float64']:.1e} |",
+            f"| structured vs generic, float64 network | {a['structured_vs_generic_float64']:.1e} |",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--d-in", type=int, default=8)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of the structured build")
+    parser.add_argument("--generic-repeats", type=int, default=3, help="timed runs of the generic build")
+    parser.add_argument("--budget", type=int, default=2**30, help="bytes for Jacobian blocks (both routes)")
+    parser.add_argument("--check-n", type=int, default=400, help="points for the agreement check (0: skip)")
+    parser.add_argument("--skip-generic", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=str, default="", help="write the results to this JSON file")
+    args = parser.parse_args()
+    result = run(args)
+    print()
+    print(markdown(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
