@@ -269,7 +269,7 @@ def test_adam_moves_prior_precision_to_the_evidence_optimum() -> None:
     net, x, y, *_ = softmax_case("digits", "scalar")
     lik = SoftmaxLikelihood(num_classes=10)
     model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=1.5)
-    grid = torch.logspace(-2, 2, 201, dtype=torch.float64)
+    grid = torch.logspace(-2, 2, 801, dtype=torch.float64)  # log spacing 0.0115
     with torch.no_grad():
         values = []
         for d in grid:
@@ -280,11 +280,12 @@ def test_adam_moves_prior_precision_to_the_evidence_optimum() -> None:
     mll = ntkgp.mlls.LaplaceMarginalLogLikelihood(lik, model)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     model.train()
-    for _ in range(200):
+    for _ in range(400):  # converged to 1e-6 in raw-gradient by ~400 steps from delta = 20
         opt.zero_grad()
         (-mll(model(x), y)).backward()
         opt.step()
-    assert abs(math.log(float(model.prior_precision)) - math.log(best)) < 0.05
+    spacing = math.log(float(grid[1] / grid[0]))
+    assert abs(math.log(float(model.prior_precision.detach())) - math.log(best)) <= spacing
 
 
 def test_bad_classification_input() -> None:
