@@ -25,12 +25,16 @@ Two routes, combined in one kernel (issue "fast exact NTK"):
         K_b[(n,c),(m,d)] = \Big(\sum_l g_{n,c,l}\Big)\cdot\Big(\sum_{l'} g_{m,d,l'}\Big).
 
     The weight block has two exact evaluation orders (:func:`conv_route_costs`), picked per layer
-    by estimated flops: **gradient** forms the per-example weight gradients
+    by estimated cost: **gradient** forms the per-example weight gradients
     :math:`\Gamma_{n,c} = G_{n,c}^\top U_n` (``d_out x d_in k``, cheap for small convs) and
-    contracts them, :math:`2 C^2 d_{out} d_{in} k` per pair of points; **spatial** forms
-    :math:`S_{nm} = U_n U_m^\top` ``(L, L)`` and :math:`K_W = \langle G_{n,c}, S_{nm} G_{m,d}\rangle`,
-    :math:`2L^2 d_{in}k + 2L^2 C d_{out} + 2 L C^2 d_{out}` per pair (the spatial double sum in
-    its cheapest order), better for few output positions and many channels.
+    contracts them in one GEMM, :math:`2 C^2 d_{out} d_{in} k` per pair of points; **spatial**
+    forms :math:`U_n U_m^\top` and :math:`G_{n,c} G_{m,d}^\top` (``L x L``, from two large GEMMs)
+    and sums their elementwise product over :math:`l, l'`,
+    :math:`2L^2 d_{in}k + 2 C^2 L^2 d_{out}` flops plus :math:`C^2L^2` memory-bound products per
+    pair, better for few output positions and many channels (late layers).
+
+  A symmetric Gram (``x2 = x1``) is built from the lower block triangle only (8 row blocks: about
+  56% of the GEMM work) and mirrored.
 * **Generic**: every other parameter tensor, by contracting chunked per-example Jacobians of
   just those tensors. At most two Jacobian blocks of ``budget / 2`` bytes are held at once.
 
@@ -111,56 +115,135 @@ def _structured_gram(
     budget: int,
 ) -> None:
     symmetric = factors1 is factors2
+    workspace = _Workspace()
     for layer, f1, f2 in zip(network.structured_layers, factors1, factors2):
         if layer.kind == "linear":
-            _linear_gram(layer, groups, f1, f2, out, weights)
+            _linear_gram(layer, groups, f1, f2, out, weights, workspace, symmetric=symmetric)
         else:
-            _conv_gram(layer, groups, f1, f2, out, weights, symmetric=symmetric, budget=budget)
+            _conv_gram(layer, groups, f1, f2, out, weights, workspace, symmetric=symmetric, budget=budget)
 
 
-def _add(out: Tensor, weights: Tensor | None, group: int, rows: slice, cols: slice, block: Tensor) -> None:
+#: entries converted at a time by :func:`_accumulate` (16 MiB of float64)
+_CONVERT_ELEMENTS = 2**21
+
+
+class _Workspace:
+    """Scratch buffers reused across layers: a fresh large allocation page-faults on every use."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat buffer of at least ``numel`` entries (contents undefined)."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf
+
+    def matmul(self, key: str, left: Tensor, right: Tensor) -> Tensor:
+        """``left @ right`` written into a reused buffer."""
+        buf = self.get(key, left.shape[0] * right.shape[1], left.dtype, left.device)
+        return torch.mm(left, right, out=buf[: left.shape[0] * right.shape[1]].view(left.shape[0], right.shape[1]))
+
+
+def _accumulate(target: Tensor, source: Tensor, workspace: _Workspace) -> None:
+    """``target += source``; a lower-precision ``source`` is cast through a reused buffer, in row blocks.
+
+    (In-place arithmetic with mixed dtypes is several times slower on CPU than a cast plus a
+    same-dtype add; the cast is exact, so the result is the same.)
+    """
+    if source.dtype == target.dtype:
+        target.add_(source)
+        return
+    inner = max(1, source[0].numel()) if source.shape[0] else 1
+    rows = max(1, _CONVERT_ELEMENTS // inner)
+    buf = workspace.get("convert", min(rows, source.shape[0]) * inner, target.dtype, target.device)
+    for start in range(0, source.shape[0], rows):
+        part = source[start : start + rows]
+        converted = buf[: part.numel()].view(part.shape)
+        converted.copy_(part)
+        target[start : start + rows].add_(converted)
+
+
+def _add(
+    out: Tensor, weights: Tensor | None, group: int, rows: slice, cols: slice, block: Tensor, workspace: _Workspace
+) -> None:
     """``out[group, rows, cols] += block``, or ``out[rows, cols] += weights[group] * block`` (float64 accumulation)."""
     if weights is None:
-        out[group, rows, cols].add_(block)
+        _accumulate(out[group, rows, cols], block, workspace)
     else:
-        out[rows, cols].addcmul_(block, weights[group].to(out.dtype))
+        out[rows, cols].addcmul_(block.to(out.dtype), weights[group].to(out.dtype))
 
 
 def _linear_gram(
     layer: StructuredLayer, groups: ParameterGroups, f1: tuple[Tensor, Tensor], f2: tuple[Tensor, Tensor],
-    out: Tensor, weights: Tensor | None,
+    out: Tensor, weights: Tensor | None, workspace: _Workspace, *, symmetric: bool,
 ) -> None:
     r"""``nn.Linear``: :math:`K_W = (A_1 A_2^\top) \otimes_{\text{rows}} (G_1 G_2^\top)`, :math:`K_b = G_1 G_2^\top`.
 
     The ``(N1, N2)`` input Gram is broadcast over the outputs through ``(N1, C, N2, C)`` views,
-    never expanded; a bias in the weight's group is fused in as :math:`G_1G_2^\top\circ(A_1A_2^\top + 1)`.
+    never expanded. Per group (``weights=None``), a bias in the weight's group is fused in as
+    :math:`G_1G_2^\top\circ(\tilde A_1\tilde A_2^\top)` with :math:`\tilde A = [A, 1]`, the product is
+    formed in the network's dtype and added to ``out`` in float64. With ``weights`` (the
+    posterior's smaller blocks) the input Gram is combined in float64,
+    :math:`G_1G_2^\top\circ(w_W A_1A_2^\top + w_b)`.
     """
     (a1, g1), (a2, g2) = f1, f2
     n1, C, d_out = g1.shape
     n2 = g2.shape[0]
-    # shape: (n1*C, d_out) @ (d_out, n2*C) -> (n1, C, n2, C), in the network's dtype
-    gg = (g1.reshape(n1 * C, d_out) @ g2.reshape(n2 * C, d_out).T).view(n1, C, n2, C)
+    g1, g2 = g1.reshape(n1 * C, d_out), g2.reshape(n2 * C, d_out)
+    gw = None if layer.weight is None else groups.tensor_group[layer.weight]
+    gb = None if layer.bias is None else groups.tensor_group[layer.bias]
+    if weights is not None:  # shape: gg (n1, C, n2, C), aa (n1, n2); combined in float64
+        gg = (g1 @ g2.T).view(n1, C, n2, C).to(out.dtype)
+        term = torch.zeros((), dtype=out.dtype, device=out.device) if gb is None else weights[gb].to(out.dtype)
+        if gw is not None:
+            term = (a1 @ a2.T).to(out.dtype) * weights[gw].to(out.dtype) + term
+            term = term[:, None, :, None]
+        out.view(n1, C, n2, C).addcmul_(gg, term)
+        return
+    fuse = gw is not None and gb == gw
+    if fuse:  # shape: (n, d_in) -> (n, d_in + 1), so that A~ A~^T = A A^T + 1
+        a1 = torch.cat([a1, torch.ones_like(a1[:, :1])], 1)
+        a2 = a1 if symmetric else torch.cat([a2, torch.ones_like(a2[:, :1])], 1)
+    rows = _symmetric_rows(n1, C) if symmetric else max(n1, 1)
+    for block in _pair_blocks(n1, n2, rows, symmetric):
+        s1, e1, s2, e2 = block
+        # shape: (r1*C, d_out) @ (d_out, r2*C) -> (r1, C, r2, C), in the network's dtype
+        gg = workspace.matmul("gg", g1[s1 * C : e1 * C], g2[s2 * C : e2 * C].T).view(e1 - s1, C, e2 - s2, C)
+        if gb is not None and not fuse:
+            _emit(out[gb].view(n1, C, n2, C), block, gg, symmetric, workspace)
+        if gw is not None:
+            aa = workspace.matmul("aa", a1[s1:e1], a2[s2:e2].T)  # shape: (r1, r2)
+            _emit(out[gw].view(n1, C, n2, C), block, gg.mul_(aa[:, None, :, None]), symmetric, workspace)
 
-    def target(group: int) -> Tensor:
-        return (out[group] if weights is None else out).view(n1, C, n2, C)
 
-    bias_pending = layer.bias is not None
-    if layer.weight is not None:
-        gw = groups.tensor_group[layer.weight]
-        aa = (a1 @ a2.T).to(out.dtype)  # shape: (n1, n2)
-        if weights is not None:
-            aa = aa * weights[gw].to(out.dtype)
-        if layer.bias is not None and (weights is not None or groups.tensor_group[layer.bias] == gw):
-            aa = aa + (1.0 if weights is None else weights[groups.tensor_group[layer.bias]].to(out.dtype))
-            bias_pending = False
-        target(gw).addcmul_(gg, aa[:, None, :, None])
-    if bias_pending:
-        assert layer.bias is not None
-        gb = groups.tensor_group[layer.bias]
-        if weights is None:
-            target(gb).add_(gg)
-        else:
-            target(gb).addcmul_(gg, weights[gb].to(out.dtype))
+def _emit(
+    target: Tensor, block: tuple[int, int, int, int], values: Tensor, symmetric: bool, workspace: _Workspace
+) -> None:
+    """Add ``values`` ``(r1, C, r2, C)`` to ``target`` ``(n1, C, n2, C)`` at ``block``, and its mirror if symmetric."""
+    s1, e1, s2, e2 = block
+    _accumulate(target[s1:e1, :, s2:e2], values, workspace)
+    if symmetric and s1 != s2:
+        _accumulate(target[s2:e2, :, s1:e1], values.permute(2, 3, 0, 1), workspace)
+
+
+#: A symmetric Gram (x1 = x2) is built from the lower block triangle of about this many row
+#: blocks, (k + 1) / 2k of the full GEMM work (k = 8: 56%), the mirror blocks being copies;
+#: blocks keep at least _MIN_BLOCK_ROWS GEMM rows (points times outputs) to stay efficient.
+_SYMMETRIC_BLOCKS = 8
+_MIN_BLOCK_ROWS = 512
+
+
+def _symmetric_rows(n: int, outputs: int) -> int:
+    """Points per row block of a symmetric Gram of ``n`` points."""
+    return max(1, -(-_MIN_BLOCK_ROWS // outputs), -(-n // _SYMMETRIC_BLOCKS))
+
+
+def _pair_blocks(n1: int, n2: int, rows: int, symmetric: bool) -> list[tuple[int, int, int, int]]:
+    """Blocks ``(s1, e1, s2, e2)`` of ``rows`` points covering ``(n1, n2)``; symmetric: only ``s2 <= s1``."""
+    return [(s1, min(s1 + rows, n1), s2, min(s2 + rows, n2))
+            for s1 in range(0, n1, rows) for s2 in range(0, n2, rows) if not (symmetric and s2 > s1)]
 
 
 #: flops charged per entry of the spatial route's elementwise product-and-sum, which is bound by
@@ -225,7 +308,7 @@ def _spatial_block(u1: Tensor, g1: Tensor, u2: Tensor, g2: Tensor) -> Tensor:
 
 def _conv_gram(
     layer: StructuredLayer, groups: ParameterGroups, f1: tuple[Tensor, Tensor], f2: tuple[Tensor, Tensor],
-    out: Tensor, weights: Tensor | None, *, symmetric: bool, budget: int,
+    out: Tensor, weights: Tensor | None, workspace: _Workspace, *, symmetric: bool, budget: int,
 ) -> None:
     """Conv layer: bias block from position-summed cotangents; weight block by the cheaper route, in blocks."""
     (u1, g1), (u2, g2) = f1, f2
@@ -236,7 +319,7 @@ def _conv_gram(
         # shape: (n, C, L, d_out) -> (n*C, d_out)
         s1 = g1.sum(2).reshape(n1 * C, d_out)
         s2 = s1 if symmetric else g2.sum(2).reshape(n2 * C, d_out)
-        _add(out, weights, groups.tensor_group[layer.bias], every, every, s1 @ s2.T)
+        _add(out, weights, groups.tensor_group[layer.bias], every, every, s1 @ s2.T, workspace)
     if layer.weight is None:
         return
     gw = groups.tensor_group[layer.weight]
@@ -246,6 +329,8 @@ def _conv_gram(
         width = d_out * t
         # a block of `rows` points holds rows*C*width gradient entries and a (rows*C, n2*C) product
         rows = max(1, half // (C * max(width, n2 * C) * item))
+        if symmetric:
+            rows = min(rows, _symmetric_rows(n1, C))
         # the right-hand gradients are formed once if they fit (the left ones too when x1 = x2)
         whole = _weight_gradients(u2, g2) if n2 * C * width * item <= half else None
 
@@ -277,9 +362,9 @@ def _conv_gram(
             e2 = min(s2 + rows, n2)
             right = left if symmetric and s2 == s1 else prepare(1, s2, e2)
             k = product(left, right)
-            _add(out, weights, gw, slice(s1 * C, e1 * C), slice(s2 * C, e2 * C), k)
+            _add(out, weights, gw, slice(s1 * C, e1 * C), slice(s2 * C, e2 * C), k, workspace)
             if symmetric and s2 != s1:  # the mirrored block of K = K^T
-                _add(out, weights, gw, slice(s2 * C, e2 * C), slice(s1 * C, e1 * C), k.T)
+                _add(out, weights, gw, slice(s2 * C, e2 * C), slice(s1 * C, e1 * C), k.T, workspace)
 
 
 def _structured_diagonal(

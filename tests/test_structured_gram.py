@@ -192,14 +192,18 @@ def test_which_conv_layers_are_structured() -> None:
 
 
 @pytest.mark.parametrize("route", ["gradient", "spatial"])
-@pytest.mark.parametrize("name", ["cnn_two_convs", "conv_variants", "cnn_batchnorm"])
-def test_conv_routes(name: str, route: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both conv contraction orders, in many small blocks (tiny budget), equal brute force."""
+@pytest.mark.parametrize("name", ["cnn_two_convs", "conv_variants", "cnn_batchnorm", "mlp", "frozen_weight"])
+def test_blocked_routes(name: str, route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both conv contraction orders, in many small blocks (tiny budget, symmetric Grams from the
+    lower block triangle of 3 blocks, factor chunks of 3 points), equal brute force."""
     net, shape = _nets()[name]
     net = net.double().eval()
     monkeypatch.setattr(gram, "_FORCE_CONV_ROUTE", route)
+    monkeypatch.setattr(gram, "_MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(gram, "_SYMMETRIC_BLOCKS", 3)
+    monkeypatch.setattr(gram, "_CONVERT_ELEMENTS", 5)
     fast = FunctionalNetwork(net, shape, chunk_size=3)
-    assert any(layer.kind == "conv" for layer in fast.structured_layers)
+    assert any(layer.kind == "conv" for layer in fast.structured_layers) == name.startswith(("cnn", "conv"))
     groups = parameter_groups(fast.names, torch.linspace(0.5, 2.0, len(fast.names)))
     x1 = torch.randn(7, *shape, dtype=torch.float64).reshape(7, -1)
     x2 = torch.randn(5, *shape, dtype=torch.float64).reshape(5, -1)
