@@ -102,5 +102,6 @@ def test_train_mode_call_on_other_inputs(setup) -> None:
 def test_dense_kernel_too_large_names_the_lazy_path(setup, monkeypatch) -> None:
     net, lik, x, y = setup
     monkeypatch.setattr("ntkgp.memory.available_memory", lambda device: 1000)
+    model = ntkgp.LinearizedGP(net, lik, x, y, solver="kernel")  # the solver is built on first use
     with pytest.raises(KernelTooLargeError, match="NTKLinearOperator"):
-        ntkgp.LinearizedGP(net, lik, x, y, solver="kernel")
+        model.log_evidence()

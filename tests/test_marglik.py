@@ -158,3 +158,21 @@ def test_train_map_and_fit_hyperparameters() -> None:
     curve = ntkgp.marglik.fit_hyperparameters(model, steps=50, lr=0.1)
     assert len(curve) == 50 and curve[-1] > curve[0]
     assert not model.training
+
+
+def test_tuner_subset_mode_never_builds_the_exact_solver_and_handles_large_precisions(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    net = truth.mlp(2, 5, 2, seed=12)
+    built = []
+    real = ntkgp.models.linearized_gp.make_laplace_solver
+    monkeypatch.setattr(ntkgp.models.linearized_gp, "make_laplace_solver",
+                        lambda *a, **k: built.append(1) or real(*a, **k))
+    tuner = ntkgp.marglik.MarglikTuner(net, SoftmaxLikelihood(num_classes=2), x, y, prior_precision=1000.0,
+                                       steps=3, subset_size=20, minibatch=True,
+                                       generator=torch.Generator().manual_seed(0))
+    assert torch.isclose(tuner.prior_precision, torch.tensor(1000.0, dtype=torch.float64), rtol=1e-12)
+    record = tuner.step(net)
+    assert built == [] and len(tuner.history) == 1
+    assert record["log_evidence_before"] < 0 and torch.isfinite(tuner.prior_precision).all()

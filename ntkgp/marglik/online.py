@@ -88,10 +88,17 @@ class MarglikTuner:
     prior_precision:
         Initial :math:`\\delta`: a number, one per parameter tensor, or ``{module: value}``.
     steps, lr:
-        Adam steps per :meth:`step`, and the Adam learning rate on the log hyperparameters.
+        Adam steps per :meth:`step`, and the Adam learning rate. Adam acts on the raw
+        (softplus-inverse) values, as GPyTorch's own positivity constraints do: for
+        :math:`\\delta \\gg 1` a step moves :math:`\\delta` by about ``lr``, for :math:`\\delta \\ll 1`
+        it moves :math:`\\log\\delta` by about ``lr``.
     subset_size:
         ``None``: the exact evidence. Otherwise the subset-NTK lower bound with subsets of this
-        size, drawn afresh at each :meth:`step` (grouped by class for classification).
+        size, drawn afresh at each :meth:`step` (grouped by class for classification); the exact
+        solver is then never built.
+    minibatch:
+        With ``subset_size``: each Adam step uses the unbiased one-subset estimate
+        (:meth:`SubsetEvidenceBound.minibatch`) instead of the whole bound; ``steps`` times cheaper.
     generator:
         Random generator for the partitions.
     model_kwargs:
@@ -109,20 +116,23 @@ class MarglikTuner:
         steps: int = 10,
         lr: float = 0.1,
         subset_size: int | None = None,
+        minibatch: bool = False,
         generator: torch.Generator | None = None,
         **model_kwargs: Any,
     ) -> None:
+        if minibatch and subset_size is None:
+            raise ValueError("minibatch=True needs a subset_size")
         names = [n for n, p in net.named_parameters() if p.requires_grad]
         self.groups = parameter_groups(names, prior_precision)
         self.names = names
         self.likelihood, self.train_x, self.train_y = likelihood, train_x, train_y
         self.steps, self.subset_size, self.generator = steps, subset_size, generator
+        self.minibatch = minibatch
         self.model_kwargs = model_kwargs
         device = next(net.parameters()).device
         #: raw (softplus-inverse) prior precisions, ``(G,)``: persists across rebuilds
-        self.raw_prior_precision = nn.Parameter(
-            torch.log(torch.expm1(self.groups.initial_precision.to(device)))
-        )
+        delta = self.groups.initial_precision.to(device)
+        self.raw_prior_precision = nn.Parameter(delta + torch.log(-torch.expm1(-delta)))  # stable softplus^-1
         hyper = [self.raw_prior_precision, *likelihood.parameters()]
         self.optimizer = torch.optim.Adam(hyper, lr=lr)
         self.history: list[dict[str, Any]] = []
@@ -141,16 +151,20 @@ class MarglikTuner:
             total = total + 0.5 * delta[g] * params[name].square().sum()
         return total
 
-    def _objective(self, model: torch.nn.Module) -> Callable[[], Tensor]:
+    def _objective(self, model: torch.nn.Module) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+        """(what each Adam step maximizes, the value reported)."""
         if self.subset_size is None:
-            return model.log_evidence
+            return model.log_evidence, model.log_evidence
         labels = model.train_targets if isinstance(self.likelihood, LaplaceLikelihood) and \
             not model.train_targets.is_floating_point() else None
         if labels is not None:
             parts = class_partition(labels, self.subset_size, generator=self.generator)
         else:
             parts = random_partition(model.num_data, self.subset_size, generator=self.generator)
-        return SubsetEvidenceBound(model, parts)
+        bound = SubsetEvidenceBound(model, parts)
+        if self.minibatch:
+            return (lambda: bound.minibatch(generator=self.generator)), bound
+        return bound, bound
 
     def step(self, net: nn.Module) -> dict[str, Any]:
         """Linearize ``net`` as it is now and take ``steps`` Adam steps on the hyperparameters.
@@ -165,19 +179,20 @@ class MarglikTuner:
             model = LinearizedGP(net, self.likelihood, self.train_x, self.train_y,
                                  prior_precision=self.prior_precision.detach(), **self.model_kwargs)
         model.covar_module.raw_prior_precision = self.raw_prior_precision  # share the persistent tensor
-        objective = self._objective(model)
+        objective, report = self._objective(model)
         model.train()
         self.likelihood.train()
-        values = []
+        with torch.no_grad():
+            before = report().item()
         for _ in range(self.steps):
             self.optimizer.zero_grad()
-            value = objective()
-            (-value / model.num_data).backward()
+            (-objective() / model.num_data).backward()
             self.optimizer.step()
-            values.append(float(value))
+        with torch.no_grad():
+            after = report().item()
         record = {
-            "log_evidence_before": values[0],
-            "log_evidence_after": float(objective()),
+            "log_evidence_before": before,
+            "log_evidence_after": after,
             "prior_precision": self.prior_precision.detach().cpu().tolist(),
             "noise": _noise_values(self.likelihood),
             "seconds": time.perf_counter() - start,
@@ -262,7 +277,7 @@ def fit_online_marglik(
             loss = nll * (n / idx.numel()) + tuner.prior_penalty(net)
             loss.backward()
             optimizer.step()
-            total += float(loss) * idx.numel() / n
+            total += loss.item() * idx.numel() / n
         record: dict[str, Any] = {"epoch": epoch, "loss": total}
         if epoch >= burnin and (epoch - burnin) % marglik_every == 0:
             t0 = time.perf_counter()

@@ -126,17 +126,25 @@ class LinearizedGP(ExactGP):
         self.covar_module = NTKKernel(network, prior_precision, memory_budget=memory_budget)
         self._train_mean = self.mean_module(flat_x).to(torch.float64)
         groups, budget = self.covar_module.groups, self.covar_module.memory_budget
-        self.solver: ExactSolver | KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver
+        if solver not in ("auto", "kernel", "weight"):
+            raise ValueError(f"solver must be 'auto', 'kernel' or 'weight', got {solver!r}")
         if isinstance(likelihood, LaplaceLikelihood):
             f_hat = network.forward(flat_x).to(torch.float64)
             likelihood.check_outputs(f_hat)
             #: :math:`\log p(y \mid \hat f)` at the MAP
             self.map_log_likelihood = likelihood.log_likelihood(f_hat, train_y)
-            self.solver = make_laplace_solver(solver, network, groups, flat_x, budget,
-                                              likelihood.hessian_factor(f_hat))
+            factor = likelihood.hessian_factor(f_hat)
+            self._build_solver = lambda: make_laplace_solver(solver, network, groups, flat_x, budget, factor)
         else:
-            self.solver = make_solver(solver, network, groups, flat_x, budget,
-                                      noise_varies_over_data=self._noise_varies_over_data())
+            varies = self._noise_varies_over_data()
+            if solver == "weight" and varies:
+                raise ValueError(
+                    "solver='weight' needs noise that is the same for every data point; this likelihood's "
+                    "noise varies over the data (use solver='kernel' or 'auto')"
+                )
+            self._build_solver = lambda: make_solver(solver, network, groups, flat_x, budget,
+                                                     noise_varies_over_data=varies)
+        self._solver: ExactSolver | KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver | None = None
         self._posterior: tuple[tuple[Tensor, ...], ExactPosterior] | None = None
 
     def _noise_varies_over_data(self) -> bool:
@@ -153,6 +161,14 @@ class LinearizedGP(ExactGP):
         )
 
     # ------------------------------------------------------------ properties
+    @property
+    def solver(self) -> ExactSolver | KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver:
+        """The exact solver, built on first use: it caches Gram matrices or :math:`J^\\top J` of the
+        training data (the memory check, and a :class:`~ntkgp.KernelTooLargeError`, happen then)."""
+        if self._solver is None:
+            self._solver = self._build_solver()
+        return self._solver
+
     @property
     def prior_precision(self) -> Tensor:
         r""":math:`\delta`, one per parameter group, shape ``(G,)``."""
