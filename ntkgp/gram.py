@@ -33,13 +33,15 @@ Two routes, combined in one kernel (issue "fast exact NTK"):
     :math:`2L^2 d_{in}k + 2 C^2 L^2 d_{out}` flops plus :math:`C^2L^2` memory-bound products per
     pair, better for few output positions and many channels (late layers).
 
-  A symmetric Gram (``x2 = x1``) is built from the lower block triangle only (8 row blocks: about
-  56% of the GEMM work) and mirrored.
+  A symmetric Gram (``x2 = x1``) is built from the lower block triangle only (4 row blocks: 62.5%
+  of the GEMM work) and mirrored.
 * **Generic**: every other parameter tensor, by contracting chunked per-example Jacobians of
   just those tensors. At most two Jacobian blocks of ``budget / 2`` bytes are held at once.
 
-Both agree to floating-point round-off (tested). Products run in the network's dtype and are
-accumulated in float64. Row layout is point-major: row ``n * C + c`` is output ``c`` of point ``n``.
+Both agree to floating-point round-off (tested). ``nn.Linear`` factor products run in float64
+(cheap, and they set the accuracy of float32 networks); conv and generic products run in the
+network's dtype and are accumulated in float64. Row layout is point-major: row ``n * C + c`` is
+output ``c`` of point ``n``.
 """
 
 from __future__ import annotations
@@ -116,11 +118,17 @@ def _structured_gram(
 ) -> None:
     symmetric = factors1 is factors2
     workspace = _Workspace()
+    linear = []
     for layer, f1, f2 in zip(network.structured_layers, factors1, factors2):
         if layer.kind == "linear":
-            _linear_gram(layer, groups, f1, f2, out, weights, workspace, symmetric=symmetric)
+            if weights is None:
+                linear.append((layer, f1, f2))
+            else:
+                _linear_gram_weighted(layer, groups, f1, f2, out, weights)
         else:
             _conv_gram(layer, groups, f1, f2, out, weights, workspace, symmetric=symmetric, budget=budget)
+    if linear:
+        _linear_grams(linear, groups, out, workspace, symmetric=symmetric)
 
 
 #: entries converted at a time by :func:`_accumulate` (16 MiB of float64)
@@ -175,47 +183,81 @@ def _add(
         out[rows, cols].addcmul_(block.to(out.dtype), weights[group].to(out.dtype))
 
 
-def _linear_gram(
+def _linear_gram_weighted(
     layer: StructuredLayer, groups: ParameterGroups, f1: tuple[Tensor, Tensor], f2: tuple[Tensor, Tensor],
-    out: Tensor, weights: Tensor | None, workspace: _Workspace, *, symmetric: bool,
+    out: Tensor, weights: Tensor,
 ) -> None:
-    r"""``nn.Linear``: :math:`K_W = (A_1 A_2^\top) \otimes_{\text{rows}} (G_1 G_2^\top)`, :math:`K_b = G_1 G_2^\top`.
+    r"""One ``nn.Linear`` into ``out`` ``(N1*C, N2*C)``: :math:`G_1G_2^\top\circ(w_W A_1A_2^\top + w_b)`.
 
-    The ``(N1, N2)`` input Gram is broadcast over the outputs through ``(N1, C, N2, C)`` views,
-    never expanded. Per group (``weights=None``), a bias in the weight's group is fused in as
-    :math:`G_1G_2^\top\circ(\tilde A_1\tilde A_2^\top)` with :math:`\tilde A = [A, 1]`, the product is
-    formed in the network's dtype and added to ``out`` in float64. With ``weights`` (the
-    posterior's smaller blocks) the input Gram is combined in float64,
-    :math:`G_1G_2^\top\circ(w_W A_1A_2^\top + w_b)`.
+    The ``(N1, N2)`` input Gram is combined in float64 and broadcast over the outputs through
+    ``(N1, C, N2, C)`` views, never expanded.
     """
     (a1, g1), (a2, g2) = f1, f2
     n1, C, d_out = g1.shape
     n2 = g2.shape[0]
-    g1, g2 = g1.reshape(n1 * C, d_out), g2.reshape(n2 * C, d_out)
-    gw = None if layer.weight is None else groups.tensor_group[layer.weight]
-    gb = None if layer.bias is None else groups.tensor_group[layer.bias]
-    if weights is not None:  # shape: gg (n1, C, n2, C), aa (n1, n2); combined in float64
-        gg = (g1 @ g2.T).view(n1, C, n2, C).to(out.dtype)
-        term = torch.zeros((), dtype=out.dtype, device=out.device) if gb is None else weights[gb].to(out.dtype)
-        if gw is not None:
-            term = (a1 @ a2.T).to(out.dtype) * weights[gw].to(out.dtype) + term
-            term = term[:, None, :, None]
-        out.view(n1, C, n2, C).addcmul_(gg, term)
-        return
-    fuse = gw is not None and gb == gw
-    if fuse:  # shape: (n, d_in) -> (n, d_in + 1), so that A~ A~^T = A A^T + 1
-        a1 = torch.cat([a1, torch.ones_like(a1[:, :1])], 1)
-        a2 = a1 if symmetric else torch.cat([a2, torch.ones_like(a2[:, :1])], 1)
-    rows = _symmetric_rows(n1, C) if symmetric else max(n1, 1)
+    # shape: (n1*C, d_out) @ (d_out, n2*C) -> (n1, C, n2, C)
+    gg = (g1.reshape(n1 * C, d_out) @ g2.reshape(n2 * C, d_out).T).view(n1, C, n2, C).to(out.dtype)
+    term = torch.zeros((), dtype=out.dtype, device=out.device)
+    if layer.bias is not None:
+        term = weights[groups.tensor_group[layer.bias]].to(out.dtype)
+    if layer.weight is not None:  # shape: (n1, n2) -> (n1, 1, n2, 1)
+        term = ((a1 @ a2.T).to(out.dtype) * weights[groups.tensor_group[layer.weight]].to(out.dtype) + term)
+        term = term[:, None, :, None]
+    out.view(n1, C, n2, C).addcmul_(gg, term)
+
+
+def _linear_grams(
+    layers: list[tuple[StructuredLayer, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]],
+    groups: ParameterGroups, out: Tensor, workspace: _Workspace, *, symmetric: bool,
+) -> None:
+    r"""All ``nn.Linear`` layers into the per-group ``out`` ``(G, N1*C, N2*C)``, block by block.
+
+    Per block of points and per layer: :math:`K_W = (A_1A_2^\top) \circ (G_1G_2^\top)` and
+    :math:`K_b = G_1G_2^\top` (the input Gram broadcast over outputs through ``(r1, C, r2, C)``
+    views, never expanded); a bias in its weight's group is fused in as
+    :math:`\tilde A = [A, 1]`, :math:`\tilde A_1\tilde A_2^\top = A_1A_2^\top + 1`. The layers of one
+    group are summed in the network's dtype, as the generic route's GEMM sums its tensors, then
+    the block is added to ``out`` in float64 (and mirrored when symmetric). Few large operations
+    per block keep this fast also when the CPU is shared.
+    """
+    n1, C = layers[0][1][1].shape[:2]
+    n2 = layers[0][2][1].shape[0]
+    prepared = []
+    for layer, (a1, g1), (a2, g2) in layers:
+        gw = None if layer.weight is None else groups.tensor_group[layer.weight]
+        gb = None if layer.bias is None else groups.tensor_group[layer.bias]
+        fuse = gw is not None and gb == gw
+        if fuse:  # shape: (n, d_in) -> (n, d_in + 1)
+            a1 = torch.cat([a1, torch.ones_like(a1[:, :1])], 1)
+            a2 = a1 if symmetric else torch.cat([a2, torch.ones_like(a2[:, :1])], 1)
+        d_out = g1.shape[-1]
+        # shape: (n, C, d_out) -> (n*C, d_out)
+        prepared.append((gw, None if fuse else gb, a1, a2, g1.reshape(n1 * C, d_out), g2.reshape(n2 * C, d_out)))
+    rows = _block_rows(n1, C)
     for block in _pair_blocks(n1, n2, rows, symmetric):
         s1, e1, s2, e2 = block
-        # shape: (r1*C, d_out) @ (d_out, r2*C) -> (r1, C, r2, C), in the network's dtype
-        gg = workspace.matmul("gg", g1[s1 * C : e1 * C], g2[s2 * C : e2 * C].T).view(e1 - s1, C, e2 - s2, C)
-        if gb is not None and not fuse:
-            _emit(out[gb].view(n1, C, n2, C), block, gg, symmetric, workspace)
-        if gw is not None:
-            aa = workspace.matmul("aa", a1[s1:e1], a2[s2:e2].T)  # shape: (r1, r2)
-            _emit(out[gw].view(n1, C, n2, C), block, gg.mul_(aa[:, None, :, None]), symmetric, workspace)
+        acc: dict[int, Tensor] = {}  # group -> its sum over layers, (r1, C, r2, C) in the network's dtype
+        for gw, gb, a1, a2, g1, g2 in prepared:
+            # shape: (r1*C, d_out) @ (d_out, r2*C) -> (r1, C, r2, C)
+            gg = workspace.matmul("gg", g1[s1 * C : e1 * C], g2[s2 * C : e2 * C].T).view(e1 - s1, C, e2 - s2, C)
+            if gb is not None:
+                _sum_into(acc, gb, gg, None, workspace)
+            if gw is not None:
+                aa = workspace.matmul("aa", a1[s1:e1], a2[s2:e2].T)  # shape: (r1, r2)
+                _sum_into(acc, gw, gg, aa[:, None, :, None], workspace)
+        for group, values in acc.items():
+            _emit(out[group].view(n1, C, n2, C), block, values, symmetric, workspace)
+
+
+def _sum_into(acc: dict[int, Tensor], group: int, gg: Tensor, aa: Tensor | None, workspace: _Workspace) -> None:
+    """``acc[group] += gg`` (``aa`` None) or ``+= gg * aa``, the first term written into a reused buffer."""
+    if group not in acc:
+        buf = workspace.get(f"acc{group}", gg.numel(), gg.dtype, gg.device)[: gg.numel()].view(gg.shape)
+        acc[group] = buf.copy_(gg) if aa is None else torch.mul(gg, aa, out=buf)
+    elif aa is None:
+        acc[group].add_(gg)
+    else:
+        acc[group].addcmul_(gg, aa)
 
 
 def _emit(
@@ -223,20 +265,25 @@ def _emit(
 ) -> None:
     """Add ``values`` ``(r1, C, r2, C)`` to ``target`` ``(n1, C, n2, C)`` at ``block``, and its mirror if symmetric."""
     s1, e1, s2, e2 = block
-    _accumulate(target[s1:e1, :, s2:e2], values, workspace)
-    if symmetric and s1 != s2:
-        _accumulate(target[s2:e2, :, s1:e1], values.permute(2, 3, 0, 1), workspace)
+    mirror = symmetric and s1 != s2
+    if values.dtype != target.dtype:  # cast once (in place mixed-dtype arithmetic is slow on CPU)
+        values = workspace.get("convert", values.numel(), target.dtype, target.device)[: values.numel()].view(
+            values.shape).copy_(values)
+    target[s1:e1, :, s2:e2].add_(values)
+    if mirror:
+        target[s2:e2, :, s1:e1].add_(values.permute(2, 3, 0, 1))
 
 
-#: A symmetric Gram (x1 = x2) is built from the lower block triangle of about this many row
-#: blocks, (k + 1) / 2k of the full GEMM work (k = 8: 56%), the mirror blocks being copies;
-#: blocks keep at least _MIN_BLOCK_ROWS GEMM rows (points times outputs) to stay efficient.
-_SYMMETRIC_BLOCKS = 8
-_MIN_BLOCK_ROWS = 512
+#: Structured Grams are built in about this many row blocks of points (k); a symmetric Gram
+#: (x1 = x2) from its lower block triangle, (k + 1) / 2k of the full GEMM work (k = 4: 62.5%), the
+#: mirror blocks being copies. Blocks keep at least _MIN_BLOCK_ROWS GEMM rows (points times
+#: outputs): large products, and few operations in all (each costs a thread synchronization).
+_SYMMETRIC_BLOCKS = 4
+_MIN_BLOCK_ROWS = 1024
 
 
-def _symmetric_rows(n: int, outputs: int) -> int:
-    """Points per row block of a symmetric Gram of ``n`` points."""
+def _block_rows(n: int, outputs: int) -> int:
+    """Points per row block of a structured Gram of ``n`` rows of points."""
     return max(1, -(-_MIN_BLOCK_ROWS // outputs), -(-n // _SYMMETRIC_BLOCKS))
 
 
@@ -330,7 +377,7 @@ def _conv_gram(
         # a block of `rows` points holds rows*C*width gradient entries and a (rows*C, n2*C) product
         rows = max(1, half // (C * max(width, n2 * C) * item))
         if symmetric:
-            rows = min(rows, _symmetric_rows(n1, C))
+            rows = min(rows, _block_rows(n1, C))
         # the right-hand gradients are formed once if they fit (the left ones too when x1 = x2)
         whole = _weight_gradients(u2, g2) if n2 * C * width * item <= half else None
 
