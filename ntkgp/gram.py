@@ -192,11 +192,11 @@ def _linear_gram_weighted(
     The ``(N1, N2)`` input Gram is combined in float64 and broadcast over the outputs through
     ``(N1, C, N2, C)`` views, never expanded.
     """
-    (a1, g1), (a2, g2) = f1, f2
+    (a1, g1), (a2, g2) = ((t.to(out.dtype) for t in f) for f in (f1, f2))  # float64 products, as above
     n1, C, d_out = g1.shape
     n2 = g2.shape[0]
     # shape: (n1*C, d_out) @ (d_out, n2*C) -> (n1, C, n2, C)
-    gg = (g1.reshape(n1 * C, d_out) @ g2.reshape(n2 * C, d_out).T).view(n1, C, n2, C).to(out.dtype)
+    gg = (g1.reshape(n1 * C, d_out) @ g2.reshape(n2 * C, d_out).T).view(n1, C, n2, C)
     term = torch.zeros((), dtype=out.dtype, device=out.device)
     if layer.bias is not None:
         term = weights[groups.tensor_group[layer.bias]].to(out.dtype)
@@ -215,15 +215,18 @@ def _linear_grams(
     Per block of points and per layer: :math:`K_W = (A_1A_2^\top) \circ (G_1G_2^\top)` and
     :math:`K_b = G_1G_2^\top` (the input Gram broadcast over outputs through ``(r1, C, r2, C)``
     views, never expanded); a bias in its weight's group is fused in as
-    :math:`\tilde A = [A, 1]`, :math:`\tilde A_1\tilde A_2^\top = A_1A_2^\top + 1`. The layers of one
-    group are summed in the network's dtype, as the generic route's GEMM sums its tensors, then
-    the block is added to ``out`` in float64 (and mirrored when symmetric). Few large operations
+    :math:`\tilde A = [A, 1]`, :math:`\tilde A_1\tilde A_2^\top = A_1A_2^\top + 1`. Everything is in
+    float64 (``out``'s dtype); the block is added to ``out`` (and mirrored when symmetric). Few large operations
     per block keep this fast also when the CPU is shared.
     """
     n1, C = layers[0][1][1].shape[:2]
     n2 = layers[0][2][1].shape[0]
     prepared = []
-    for layer, (a1, g1), (a2, g2) in layers:
+    for layer, f1, f2 in layers:
+        # Factor products in float64 (``out``'s dtype) whatever the network's dtype: for a float32
+        # 8-256-256-1 MLP (N = 1000) float32 GEMMs put a relative 2.5e-4 error on the predictive
+        # variances and 2e-5 on the evidence; float64 GEMMs of the same factors, 3e-7 and 1e-7.
+        (a1, g1), (a2, g2) = ((t.to(out.dtype) for t in f) for f in (f1, f2))
         gw = None if layer.weight is None else groups.tensor_group[layer.weight]
         gb = None if layer.bias is None else groups.tensor_group[layer.bias]
         fuse = gw is not None and gb == gw

@@ -170,14 +170,33 @@ class KernelSpacePosterior(ExactPosterior):
         return prior, torch.linalg.solve_triangular(self.factor, cross, upper=False)
 
     def _structured_point_blocks(self, factors: list[tuple[Tensor, ...]], n: int, size: int = 64) -> Tensor:
-        """Per-point ``C x C`` prior blocks of the structured layers, in sub-blocks of ``size`` points."""
+        r"""Per-point ``C x C`` prior blocks of the structured layers.
+
+        ``nn.Linear``: :math:`w_W\lVert a_n\rVert^2 g_n g_n^\top + w_b g_n g_n^\top` for all points
+        in one batched product; other structured layers (convolutions) through their
+        ``size``-point diagonal Gram blocks.
+        """
         C = self.network.num_outputs
         out = torch.zeros(n, C, C, dtype=torch.float64, device=self.network.device)
+        weights = self.group_weights
+        layers = list(self.network.structured_layers)
+        if all(layer.kind == "linear" for layer in layers):
+            for layer, (a, g) in zip(layers, factors):
+                g = g.to(torch.float64)  # shape: (n, C, d_out)
+                gg = torch.einsum("ncd,ned->nce", g, g)
+                scale = torch.zeros(n, dtype=torch.float64, device=out.device)
+                if layer.weight is not None:
+                    norms = a.to(torch.float64).square().sum(-1)  # shape: (n,)
+                    scale = scale + weights[self.groups.tensor_group[layer.weight]] * norms
+                if layer.bias is not None:
+                    scale = scale + weights[self.groups.tensor_group[layer.bias]]
+                out += scale[:, None, None] * gg
+            return out
         for start in range(0, n, size):
             part = [tuple(t[start : start + size] for t in layer) for layer in factors]
             r = min(size, n - start)
             block = torch.zeros(r * C, r * C, dtype=torch.float64, device=self.network.device)
-            structured_gram(self.network, self.groups, part, part, block, weights=self.group_weights)
+            structured_gram(self.network, self.groups, part, part, block, weights=weights)
             out[start : start + r] = block.reshape(r, C, r, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         return out
 
