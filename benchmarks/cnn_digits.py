@@ -53,7 +53,7 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernel_build import gemm_rate, machine_info, rel_err, time_calls, timed_with_peak  # noqa: E402
+from kernel_build import _load, gemm_rate, machine_info, rel_err, time_calls, timed_with_peak  # noqa: E402
 
 from ntkgp import FunctionalNetwork  # noqa: E402
 from ntkgp.functional import conv_patches  # noqa: E402
@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.check_n:
         result["agreement"] = agreement(net, x[: args.check_n], args.budget)
         print(f"agreement at N = {args.check_n}: {result['agreement']}", flush=True)
+    result["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return result
 
 
@@ -210,7 +211,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"**NTK Gram build, CNN on 8x8 digits**: {prob['network']}, P = {prob['P']:,}, N = {prob['N']}, "
         f"C = {prob['C']}, float32, budget {prob['budget_bytes'] / 2**20:.0f} MiB; "
         f"{result['machine']['cpu_model']}, {result['machine']['torch_threads']} threads; "
-        f"float32 GEMM rate {rate['gflops']:.1f} GFLOP/s",
+        f"float32 GEMM rate {rate['gflops']:.1f} GFLOP/s; load average {_load(result['machine'])}",
         "",
         "| route | median time (s) | runs | speed-up | peak memory added (MiB) |",
         "|---|---:|---:|---:|---:|",

@@ -29,7 +29,7 @@ counted analytically: per linear layer, :math:`2N^2 d_{in}` for :math:`AA^\top` 
   product), as a fraction of the measured matmul rate;
 * the flops the build actually executes over the whole build time (factor pass, GEMMs and
   float64 accumulation included), as a fraction of the measured rate. For a symmetric Gram ntkgp
-  computes only the lower block triangle (8 row blocks: about 56% of the full products) and
+  computes only the lower block triangle (4 row blocks: 62.5% of the full products) and
   mirrors it, and fuses each bias into its weight's GEMM (``[A, 1]``, ``d_in + 1`` columns);
 * the full-product count over the whole build time, an "effective" rate that can exceed the
   machine's GEMM rate because of the symmetry.
@@ -161,12 +161,12 @@ def structured_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
 def executed_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
     """GEMM flops the structured build actually runs for a symmetric Gram (x2 = x1).
 
-    ntkgp forms only the lower block triangle (``gram._pair_blocks`` with ``gram._symmetric_rows``)
+    ntkgp forms only the lower block triangle (``gram._pair_blocks`` with ``gram._block_rows``)
     and mirrors it, and fuses each bias into its weight's input Gram (``A~ = [A, 1]``: ``d_in + 1``).
     """
     from ntkgp import gram
 
-    rows = gram._symmetric_rows(n, outputs)
+    rows = gram._block_rows(n, outputs)
     total = 0.0
     for m in net.modules():
         if isinstance(m, nn.Linear):
@@ -272,7 +272,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.check_n:
         result["agreement"] = agreement(net, args.d_in, args.check_n, args.budget, args.seed)
         print(f"agreement at N = {args.check_n}: {result['agreement']}", flush=True)
+    result["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return result
+
+
+def _load(machine: dict[str, Any]) -> str:
+    """1-minute load averages at start and end (the machine is shared)."""
+    start, end = machine.get("loadavg_at_start"), machine.get("loadavg_at_end")
+    return f"{start[0]:.1f} (start) / {end[0]:.1f} (end)" if start and end else "n/a"
 
 
 def _fmt_mib(value: float | None) -> str:
@@ -285,7 +292,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"**NTK Gram build**, {prob['network']}, P = {prob['P']:,}, N = {prob['N']}, C = {prob['C']}, float32, "
         f"budget {prob['budget_bytes'] / 2**20:.0f} MiB; {result['machine']['cpu_model']}, "
-        f"{result['machine']['torch_threads']} threads; float32 GEMM rate {rate['gflops']:.1f} GFLOP/s",
+        f"{result['machine']['torch_threads']} threads; float32 GEMM rate {rate['gflops']:.1f} GFLOP/s; "
+        f"load average {_load(result['machine'])}",
         "",
         "| route | median time (s) | runs | speed-up | peak memory added (MiB) |",
         "|---|---:|---:|---:|---:|",
