@@ -239,7 +239,7 @@ def _linear_grams(
     rows = _block_rows(n1, C)
     for block in _pair_blocks(n1, n2, rows, symmetric):
         s1, e1, s2, e2 = block
-        acc: dict[int, Tensor] = {}  # group -> its sum over layers, (r1, C, r2, C) in the network's dtype
+        acc: dict[int, Tensor] = {}  # group -> its sum over layers, (r1, C, r2, C) in out's dtype
         for gw, gb, a1, a2, g1, g2 in prepared:
             # shape: (r1*C, d_out) @ (d_out, r2*C) -> (r1, C, r2, C)
             gg = workspace.matmul("gg", g1[s1 * C : e1 * C], g2[s2 * C : e2 * C].T).view(e1 - s1, C, e2 - s2, C)
