@@ -3,12 +3,14 @@ r"""A trained network, linearized, as an exact GPyTorch GP."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import gpytorch
 import torch
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from gpytorch.likelihoods import Likelihood
+from gpytorch.mlls import AddedLossTerm
 from gpytorch.models import GP, ExactGP
 from linear_operator.operators import DiagLinearOperator, LinearOperator, ZeroLinearOperator
 from torch import Tensor, nn
@@ -21,17 +23,20 @@ from ntkgp.means.linearized_mean import LinearizedMean
 from ntkgp.operators.exact_ntk_covariance import ExactNTKCovariance
 from ntkgp.operators.posterior_covariance import PosteriorCovariance
 from ntkgp.parameter_groups import PriorPrecisionSpec
-from ntkgp.solvers import (
-    ExactPosterior,
-    ExactSolver,
-    KernelSpaceLaplaceSolver,
-    WeightSpaceLaplaceSolver,
-    make_laplace_solver,
-    make_solver,
-)
+from ntkgp.solvers import GaussianSolver, LaplaceSolver, Posterior, SolverSpec, make_laplace_solver, make_solver
 
 __all__ = ["LinearizedGP"]
 
+
+class _CorrectionTerm(AddedLossTerm):
+    """The approximate solver's evidence correction (the collapsed bound's trace term), as the
+    GPyTorch added loss term that ``ExactMarginalLogLikelihood`` adds to the log likelihood."""
+
+    def __init__(self, compute: Callable[[], Tensor]) -> None:
+        self.compute = compute
+
+    def loss(self, *params: Any) -> Tensor:
+        return self.compute()
 
 
 class LinearizedGP(ExactGP):
@@ -76,7 +81,9 @@ class LinearizedGP(ExactGP):
     prior_precision:
         :math:`\delta`: a number, one value per parameter tensor, or ``{module name: value}``.
     solver:
-        ``"auto"`` (weight space if ``P < N C``, else kernel space), ``"kernel"`` or ``"weight"``.
+        Exact: ``"auto"`` (weight space if ``P < N C``, else kernel space), ``"kernel"`` or
+        ``"weight"``. Approximate, for large N (``docs/solvers.md``): a
+        :class:`~ntkgp.solvers.SolverSpec` such as ``ntkgp.solvers.Inducing(num_inducing=500)``.
     chunk_size:
         Examples per chunk in passes over data (default: about 2**25 Jacobian entries).
     memory_budget:
@@ -93,7 +100,7 @@ class LinearizedGP(ExactGP):
         train_y: Tensor,
         prior_precision: PriorPrecisionSpec = 1.0,
         *,
-        solver: str = "auto",
+        solver: str | SolverSpec = "auto",
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         progress: bool = False,
@@ -126,15 +133,18 @@ class LinearizedGP(ExactGP):
         self.covar_module = NTKKernel(network, prior_precision, memory_budget=memory_budget)
         self._train_mean = self.mean_module(flat_x).to(torch.float64)
         groups, budget = self.covar_module.groups, self.covar_module.memory_budget
-        if solver not in ("auto", "kernel", "weight"):
-            raise ValueError(f"solver must be 'auto', 'kernel' or 'weight', got {solver!r}")
+        if not isinstance(solver, SolverSpec) and solver not in ("auto", "kernel", "weight"):
+            raise ValueError(f"solver must be 'auto', 'kernel', 'weight' or a SolverSpec, got {solver!r}")
         if isinstance(likelihood, LaplaceLikelihood):
             f_hat = network.forward(flat_x).to(torch.float64)
             likelihood.check_outputs(f_hat)
             #: :math:`\log p(y \mid \hat f)` at the MAP
             self.map_log_likelihood = likelihood.log_likelihood(f_hat, train_y)
             factor = likelihood.hessian_factor(f_hat)
-            self._build_solver = lambda: make_laplace_solver(solver, network, groups, flat_x, budget, factor)
+            if isinstance(solver, SolverSpec):
+                self._build_solver = lambda: solver.laplace(network, groups, flat_x, budget, factor)
+            else:
+                self._build_solver = lambda: make_laplace_solver(solver, network, groups, flat_x, budget, factor)
         else:
             varies = self._noise_varies_over_data()
             if solver == "weight" and varies:
@@ -142,10 +152,15 @@ class LinearizedGP(ExactGP):
                     "solver='weight' needs noise that is the same for every data point; this likelihood's "
                     "noise varies over the data (use solver='kernel' or 'auto')"
                 )
-            self._build_solver = lambda: make_solver(solver, network, groups, flat_x, budget,
-                                                     noise_varies_over_data=varies)
-        self._solver: ExactSolver | KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver | None = None
-        self._posterior: tuple[tuple[Tensor, ...], ExactPosterior] | None = None
+            if isinstance(solver, SolverSpec):
+                self._build_solver = lambda: solver.gaussian(network, groups, flat_x, budget)
+            else:
+                self._build_solver = lambda: make_solver(solver, network, groups, flat_x, budget,
+                                                         noise_varies_over_data=varies)
+        self._solver: GaussianSolver | LaplaceSolver | None = None
+        if isinstance(solver, SolverSpec):
+            self.register_added_loss_term("approximation_correction")
+        self._posterior: tuple[tuple[Tensor, ...], Posterior] | None = None
 
     def _noise_varies_over_data(self) -> bool:
         """Whether the likelihood's noise differs between data points (per-point fixed noise)."""
@@ -162,9 +177,10 @@ class LinearizedGP(ExactGP):
 
     # ------------------------------------------------------------ properties
     @property
-    def solver(self) -> ExactSolver | KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver:
-        """The exact solver, built on first use: it caches Gram matrices or :math:`J^\\top J` of the
-        training data (the memory check, and a :class:`~ntkgp.KernelTooLargeError`, happen then)."""
+    def solver(self) -> GaussianSolver | LaplaceSolver:
+        """The solver, built on first use: it caches what does not depend on the hyperparameters
+        (Gram matrices or :math:`J^\\top J` of the training data for the exact solvers; the memory
+        check, and a :class:`~ntkgp.KernelTooLargeError`, happen then)."""
         if self._solver is None:
             self._solver = self._build_solver()
         return self._solver
@@ -230,6 +246,11 @@ class LinearizedGP(ExactGP):
                 )
             if self.is_laplace:  # the prior at the training inputs; the evidence is log_evidence()
                 return self._distribution(self._train_mean, self.covar_module(x).evaluate_kernel())
+            if not self.solver.exact:
+                delta = self.prior_precision
+                self.update_added_loss_term(
+                    "approximation_correction", _CorrectionTerm(lambda: self.solver.correction(delta, self._noise()))
+                )
             return self._distribution(self._train_mean, self._training_covariance(self.prior_precision))
         posterior = self.posterior()
         return self._distribution(posterior.mean(x), PosteriorCovariance(x, posterior=posterior))
@@ -248,7 +269,7 @@ class LinearizedGP(ExactGP):
         return (self.train_targets.to(torch.float64) - self._train_mean).reshape(-1)
 
     @torch.no_grad()
-    def posterior(self) -> ExactPosterior:
+    def posterior(self) -> Posterior:
         """The exact posterior at the current hyperparameters (cached until they change).
 
         Gaussian likelihoods: the GP posterior. Others: the Laplace posterior, centred at the
@@ -280,7 +301,9 @@ class LinearizedGP(ExactGP):
             theta = self.network.flat_params.to(torch.float64)
             prior = self.covar_module.groups.expand(delta.to(torch.float64), self.network.numels)
             scatter = (prior * theta.square()).sum()
-            return self.map_log_likelihood - 0.5 * scatter - 0.5 * self.solver.log_det(delta)
+            evidence = self.map_log_likelihood - 0.5 * scatter - 0.5 * self.solver.log_det(delta)
+            return evidence + self.solver.correction(delta, None)
         noise = self._noise()
         inv_quad, log_det = self.solver.inv_quad_logdet(delta, noise, self._residual().unsqueeze(-1), True)
-        return -0.5 * (inv_quad.sum() + log_det + self.solver.size * math.log(2 * math.pi))
+        evidence = -0.5 * (inv_quad.sum() + log_det + self.solver.size * math.log(2 * math.pi))
+        return evidence + self.solver.correction(delta, noise)

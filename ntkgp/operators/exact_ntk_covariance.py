@@ -2,7 +2,7 @@ r"""The NTK plus noise on the training inputs, with exact (direct) solves.
 
 This is the covariance that :class:`~ntkgp.models.LinearizedGP` hands GPyTorch in train mode.
 Adding a likelihood's diagonal noise keeps the class, and ``inv_quad_logdet`` / ``solve``
-go to the model's :class:`~ntkgp.solvers.ExactSolver` (Cholesky in kernel or weight space)
+go to the model's :class:`~ntkgp.solvers.GaussianSolver` (Cholesky in kernel or weight space)
 instead of linear_operator's CG and stochastic Lanczos quadrature, whatever the size.
 """
 
@@ -18,7 +18,7 @@ from ntkgp.operators._batch import expand_dense, unsqueeze_dense
 from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
 
 if TYPE_CHECKING:
-    from ntkgp.solvers.base import ExactSolver
+    from ntkgp.solvers.base import GaussianSolver
 
 __all__ = ["ExactNTKCovariance"]
 
@@ -36,7 +36,7 @@ class ExactNTKCovariance(LinearOperator):
         The exact solver holding the cached training Grams or :math:`J^\top J`.
     """
 
-    def __init__(self, prior_precision: Tensor, noise: Tensor, *, solver: ExactSolver) -> None:
+    def __init__(self, prior_precision: Tensor, noise: Tensor, *, solver: GaussianSolver) -> None:
         super().__init__(prior_precision, noise, solver=solver)
         self.prior_precision, self.noise, self.solver = prior_precision, noise, solver
 

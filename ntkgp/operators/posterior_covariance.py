@@ -13,7 +13,7 @@ from ntkgp.operators._batch import expand_dense, unsqueeze_dense
 from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
 
 if TYPE_CHECKING:
-    from ntkgp.solvers.base import ExactPosterior
+    from ntkgp.solvers.base import Posterior
 
 __all__ = ["PosteriorCovariance"]
 
@@ -27,7 +27,7 @@ class PosteriorCovariance(LinearOperator):
     ``matmul`` is lazy (vjp/jvp and the cached Cholesky).
     """
 
-    def __init__(self, x: Tensor, *, posterior: ExactPosterior) -> None:
+    def __init__(self, x: Tensor, *, posterior: Posterior) -> None:
         super().__init__(x, posterior=posterior)
         self.x, self.posterior = x, posterior
         self._dense: Tensor | None = None

@@ -16,19 +16,21 @@ from torch import Tensor
 from ntkgp.cholesky import NotPositiveDefiniteError, cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import ExactPosterior, ExactSolver, SolverBase
+from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, Posterior, SolverBase, SolverSpec
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
 from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver, make_laplace_solver
 from ntkgp.solvers.weight_space import WeightSpacePosterior, WeightSpaceSolver
 
 __all__ = [
-    "ExactPosterior",
-    "ExactSolver",
+    "Posterior",
+    "GaussianSolver",
     "KernelSpaceLaplaceSolver",
     "KernelSpacePosterior",
+    "LaplaceSolver",
     "KernelSpaceSolver",
     "NotPositiveDefiniteError",
     "SolverBase",
+    "SolverSpec",
     "WeightSpaceLaplaceSolver",
     "WeightSpacePosterior",
     "WeightSpaceSolver",
@@ -37,7 +39,7 @@ __all__ = [
     "make_solver",
 ]
 
-SOLVERS: dict[str, type[ExactSolver]] = {"kernel": KernelSpaceSolver, "weight": WeightSpaceSolver}
+SOLVERS: dict[str, type[GaussianSolver]] = {"kernel": KernelSpaceSolver, "weight": WeightSpaceSolver}
 
 
 def make_solver(
@@ -48,7 +50,7 @@ def make_solver(
     budget: int,
     *,
     noise_varies_over_data: bool = False,
-) -> ExactSolver:
+) -> GaussianSolver:
     """Build the exact solver named ``solver`` (``"auto"``, ``"kernel"`` or ``"weight"``).
 
     ``"auto"`` picks weight space when ``P < N C`` and the noise is the same for every data

@@ -18,7 +18,7 @@ from ntkgp.functional import FunctionalNetwork
 from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
 from ntkgp.parameter_groups import ParameterGroups
 
-__all__ = ["ExactPosterior", "ExactSolver", "SolverBase"]
+__all__ = ["GaussianSolver", "LaplaceSolver", "Posterior", "SolverBase", "SolverSpec"]
 
 
 class SolverBase:
@@ -66,10 +66,24 @@ class SolverBase:
         """The lazy NTK on the training inputs."""
         return NTKLinearOperator(self.x, self.x, delta, network=self.network, groups=self.groups, budget=self.budget)
 
+    #: whether the solver's evidence and posterior are exact (direct linear algebra)
+    exact: bool = True
 
-class ExactSolver(SolverBase, ABC):
-    r"""Exact (direct, non-iterative) linear algebra with :math:`K(\delta) + \operatorname{diag}(s)`
-    on the training inputs, for Gaussian likelihoods."""
+    def correction(self, delta: Tensor, noise: Tensor | None) -> Tensor:
+        r"""A term approximate solvers add to the log evidence, differentiable (zero here).
+
+        The inducing-point solver returns the collapsed bound's trace term
+        :math:`-\tfrac12\operatorname{tr}(\Lambda (K - Q))`. ``noise`` is ``None`` for
+        non-Gaussian likelihoods.
+        """
+        return torch.zeros((), dtype=torch.float64, device=self.x.device)
+
+
+class GaussianSolver(SolverBase, ABC):
+    r"""Linear algebra with :math:`K(\delta) + \operatorname{diag}(s)` on the training inputs,
+    for Gaussian likelihoods: exact (direct, non-iterative) unless ``exact`` is ``False``, when
+    :math:`K` is replaced by an approximation (e.g. the Nystrom kernel :math:`Q` of inducing
+    points) and every method refers to that approximation."""
 
     @abstractmethod
     def inv_quad_logdet(
@@ -94,7 +108,7 @@ class ExactSolver(SolverBase, ABC):
         """The diagonal of :math:`K + S`, ``(M,)``."""
 
     @abstractmethod
-    def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> ExactPosterior:
+    def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> Posterior:
         """The posterior given targets minus prior mean, ``residual`` ``(M,)``; no gradients."""
 
     def bilinear_derivative(
@@ -106,7 +120,35 @@ class ExactSolver(SolverBase, ABC):
         return grad_delta, grad_noise
 
 
-class ExactPosterior(ABC):
+class LaplaceSolver(SolverBase, ABC):
+    r"""Linear algebra for the Laplace GP of a non-Gaussian likelihood, with the per-point GGN
+    blocks :math:`\Lambda = BB^\top` fixed at the MAP."""
+
+    @abstractmethod
+    def log_det(self, delta: Tensor) -> Tensor:
+        r""":math:`\log|I + B^\top K B|` (or its approximation), differentiable in ``delta``."""
+
+    @abstractmethod
+    def laplace_posterior(self, delta: Tensor) -> Posterior:
+        """The Laplace posterior at prior precisions ``delta``, centred at the MAP; no gradients."""
+
+
+class SolverSpec(ABC):
+    """An approximate route for ``LinearizedGP(..., solver=spec)``: its settings, and how to build
+    its solver for a Gaussian or a Laplace (non-Gaussian) likelihood."""
+
+    @abstractmethod
+    def gaussian(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> GaussianSolver:
+        """The solver for a Gaussian likelihood on training inputs ``x`` ``(N, D)``."""
+
+    @abstractmethod
+    def laplace(
+        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, hessian_factor: Tensor
+    ) -> LaplaceSolver:
+        """The solver for a Laplace likelihood with per-point GGN factors ``B`` ``(N, C, C)``."""
+
+
+class Posterior(ABC):
     r"""The GP posterior on a fixed set of hyperparameters, with no gradients.
 
     Its mean is :math:`\mu(x_*) = f(x_*;\hat\theta) + J(x_*)(\bar\theta - \hat\theta)`, where

@@ -12,10 +12,11 @@ from torch import Tensor
 
 from ntkgp.cholesky import cholesky
 from ntkgp.functional import FunctionalNetwork
-from ntkgp.gram import ntk_gram, structured_gram
+from ntkgp.gram import ntk_gram
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import ExactPosterior, ExactSolver, SolverBase
+from ntkgp.solvers.base import GaussianSolver, SolverBase
+from ntkgp.solvers.test_kernel import DowndatePosterior
 
 __all__ = ["KernelSpacePosterior", "KernelSpaceSolver"]
 
@@ -32,7 +33,7 @@ def _weighted(delta: Tensor, grams: Tensor) -> Tensor:
     return torch.einsum("g,gij->ij", delta.to(grams.dtype).reciprocal(), grams)
 
 
-class KernelSpaceSolver(ExactSolver):
+class KernelSpaceSolver(GaussianSolver):
     """Cholesky of the ``(N*C) x (N*C)`` kernel plus noise, from cached per-group Grams."""
 
     name = "kernel"
@@ -95,140 +96,36 @@ class KernelSpaceSolver(ExactSolver):
         return KernelSpacePosterior(self, delta, factor, weights)
 
 
-class KernelSpacePosterior(ExactPosterior):
+class KernelSpacePosterior(DowndatePosterior):
     r"""Predictive covariance :math:`K_{**} - K_{*X} (K + S)^{-1} K_{X*}` via the cached Cholesky.
 
     For the Laplace GP of a non-Gaussian likelihood, with :math:`\Lambda = BB^\top` per point,
     it is :math:`K_{**} - K_{*X} B (I + B^\top K B)^{-1} B^\top K_{X*}` (same code, with
-    :math:`B^\top` applied to :math:`K_{X*}` before the triangular solve).
-
-    For each block of test points, the prior block :math:`K_{**}` and the cross-covariance
-    :math:`K_{X*}` are formed in one pass: ``nn.Linear`` layers by structured products of layer
-    factors (the training factors are cached), every other parameter tensor from the test
-    block's Jacobian :math:`J_*` scaled by :math:`P_0^{-1}`, as :math:`J_X (P_0^{-1} J_*^\top)`.
-    That training Jacobian is kept in memory when it fits in the budget.
+    :math:`B^\top` applied to :math:`K_{X*}` before the triangular solve): the downdate is
+    :math:`V = L^{-1} B^\top K_{X*}`. :math:`K_{**}` and :math:`K_{X*}` come from
+    :class:`~ntkgp.solvers.test_kernel.TestKernel`.
     """
 
     def __init__(
         self, solver: SolverBase, delta: Tensor, factor: Tensor, weights: Tensor,
         hessian_factor: Tensor | None = None,
     ) -> None:
-        super().__init__(solver.network, solver.groups, weights, solver.budget)
-        self.solver, self.delta, self.factor = solver, delta, factor
+        super().__init__(solver.network, solver.groups, weights, solver.budget, delta, solver.x, solver.size)
+        self.solver, self.factor = solver, factor
         #: Laplace: per-point ``B`` ``(N, C, C)``; the factor is then that of :math:`I + B^\top K B`
         self.hessian_factor = hessian_factor
-        network = self.network
-        self.group_weights = delta.to(torch.float64).reciprocal()
-        self.rest = network.generic_tensors
-        self.rest_width = sum(network.numels[t] for t in self.rest)
-        per_param = self.groups.expand(delta.reciprocal(), network.numels).to(network.dtype)
-        #: :math:`P_0^{-1}` on the generically handled columns, ``(P_rest,)``
-        self.rest_prior_variance = torch.cat(
-            [per_param[network.offsets[t] : network.offsets[t + 1]] for t in self.rest]
-        ) if self.rest else per_param[:0]
-        self.train_factors = network.linear_layer_factors(solver.x) if network.linear_layers else []
-        self._train_rest_jacobian: Tensor | None = None
-        if self.rest and solver.size * self.rest_width * network.dtype.itemsize <= self.budget // 2:
-            self._train_rest_jacobian = network.jacobian_block(solver.x, self.rest).reshape(-1, self.rest_width)
 
-    def _test_parts(self, x: Tensor, full: bool) -> tuple[Tensor, Tensor]:
-        """For test inputs ``x``: the prior covariance (dense ``(n*C, n*C)`` if ``full``, else the
-        per-point blocks ``(n, C, C)``) and ``V = L^{-1} B^T K_{X*}`` ``(M, n*C)``.
-
-        Memory is linear in ``n`` unless ``full``.
-        """
-        C = self.network.num_outputs
-        n, m = x.shape[0], self.solver.size
-        device = self.network.device
-        cross = torch.zeros(m, n * C, dtype=torch.float64, device=device)
-        prior = torch.zeros(*((n * C, n * C) if full else (n, C, C)), dtype=torch.float64, device=device)
-        if self.train_factors:
-            test_factors = self.network.linear_layer_factors(x)
-            structured_gram(self.network, self.groups, self.train_factors, test_factors, cross,
-                            weights=self.group_weights)
-            if full:
-                structured_gram(self.network, self.groups, test_factors, test_factors, prior,
-                                weights=self.group_weights)
-            else:
-                prior += self._structured_point_blocks(test_factors, n)
-        if self.rest:
-            jac = self.network.jacobian_block(x, self.rest).reshape(-1, self.rest_width)
-            scaled = jac * self.rest_prior_variance  # shape: (n*C, P_rest)
-            if full:
-                prior += (scaled @ jac.T).to(torch.float64)
-            else:
-                prior += torch.einsum("ncp,ndp->ncd", scaled.reshape(n, C, -1), jac.reshape(n, C, -1)).to(torch.float64)
-            if self._train_rest_jacobian is not None:
-                cross += (self._train_rest_jacobian @ scaled.T).to(torch.float64)
-            else:
-                rows = max(1, self.budget // (2 * C * self.rest_width * jac.element_size()))
-                parts = [self.network.jacobian_block(xt, self.rest).reshape(-1, self.rest_width) @ scaled.T
-                         for _, xt in self.network.chunks(self.solver.x, rows, desc="cross")]
-                cross += torch.cat(parts).to(torch.float64)
+    def downdate(self, x: Tensor, cross: Tensor | None) -> Tensor:
+        assert cross is not None
         if self.hessian_factor is not None:
             cross = apply_factor_transpose(self.hessian_factor, cross)
-        return prior, torch.linalg.solve_triangular(self.factor, cross, upper=False)
-
-    def _structured_point_blocks(self, factors: list[tuple[Tensor, ...]], n: int, size: int = 64) -> Tensor:
-        r"""Per-point ``C x C`` prior blocks of the structured layers.
-
-        ``nn.Linear``: :math:`w_W\lVert a_n\rVert^2 g_n g_n^\top + w_b g_n g_n^\top` for all points
-        in one batched product; other structured layers (convolutions) through their
-        ``size``-point diagonal Gram blocks.
-        """
-        C = self.network.num_outputs
-        out = torch.zeros(n, C, C, dtype=torch.float64, device=self.network.device)
-        weights = self.group_weights
-        layers = list(self.network.structured_layers)
-        if all(layer.kind == "linear" for layer in layers):
-            for layer, (a, g) in zip(layers, factors):
-                g = g.to(torch.float64)  # shape: (n, C, d_out)
-                gg = torch.einsum("ncd,ned->nce", g, g)
-                scale = torch.zeros(n, dtype=torch.float64, device=out.device)
-                if layer.weight is not None:
-                    norms = a.to(torch.float64).square().sum(-1)  # shape: (n,)
-                    scale = scale + weights[self.groups.tensor_group[layer.weight]] * norms
-                if layer.bias is not None:
-                    scale = scale + weights[self.groups.tensor_group[layer.bias]]
-                out += scale[:, None, None] * gg
-            return out
-        for start in range(0, n, size):
-            part = [tuple(t[start : start + size] for t in layer) for layer in factors]
-            r = min(size, n - start)
-            block = torch.zeros(r * C, r * C, dtype=torch.float64, device=self.network.device)
-            structured_gram(self.network, self.groups, part, part, block, weights=weights)
-            out[start : start + r] = block.reshape(r, C, r, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-        return out
-
-    def _test_rows(self) -> int:
-        per_point = self.network.num_outputs * (self.rest_width * self.network.dtype.itemsize * 2
-                                                + 8 * 2 * self.solver.size)
-        return max(1, self.budget // (2 * per_point))
-
-    @torch.no_grad()
-    def covariance(self, x: Tensor) -> Tensor:
-        prior, v = self._test_parts(x, full=True)
-        return prior - v.T @ v
-
-    @torch.no_grad()
-    def covariance_blocks(self, x: Tensor) -> Tensor:
-        C = self.network.num_outputs
-        parts = []
-        for _, xb in self.network.chunks(x, self._test_rows(), desc="predictive blocks"):
-            prior, v = self._test_parts(xb, full=False)
-            v = v.reshape(v.shape[0], xb.shape[0], C)
-            parts.append(prior - torch.einsum("mnc,mnd->ncd", v, v))
-        return torch.cat(parts)
-
-    @torch.no_grad()
-    def covariance_diagonal(self, x: Tensor) -> Tensor:
-        return self.covariance_blocks(x).diagonal(dim1=-2, dim2=-1).reshape(-1)
+        return torch.linalg.solve_triangular(self.factor, cross, upper=False)
 
     @torch.no_grad()
     def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
+        if self.hessian_factor is not None:
+            return super().covariance_matmul(x, rhs)
         rhs = rhs.to(torch.float64)
-        ntk = self.solver.ntk(self.delta)
-        cross = type(ntk)(self.solver.x, x, self.delta, network=self.network, groups=self.groups, budget=self.budget)
-        prior = type(ntk)(x, x, self.delta, network=self.network, groups=self.groups, budget=self.budget)
+        cross = self.kernel.prior_operator(self.solver.x, x)
         t = torch.cholesky_solve(cross._matmul(rhs), self.factor)  # shape: (M, t)
-        return prior._matmul(rhs) - cross._t_matmul(t)
+        return self.kernel.prior_operator(x, x)._matmul(rhs) - cross._t_matmul(t)

@@ -23,14 +23,14 @@ from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import jacobian_outer_products, ntk_gram
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import ExactPosterior, SolverBase
+from ntkgp.solvers.base import LaplaceSolver, Posterior
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, apply_factor_transpose
 from ntkgp.solvers.weight_space import WeightSpacePosterior
 
 __all__ = ["KernelSpaceLaplaceSolver", "WeightSpaceLaplaceSolver", "make_laplace_solver"]
 
 
-class KernelSpaceLaplaceSolver(SolverBase):
+class KernelSpaceLaplaceSolver(LaplaceSolver):
     r"""Cholesky of :math:`I + \sum_g B^\top K_g B / \delta_g`, ``(N*C)`` square."""
 
     name = "kernel"
@@ -62,14 +62,14 @@ class KernelSpaceLaplaceSolver(SolverBase):
         return 2.0 * self._laplace_factor(delta).diagonal().log().sum()
 
     @torch.no_grad()
-    def laplace_posterior(self, delta: Tensor) -> ExactPosterior:
+    def laplace_posterior(self, delta: Tensor) -> Posterior:
         delta = delta.detach()
         weights = self.network.flat_params.to(torch.float64)
         return KernelSpacePosterior(self, delta, self._laplace_factor(delta), weights,
                                     hessian_factor=self.hessian_factor)
 
 
-class WeightSpaceLaplaceSolver(SolverBase):
+class WeightSpaceLaplaceSolver(LaplaceSolver):
     r"""Cholesky of the GGN posterior precision :math:`P_0 + J^\top\Lambda J`, ``P x P``."""
 
     name = "weight"
@@ -96,7 +96,7 @@ class WeightSpaceLaplaceSolver(SolverBase):
         return 2.0 * self._laplace_factor(delta).diagonal().log().sum() - prior.log().sum()
 
     @torch.no_grad()
-    def laplace_posterior(self, delta: Tensor) -> ExactPosterior:
+    def laplace_posterior(self, delta: Tensor) -> Posterior:
         weights = self.network.flat_params.to(torch.float64)
         return WeightSpacePosterior(self, self._laplace_factor(delta.detach()), weights)
 

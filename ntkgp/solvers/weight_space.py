@@ -23,12 +23,12 @@ from ntkgp.gram import jacobian_outer_products
 from ntkgp.memory import check_fits
 from ntkgp.operators.jacobian_linear_operator import JacobianLinearOperator
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import ExactPosterior, ExactSolver, SolverBase
+from ntkgp.solvers.base import GaussianSolver, Posterior, SolverBase
 
 __all__ = ["WeightSpacePosterior", "WeightSpaceSolver"]
 
 
-class WeightSpaceSolver(ExactSolver):
+class WeightSpaceSolver(GaussianSolver):
     """Cholesky of the ``P x P`` posterior precision, from cached per-output :math:`J_c^\\top J_c`."""
 
     name = "weight"
@@ -125,7 +125,7 @@ class WeightSpaceSolver(ExactSolver):
         return WeightSpacePosterior(self, factor, weights)
 
 
-class WeightSpacePosterior(ExactPosterior):
+class WeightSpacePosterior(Posterior):
     r"""Predictive covariance :math:`J_* A^{-1} J_*^\top` (the GLM predictive)."""
 
     def __init__(self, solver: SolverBase, factor: Tensor, weights: Tensor) -> None:
