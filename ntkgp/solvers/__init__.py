@@ -17,6 +17,7 @@ from ntkgp.cholesky import NotPositiveDefiniteError, cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.parameter_groups import ParameterGroups
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, Posterior, SolverBase, SolverSpec
+from ntkgp.solvers.inducing import Inducing, InducingLaplaceSolver, InducingPosterior, InducingSolver
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
 from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver, make_laplace_solver
 from ntkgp.solvers.weight_space import WeightSpacePosterior, WeightSpaceSolver
@@ -25,6 +26,10 @@ __all__ = [
     "Posterior",
     "GaussianSolver",
     "KernelSpaceLaplaceSolver",
+    "Inducing",
+    "InducingLaplaceSolver",
+    "InducingPosterior",
+    "InducingSolver",
     "KernelSpacePosterior",
     "LaplaceSolver",
     "KernelSpaceSolver",

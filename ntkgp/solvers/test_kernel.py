@@ -146,8 +146,8 @@ class TestKernel:
         """Test points per block so that the cross-kernel, the downdate and a generic Jacobian fit
         half the budget."""
         network = self.network
-        per_point = network.num_outputs * (self.rest_width * network.dtype.itemsize * 2
-                                           + 8 * (self.reference_size + downdate_rank))
+        C = network.num_outputs
+        per_point = C * (self.rest_width * network.dtype.itemsize * 2 + 8 * (self.reference_size + downdate_rank + C))
         return max(1, self.budget // (2 * per_point))
 
     def prior_operator(self, x1: Tensor, x2: Tensor) -> NTKLinearOperator:

@@ -1,0 +1,275 @@
+"""Inducing-point (SGPR / Titsias) route against dense float64 truths.
+
+Truth: the full NTK K = J P0^-1 J^T from brute-force Jacobians, the Nystrom kernel
+Q = K_XZ K_ZZ^-1 K_ZX, and the textbook formulas (collapsed bound, DTC predictive, the Laplace
+lower bound) evaluated densely.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gpytorch
+import pytest
+import torch
+import torch.nn.functional as F
+import truth
+from sklearn.datasets import load_wine
+
+import ntkgp
+from ntkgp.inducing import kmeans_points, pivoted_cholesky_points, random_points
+from ntkgp.likelihoods import SoftmaxLikelihood
+from ntkgp.parameter_groups import parameter_groups
+from ntkgp.solvers import Inducing
+
+REL = 1e-8
+#: K_ZZ of a few points of a small tanh MLP has condition numbers ~1e10: with the default jitter
+#: (1e-8) no float64 algorithm, dense truth included, gets more than ~6 digits of the bound. The
+#: comparisons with the dense truth use a jitter of 1e-6 in both, which makes the problem
+#: well-conditioned and tests the algebra to round-off.
+JITTER = 1e-6
+
+
+def _rows(idx: torch.Tensor, c: int) -> torch.Tensor:
+    return (idx[:, None] * c + torch.arange(c)).reshape(-1)
+
+
+def _regression(c: int, prior_spec, n: int = 50):
+    x, y = truth.toy_regression(n, 3, c, seed=1)
+    x_test, _ = truth.toy_regression(7, 3, c, seed=2)
+    net = truth.mlp(3, 32, c, seed=3)
+    prior = truth.prior_vector(net, prior_spec)  # the GP algebra holds at any weights: no MAP needed
+    return net.eval(), x, y, x_test, prior
+
+
+def _likelihood(c: int, noise: float):
+    if c == 1:
+        lik = gpytorch.likelihoods.GaussianLikelihood().double()
+    else:
+        lik = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=c, has_task_noise=False).double()
+    lik.noise = noise
+    return lik
+
+
+def _noise_of(lik) -> torch.Tensor:
+    """The likelihood's noise per output, as stored (the constraint round-trips 0.09 to 0.0900000036)."""
+    c = lik.num_tasks if isinstance(lik, gpytorch.likelihoods.MultitaskGaussianLikelihood) else 1
+    return lik.noise.detach().reshape(-1).to(torch.float64).expand(c)
+
+
+def _dense_truth(net, x, y, x_test, prior, idx, noise, jitter=JITTER):
+    """Collapsed bound and SGPR predictive, densely."""
+    C = y.reshape(x.shape[0], -1).shape[1]
+    j, js = truth.jacobian(net, x), truth.jacobian(net, x_test)
+    theta = truth.flat_params(net)
+    with torch.no_grad():
+        f, fs = net(x).reshape(-1), net(x_test).reshape(-1)
+    r = y.reshape(-1) - (f - j @ theta)
+    var = 1 / prior
+    k = j @ (var[:, None] * j.T)
+    rows = _rows(idx, C)
+    jz = j[rows]
+    kzz = jz @ (var[:, None] * jz.T)
+    kzz = kzz + jitter * kzz.diagonal().mean().detach() * torch.eye(len(rows), dtype=torch.float64)
+    kxz = j @ (var[:, None] * jz.T)
+    q = kxz @ torch.linalg.solve(kzz, kxz.T)
+    s = noise.repeat(x.shape[0])
+    bound = (torch.distributions.MultivariateNormal(torch.zeros_like(r), q + torch.diag(s)).log_prob(r)
+             - 0.5 * ((k - q).diagonal() / s).sum())
+    d = kzz + kxz.T @ (kxz / s[:, None])
+    ksz = js @ (var[:, None] * jz.T)
+    mean = fs - js @ theta + ksz @ torch.linalg.solve(d, kxz.T @ (r / s))
+    kss = js @ (var[:, None] * js.T)
+    cov = kss - ksz @ (torch.linalg.solve(kzz, ksz.T) - torch.linalg.solve(d, ksz.T))
+    return bound, mean, cov
+
+
+@pytest.mark.parametrize(("c", "prior_spec"), [(1, 2.0), (1, [0.5, 3.0, 1.5, 4.0]), (2, 2.0)])
+def test_gaussian_bound_and_predictive_match_dense_truth(c: int, prior_spec) -> None:
+    net, x, y, x_test, prior = _regression(c, prior_spec)
+    noise = 0.09
+    idx = torch.tensor([1, 4, 9, 15, 22, 30, 31, 40, 47])
+    spec = torch.tensor(prior_spec, dtype=torch.float64) if isinstance(prior_spec, list) else prior_spec
+    model = ntkgp.LinearizedGP(net, _likelihood(c, noise), x, y if c > 1 else y.reshape(-1), prior_precision=spec,
+                               solver=Inducing(selection=idx, jitter=JITTER))
+    bound, mean, cov = _dense_truth(net, x, y, x_test, prior, idx, _noise_of(model.likelihood))
+    assert torch.allclose(model.log_evidence().detach(), bound, rtol=REL, atol=0)
+    model.eval()
+    post = model(x_test)
+    assert torch.allclose(post.mean.reshape(-1), mean, rtol=1e-7, atol=1e-9)
+    assert torch.allclose(post.covariance_matrix, cov, rtol=1e-6, atol=1e-9 * cov.diagonal().max())
+    assert torch.allclose(post.variance.reshape(-1), cov.diagonal(), rtol=1e-6, atol=0)
+
+
+def test_all_points_inducing_equals_exact() -> None:
+    net, x, y, x_test, _ = _regression(1, 2.0, n=40)
+    exact = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0, solver="kernel")
+    full = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0,
+                              solver=Inducing(selection=torch.arange(40), jitter=1e-12))
+    # the jitter shrinks Q: the gap is ~700 * jitter nats here (6.7e-6 at the default 1e-8)
+    assert torch.allclose(full.log_evidence().detach(), exact.log_evidence().detach(), rtol=1e-9, atol=0)
+    exact.eval(), full.eval()
+    a, b = exact(x_test), full(x_test)
+    assert torch.allclose(a.mean, b.mean, rtol=1e-7, atol=1e-9)
+    assert torch.allclose(a.variance, b.variance, rtol=1e-5, atol=1e-9)
+
+
+def test_bound_is_below_exact_and_tightens_with_more_points() -> None:
+    net, x, y, _, _ = _regression(1, 2.0, n=60)
+    exact = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0)
+    target = float(exact.log_evidence())
+    bounds = []
+    for m in (2, 5, 10, 20, 40):
+        model = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0,
+                                   solver=Inducing(num_inducing=m))  # greedy pivots: nested sets
+        bounds.append(float(model.log_evidence()))
+    assert all(b <= target + 1e-8 for b in bounds)
+    assert all(b2 > b1 for b1, b2 in zip(bounds, bounds[1:]))
+    assert target - bounds[-1] < 1e-3 * abs(target)
+
+
+def test_gradients_match_dense_truth() -> None:
+    spec = [0.5, 3.0, 1.5, 4.0]
+    net, x, y, _, _ = _regression(1, spec)
+    idx = torch.tensor([0, 3, 8, 13, 21, 34])
+    lik = _likelihood(1, 0.09)
+    model = ntkgp.LinearizedGP(net, lik, x, y.reshape(-1), prior_precision=torch.tensor(spec, dtype=torch.float64),
+                               solver=Inducing(selection=idx, jitter=JITTER))
+    model.log_evidence().backward()
+    raw_delta = model.covar_module.raw_prior_precision.grad.clone()
+    raw_noise = lik.raw_noise.grad.clone()
+
+    delta = torch.tensor(spec, dtype=torch.float64, requires_grad=True)
+    noise = _noise_of(lik).clone().requires_grad_(True)
+    prior = torch.cat([d.expand(p.numel()) for d, p in zip(delta, net.parameters())])
+    bound = _dense_truth(net, x, y, x[:2], prior, idx, noise)[0]
+    g_delta, g_noise = torch.autograd.grad(bound, (delta, noise))
+    # chain rule through the positivity constraints (softplus)
+    d_delta = torch.sigmoid(model.covar_module.raw_prior_precision.detach())
+    d_noise = torch.sigmoid(lik.raw_noise.detach())
+    assert torch.allclose(raw_delta, g_delta * d_delta, rtol=1e-7, atol=0)
+    assert torch.allclose(raw_noise, g_noise * d_noise, rtol=1e-7, atol=0)
+
+
+def test_gpytorch_loop_uses_the_bound_and_one_data_pass(monkeypatch) -> None:
+    net, x, y, x_test, _ = _regression(1, 2.0)
+    lik = _likelihood(1, 0.2)
+    model = ntkgp.LinearizedGP(net, lik, x, y.reshape(-1), prior_precision=1.0, solver=Inducing(num_inducing=12))
+    calls = []
+    cross = type(model.solver)._cross
+    monkeypatch.setattr(type(model.solver), "_cross", lambda self, xc: calls.append(1) or cross(self, xc))
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train(), lik.train()
+    first = None
+    for _ in range(30):
+        opt.zero_grad()
+        loss = -mll(model(x), y.reshape(-1))
+        if first is None:
+            first = float(loss)
+            assert math.isclose(-first * x.shape[0], float(model.log_evidence()), rel_tol=1e-10)
+        loss.backward()
+        opt.step()
+    assert float(loss) < first
+    passes = len(calls)
+    assert passes == len(list(model.network.chunks(x, model.solver._chunk_rows())))  # one pass in 30 steps
+    model.eval(), lik.eval()
+    pred = lik(model(x_test))
+    assert torch.isfinite(pred.variance).all() and (pred.variance > lik.noise).all()
+
+
+# ------------------------------------------------------------------------- Laplace (softmax)
+def _softmax_case(n: int = 60):
+    data = load_wine()
+    x = torch.tensor(data.data, dtype=torch.float64)
+    x = (x - x.mean(0)) / x.std(0)
+    yy = torch.tensor(data.target)
+    perm = torch.randperm(len(yy), generator=torch.Generator().manual_seed(0))
+    x, yy, x_test = x[perm[:n]], yy[perm[:n]], x[perm[n : n + 8]]
+    net = truth.mlp(x.shape[1], 5, 3, seed=4)
+    prior = truth.prior_vector(net, 1.5)
+    truth.train_map_loss(net, x, lambda f: F.cross_entropy(f, yy, reduction="sum"), prior)
+    return net.eval(), x, yy, x_test, prior
+
+
+def test_softmax_laplace_bound_matches_dense_truth() -> None:
+    net, x, y, x_test, prior = _softmax_case()
+    lik = SoftmaxLikelihood(num_classes=3)
+    idx = torch.tensor([2, 5, 11, 17, 29, 41, 50])
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=1.5, solver=Inducing(selection=idx, jitter=JITTER))
+    exact = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=1.5, solver="kernel")
+    j, js = truth.jacobian(net, x), truth.jacobian(net, x_test)
+    with torch.no_grad():
+        f = net(x)
+    b = lik.hessian_factor(f.to(torch.float64))  # (N, C, C)
+    lam = torch.block_diag(*(b @ b.transpose(1, 2)))
+    var = 1 / prior
+    rows = _rows(idx, 3)
+    kxz = j @ (var[:, None] * j[rows].T)
+    kzz = kxz[rows] + JITTER * kxz[rows].diagonal().mean().detach() * torch.eye(len(rows), dtype=torch.float64)
+    k = j @ (var[:, None] * j.T)
+    q = kxz @ torch.linalg.solve(kzz, kxz.T)
+    bdiag = torch.block_diag(*b)
+    eye = torch.eye(k.shape[0], dtype=torch.float64)
+    log_det = torch.logdet(eye + bdiag.T @ q @ bdiag) + torch.trace(bdiag.T @ (k - q) @ bdiag)
+    theta = truth.flat_params(net)
+    expected = lik.log_likelihood(f.to(torch.float64), y) - 0.5 * (prior * theta.square()).sum() - 0.5 * log_det
+    got = model.log_evidence().detach()
+    assert torch.allclose(got, expected, rtol=REL, atol=0)
+    assert got <= exact.log_evidence().detach() + 1e-10  # a lower bound on the Laplace evidence
+    d = kzz + kxz.T @ lam @ kxz
+    ksz = js @ (var[:, None] * j[rows].T)
+    cov = js @ (var[:, None] * js.T) - ksz @ (torch.linalg.solve(kzz, ksz.T) - torch.linalg.solve(d, ksz.T))
+    model.eval()
+    latent = model(x_test)
+    assert torch.allclose(latent.covariance_matrix, cov, rtol=1e-6, atol=1e-9 * cov.diagonal().max())
+    with torch.no_grad():
+        assert torch.allclose(latent.mean.reshape(-1), net(x_test).reshape(-1), rtol=1e-12, atol=1e-12)
+    probs = lik(latent).probs
+    assert torch.allclose(probs.sum(-1), torch.ones(8, dtype=probs.dtype))
+
+
+def test_softmax_laplace_all_points_equals_exact() -> None:
+    net, x, y, x_test, _ = _softmax_case(n=40)
+    lik = SoftmaxLikelihood(num_classes=3)
+    exact = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=1.5, solver="kernel")
+    full = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=1.5, solver=Inducing(selection=torch.arange(40)))
+    assert torch.allclose(full.log_evidence().detach(), exact.log_evidence().detach(), rtol=1e-8, atol=0)
+    exact.eval(), full.eval()
+    assert torch.allclose(exact(x_test).variance, full(x_test).variance, rtol=1e-5, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------- selection
+def test_selection_rules() -> None:
+    net, x, _, _, _ = _regression(1, 2.0)
+    gen = torch.Generator().manual_seed(0)
+    a = random_points(50, 10, torch.Generator().manual_seed(3))
+    assert torch.equal(a, random_points(50, 10, torch.Generator().manual_seed(3)))
+    km = kmeans_points(x, 10, gen)
+    assert km.unique().numel() == 10 and (km < 50).all()
+    network = ntkgp.functional.FunctionalNetwork(net, x.shape[1:])
+    groups = parameter_groups(network.names, 2.0)
+    delta = torch.tensor([2.0], dtype=torch.float64)
+    piv = pivoted_cholesky_points(network, groups, x, 10, delta, budget=2**26)
+    diag = truth.jacobian(net, x).square().sum(-1)
+    assert int(diag.argmax()) in piv.tolist()  # the first pivot has the largest prior variance
+    # more points than the NTK's rank: stops early instead of picking dependent points
+    tiny = truth.mlp(3, 1, 1, seed=0)  # P = 6
+    small = ntkgp.functional.FunctionalNetwork(tiny.eval(), x.shape[1:])
+    tiny_groups = parameter_groups(small.names, 1.0)
+    chosen = pivoted_cholesky_points(small, tiny_groups, x, 20, torch.ones(1, dtype=torch.float64), budget=2**26)
+    assert chosen.numel() <= 6
+
+
+def test_bad_inducing_input() -> None:
+    net, x, y, _, _ = _regression(1, 2.0)
+    for bad in (torch.tensor([0, 0, 3]), torch.tensor([-1, 2]), torch.tensor([3, 50])):
+        model = ntkgp.LinearizedGP(net, _likelihood(1, 0.1), x, y.reshape(-1), solver=Inducing(selection=bad))
+        with pytest.raises(ValueError, match="inducing indices"):
+            model.log_evidence()
+    model = ntkgp.LinearizedGP(net, _likelihood(1, 0.1), x, y.reshape(-1), solver=Inducing(num_inducing=0))
+    with pytest.raises(ValueError, match="num_inducing"):
+        model.log_evidence()
+    model = ntkgp.LinearizedGP(net, _likelihood(1, 0.1), x, y.reshape(-1), solver=Inducing(5, selection="grid"))
+    with pytest.raises(ValueError, match="selection"):
+        model.log_evidence()
