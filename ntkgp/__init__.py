@@ -3,7 +3,7 @@
 >>> model = ntkgp.LinearizedGP(net, likelihood, train_x, train_y, prior_precision=1.0)
 """
 
-from ntkgp import likelihoods, marglik, mlls
+from ntkgp import inducing, likelihoods, linalg, marglik, mlls, solvers
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.kernels import NTKKernel
 from ntkgp.means import LinearizedMean
@@ -27,8 +27,11 @@ __all__ = [
     "NotPositiveDefiniteError",
     "ParameterGroups",
     "PosteriorCovariance",
+    "inducing",
     "likelihoods",
+    "linalg",
     "marglik",
     "mlls",
+    "solvers",
     "parameter_groups",
 ]

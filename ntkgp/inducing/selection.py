@@ -9,8 +9,8 @@ Three rules, each returning sorted indices into the training inputs:
   outputs of a point at once): each step takes the point whose ``C x C`` block of the residual
   kernel :math:`K - K_{\cdot Z}K_{ZZ}^{-1}K_{Z\cdot}` has the largest trace. This maximises the
   trace of the Nystrom kernel greedily and is the choice that makes the collapsed bound tight
-  fastest. The greedy search runs on a candidate pool (all points when ``N`` is at most
-  ``pool_size``, else a random subset), whose dense NTK Gram is formed once.
+  fastest. The greedy search runs on a candidate pool (all points when there are few, else a
+  random subset of ``max(pool_size / C, 2 M)`` points), whose dense NTK Gram is formed once.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def pivoted_cholesky_points(
     Cost: the pool's Gram ``(n C)^2`` and ``O(n C \cdot (M C)^2)`` for the factorization.
     """
     n, C = x.shape[0], network.num_outputs
+    pool_size = max(pool_size // C, 2 * num_inducing)  # pool_size counts kernel rows (points x C)
     pool = torch.arange(n) if n <= pool_size else random_points(n, pool_size, generator)
     grams = ntk_gram(network, groups, x[pool.to(x.device)], budget=budget)
     gram = torch.einsum("g,gij->ij", delta.to(grams.dtype).reciprocal(), grams)  # shape: (n_pool C, n_pool C)

@@ -1,4 +1,6 @@
-r"""Exact solvers for the NTK GP on its training data, and the rule that picks one.
+r"""Solvers for the NTK GP on its training data: exact ones, the rule that picks one, and the
+approximate routes for large N (:class:`Inducing`, :class:`Lanczos`, :class:`ConjugateGradients`,
+passed as ``LinearizedGP(..., solver=spec)``; see ``docs/solvers.md``).
 
 * :class:`KernelSpaceSolver`: Cholesky of :math:`K + S`, ``(N C)^3/3`` per evaluation,
   ``G (N C)^2`` floats cached;
@@ -17,12 +19,16 @@ from ntkgp.cholesky import NotPositiveDefiniteError, cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.parameter_groups import ParameterGroups
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, Posterior, SolverBase, SolverSpec
+from ntkgp.solvers.conjugate_gradients import CGSolver, ConjugateGradients
 from ntkgp.solvers.inducing import Inducing, InducingLaplaceSolver, InducingPosterior, InducingSolver
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
+from ntkgp.solvers.lanczos import Lanczos, LanczosLaplaceSolver, LanczosSolver
 from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver, make_laplace_solver
 from ntkgp.solvers.weight_space import WeightSpacePosterior, WeightSpaceSolver
 
 __all__ = [
+    "CGSolver",
+    "ConjugateGradients",
     "Posterior",
     "GaussianSolver",
     "KernelSpaceLaplaceSolver",
@@ -31,6 +37,9 @@ __all__ = [
     "InducingPosterior",
     "InducingSolver",
     "KernelSpacePosterior",
+    "Lanczos",
+    "LanczosLaplaceSolver",
+    "LanczosSolver",
     "LaplaceSolver",
     "KernelSpaceSolver",
     "NotPositiveDefiniteError",

@@ -190,17 +190,10 @@ class _InducingCaches(SolverBase):
         return 2.0 * lb.diagonal().log().sum()
 
     @torch.no_grad()
-    def _downdate_factor(self, kzz: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r""":math:`F` with :math:`FF^\top = K_{ZZ}^{-1} - D^{-1}`, from the eigendecomposition
-        :math:`A = V E V^\top`: :math:`F = L_Z^{-\top} V (E/(1+E))^{1/2}`. Returns ``F``,
-        :math:`L_Z^{-\top} V` and :math:`1/(1+E)` (so :math:`D^{-1} = L_Z^{-\top} V (1+E)^{-1}
-        V^\top L_Z^{-1}`)."""
-        lz, a, _ = self._factors(kzz, phi)
-        evals, evecs = torch.linalg.eigh(a)
-        evals = evals.clamp(min=0.0)
-        basis = torch.linalg.solve_triangular(lz.T, evecs, upper=True)  # L_Z^{-T} V
-        factor = basis * (evals / (1.0 + evals)).sqrt()
-        return factor, basis, (1.0 + evals).reciprocal()
+    def _predictive_factors(self, kzz: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
+        """:math:`L_Z` and :math:`L_D = L_Z L_B` (Cholesky factor of :math:`D`), no gradients."""
+        lz, _, lb = self._factors(kzz, phi)
+        return lz, lz @ lb
 
 
 class InducingSolver(_InducingCaches, GaussianSolver):
@@ -314,10 +307,10 @@ class InducingSolver(_InducingCaches, GaussianSolver):
         delta, noise = delta.detach(), noise.detach()
         self._projections(residual.reshape(-1, 1))
         kzz, phi, precision = self._pieces(delta, noise)
-        factor, basis, shrink = self._downdate_factor(kzz, phi)
+        lz, ld = self._predictive_factors(kzz, phi)
         b, _ = self._projected_rhs(delta, precision, residual.reshape(-1, 1))
-        coef = basis @ (shrink[:, None] * (basis.T @ b))  # D^{-1} K_ZX S^{-1} r, shape: (MC, 1)
-        return InducingPosterior(self, delta, factor, self._weights(delta, coef[:, 0]))
+        coef = torch.cholesky_solve(b, ld)  # D^{-1} K_ZX S^{-1} r, shape: (MC, 1)
+        return InducingPosterior(self, delta, lz, ld, self._weights(delta, coef[:, 0]))
 
     def _weights(self, delta: Tensor, coef: Tensor) -> Tensor:
         r""":math:`\bar\theta = P_0^{-1} J_Z^\top c` for coefficients ``c`` ``(MC,)``."""
@@ -375,22 +368,27 @@ class InducingLaplaceSolver(_InducingCaches, LaplaceSolver):
     @torch.no_grad()
     def laplace_posterior(self, delta: Tensor) -> Posterior:
         delta = delta.detach()
-        factor = self._downdate_factor(*self._pieces(delta))[0]
-        return InducingPosterior(self, delta, factor, self.network.flat_params.to(torch.float64))
+        lz, ld = self._predictive_factors(*self._pieces(delta))
+        return InducingPosterior(self, delta, lz, ld, self.network.flat_params.to(torch.float64))
 
 
 class InducingPosterior(DowndatePosterior):
-    r"""Covariance :math:`K_{**} - K_{*Z} F F^\top K_{Z*}`, :math:`FF^\top = K_{ZZ}^{-1} - D^{-1}`.
+    r"""Covariance :math:`K_{**} - \lVert L_Z^{-1}K_{Z*}\rVert^2 + \lVert L_D^{-1}K_{Z*}\rVert^2`.
 
-    The downdate is :math:`V = F^\top K_{Z*}`; the cross-kernel against the ``M`` inducing inputs
-    is one structured product per test block, then :math:`O((MC)^2)` per test point.
+    That is :math:`K_{**} - K_{*Z}(K_{ZZ}^{-1} - D^{-1})K_{Z*}` with two triangular solves per
+    test block (:math:`O((MC)^2)` per test point) after one structured cross-Gram against the
+    ``M`` inducing inputs; no eigendecomposition.
     """
 
-    def __init__(self, solver: _InducingCaches, delta: Tensor, factor: Tensor, weights: Tensor) -> None:
-        super().__init__(solver.network, solver.groups, weights, solver.budget, delta, solver.z, factor.shape[-1])
-        #: :math:`F` ``(MC, MC)``
-        self.factor = factor
+    def __init__(self, solver: _InducingCaches, delta: Tensor, lz: Tensor, ld: Tensor, weights: Tensor) -> None:
+        super().__init__(solver.network, solver.groups, weights, solver.budget, delta, solver.z, 2 * lz.shape[-1])
+        #: Cholesky factors of :math:`K_{ZZ}` and :math:`D`, ``(MC, MC)``
+        self.lz, self.ld = lz, ld
 
     def downdate(self, x: Tensor, cross: Tensor | None) -> Tensor:
         assert cross is not None
-        return self.factor.T @ cross
+        return torch.linalg.solve_triangular(self.lz, cross, upper=False)
+
+    def update(self, x: Tensor, cross: Tensor | None) -> Tensor:
+        assert cross is not None
+        return torch.linalg.solve_triangular(self.ld, cross, upper=False)

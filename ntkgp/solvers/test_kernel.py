@@ -156,10 +156,12 @@ class TestKernel:
 
 
 class DowndatePosterior(Posterior):
-    r"""A posterior with covariance :math:`K_{**} - V^\top V` (see the module docstring).
+    r"""A posterior with covariance :math:`K_{**} - V^\top V + U^\top U` (see the module docstring).
 
-    Subclasses give :meth:`downdate`; ``reference`` names the inputs the downdate needs the
-    cross-kernel against (``None`` when it needs none).
+    Subclasses give :meth:`downdate` (:math:`V`) and optionally :meth:`update` (:math:`U`, for
+    differences of two projections such as the inducing posterior's
+    :math:`K_{*Z}(K_{ZZ}^{-1} - D^{-1})K_{Z*}`); ``reference`` names the inputs they need the
+    cross-kernel against (``None`` when they need none).
     """
 
     def __init__(
@@ -169,30 +171,42 @@ class DowndatePosterior(Posterior):
         super().__init__(network, groups, weights, budget)
         self.delta = delta
         self.kernel = TestKernel(network, groups, delta, reference, budget)
-        #: number of rows of the downdate :math:`V`
+        #: rows of :math:`V` plus rows of :math:`U`
         self.rank = rank
 
     @abstractmethod
     def downdate(self, x: Tensor, cross: Tensor | None) -> Tensor:
         """:math:`V` ``(r, n*C)`` for test inputs ``x`` ``(n, D)``, given the cross-kernel."""
 
-    def _parts(self, x: Tensor, full: bool) -> tuple[Tensor, Tensor]:
+    def update(self, x: Tensor, cross: Tensor | None) -> Tensor | None:
+        """:math:`U` ``(r', n*C)``, added back; ``None`` (the default) for none."""
+        return None
+
+    def _parts(self, x: Tensor, full: bool) -> tuple[Tensor, list[tuple[float, Tensor]]]:
         prior, cross = self.kernel.parts(x, full)
-        return prior, self.downdate(x, cross)
+        terms = [(-1.0, self.downdate(x, cross))]
+        up = self.update(x, cross)
+        if up is not None:
+            terms.append((1.0, up))
+        return prior, terms
 
     @torch.no_grad()
     def covariance(self, x: Tensor) -> Tensor:
-        prior, v = self._parts(x, full=True)
-        return prior - v.T @ v
+        prior, terms = self._parts(x, full=True)
+        for sign, v in terms:
+            prior = prior + sign * (v.T @ v)
+        return prior
 
     @torch.no_grad()
     def covariance_blocks(self, x: Tensor) -> Tensor:
         C = self.network.num_outputs
         parts = []
         for _, xb in self.network.chunks(x, self.kernel.rows(self.rank), desc="predictive blocks"):
-            prior, v = self._parts(xb, full=False)
-            v = v.reshape(v.shape[0], xb.shape[0], C)
-            parts.append(prior - torch.einsum("mnc,mnd->ncd", v, v))
+            prior, terms = self._parts(xb, full=False)
+            for sign, v in terms:
+                v = v.reshape(v.shape[0], xb.shape[0], C)
+                prior = prior + sign * torch.einsum("mnc,mnd->ncd", v, v)
+            parts.append(prior)
         return torch.cat(parts)
 
     @torch.no_grad()
@@ -202,11 +216,15 @@ class DowndatePosterior(Posterior):
     @torch.no_grad()
     def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
         rhs = rhs.to(torch.float64)
-        C = self.network.num_outputs
-        # V is (r, n*C): kept whole (r per test output, like the result), applied as V^T (V rhs)
-        blocks = []
+        out = self.kernel.prior_operator(x, x)._matmul(rhs)
+        # V and U are (r, n*C): kept whole (r per test output, like the result)
+        blocks: list[list[tuple[float, Tensor]]] = []
         for _, xb in self.network.chunks(x, self.kernel.rows(self.rank), desc="predictive matmul"):
             cross = self.kernel.parts(xb, full=False)[1]
-            blocks.append(self.downdate(xb, cross))
-        v = torch.cat(blocks, dim=1) if blocks else rhs.new_zeros(self.rank, x.shape[0] * C)
-        return self.kernel.prior_operator(x, x)._matmul(rhs) - v.T @ (v @ rhs)
+            up = self.update(xb, cross)
+            blocks.append([(-1.0, self.downdate(xb, cross))] + ([] if up is None else [(1.0, up)]))
+        for term in range(len(blocks[0]) if blocks else 0):
+            sign = blocks[0][term][0]
+            v = torch.cat([b[term][1] for b in blocks], dim=1)
+            out = out + sign * (v.T @ (v @ rhs))
+        return out
