@@ -1,0 +1,470 @@
+r"""Benchmark (issue 5): ntkgp's approximate routes on Friedman-1 regression, against the exact
+NTK GP and against laplace-torch's ``FunctionalLaplace`` (subset of data) and ``ELLA`` (Nyström).
+
+Setup (as ``regression_workflow.py``): Friedman-1 (``make_friedman1(n_samples=N + n_test,
+n_features=8, noise=1.0, random_state=0)``), the first N rows for training and the last
+``n_test`` for testing, inputs and targets standardized on the training rows; the 8-256-256-1
+tanh MLP in float32 (P = 68,353), trained full-batch with Adam on
+:math:`\tfrac12\lVert y - f\rVert^2 + \tfrac\delta2\lVert\theta\rVert^2` (``--train-steps``).
+
+Part 1: the approximation table (``--n``, default 10,000; 500 test points)
+--------------------------------------------------------------------------
+Fixed hyperparameters for every method: prior precision δ = 1 and noise σ² = the trained net's
+training MSE, so the table compares approximations, not hyperparameter fits. Each row runs
+build + log evidence (where the method has one) + latent mean and variance at the test points:
+
+* ``exact``: ntkgp, ``solver="kernel"`` on all N points (dense Cholesky, float64): the reference;
+* ``inducing``: ``ntkgp.solvers.Inducing(num_inducing=M)`` (pivoted-Cholesky selection by
+  default, ``--selection``); the evidence is the SGPR collapsed lower bound;
+* ``lanczos``: ``ntkgp.solvers.Lanczos(rank=k)``;
+* ``cg``: ``ntkgp.solvers.ConjugateGradients()`` with its defaults;
+* ``FunctionalLaplace``: laplace-torch ``Laplace(net, "regression", subset_of_weights="all",
+  hessian_structure="gp", n_subset=M, sigma_noise=σ, prior_precision=δ)`` fitted on all N points
+  (its GP uses a random subset of M of them; its evidence is that of the subset and is not
+  comparable to the N-point evidence), predictive ``la(x, pred_type="gp")``;
+* ``ELLA``: laplace-torch ``ELLA(net, "regression", subsample_size=M, n_eigenvalues=M,
+  sigma_noise=σ, prior_precision=δ)`` (Nyström features from M random points, curvature
+  accumulated over all N); it has no marginal likelihood (``log_marginal_likelihood`` raises).
+
+Reported: test NLL of the Gaussian predictive :math:`\mathcal N(y_* \mid \mu_*, v_* + \sigma^2)`
+(standardized targets, mean over the test points); variance error
+``max |v - v_exact| / max v_exact`` of the latent variance against ``exact``; the log evidence
+and its difference to the exact one; wall time (median over ``--repeats``; a configuration
+whose first run exceeds ``--long-seconds`` runs once); peak RSS added by the workflow. Every
+measurement runs in a fresh ``spawn`` process (imports, data and network loading, and one
+untimed warm-up of the same method on a few points are outside the clock), with the peak-RSS
+machinery of ``regression_workflow.py`` (``/proc/self/clear_refs`` + ``VmHWM``).
+
+Part 2: large N (``--large-n``, default 50,000; 1,000 test points)
+------------------------------------------------------------------
+* ``reference``: exact kernel solver on a random subset of ``--ref-subset`` training points,
+  with δ and σ² fitted by maximizing the exact evidence on that subset (L-BFGS, strong Wolfe,
+  over ``model.parameters()``, at most ``--ref-iters`` iterations);
+* ``inducing`` at each ``--large-m``: build + evidence (collapsed bound) + 1,000 predictions at
+  the fixed δ = 1, σ² = train MSE (``fixed``), and the same with δ and σ² fitted by
+  ``--fit-steps`` Adam steps (lr ``--fit-lr``) on the negative bound before predicting
+  (``fitted``; the fitting time is included in its total).
+
+Usage::
+
+    .venv/bin/python benchmarks/approximate_regression.py --json approx.json            # both parts
+    .venv/bin/python benchmarks/approximate_regression.py --n 2000 --inducing 100 300 --ranks 50 \
+        --repeats 1 --skip-large                                                        # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.datasets import make_friedman1
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from regression_workflow import N_FEATURES, PeakRSS, machine_info, make_net, train_net  # noqa: E402
+
+_MiB = 2**20
+
+
+def make_data(n: int, n_test: int) -> dict[str, Tensor]:
+    """Friedman-1 with ``n`` training and ``n_test`` test rows, standardized on the training rows (float32)."""
+    x, y = make_friedman1(n_samples=n + n_test, n_features=N_FEATURES, noise=1.0, random_state=0)
+    x_tr, x_te, y_tr, y_te = x[:n], x[n:], y[:n], y[n:]
+    mu_x, sd_x = x_tr.mean(0), x_tr.std(0)
+    mu_y, sd_y = y_tr.mean(), y_tr.std()
+
+    def f32(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(a, dtype=torch.float32)
+
+    return {"x": f32((x_tr - mu_x) / sd_x), "y": f32((y_tr - mu_y) / sd_y),
+            "x_test": f32((x_te - mu_x) / sd_x), "y_test": f32((y_te - mu_y) / sd_y)}
+
+
+def gaussian_nll(mean: Tensor, latent_var: Tensor, noise: float, y: Tensor) -> float:
+    """Mean test NLL of ``N(y | mean, latent_var + noise)``."""
+    var = latent_var.double() + noise
+    return float((0.5 * torch.log(2 * math.pi * var) + 0.5 * (y.double() - mean.double()) ** 2 / var).mean())
+
+
+# ----------------------------------------------------------------------- workflows
+def _ntkgp_model(net: nn.Module, x: Tensor, y: Tensor, delta: float, noise: float, solver: Any):
+    import gpytorch
+
+    import ntkgp
+
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    likelihood.noise = noise
+    return ntkgp.LinearizedGP(net, likelihood, x, y, prior_precision=delta, solver=solver), likelihood
+
+
+def _spec(method: str, param: int | None, selection: str, seed: int):
+    import ntkgp
+
+    if method == "exact":
+        return "kernel"
+    if method == "inducing":
+        return ntkgp.solvers.Inducing(num_inducing=param, selection=selection,
+                                      generator=torch.Generator().manual_seed(seed))
+    if method == "lanczos":
+        return ntkgp.solvers.Lanczos(rank=param, seed=seed)
+    if method == "cg":
+        return ntkgp.solvers.ConjugateGradients(seed=seed)
+    raise ValueError(method)
+
+
+def _predict(model, likelihood, x_test: Tensor) -> tuple[Tensor, Tensor]:
+    model.eval()
+    likelihood.eval()
+    with torch.no_grad():
+        f = model(x_test)
+        return f.mean.detach().double().clone(), f.variance.detach().double().clone()
+
+
+def workflow_ntkgp(net, data, s: dict, method: str, param: int | None) -> dict:
+    """ntkgp: build, log evidence, latent mean and variance at the test points (fixed δ, σ²)."""
+    timer: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, likelihood = _ntkgp_model(net, data["x"], data["y"], s["delta"], s["noise"],
+                                     _spec(method, param, s["selection"], s["seed"]))
+    _ = model.solver  # build the solver (it is lazy) inside the "build" phase
+    timer["build"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        lml = float(model.log_evidence())
+    timer["lml"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    mean, var = _predict(model, likelihood, data["x_test"])
+    timer["predict"] = time.perf_counter() - t2
+    timer["total"] = time.perf_counter() - t0
+    noise = float(likelihood.noise.detach())
+    return {"time": timer, "lml": lml, "mean": mean, "var": var, "noise": noise, "delta": s["delta"],
+            "solver": model.solver.name}
+
+
+def workflow_ntkgp_fitted(net, data, s: dict, method: str, param: int | None) -> dict:
+    """ntkgp with δ and σ² fitted on the (approximate) evidence, then predictions.
+
+    ``reference``: exact kernel solver on a random subset, L-BFGS. ``inducing_fit``: Adam on the
+    collapsed bound over all N points."""
+    timer: dict[str, float] = {}
+    x, y = data["x"], data["y"]
+    if method == "reference":
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(s["seed"]))[:param]
+        x, y = x[idx], y[idx]
+    t0 = time.perf_counter()
+    spec = "kernel" if method == "reference" else _spec("inducing", param, s["selection"], s["seed"])
+    model, likelihood = _ntkgp_model(net, x, y, s["delta"], s["noise"], spec)
+    _ = model.solver
+    timer["build"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        lml_start = float(model.log_evidence())
+    timer["lml"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    params = list(model.parameters())
+    evaluations = 0
+    if method == "reference":
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=s["ref_iters"], tolerance_grad=1e-6,
+                                tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            nonlocal evaluations
+            evaluations += 1
+            opt.zero_grad()
+            loss = -model.log_evidence()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        opt = torch.optim.Adam(params, lr=s["fit_lr"])
+        for _ in range(s["fit_steps"]):
+            evaluations += 1
+            opt.zero_grad()
+            loss = -model.log_evidence()
+            loss.backward()
+            opt.step()
+    timer["fit"] = time.perf_counter() - t2
+    with torch.no_grad():
+        lml = float(model.log_evidence())
+    t3 = time.perf_counter()
+    mean, var = _predict(model, likelihood, data["x_test"])
+    timer["predict"] = time.perf_counter() - t3
+    timer["total"] = time.perf_counter() - t0
+    timer["total_without_fit"] = timer["total"] - timer["fit"]
+    return {"time": timer, "lml": lml, "lml_start": lml_start, "mean": mean, "var": var,
+            "noise": float(likelihood.noise.detach()), "delta": float(model.prior_precision.detach().reshape(-1)[0]),
+            "evaluations": evaluations, "solver": model.solver.name, "n_train_used": int(x.shape[0])}
+
+
+def workflow_peer(net, data, s: dict, method: str, param: int) -> dict:
+    """laplace-torch: FunctionalLaplace with n_subset = M, or ELLA with M basis points."""
+    from laplace import ELLA, Laplace
+    from torch.utils.data import DataLoader, TensorDataset
+
+    n = data["x"].shape[0]
+    sigma = math.sqrt(s["noise"])
+    timer: dict[str, float] = {}
+    loader = DataLoader(TensorDataset(data["x"], data["y"][:, None]), batch_size=s["peer_batch_size"])
+    t0 = time.perf_counter()
+    if method == "functional_laplace":
+        la = Laplace(net, "regression", subset_of_weights="all", hessian_structure="gp", n_subset=param,
+                     sigma_noise=sigma, prior_precision=s["delta"])
+    else:
+        la = ELLA(net, "regression", subsample_size=param, n_eigenvalues=param, sigma_noise=sigma,
+                  prior_precision=s["delta"], seed=s["seed"])
+    la.fit(loader)
+    timer["build"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    lml = None
+    if method == "functional_laplace":
+        with torch.no_grad():
+            lml = float(la.log_marginal_likelihood())
+    timer["lml"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    mean, var = la(data["x_test"], pred_type="gp") if method == "functional_laplace" else la(data["x_test"])
+    mean, var = mean.detach().reshape(-1).double().clone(), var.detach().reshape(-1).double().clone()
+    timer["predict"] = time.perf_counter() - t2
+    timer["total"] = time.perf_counter() - t0
+    return {"time": timer, "lml": lml, "mean": mean, "var": var, "noise": s["noise"], "delta": s["delta"],
+            "subset_evidence": method == "functional_laplace"}
+
+
+_SMALL = {"inducing": 8, "lanczos": 4, "functional_laplace": 16, "ella": 8, "reference": 64, "inducing_fit": 8}
+
+
+def measure(method: str, param: int | None, path: str, threads: int, warmup: bool = True) -> dict[str, Any]:
+    """One timed, memory-probed run in this (fresh, spawned) process; tensors come back as lists."""
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    blob = torch.load(path, weights_only=False)
+    net = make_net()
+    net.load_state_dict(blob["state"])
+    net.eval()
+    data, s = blob["data"], blob["settings"]
+    import gpytorch  # noqa: F401
+    import laplace  # noqa: F401
+
+    import ntkgp  # noqa: F401
+
+    peer = method in ("functional_laplace", "ella")
+    fitted = method in ("reference", "inducing_fit")
+    run = workflow_peer if peer else workflow_ntkgp_fitted if fitted else workflow_ntkgp
+    if warmup:  # untimed, on a copy of the net and 64 points: first-call costs out of the clock
+        small = {k: v[:64] for k, v in data.items()}
+        small_s = dict(s, fit_steps=2, ref_iters=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run(copy.deepcopy(net), small, small_s, method, _SMALL.get(method, param))
+    with PeakRSS() as probe:
+        out = run(net, data, s, method, param)
+    out["peak_rss_bytes"] = probe.peak_delta
+    out["peak_rss_exact"] = probe.exact
+    out["mean"] = out["mean"].tolist()
+    out["var"] = out["var"].tolist()
+    return out
+
+
+def run_in_subprocess(method: str, param: int | None, path: str, threads: int, warmup: bool = True) -> dict:
+    """:func:`measure` in a fresh ``spawn`` process."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(measure, method, param, path, threads, warmup).result()
+
+
+# --------------------------------------------------------------------------- driver
+def prepare(n: int, n_test: int, args: argparse.Namespace, workdir: Path) -> tuple[str, dict]:
+    """Data, trained network and settings, saved for the child processes."""
+    data = make_data(n, n_test)
+    torch.manual_seed(args.seed)
+    net = make_net()
+    t0 = time.perf_counter()
+    train_rmse = train_net(net, data["x"], data["y"], args.prior_precision, args.train_steps)
+    with torch.no_grad():
+        test_rmse = float((data["y_test"] - net(data["x_test"]).squeeze(-1)).pow(2).mean().sqrt())
+    num_params = sum(p.numel() for p in net.parameters())
+    settings = {"n": n, "n_test": n_test, "delta": args.prior_precision, "noise": train_rmse**2,
+                "train_rmse": train_rmse, "test_rmse": test_rmse, "num_parameters": num_params,
+                "train_seconds": time.perf_counter() - t0, "selection": args.selection, "seed": args.seed,
+                "peer_batch_size": max(1, 2**25 // num_params), "fit_steps": args.fit_steps,
+                "fit_lr": args.fit_lr, "ref_iters": args.ref_iters}
+    path = str(workdir / f"setup_{n}.pt")
+    torch.save({"state": net.state_dict(), "data": data, "settings": settings}, path)
+    print(f"N={n}: P={num_params}, train RMSE {train_rmse:.4f} (σ² = {train_rmse**2:.4f}), test RMSE "
+          f"{test_rmse:.4f}, trained in {settings['train_seconds']:.1f} s", flush=True)
+    return path, settings
+
+
+def repeat(method: str, param: int | None, path: str, args: argparse.Namespace) -> list[dict]:
+    """Up to ``--repeats`` fresh-process runs; one only if the first exceeds ``--long-seconds``."""
+    runs = []
+    for rep in range(args.repeats):
+        try:
+            out = run_in_subprocess(method, param, path, args.threads, not args.no_warmup)
+        except Exception as exc:  # noqa: BLE001 - a failing configuration is reported, not fatal
+            print(f"  {method} {param}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+            return runs or [{"error": f"{type(exc).__name__}: {exc}"}]
+        runs.append(out)
+        t = out["time"]
+        print(f"  {method:>18} {param!s:>6} rep {rep + 1}: {t['total']:.2f} s ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k != "total")
+              + f"), peak RSS +{out['peak_rss_bytes'] / _MiB:.0f} MiB", flush=True)
+        if t["total"] > args.long_seconds:
+            break
+    return runs
+
+
+def summarize(runs: list[dict], truth: dict | None, y_test: Tensor) -> dict[str, Any]:
+    """Medians over repeats; accuracy from the first run (all runs are deterministic)."""
+    if "error" in runs[0]:
+        return {"error": runs[0]["error"]}
+    r0 = runs[0]
+    mean, var = torch.tensor(r0["mean"]), torch.tensor(r0["var"])
+    out = {
+        "repeats": len(runs),
+        "time_median": statistics.median(r["time"]["total"] for r in runs),
+        "phase_median": {k: statistics.median(r["time"][k] for r in runs) for k in r0["time"]},
+        "times": [r["time"]["total"] for r in runs],
+        "peak_rss_median": statistics.median(r["peak_rss_bytes"] for r in runs),
+        "peak_rss_exact": all(r["peak_rss_exact"] for r in runs),
+        "nll": gaussian_nll(mean, var, r0["noise"], y_test),
+        "lml": r0["lml"],
+        "noise": r0["noise"],
+        "delta": r0["delta"],
+    }
+    for key in ("evaluations", "lml_start", "n_train_used", "solver", "subset_evidence"):
+        if key in r0:
+            out[key] = r0[key]
+    if truth is not None:
+        tv, tm = torch.tensor(truth["var"]), torch.tensor(truth["mean"])
+        out["var_err"] = float((var - tv).abs().max() / tv.abs().max())
+        out["var_ratio_median"] = float((var / tv).median())
+        out["mean_err"] = float((mean - tm).abs().max() / tm.abs().max())
+        if r0["lml"] is not None and not r0.get("subset_evidence", False):
+            out["lml_diff"] = r0["lml"] - truth["lml"]
+    return out
+
+
+def table_part1(rows: list[dict]) -> str:
+    head = ("| method | M / k | time (s) | repeats | peak RSS (MiB) | test NLL | NLL − exact | var err "
+            "| median var / exact var | log evidence | − exact |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    exact_nll = next(r["nll"] for r in rows if r["method"] == "exact")
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['param']} | failed: {r['error'][:80]} |||||||||")
+            continue
+        lml = "—" if r["lml"] is None else ("(subset) " if r.get("subset_evidence") else "") + f"{r['lml']:.1f}"
+        diff = f"{r['lml_diff']:+.1f}" if "lml_diff" in r else "—"
+        lines.append(
+            f"| {r['method']} | {r['param'] if r['param'] is not None else '—'} | {r['time_median']:.2f} "
+            f"| {r['repeats']} | {r['peak_rss_median'] / _MiB:.0f} | {r['nll']:.4f} | {r['nll'] - exact_nll:+.4f} "
+            f"| {r.get('var_err', 0.0):.2e} | {r.get('var_ratio_median', 1.0):.3f} | {lml} | {diff} |")
+    return "\n".join(lines)
+
+
+def table_part2(rows: list[dict]) -> str:
+    head = ("| method | M | time total (s) | time w/o fit (s) | repeats | peak RSS (MiB) | δ | σ² | log evidence "
+            "| test NLL | NLL − ref | (NLL − ref) / abs(ref) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ref = next(r["nll"] for r in rows if r["method"].startswith("reference"))
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['param']} | failed: {r['error'][:80]} ||||||||||")
+            continue
+        wo = r["phase_median"].get("total_without_fit", r["time_median"])
+        lines.append(
+            f"| {r['method']} | {r['param']} | {r['time_median']:.2f} | {wo:.2f} | {r['repeats']} "
+            f"| {r['peak_rss_median'] / _MiB:.0f} | {r['delta']:.4g} | {r['noise']:.4g} | {r['lml']:.1f} "
+            f"| {r['nll']:.4f} | {r['nll'] - ref:+.4f} | {(r['nll'] - ref) / abs(ref):+.2%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10000, help="part 1 training-set size")
+    parser.add_argument("--inducing", type=int, nargs="*", default=[100, 300, 1000, 2000], help="part 1 M list")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[50, 100, 300], help="part 1 Lanczos ranks")
+    parser.add_argument("--no-cg", action="store_true", help="skip the CG row")
+    parser.add_argument("--peer-m", type=int, nargs="*", default=None,
+                        help="M list for FunctionalLaplace and ELLA (default: --inducing)")
+    parser.add_argument("--ella-m", type=int, nargs="*", default=None,
+                        help="M list for ELLA (default: the FunctionalLaplace list; empty: skip ELLA)")
+    parser.add_argument("--selection", default="pivoted_cholesky", help="inducing-point selection")
+    parser.add_argument("--large-n", type=int, default=50000, help="part 2 training-set size")
+    parser.add_argument("--large-m", type=int, nargs="*", default=[1000, 2000], help="part 2 M list")
+    parser.add_argument("--ref-subset", type=int, default=10000, help="part 2 exact reference subset size")
+    parser.add_argument("--ref-iters", type=int, default=15, help="L-BFGS iterations of the reference fit")
+    parser.add_argument("--fit-steps", type=int, default=40, help="Adam steps of the inducing fit")
+    parser.add_argument("--fit-lr", type=float, default=0.05, help="Adam learning rate of the inducing fit")
+    parser.add_argument("--skip-small", action="store_true", help="skip part 1")
+    parser.add_argument("--skip-large", action="store_true", help="skip part 2")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
+    parser.add_argument("--long-seconds", type=float, default=60.0, help="one run only above this time")
+    parser.add_argument("--prior-precision", type=float, default=1.0, help="δ, also the training weight decay")
+    parser.add_argument("--train-steps", type=int, default=300, help="full-batch Adam steps for the network")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init, subsets, probes and selection")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
+    parser.add_argument("--json", type=str, default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"machine": machine_info(), "config": vars(args).copy()}
+    print(f"machine: {json.dumps(report['machine'])}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="ntkgp-approx-") as tmp:
+        workdir = Path(tmp)
+        if not args.skip_small:
+            path, settings = prepare(args.n, 500, args, workdir)
+            y_test = torch.load(path, weights_only=False)["data"]["y_test"]
+            truth_runs = repeat("exact", None, path, args)
+            truth = truth_runs[0]
+            configs = [("inducing", m) for m in args.inducing] + [("lanczos", k) for k in args.ranks]
+            configs += [] if args.no_cg else [("cg", None)]
+            peer_m = args.inducing if args.peer_m is None else args.peer_m
+            configs += [("functional_laplace", m) for m in peer_m]
+            configs += [("ella", m) for m in (peer_m if args.ella_m is None else args.ella_m)]
+            rows = [dict(method="exact", param=None, **summarize(truth_runs, truth, y_test))]
+            for method, param in configs:
+                rows.append(dict(method=method, param=param, **summarize(repeat(method, param, path, args),
+                                                                         truth, y_test)))
+            report["part1"] = {"settings": settings, "rows": rows, "table": table_part1(rows)}
+            print("\n" + report["part1"]["table"] + "\n", flush=True)
+        if not args.skip_large:
+            path, settings = prepare(args.large_n, 1000, args, workdir)
+            y_test = torch.load(path, weights_only=False)["data"]["y_test"]
+            rows = [dict(method=f"reference (exact, subset {args.ref_subset}, L-BFGS fit)", param=args.ref_subset,
+                         **summarize(repeat("reference", args.ref_subset, path, args), None, y_test))]
+            for m in args.large_m:
+                rows.append(dict(method="inducing, fixed δ=1, σ²=train MSE", param=m,
+                                 **summarize(repeat("inducing", m, path, args), None, y_test)))
+                rows.append(dict(method=f"inducing, fitted ({args.fit_steps} Adam steps)", param=m,
+                                 **summarize(repeat("inducing_fit", m, path, args), None, y_test)))
+            report["part2"] = {"settings": settings, "rows": rows, "table": table_part2(rows)}
+            print("\n" + report["part2"]["table"] + "\n", flush=True)
+
+    report["wall_seconds"] = time.perf_counter() - started
+    report["loadavg_at_end"] = list(__import__("os").getloadavg())
+    print(f"total wall time {report['wall_seconds']:.1f} s; load average at end {report['loadavg_at_end']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
