@@ -101,6 +101,23 @@ def test_gaussian_bound_and_predictive_match_dense_truth(c: int, prior_spec) -> 
     assert torch.allclose(post.variance.reshape(-1), cov.diagonal(), rtol=1e-6, atol=0)
 
 
+def test_network_mean_and_single_factorization(monkeypatch) -> None:
+    net, x, y, x_test, _ = _regression(1, 2.0)
+    model = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0,
+                               solver=Inducing(8, mean="network"))
+    factorizations = []
+    factors = type(model.solver)._factors
+    monkeypatch.setattr(type(model.solver), "_factors", lambda self, *a: factorizations.append(1) or factors(self, *a))
+    evidence = model.log_evidence()  # the bound's trace term reuses the quadratic form's factorization
+    assert len(factorizations) == 1
+    evidence.backward()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x_test).mean, net(x_test).reshape(-1), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="mean"):
+        Inducing(8, mean="map")
+
+
 def test_all_points_inducing_equals_exact() -> None:
     net, x, y, x_test, _ = _regression(1, 2.0, n=40)
     exact = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0, solver="kernel")
@@ -121,7 +138,7 @@ def test_bound_is_below_exact_and_tightens_with_more_points() -> None:
     bounds = []
     for m in (2, 5, 10, 20, 40):
         model = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0,
-                                   solver=Inducing(num_inducing=m))  # greedy pivots: nested sets
+                                   solver=Inducing(num_inducing=m, selection="pivoted_cholesky"))  # nested
         bounds.append(float(model.log_evidence()))
     assert all(b <= target + 1e-8 for b in bounds)
     assert all(b2 > b1 for b1, b2 in zip(bounds, bounds[1:]))

@@ -24,7 +24,7 @@ from ntkgp.parameter_groups import ParameterGroups
 
 __all__ = ["kmeans_points", "pivoted_cholesky_points", "random_points", "select_inducing_points"]
 
-#: default candidate pool of the pivoted-Cholesky search
+#: default candidate pool of the pivoted-Cholesky search, in kernel rows (points x outputs)
 DEFAULT_POOL_SIZE = 4000
 
 

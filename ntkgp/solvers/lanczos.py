@@ -127,7 +127,9 @@ class Lanczos(SolverSpec):
         Gaussian posterior mean: ``"projected"`` (default; the exact posterior given the data
         projected on the kept eigenvectors, graceful when the rank is too small) or
         ``"complement"`` (the evidence's low-rank solve; more accurate when every eigenvalue above
-        the noise is kept, unstable otherwise). See the module docstring.
+        the noise is kept, unstable otherwise), or ``"network"`` (:math:`f(x_*;\hat\theta)`, the
+        exact posterior mean when the network is a MAP for the same :math:`\delta, \sigma`, as
+        laplace-torch uses). See the module docstring.
     """
 
     rank: int
@@ -141,8 +143,8 @@ class Lanczos(SolverSpec):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"Lanczos {name} must be a positive integer, got {value!r}")
-        if self.mean not in ("projected", "complement"):
-            raise ValueError(f"Lanczos mean must be 'projected' or 'complement', got {self.mean!r}")
+        if self.mean not in ("projected", "complement", "network"):
+            raise ValueError(f"Lanczos mean must be 'projected', 'complement' or 'network', got {self.mean!r}")
 
     def settings(self, size: int) -> tuple[int, int, int]:
         """``(rank, block_size, num_steps)`` for an operator of side ``size`` ``= N C``."""
@@ -425,7 +427,8 @@ class LanczosSolver(_LanczosBase, GaussianSolver):
         columns = torch.cat([vectors, alpha], 1)  # shape: (M, k + 1): one pass of vjps for both
         scale = torch.cat([(eig + sigma2).rsqrt(), eig.new_ones(1)])
         pulled = self.directions(delta, columns, scale)  # shape: (P, k + 1)
-        return LowRankPosterior(self.network, self.groups, self.budget, delta, pulled[:, -1], pulled[:, :-1])
+        weights = self.network.flat_params.to(torch.float64) if self.spec.mean == "network" else pulled[:, -1]
+        return LowRankPosterior(self.network, self.groups, self.budget, delta, weights, pulled[:, :-1])
 
 
 class LanczosLaplaceSolver(_LanczosBase, LaplaceSolver):

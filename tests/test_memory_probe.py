@@ -1,0 +1,66 @@
+"""Peak-memory probe of the approximate routes (issue 5): no N x P Jacobian, no N x N matrix.
+
+Each route runs in a fresh subprocess on N = 8,000 points of a network with P = 17,793
+parameters, a 32 MiB Jacobian budget and chunks of 500 examples. The probe resets the kernel's peak-RSS counter
+(``/proc/self/clear_refs``) after setup and reads ``VmHWM`` after the evidence and 500
+predictions. An N x P float32 Jacobian would add 570 MB and an N x N float64 matrix 512 MB;
+the allowance is 200 MB (the chunk's per-example Jacobian and its vmap intermediates are
+36 MB each, the rest a few MB).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import re, sys, warnings, torch, gpytorch, ntkgp
+    warnings.simplefilter("ignore")  # CG may stop at max_iterations: only memory is measured here
+    from ntkgp.solvers import ConjugateGradients, Inducing, Lanczos
+    torch.manual_seed(0)
+    n = 8_000
+    x = torch.randn(n + 500, 8)
+    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(n + 500)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128), torch.nn.Tanh(),
+                              torch.nn.Linear(128, 1)).eval()
+    lik = gpytorch.likelihoods.GaussianLikelihood()
+    lik.noise = 0.05
+    spec = {"inducing": Inducing(200, selection="random"), "lanczos": Lanczos(rank=40),
+            "cg": ConjugateGradients(num_probes=4, preconditioner_rank=50, variance_rank=40, tolerance=1e-4,
+                                    max_iterations=40)}
+    model = ntkgp.LinearizedGP(net, lik, x[:n], y[:n], prior_precision=1.0, solver=spec[sys.argv[1]],
+                               memory_budget=2**25, chunk_size=500)
+    def rss(key):
+        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+    open("/proc/self/clear_refs", "w").write("5")
+    base = rss("VmRSS")
+    model.log_evidence()
+    model.eval(); lik.eval()
+    with torch.no_grad():
+        lik(model(x[n:])).variance
+    print(rss("VmHWM") - base)
+    """
+)
+
+
+def _clear_refs_writable() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _clear_refs_writable(), reason="needs a writable /proc/self/clear_refs (Linux)")
+@pytest.mark.parametrize("route", ["inducing", "lanczos", "cg"])
+def test_approximate_routes_stay_within_memory(route: str) -> None:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, route], capture_output=True, text=True, timeout=600,
+                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = int(out.stdout.strip().splitlines()[-1])
+    assert peak < 200 * 2**20, f"{route}: peak memory grew by {peak / 2**20:.0f} MiB"
