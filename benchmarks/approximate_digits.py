@@ -182,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     report["rows"] = rows
     lines = ["| method | time (s) | repeats | peak RSS (MiB) | log evidence | test NLL | ECE (15 bins) | accuracy |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in (("exact (kernel, N·C = %d)" % (len(data["y"]) * NUM_CLASSES), ex),
+    for name, r in ((f"exact (kernel, N·C = {len(data['y']) * NUM_CLASSES})", ex),
                     (f"inducing M = {args.num_inducing} ({args.selection})", ind)):
         lines.append(f"| {name} | {r['time_median']:.2f} | {r['repeats']} | {r['peak_rss_median'] / _MiB:.0f} "
                      f"| {r['lml']:.2f} | {r['nll']:.4f} | {r['ece']:.4f} | {r['acc']:.4f} |")
     m = rows["map"]
-    lines.append(f"| MAP plug-in softmax (context) | — | — | — | — | {m['nll']:.4f} | {m['ece']:.4f} | {m['acc']:.4f} |")
+    lines.append(f"| MAP plug-in softmax (context) | — | — | — | — | {m['nll']:.4f} | {m['ece']:.4f} "
+                 f"| {m['acc']:.4f} |")
     report["table"] = "\n".join(lines)
     c = report["comparison"]
     print("\n" + report["table"])

@@ -14,8 +14,10 @@ training MSE, so the table compares approximations, not hyperparameter fits. Eac
 build + log evidence (where the method has one) + latent mean and variance at the test points:
 
 * ``exact``: ntkgp, ``solver="kernel"`` on all N points (dense Cholesky, float64): the reference;
-* ``inducing``: ``ntkgp.solvers.Inducing(num_inducing=M)`` (pivoted-Cholesky selection by
-  default, ``--selection``); the evidence is the SGPR collapsed lower bound;
+* ``inducing``: ``ntkgp.solvers.Inducing(num_inducing=M)`` (k-means selection by default,
+  ``--selection``; predictive mean ``--mean``, default ``network``: f(x*), the laplace-torch
+  convention, which FunctionalLaplace and ELLA also use); the evidence is the SGPR collapsed
+  lower bound;
 * ``lanczos``: ``ntkgp.solvers.Lanczos(rank=k)``;
 * ``cg``: ``ntkgp.solvers.ConjugateGradients()`` with its defaults;
 * ``FunctionalLaplace``: laplace-torch ``Laplace(net, "regression", subset_of_weights="all",
@@ -110,16 +112,16 @@ def _ntkgp_model(net: nn.Module, x: Tensor, y: Tensor, delta: float, noise: floa
     return ntkgp.LinearizedGP(net, likelihood, x, y, prior_precision=delta, solver=solver), likelihood
 
 
-def _spec(method: str, param: int | None, selection: str, seed: int):
+def _spec(method: str, param: int | None, selection: str, seed: int, mean: str = "posterior"):
     import ntkgp
 
     if method == "exact":
         return "kernel"
     if method == "inducing":
-        return ntkgp.solvers.Inducing(num_inducing=param, selection=selection,
+        return ntkgp.solvers.Inducing(num_inducing=param, selection=selection, mean=mean,
                                       generator=torch.Generator().manual_seed(seed))
     if method == "lanczos":
-        return ntkgp.solvers.Lanczos(rank=param, seed=seed)
+        return ntkgp.solvers.Lanczos(rank=param, seed=seed, mean="network" if mean == "network" else "projected")
     if method == "cg":
         return ntkgp.solvers.ConjugateGradients(seed=seed)
     raise ValueError(method)
@@ -138,7 +140,7 @@ def workflow_ntkgp(net, data, s: dict, method: str, param: int | None) -> dict:
     timer: dict[str, float] = {}
     t0 = time.perf_counter()
     model, likelihood = _ntkgp_model(net, data["x"], data["y"], s["delta"], s["noise"],
-                                     _spec(method, param, s["selection"], s["seed"]))
+                                     _spec(method, param, s["selection"], s["seed"], s.get("mean", "posterior")))
     _ = model.solver  # build the solver (it is lazy) inside the "build" phase
     timer["build"] = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -165,7 +167,8 @@ def workflow_ntkgp_fitted(net, data, s: dict, method: str, param: int | None) ->
         idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(s["seed"]))[:param]
         x, y = x[idx], y[idx]
     t0 = time.perf_counter()
-    spec = "kernel" if method == "reference" else _spec("inducing", param, s["selection"], s["seed"])
+    spec = ("kernel" if method == "reference"
+            else _spec("inducing", param, s["selection"], s["seed"], s.get("mean", "posterior")))
     model, likelihood = _ntkgp_model(net, x, y, s["delta"], s["noise"], spec)
     _ = model.solver
     timer["build"] = time.perf_counter() - t0
@@ -215,7 +218,6 @@ def workflow_peer(net, data, s: dict, method: str, param: int) -> dict:
     from laplace import ELLA, Laplace
     from torch.utils.data import DataLoader, TensorDataset
 
-    n = data["x"].shape[0]
     sigma = math.sqrt(s["noise"])
     timer: dict[str, float] = {}
     loader = DataLoader(TensorDataset(data["x"], data["y"][:, None]), batch_size=s["peer_batch_size"])
@@ -298,7 +300,8 @@ def prepare(n: int, n_test: int, args: argparse.Namespace, workdir: Path) -> tup
     num_params = sum(p.numel() for p in net.parameters())
     settings = {"n": n, "n_test": n_test, "delta": args.prior_precision, "noise": train_rmse**2,
                 "train_rmse": train_rmse, "test_rmse": test_rmse, "num_parameters": num_params,
-                "train_seconds": time.perf_counter() - t0, "selection": args.selection, "seed": args.seed,
+                "train_seconds": time.perf_counter() - t0, "selection": args.selection, "mean": args.mean,
+                "seed": args.seed,
                 "peer_batch_size": max(1, 2**25 // num_params), "fit_steps": args.fit_steps,
                 "fit_lr": args.fit_lr, "ref_iters": args.ref_iters}
     path = str(workdir / f"setup_{n}.pt")
@@ -403,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="M list for FunctionalLaplace and ELLA (default: --inducing)")
     parser.add_argument("--ella-m", type=int, nargs="*", default=None,
                         help="M list for ELLA (default: the FunctionalLaplace list; empty: skip ELLA)")
-    parser.add_argument("--selection", default="pivoted_cholesky", help="inducing-point selection")
+    parser.add_argument("--selection", default="kmeans", help="inducing-point selection")
+    parser.add_argument("--mean", default="network", choices=["posterior", "network"],
+                        help="predictive mean of the inducing and Lanczos routes (network: f(x*), as the peer)")
     parser.add_argument("--large-n", type=int, default=50000, help="part 2 training-set size")
     parser.add_argument("--large-m", type=int, nargs="*", default=[1000, 2000], help="part 2 M list")
     parser.add_argument("--ref-subset", type=int, default=10000, help="part 2 exact reference subset size")
