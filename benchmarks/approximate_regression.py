@@ -70,29 +70,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from sklearn.datasets import make_friedman1
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regression_workflow import N_FEATURES, PeakRSS, machine_info, make_net, train_net  # noqa: E402
+from regression_workflow import PeakRSS, machine_info, make_data, make_net, train_net  # noqa: E402
 
 _MiB = 2**20
-
-
-def make_data(n: int, n_test: int) -> dict[str, Tensor]:
-    """Friedman-1 with ``n`` training and ``n_test`` test rows, standardized on the training rows (float32)."""
-    x, y = make_friedman1(n_samples=n + n_test, n_features=N_FEATURES, noise=1.0, random_state=0)
-    x_tr, x_te, y_tr, y_te = x[:n], x[n:], y[:n], y[n:]
-    mu_x, sd_x = x_tr.mean(0), x_tr.std(0)
-    mu_y, sd_y = y_tr.mean(), y_tr.std()
-
-    def f32(a: np.ndarray) -> Tensor:
-        return torch.as_tensor(a, dtype=torch.float32)
-
-    return {"x": f32((x_tr - mu_x) / sd_x), "y": f32((y_tr - mu_y) / sd_y),
-            "x_test": f32((x_te - mu_x) / sd_x), "y_test": f32((y_te - mu_y) / sd_y)}
 
 
 def gaussian_nll(mean: Tensor, latent_var: Tensor, noise: float, y: Tensor) -> float:

@@ -116,9 +116,9 @@ def make_net(width: int = WIDTH) -> nn.Sequential:
     ).float()
 
 
-def make_data(n: int) -> dict[str, Tensor]:
-    """Friedman-1 with ``n`` training and ``N_TEST`` test rows, standardized on the training rows (float32)."""
-    x, y = make_friedman1(n_samples=n + N_TEST, n_features=N_FEATURES, noise=1.0, random_state=0)
+def make_data(n: int, n_test: int = N_TEST) -> dict[str, Tensor]:
+    """Friedman-1 with ``n`` training and ``n_test`` test rows, standardized on the training rows (float32)."""
+    x, y = make_friedman1(n_samples=n + n_test, n_features=N_FEATURES, noise=1.0, random_state=0)
     x_tr, x_te, y_tr, y_te = x[:n], x[n:], y[:n], y[n:]
     mu_x, sd_x = x_tr.mean(0), x_tr.std(0)
     mu_y, sd_y = y_tr.mean(), y_tr.std()
