@@ -11,7 +11,8 @@ primitives of :class:`FunctionalNetwork`:
 Each pass over data is chunked, so memory is bounded by ``chunk_size`` examples at a time.
 
 The network is evaluated with :func:`torch.func.functional_call` on a frozen copy of its
-trained parameters :math:`\hat\theta` and its buffers, in eval mode. The user's module is
+trained parameters :math:`\hat\theta` and its buffers, in eval mode, with TF32 off on CUDA
+(:mod:`ntkgp.precision`). The user's module is
 never changed: if it sits in train mode (with no mode-dependent layers), it is switched to
 eval for the duration of each call and restored afterwards.
 """
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from ntkgp.precision import full_precision
 from ntkgp.progress import progress_bar
 
 __all__ = ["FunctionalNetwork", "LinearLayer", "MODE_DEPENDENT_MODULES", "StructuredLayer"]
@@ -287,6 +289,7 @@ class FunctionalNetwork:
         return t.to(dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
+    @full_precision
     def forward(self, x: Tensor) -> Tensor:
         r""":math:`f(x;\hat\theta)`. Shape: x ``(N, D)`` -> ``(N, C)``."""
         size = self.chunk_size()
@@ -294,6 +297,7 @@ class FunctionalNetwork:
         return torch.cat(outs, dim=0)
 
     @torch.no_grad()
+    @full_precision
     def jvp(self, x: Tensor, tangents: Tensor) -> Tensor:
         r"""Jacobian-vector products :math:`J(x)\,v_t` for ``T`` tangents at once.
 
@@ -317,6 +321,7 @@ class FunctionalNetwork:
         return torch.cat(outs, dim=1)
 
     @torch.no_grad()
+    @full_precision
     def vjp(self, x: Tensor, cotangents: Tensor) -> Tensor:
         r"""Vector-Jacobian products :math:`J(x)^\top u_t`, summed over data, for ``T`` cotangents.
 
@@ -342,6 +347,7 @@ class FunctionalNetwork:
         return total
 
     @torch.no_grad()
+    @full_precision
     def jacobian(self, x: Tensor, tensors: Sequence[int] | None = None) -> Tensor:
         r"""The Jacobian :math:`J(x)` of one chunk, per example. Shape: ``(n, D)`` -> ``(n, C, P)``.
 
@@ -462,6 +468,7 @@ class FunctionalNetwork:
         _ = self.structured_layers
         return max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, self._factor_entries))
 
+    @full_precision
     def structured_factors(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
         r"""Per-layer factors of :attr:`structured_layers`, chunked over data, in the network's dtype.
 

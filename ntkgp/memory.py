@@ -16,9 +16,12 @@ class KernelTooLargeError(MemoryError):
 
 
 def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: ``cudaMemGetInfo`` on CUDA, ``MemAvailable`` on Linux CPUs."""
+    """Free bytes on ``device``: on CUDA, ``cudaMemGetInfo``'s free bytes plus the blocks PyTorch's
+    caching allocator holds but does not use (they are reused before new memory is requested);
+    ``MemAvailable`` on Linux CPUs."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

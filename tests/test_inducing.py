@@ -257,6 +257,22 @@ def test_softmax_laplace_all_points_equals_exact() -> None:
 
 
 # --------------------------------------------------------------------------------- selection
+def test_kmeans_blocks_clusters_and_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ntkgp.inducing.selection as selection
+
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=torch.float64)
+    x = (centres.repeat_interleave(30, 0) + 0.1 * torch.randn(120, 2, generator=gen, dtype=torch.float64))
+    whole = kmeans_points(x, 4, torch.Generator().manual_seed(0))
+    assert sorted(int(i) // 30 for i in whole) == [0, 1, 2, 3]  # one point from each cluster
+    monkeypatch.setattr(selection, "_KMEANS_BLOCK_ELEMENTS", 7)  # distances in blocks of one or two rows
+    assert torch.equal(kmeans_points(x, 4, torch.Generator().manual_seed(0)), whole)
+    # 20 copies of one point and 5 others: 24 centres need more than the 16 nearest candidates
+    dup = torch.cat([torch.zeros(20, 2, dtype=torch.float64), torch.randn(5, 2, generator=gen, dtype=torch.float64)])
+    chosen = kmeans_points(dup, 24, torch.Generator().manual_seed(0))
+    assert chosen.unique().numel() == 24 and chosen.device.type == "cpu"
+
+
 def test_selection_rules() -> None:
     net, x, _, _, _ = _regression(1, 2.0)
     gen = torch.Generator().manual_seed(0)
@@ -290,3 +306,29 @@ def test_bad_inducing_input() -> None:
     model = ntkgp.LinearizedGP(net, _likelihood(1, 0.1), x, y.reshape(-1), solver=Inducing(5, selection="grid"))
     with pytest.raises(ValueError, match="selection"):
         model.log_evidence()
+
+
+def test_ill_conditioned_kzz_gets_more_jitter_with_a_warning() -> None:
+    import types
+
+    from ntkgp.solvers.inducing import _EXTRA_JITTER, InducingSolver
+
+    gen = torch.Generator().manual_seed(0)
+    m = 60
+    q = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))[0]
+    kzz = q @ torch.diag(torch.logspace(0, -12, m, dtype=torch.float64)) @ q.T  # condition number 1e12
+    cross = torch.randn(m, 5000, generator=gen, dtype=torch.float64)
+    phi = 1e6 * (kzz @ cross) @ (kzz @ cross).T  # K_ZX K_XZ / sigma^2, low noise
+    lz0 = torch.linalg.cholesky(kzz + 1e-8 * kzz.diagonal().mean() * torch.eye(m, dtype=torch.float64))
+    a0 = torch.linalg.solve_triangular(lz0, torch.linalg.solve_triangular(lz0, phi, upper=False).T, upper=False)
+    assert torch.linalg.cholesky_ex(0.5 * (a0 + a0.T) + torch.eye(m, dtype=torch.float64))[1] > 0  # the failure
+    fake = types.SimpleNamespace(inducing_size=m)
+    kzz_jittered = kzz + 1e-8 * kzz.diagonal().mean() * torch.eye(m, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="too ill-conditioned"):
+        lz, a, lb = InducingSolver._factors(fake, kzz_jittered, phi)
+    extra = [e for e in _EXTRA_JITTER if e and torch.allclose(
+        lz @ lz.T, kzz_jittered + e * kzz.diagonal().mean() * torch.eye(m, dtype=torch.float64), rtol=0, atol=1e-12)]
+    assert len(extra) == 1  # L_Z factors K_ZZ plus one rung of the ladder
+    assert torch.allclose(lb @ lb.T, a + torch.eye(m, dtype=torch.float64), rtol=1e-10)
+    expected = torch.linalg.solve_triangular(lz, torch.linalg.solve_triangular(lz, phi, upper=False).T, upper=False)
+    assert torch.allclose(a, 0.5 * (expected + expected.T))

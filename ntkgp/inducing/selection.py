@@ -29,43 +29,82 @@ DEFAULT_POOL_SIZE = 4000
 
 
 def random_points(num_data: int, num_inducing: int, generator: torch.Generator | None = None) -> Tensor:
-    """``num_inducing`` distinct indices in ``range(num_data)``, sorted."""
-    perm = torch.randperm(num_data, generator=generator)
+    """``num_inducing`` distinct indices in ``range(num_data)``, sorted (a CPU tensor)."""
+    perm = torch.randperm(num_data, generator=generator, device="cpu")
     return perm[:num_inducing].sort().values
+
+
+#: entries of one block of point-to-centre distances in :func:`kmeans_points` (256 MiB of float64)
+_KMEANS_BLOCK_ELEMENTS = 2**25
+#: nearest training points kept per centre when centres are snapped to distinct training points
+_SNAP_CANDIDATES = 16
+
+
+def _row_blocks(n: int, width: int) -> range:
+    return range(0, n, max(1, _KMEANS_BLOCK_ELEMENTS // max(1, width)))
+
+
+def _draw(weights: Tensor, generator: torch.Generator | None) -> int:
+    """One index drawn with probability proportional to ``weights`` (inverse CDF; the uniform from ``generator``)."""
+    cdf = torch.cumsum(weights, 0)
+    if not cdf[-1] > 0:
+        cdf = torch.arange(1, weights.shape[0] + 1, dtype=weights.dtype, device=weights.device)
+    u = torch.rand((), generator=generator, device="cpu", dtype=torch.float64)
+    return int(torch.searchsorted(cdf, (u * cdf[-1].cpu()).to(cdf.device)).clamp(max=weights.shape[0] - 1))
 
 
 def kmeans_points(
     x: Tensor, num_inducing: int, generator: torch.Generator | None = None, iterations: int = 25
 ) -> Tensor:
-    """Indices of the training points nearest to k-means centres of ``x`` ``(N, D)``, sorted."""
-    x = x.reshape(x.shape[0], -1).to(torch.float64).cpu()
-    n = x.shape[0]
-    first = torch.randint(n, (1,), generator=generator)
-    centres = x[first]
+    """Indices of the training points nearest to k-means centres of ``x`` ``(N, D)``, sorted (a CPU tensor).
+
+    k-means++ seeding, then at most ``iterations`` Lloyd steps, all in float64 on ``x``'s device,
+    with point-to-centre distances in row blocks of about 2**25 entries (no ``N x M`` matrix).
+    Each centre, in order, is then replaced by its nearest training point not already taken.
+    Random draws come from ``generator`` (a CPU generator), so the result does not depend on the device.
+    """
+    x = x.reshape(x.shape[0], -1).to(torch.float64)
+    n, m = x.shape[0], num_inducing
+    centres = x[_draw(torch.ones(n, dtype=x.dtype, device=x.device), generator)][None]
     closest = (x - centres).square().sum(-1)
-    for _ in range(1, num_inducing):  # k-means++: sample proportional to the squared distance
-        total = closest.sum()
-        probs = closest / total if total > 0 else torch.full_like(closest, 1.0 / n)
-        new = x[torch.multinomial(probs, 1, generator=generator)]
+    for _ in range(1, m):  # k-means++: sample proportional to the squared distance
+        new = x[_draw(closest, generator)][None]
         centres = torch.cat([centres, new])
         closest = torch.minimum(closest, (x - new).square().sum(-1))
     for _ in range(iterations):
-        assign = torch.cdist(x, centres).argmin(-1)
-        counts = torch.bincount(assign, minlength=num_inducing).to(x.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        sums = torch.zeros_like(centres)
+        counts = torch.zeros(m, dtype=x.dtype, device=x.device)
+        for start in _row_blocks(n, m):
+            block = x[start : start + _row_blocks(n, m).step]
+            assign = torch.cdist(block, centres).argmin(-1)
+            sums.index_add_(0, assign, block)
+            counts += torch.bincount(assign, minlength=m).to(x.dtype)
         moved = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
         if torch.allclose(moved, centres):
             break
         centres = moved
-    distance = torch.cdist(centres, x)
+    # the few nearest training points of each centre, merged over row blocks: (m, k)
+    k = min(n, _SNAP_CANDIDATES)
+    best_d = torch.full((m, 0), float("inf"), dtype=x.dtype, device=x.device)
+    best_i = torch.zeros((m, 0), dtype=torch.long, device=x.device)
+    for start in _row_blocks(n, m):
+        block = x[start : start + _row_blocks(n, m).step]
+        d = torch.cat([best_d, torch.cdist(centres, block)], 1)
+        i = torch.cat([best_i, torch.arange(start, start + block.shape[0], device=x.device).expand(m, -1)], 1)
+        best_d, order = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+        best_i = i.gather(1, order)
+    candidates = best_i.cpu().tolist()
     chosen: list[int] = []
-    taken = torch.zeros(n, dtype=torch.bool)
-    for row in distance:  # nearest unused training point to each centre
-        row = row.masked_fill(taken, float("inf"))
-        i = int(row.argmin())
-        taken[i] = True
-        chosen.append(i)
-    return torch.tensor(sorted(chosen), dtype=torch.long)
+    taken: set[int] = set()
+    for c, row in enumerate(candidates):  # nearest unused training point to each centre
+        pick = next((i for i in row if i not in taken), None)
+        if pick is None:  # all k candidates taken: search the whole data for this centre
+            d = (x - centres[c]).square().sum(-1)
+            d[torch.tensor(sorted(taken), dtype=torch.long, device=x.device)] = float("inf")
+            pick = int(d.argmin())
+        taken.add(pick)
+        chosen.append(pick)
+    return torch.tensor(sorted(chosen), dtype=torch.long, device="cpu")
 
 
 def pivoted_cholesky_points(
@@ -88,7 +127,7 @@ def pivoted_cholesky_points(
     """
     n, C = x.shape[0], network.num_outputs
     pool_size = max(pool_size // C, 2 * num_inducing)  # pool_size counts kernel rows (points x C)
-    pool = torch.arange(n) if n <= pool_size else random_points(n, pool_size, generator)
+    pool = torch.arange(n, device="cpu") if n <= pool_size else random_points(n, pool_size, generator)
     grams = ntk_gram(network, groups, x[pool.to(x.device)], budget=budget)
     gram = torch.einsum("g,gij->ij", delta.to(grams.dtype).reciprocal(), grams)  # shape: (n_pool C, n_pool C)
     del grams
@@ -115,7 +154,7 @@ def pivoted_cholesky_points(
         residual = residual - new.square().reshape(size, C, C).sum((1, 2))
         residual[i] = -float("inf")
         chosen.append(i)
-    return pool[torch.tensor(chosen, dtype=torch.long)].sort().values
+    return pool[torch.tensor(chosen, dtype=torch.long, device="cpu")].sort().values
 
 
 def select_inducing_points(

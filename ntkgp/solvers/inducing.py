@@ -41,12 +41,13 @@ structured cross-Gram against :math:`Z` and :math:`O((MC)^2)` per test point.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky
+from ntkgp.cholesky import NotPositiveDefiniteError, cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import _generic_gram, ntk_gram, ntk_gram_diagonal, structured_gram
 from ntkgp.inducing.selection import DEFAULT_POOL_SIZE, select_inducing_points
@@ -57,6 +58,9 @@ from ntkgp.solvers.kernel_space import apply_factor_transpose
 from ntkgp.solvers.test_kernel import DowndatePosterior, TestKernel
 
 __all__ = ["Inducing", "InducingLaplaceSolver", "InducingPosterior", "InducingSolver"]
+
+#: extra jitters, in units of the mean diagonal of K_ZZ, tried in turn when I + A is indefinite
+_EXTRA_JITTER = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
 @dataclass
@@ -192,13 +196,37 @@ class _InducingCaches(SolverBase):
 
         :math:`D = L_Z B L_Z^\top`, so :math:`\log|D| - \log|K_{ZZ}| = \log|B|` without the
         cancellation of two large log-determinants when :math:`K_{ZZ}` is ill-conditioned.
+
+        :math:`\Phi = K_{ZX}S^{-1}K_{XZ}` carries rounding errors of about
+        :math:`\epsilon\lVert\Phi\rVert`, which :math:`L_Z^{-1}` amplifies by the inverse of
+        :math:`K_{ZZ}`'s smallest eigenvalue. When that leaves :math:`I + A` indefinite (many
+        inducing points on a smooth NTK, much data, little noise: seen at M = 4000,
+        N = 200,000), :math:`K_{ZZ}` gets a larger jitter, 1e-7, 1e-6, ... up to 1e-2 times its
+        mean diagonal, with a warning naming it. The result is still a lower bound and a consistent posterior:
+        it is the collapsed bound for inducing variables observed with that small noise, for
+        which :math:`Q \preceq K` still holds.
         """
-        lz = cholesky(kzz, what="K_ZZ, the NTK of the inducing points")
-        half = torch.linalg.solve_triangular(lz, phi, upper=False)
-        a = torch.linalg.solve_triangular(lz, half.T, upper=False)
-        a = 0.5 * (a + a.T)
-        lb = cholesky(a + torch.eye(a.shape[0], dtype=a.dtype, device=a.device), what="I + L_Z^-1 Phi L_Z^-T")
-        return lz, a, lb
+        scale = kzz.diagonal().mean().detach()
+        eye = torch.eye(kzz.shape[0], dtype=kzz.dtype, device=kzz.device)
+        for extra in _EXTRA_JITTER:
+            lz = cholesky(kzz + (extra * scale) * eye if extra else kzz, what="K_ZZ, the NTK of the inducing points")
+            half = torch.linalg.solve_triangular(lz, phi, upper=False)
+            a = torch.linalg.solve_triangular(lz, half.T, upper=False)
+            a = 0.5 * (a + a.T)
+            lb, info = torch.linalg.cholesky_ex(a + eye)
+            if not info.any():
+                if extra:
+                    warnings.warn(
+                        f"K_ZZ of the {self.inducing_size} inducing rows is too ill-conditioned for I + "
+                        f"L_Z^-1 Phi L_Z^-T to be numerically positive definite; added {extra:g} times its mean "
+                        "diagonal to it (fewer inducing points, or a larger jitter, avoid this).",
+                        stacklevel=4,
+                    )
+                return lz, a, lb
+        raise NotPositiveDefiniteError(
+            f"I + L_Z^-1 Phi L_Z^-T is not positive definite even with {_EXTRA_JITTER[-1]:g} times the mean "
+            "diagonal added to K_ZZ; the kernel may have NaNs, or the noise is far too small"
+        )
 
     @staticmethod
     def _log_det_ratio(lb: Tensor) -> Tensor:

@@ -51,7 +51,9 @@ class KernelSpaceSolver(GaussianSolver):
         )
 
     def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
-        return _weighted(delta, self.grams) + torch.diag_embed(noise.to(torch.float64))
+        kernel = _weighted(delta, self.grams)  # a new (M, M) tensor; noise goes onto its diagonal in place
+        kernel.diagonal().add_(noise.to(torch.float64).expand(kernel.shape[0]))
+        return kernel
 
     def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
         with torch.no_grad():
