@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["NotPositiveDefiniteError", "cholesky"]
+__all__ = ["NotPositiveDefiniteError", "cholesky", "cholesky_solve"]
 
 
 class NotPositiveDefiniteError(RuntimeError):
@@ -43,3 +43,14 @@ def cholesky(matrix: Tensor, *, what: str, max_tries: int = 3) -> Tensor:
         f"{what} is not positive definite even with jitter {jitter.item():.3g}; the noise or "
         "prior precision is likely too small, or the kernel has NaNs"
     )
+
+
+def cholesky_solve(rhs: Tensor, factor: Tensor) -> Tensor:
+    r""":math:`(LL^\top)^{-1} B` from the lower factor ``L`` ``(M, M)`` and ``B`` ``(M, k)``: two triangular solves.
+
+    Same result as :func:`torch.cholesky_solve`, which on CPU copies the factor into LAPACK's
+    column-major layout on every call: for M = 4000 it took 55 ms for one right-hand side, where
+    the two ``solve_triangular`` calls take 6 ms. Differentiable.
+    """
+    half = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, half, upper=True)

@@ -9,7 +9,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky
+from ntkgp.cholesky import cholesky, cholesky_solve
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram, ntk_gram_diagonal
 from ntkgp.memory import available_memory, check_fits
@@ -182,7 +182,7 @@ class NTKLinearOperator(LinearOperator):
             return super().solve(right_tensor, left_tensor)
         factor = cholesky(self.to_dense(), what="the NTK")
         rhs = right_tensor.unsqueeze(-1) if right_tensor.dim() == 1 else right_tensor
-        res = torch.cholesky_solve(rhs.to(factor.dtype), factor)
+        res = cholesky_solve(rhs.to(factor.dtype), factor)
         res = res.squeeze(-1) if right_tensor.dim() == 1 else res
         return res if left_tensor is None else left_tensor.to(res.dtype) @ res
 

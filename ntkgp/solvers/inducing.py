@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import NotPositiveDefiniteError, cholesky
+from ntkgp.cholesky import NotPositiveDefiniteError, cholesky, cholesky_solve
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import _generic_gram, ntk_gram, ntk_gram_diagonal, structured_gram
 from ntkgp.inducing.selection import DEFAULT_POOL_SIZE, select_inducing_points
@@ -373,7 +373,7 @@ class InducingSolver(_InducingCaches, GaussianSolver):
         b, _ = self._projected_rhs(delta, precision, residual.reshape(-1, 1))
         if self.mean == "network":
             return InducingPosterior(self, delta, lz, ld, self.network.flat_params.to(torch.float64))
-        coef = torch.cholesky_solve(b, ld)  # D^{-1} K_ZX S^{-1} r, shape: (MC, 1)
+        coef = cholesky_solve(b, ld)  # D^{-1} K_ZX S^{-1} r, shape: (MC, 1)
         return InducingPosterior(self, delta, lz, ld, self._weights(delta, coef[:, 0]))
 
     def _weights(self, delta: Tensor, coef: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky
+from ntkgp.cholesky import cholesky, cholesky_solve
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram
 from ntkgp.memory import check_fits
@@ -76,7 +76,7 @@ class KernelSpaceSolver(GaussianSolver):
         return inv_quad, log_det
 
     def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
-        return torch.cholesky_solve(rhs.to(torch.float64), self._factor(delta, noise))
+        return cholesky_solve(rhs.to(torch.float64), self._factor(delta, noise))
 
     def bilinear_derivative(
         self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor
@@ -90,7 +90,7 @@ class KernelSpaceSolver(GaussianSolver):
     def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> KernelSpacePosterior:
         delta, noise = delta.detach(), noise.detach()
         factor = self._factor(delta, noise)
-        alpha = torch.cholesky_solve(residual.to(torch.float64).reshape(-1, 1), factor)
+        alpha = cholesky_solve(residual.to(torch.float64).reshape(-1, 1), factor)
         # posterior weights: theta_bar = P0^{-1} J^T alpha
         cot = alpha.reshape(1, self.x.shape[0], self.network.num_outputs)
         pulled = self.network.vjp(self.x, cot).to(torch.float64)
@@ -129,5 +129,5 @@ class KernelSpacePosterior(DowndatePosterior):
             return super().covariance_matmul(x, rhs)
         rhs = rhs.to(torch.float64)
         cross = self.kernel.prior_operator(self.solver.x, x)
-        t = torch.cholesky_solve(cross._matmul(rhs), self.factor)  # shape: (M, t)
+        t = cholesky_solve(cross._matmul(rhs), self.factor)  # shape: (M, t)
         return self.kernel.prior_operator(x, x)._matmul(rhs) - cross._t_matmul(t)

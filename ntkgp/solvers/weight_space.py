@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky
+from ntkgp.cholesky import cholesky, cholesky_solve
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import jacobian_outer_products
 from ntkgp.memory import check_fits
@@ -100,7 +100,7 @@ class WeightSpaceSolver(GaussianSolver):
         noise_c = self._output_noise(noise)
         factor = self._factor(delta, noise_c)
         r = rhs.to(torch.float64)
-        inner = torch.cholesky_solve(self._pull(r, noise_c), factor)
+        inner = cholesky_solve(self._pull(r, noise_c), factor)
         back = self.jacobian.matmul(inner.to(self.network.dtype)).to(torch.float64)
         return ((r - back).reshape(N, C, -1) / noise_c.reshape(1, C, 1)).reshape(N * C, -1)
 
@@ -121,7 +121,7 @@ class WeightSpaceSolver(GaussianSolver):
         noise_c = self._output_noise(noise)
         factor = self._factor(delta, noise_c)
         b = self._pull(residual.reshape(-1, 1), noise_c)
-        weights = torch.cholesky_solve(b, factor)[:, 0]
+        weights = cholesky_solve(b, factor)[:, 0]
         return WeightSpacePosterior(self, factor, weights)
 
 
@@ -158,5 +158,5 @@ class WeightSpacePosterior(Posterior):
     @torch.no_grad()
     def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
         jac = JacobianLinearOperator(x, network=self.network)
-        inner = torch.cholesky_solve(jac._t_matmul(rhs.to(self.network.dtype)).to(torch.float64), self.factor)
+        inner = cholesky_solve(jac._t_matmul(rhs.to(self.network.dtype)).to(torch.float64), self.factor)
         return jac._matmul(inner.to(self.network.dtype)).to(torch.float64)
