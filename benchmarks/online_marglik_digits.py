@@ -29,18 +29,13 @@ for ``--epochs`` epochs on
   ``hyper_lr=0.1``) unless given on the command line. The online model does not use the
   validation split.
 
-Workaround (see docs/marglik.md, Limitations): ``MarglikTuner.step`` builds a full
-:class:`ntkgp.LinearizedGP` at every step, and ``LinearizedGP`` builds its exact solver eagerly:
-here the kernel-space one, six ``10770 x 10770`` float64 Grams (measured: about a minute and a
-peak of 8.7 GB per build), which the subset bound never uses. While the online run trains, this
-script swaps the solver factory that ``LinearizedGP`` calls for a stub, so a marglik step costs
-what the bound costs. ``--no-workaround`` runs the library as it is (18 such builds at the
-default settings).
+``MarglikTuner.step`` builds a :class:`ntkgp.LinearizedGP` at every step; its exact solver is
+built lazily, so with ``subset_size`` a step costs what the bound costs (the exact solver would
+be six ``10770 x 10770`` float64 Grams).
 
-``--minibatch-variant`` adds a second online run whose tuner takes each Adam step on one
-subset's unbiased estimate (:meth:`SubsetEvidenceBound.minibatch`) instead of the whole bound;
-``MarglikTuner`` has no such option, so the script substitutes a subclass for the duration of
-that run (same loop, same defaults otherwise).
+``--minibatch-variant`` adds a second online run with ``minibatch=True``: each Adam step of the
+tuner uses one subset's unbiased estimate (:meth:`SubsetEvidenceBound.minibatch`) instead of the
+whole bound, and only the drawn subsets' Grams are built (same loop, same defaults otherwise).
 
 What is reported
 ----------------
@@ -79,7 +74,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,10 +86,8 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 import ntkgp
-import ntkgp.marglik.online as online_module
-import ntkgp.models.linearized_gp as linearized_gp_module
 from ntkgp.likelihoods import SoftmaxLikelihood
-from ntkgp.marglik import MarglikTuner, SubsetEvidenceBound, fit_online_marglik
+from ntkgp.marglik import fit_online_marglik
 
 NUM_CLASSES = 10
 SD_FLOOR = 1.0
@@ -162,55 +154,6 @@ def make_net(width: int, depth: int, activation: str, seed: int) -> nn.Sequentia
     return nn.Sequential(*layers).float()
 
 
-# --------------------------------------------------------------------------- workarounds
-class _NoExactSolver:
-    """Stands in for LinearizedGP's exact solver while only the subset bound is evaluated."""
-
-    name = "none (subset bound only)"
-
-    def __getattr__(self, item: str) -> Any:
-        raise RuntimeError(f"the exact solver was skipped by the benchmark's workaround (asked for {item!r})")
-
-
-@contextlib.contextmanager
-def bound_only_models(enabled: bool = True) -> Iterator[None]:
-    """Make ``LinearizedGP`` skip its (unused) exact solver inside ``MarglikTuner.step``."""
-    if not enabled:
-        yield
-        return
-    saved = linearized_gp_module.make_laplace_solver, linearized_gp_module.make_solver
-    linearized_gp_module.make_laplace_solver = lambda *args, **kwargs: _NoExactSolver()
-    linearized_gp_module.make_solver = lambda *args, **kwargs: _NoExactSolver()
-    try:
-        yield
-    finally:
-        linearized_gp_module.make_laplace_solver, linearized_gp_module.make_solver = saved
-
-
-class MinibatchTuner(MarglikTuner):
-    """A ``MarglikTuner`` whose Adam steps each use one random subset's unbiased bound estimate."""
-
-    def _objective(self, model: torch.nn.Module) -> Any:
-        objective = super()._objective(model)
-        if isinstance(objective, SubsetEvidenceBound):
-            return lambda: objective.minibatch(generator=self.generator)
-        return objective
-
-
-@contextlib.contextmanager
-def minibatch_tuner(enabled: bool) -> Iterator[None]:
-    """Have ``fit_online_marglik`` build a :class:`MinibatchTuner` instead of a ``MarglikTuner``."""
-    if not enabled:
-        yield
-        return
-    saved = online_module.MarglikTuner
-    online_module.MarglikTuner = MinibatchTuner
-    try:
-        yield
-    finally:
-        online_module.MarglikTuner = saved
-
-
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def map_metrics(net: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
@@ -247,13 +190,12 @@ def train_online(args: argparse.Namespace, data: Split, minibatch: bool = False)
     net = make_net(args.width, args.depth, args.activation, args.seed)
     likelihood = SoftmaxLikelihood(num_classes=NUM_CLASSES)
     groups = len(list(net.parameters()))
-    with bound_only_models(args.subset_size is not None and not args.no_workaround), minibatch_tuner(minibatch):
-        result = fit_online_marglik(
-            net, likelihood, data.x_train, data.y_train, prior_precision=torch.ones(groups), epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, progress=False, generator=torch.Generator().manual_seed(args.seed),
-            marglik_every=args.marglik_every, burnin=args.burnin, steps=args.hyper_steps, hyper_lr=args.hyper_lr,
-            subset_size=args.subset_size,
-        )
+    result = fit_online_marglik(
+        net, likelihood, data.x_train, data.y_train, prior_precision=torch.ones(groups), epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, progress=False, generator=torch.Generator().manual_seed(args.seed),
+        marglik_every=args.marglik_every, burnin=args.burnin, steps=args.hyper_steps, hyper_lr=args.hyper_lr,
+        subset_size=args.subset_size, minibatch=minibatch,
+    )
     return net.eval(), result
 
 
@@ -358,7 +300,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hyper-lr", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=1, help="online runs for the median time")
     parser.add_argument("--minibatch-variant", action="store_true", help="also run the minibatch-estimate tuner")
-    parser.add_argument("--no-workaround", action="store_true", help="let MarglikTuner build the exact solver")
     parser.add_argument("--no-gp", action="store_true", help="skip the post-hoc LinearizedGPs")
     parser.add_argument("--no-grid-gp", action="store_true", help="skip the grid winner's LinearizedGP")
     parser.add_argument("--threads", type=int, default=1)

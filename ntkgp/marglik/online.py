@@ -98,7 +98,9 @@ class MarglikTuner:
         solver is then never built.
     minibatch:
         With ``subset_size``: each Adam step uses the unbiased one-subset estimate
-        (:meth:`SubsetEvidenceBound.minibatch`) instead of the whole bound; ``steps`` times cheaper.
+        (:meth:`SubsetEvidenceBound.minibatch`) instead of the whole bound, and only the drawn
+        subsets' Grams are built. The ``log_evidence_before`` / ``_after`` in :attr:`history` are
+        then the estimates of one subset (the same one before and after), not the whole bound.
     generator:
         Random generator for the partitions.
     model_kwargs:
@@ -163,7 +165,10 @@ class MarglikTuner:
             parts = random_partition(model.num_data, self.subset_size, generator=self.generator)
         bound = SubsetEvidenceBound(model, parts)
         if self.minibatch:
-            return (lambda: bound.minibatch(generator=self.generator)), bound
+            # reported: the estimate of one subset, the same before and after (the whole bound would
+            # build every subset's Grams, which the one-subset steps are there to avoid)
+            shown = int(torch.randint(bound.num_subsets, (1,), generator=self.generator))
+            return (lambda: bound.minibatch(generator=self.generator)), (lambda: bound.minibatch(shown))
         return bound, bound
 
     def step(self, net: nn.Module) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class SubsetEvidenceBound:
         hyperparameters are read at each evaluation, so gradients reach them).
     subsets:
         A partition of ``range(N)`` (e.g. :func:`random_partition` or :func:`class_partition`).
-        The per-subset, per-group Gram matrices are computed once, here.
+        The per-subset, per-group Gram matrices are computed once, on first use.
     """
 
     def __init__(self, model: torch.nn.Module, subsets: Sequence[Tensor]) -> None:
@@ -60,8 +60,10 @@ class SubsetEvidenceBound:
         network, groups = model.network, model.covar_module.groups
         x = model.train_inputs[0]
         budget = model.covar_module.memory_budget
-        #: per subset, per-group Grams ``(G, b*C, b*C)``, float64
-        self.grams = [ntk_gram(network, groups, x[s], budget=budget) for s in self.subsets]
+        self._gram_inputs = (network, groups, x, budget)
+        #: per subset, per-group Grams ``(G, b*C, b*C)``, float64; each computed on first use, so
+        #: one-subset estimates (:meth:`minibatch`) pay only for the subsets they draw
+        self._grams: list[Tensor | None] = [None] * len(self.subsets)
         f_hat = network.forward(x).to(torch.float64)
         self.laplace = isinstance(model.likelihood, LaplaceLikelihood)
         if self.laplace:
@@ -70,6 +72,19 @@ class SubsetEvidenceBound:
         else:
             #: training residuals of the network, ``y - f(X; theta_hat)``, ``(N*C,)``
             self.residual = (model.train_targets.to(torch.float64).reshape(x.shape[0], -1) - f_hat).reshape(-1)
+
+    def gram(self, index: int) -> Tensor:
+        """Per-group Grams of subset ``index``, ``(G, b*C, b*C)``, float64 (computed once)."""
+        gram = self._grams[index]
+        if gram is None:
+            network, groups, x, budget = self._gram_inputs
+            gram = self._grams[index] = ntk_gram(network, groups, x[self.subsets[index]], budget=budget)
+        return gram
+
+    @property
+    def grams(self) -> list[Tensor]:
+        """All subsets' per-group Grams (computing those not yet computed)."""
+        return [self.gram(i) for i in range(self.num_subsets)]
 
     @property
     def num_subsets(self) -> int:
@@ -92,7 +107,7 @@ class SubsetEvidenceBound:
         model = self.model
         C = model.num_outputs
         delta = model.prior_precision.to(torch.float64)
-        kernel = torch.einsum("g,gij->ij", delta.reciprocal(), self.grams[index])
+        kernel = torch.einsum("g,gij->ij", delta.reciprocal(), self.gram(index))
         rows = self.subsets[index]
         if self.laplace:
             b = self.factors[index]  # shape: (b, C, C)
