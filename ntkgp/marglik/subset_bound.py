@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky
+from ntkgp.cholesky import cholesky_logdet
 from ntkgp.gram import ntk_gram
 from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.solvers.kernel_space import apply_factor_transpose
@@ -61,7 +61,7 @@ class SubsetEvidenceBound:
         x = model.train_inputs[0]
         budget = model.covar_module.memory_budget
         self._gram_inputs = (network, groups, x, budget)
-        #: per subset, per-group Grams ``(G, b*C, b*C)``, float64; each computed on first use, so
+        #: per subset, per-group Grams ``(G, b*C, b*C)``, float64; each is computed on first use, so
         #: one-subset estimates (:meth:`minibatch`) pay only for the subsets they draw
         self._grams: list[Tensor | None] = [None] * len(self.subsets)
         f_hat = network.forward(x).to(torch.float64)
@@ -117,7 +117,7 @@ class SubsetEvidenceBound:
             inv_sd = noise.rsqrt()
             matrix = inv_sd.unsqueeze(-1) * kernel * inv_sd.unsqueeze(-2)
         matrix = matrix + torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        return 2.0 * cholesky(matrix, what="I + B_s^T K_ss B_s").diagonal().log().sum()
+        return cholesky_logdet(matrix, what="I + B_s^T K_ss B_s")
 
     def __call__(self) -> Tensor:
         """The bound :math:`\\mathcal L_{\\text{sub}}` over all subsets, differentiable."""
