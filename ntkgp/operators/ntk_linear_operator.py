@@ -16,6 +16,7 @@ from ntkgp.memory import available_memory, check_fits
 from ntkgp.operators._batch import expand_dense, unsqueeze_dense
 from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
 from ntkgp.parameter_groups import ParameterGroups
+from ntkgp.structured_matvec import factor_kernel_matmul, supports_factor_matmul
 
 __all__ = ["NTKLinearOperator"]
 
@@ -105,8 +106,13 @@ class NTKLinearOperator(LinearOperator):
             out = self._matmul_differentiable(cols)
         else:
             inv_delta = self.prior_precision.detach().reciprocal()
-            tangents = self._scaled_pullback(self.x2, cols, inv_delta)  # shape: (t, P)
-            out = self.network.jvp(self.x1, tangents)  # shape: (t, N1, C)
+            t = cols.shape[-1]
+            if supports_factor_matmul(self.network, t):  # all nn.Linear: no Jacobian, no jvp / vjp
+                columns = cols.T.reshape(t, self.x2.shape[0], self.network.num_outputs)
+                out = factor_kernel_matmul(self.network, self.groups, self.x1, self.x2, inv_delta, columns)
+            else:
+                tangents = self._scaled_pullback(self.x2, cols, inv_delta)  # shape: (t, P)
+                out = self.network.jvp(self.x1, tangents)  # shape: (t, N1, C)
             out = out.reshape(out.shape[0], -1).T.to(rhs.dtype)
         return _from_columns(out, batch, rhs.shape[-1])
 

@@ -100,6 +100,7 @@ from ntkgp.parameter_groups import ParameterGroups
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverBase, SolverSpec
 from ntkgp.solvers.kernel_space import apply_factor_transpose
 from ntkgp.solvers.low_rank_posterior import LowRankPosterior
+from ntkgp.structured_matvec import factor_kernel_matmul, supports_factor_matmul
 
 __all__ = ["Lanczos", "LanczosDecomposition", "LanczosLaplaceSolver", "LanczosSolver"]
 
@@ -186,10 +187,17 @@ def operator_matmul(
     network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, delta: Tensor, factor: Tensor | None,
     columns: Tensor,
 ) -> Tensor:
-    r""":math:`B^\top J P_0^{-1} J^\top B V` for ``V`` ``(M, t)``: one batched vjp, one batched jvp."""
-    pulled = _pullback(network, x, columns, factor)  # shape: (t, P)
-    scaled = groups.scale_tangents(pulled, delta.to(torch.float64).reciprocal(), network.offsets)
-    out = network.jvp(x, scaled)  # shape: (t, N, C)
+    r""":math:`B^\top J P_0^{-1} J^\top B V` for ``V`` ``(M, t)``: one batched vjp, one batched jvp, or
+    the factor form of :mod:`ntkgp.structured_matvec` when it pays."""
+    t = columns.shape[1]
+    if supports_factor_matmul(network, t):
+        cot = columns if factor is None else apply_factor(factor, columns)
+        cot = cot.T.reshape(t, x.shape[0], network.num_outputs)
+        out = factor_kernel_matmul(network, groups, x, x, delta.to(torch.float64).reciprocal(), cot)
+    else:
+        pulled = _pullback(network, x, columns, factor)  # shape: (t, P)
+        scaled = groups.scale_tangents(pulled, delta.to(torch.float64).reciprocal(), network.offsets)
+        out = network.jvp(x, scaled)  # shape: (t, N, C)
     out = out.reshape(out.shape[0], -1).T.to(torch.float64)  # shape: (M, t)
     return out if factor is None else apply_factor_transpose(factor, out)
 
