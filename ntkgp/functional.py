@@ -44,6 +44,7 @@ MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 _DEFAULT_CHUNK_ELEMENTS = 2**25  # a Jacobian chunk holds at most this many entries (128 MiB in float32)
+_CACHED_FACTOR_ENTRIES = 2**26  # cached_structured_factors holds at most this many entries per input
 
 
 class StructuredLayer(NamedTuple):
@@ -203,6 +204,7 @@ class FunctionalNetwork:
         self._structured_layers: tuple[StructuredLayer, ...] | None = None if structured else ()
         #: entries per example held by one factor pass (factors and activations), set with the layers
         self._factor_entries = 0
+        self._factor_cache: list[tuple[tuple, list[tuple[Tensor, Tensor]]]] = []
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -524,6 +526,26 @@ class FunctionalNetwork:
             return parts[0]
         return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
                 for i in range(len(self.structured_layers))]
+
+    def cached_structured_factors(self, x: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+        """:meth:`structured_factors` of all of ``x``, kept for the two most recent inputs; ``None``
+        when they would hold more than ``2**26`` entries (then callers compute them chunk by chunk).
+
+        Iterative solvers multiply by the same training kernel hundreds of times; its factors are
+        one forward and ``C`` backward passes that need not be repeated. An input is recognised by
+        its storage, shape and version counter, so changing it in place invalidates the entry.
+        """
+        key = (x.data_ptr(), tuple(x.shape), x._version, x.dtype, x.device)
+        for i, (k, factors) in enumerate(self._factor_cache):
+            if k == key:
+                self._factor_cache.insert(0, self._factor_cache.pop(i))
+                return factors
+        _ = self.structured_layers
+        if x.shape[0] * self._factor_entries > _CACHED_FACTOR_ENTRIES:
+            return None
+        factors = self.structured_factors(x)
+        self._factor_cache = [(key, factors), *self._factor_cache[:1]]
+        return factors
 
     def linear_layer_factors(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
         """The historical name of :meth:`structured_factors` (conv layers included)."""

@@ -14,7 +14,9 @@ Per layer and column that is :math:`2 (N_1 + N_2)\, d_{in} d_{out}` flops for th
 :math:`2 (N_1 + N_2) C d_{out}` for the cotangent contractions, and no per-example Jacobian:
 :math:`C` times fewer flops than contracting Jacobians ``(N, C, P)`` with the columns, and no
 ``C`` backward passes per example to build them. The factors come from one forward and ``C``
-backward passes per data chunk, so memory is bounded by the chunk size.
+backward passes per data chunk, so memory is bounded by the chunk size; for inputs whose factors
+fit in ``2**26`` entries they are computed once and reused
+(:meth:`~ntkgp.functional.FunctionalNetwork.cached_structured_factors`).
 
 Used by :class:`~ntkgp.operators.NTKLinearOperator` and the Lanczos / CG solvers when every trainable
 tensor sits in a structured ``nn.Linear`` layer (and :func:`supports_factor_matmul` says it pays); otherwise they
@@ -34,7 +36,7 @@ __all__ = ["factor_kernel_matmul", "supports_factor_matmul"]
 #: entries of the ``(t, n, d_out)`` intermediates held at once (128 MiB of float32)
 _BLOCK_ELEMENTS = 2**25
 #: with one network output, the factor form is used up to this many columns
-_SINGLE_OUTPUT_MAX_VECTORS = 32
+_SINGLE_OUTPUT_MAX_VECTORS = 96
 
 
 def supports_factor_matmul(network: FunctionalNetwork, vectors: int) -> bool:
@@ -42,10 +44,11 @@ def supports_factor_matmul(network: FunctionalNetwork, vectors: int) -> bool:
 
     Needs every trainable tensor in a structured ``nn.Linear`` layer. Then the factor form does
     ``C`` times fewer flops than the Jacobian GEMM (jvp / vjp through per-chunk Jacobians), but it
-    moves ``(t, n, d_out)`` intermediates through memory; with one output the GEMM wins from a few
-    dozen columns on. Measured (8-256-256-C MLP, N = 2000, 2 cores): C = 1, 8 columns 0.14 s
-    against 1.0 s, 512 columns 10.9 s against 4.2 s; C = 10, 64 columns 1.6 s against 18 s,
-    512 columns 10.4 s against 38 s.
+    moves ``(t, n, d_out)`` intermediates through memory; with one output the GEMM wins from about
+    a hundred columns on. Measured (8-256-256-C MLP, N = 2000, 2 cores, factors cached): C = 1,
+    33 columns 0.48 s against 1.02 s, 64 columns 0.90 s against 1.27 s, 128 columns 2.1 s
+    against 1.4 s; C = 10 (factors recomputed), 64 columns 1.6 s against 18 s, 512 columns 10.4 s
+    against 38 s.
     """
     layers = network.structured_layers
     if not layers or network.generic_tensors or any(layer.kind != "linear" for layer in layers):
@@ -95,8 +98,10 @@ def factor_kernel_matmul(
     rows = _rows(network, t)
     # pull back: per layer U = H^T A2 (t, d_out, d_in) and the bias sum of H (t, d_out), over chunks of X2
     pulled: list[tuple[Tensor | None, Tensor | None]] = [(None, None)] * len(layers)
+    whole2 = network.cached_structured_factors(x2)
     for start, xc in network.chunks(x2, rows, desc="factor matvec (pull back)"):
-        factors = network.structured_factors(xc)
+        factors = (network.structured_factors(xc) if whole2 is None
+                   else [(a[start : start + xc.shape[0]], g[start : start + xc.shape[0]]) for a, g in whole2])
         v = columns[:, start : start + xc.shape[0]]  # shape: (t, n, C)
         for i, (layer, (a, g)) in enumerate(zip(layers, factors)):
             h = _contract_outputs(v, g)  # shape: (t, n, d_out)
@@ -110,8 +115,10 @@ def factor_kernel_matmul(
             pulled[i] = (u, b)
     # push forward over chunks of X1
     outs = []
-    for _, xc in network.chunks(x1, rows, desc="factor matvec (push forward)"):
-        factors = network.structured_factors(xc)
+    whole1 = network.cached_structured_factors(x1)
+    for start, xc in network.chunks(x1, rows, desc="factor matvec (push forward)"):
+        factors = (network.structured_factors(xc) if whole1 is None
+                   else [(a[start : start + xc.shape[0]], g[start : start + xc.shape[0]]) for a, g in whole1])
         out = torch.zeros(t, xc.shape[0], network.num_outputs, dtype=dtype, device=network.device)
         for layer, (a, g), (u, b) in zip(layers, factors, pulled):
             y = None  # shape: (t, n, d_out), the layer-output tangent

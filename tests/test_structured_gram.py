@@ -249,3 +249,26 @@ def test_factor_jacobian_equals_autograd(name: str) -> None:
     assert torch.allclose(fast.jacobian(x), slow.jacobian(x), rtol=1e-12, atol=1e-13)
     picked = list(reversed(range(len(fast.names))))[::2]
     assert torch.allclose(fast.jacobian(x, picked), slow.jacobian(x, picked), rtol=1e-12, atol=1e-13)
+
+
+def test_factor_kernel_matmul_matches_dense_gram_and_cache_follows_inputs() -> None:
+    from ntkgp.structured_matvec import factor_kernel_matmul, supports_factor_matmul
+
+    net, shape = _nets()["mlp"]
+    net = net.double().eval()
+    network = FunctionalNetwork(net, shape)
+    groups = parameter_groups(network.names, torch.tensor([0.5, 2.0, 1.0, 3.0, 1.5, 0.7]))
+    x1, x2 = torch.randn(30, *shape, dtype=torch.float64), torch.randn(20, *shape, dtype=torch.float64)
+    weights = groups.initial_precision.double().reciprocal()
+    assert supports_factor_matmul(network, 5)
+    columns = torch.randn(5, 20, 2, dtype=torch.float64)
+
+    def dense() -> torch.Tensor:
+        gram = torch.einsum("g,gij->ij", weights, ntk_gram(network, groups, x1, x2, budget=2**26))
+        return (gram @ columns.reshape(5, -1).T).T.reshape(5, 30, 2)
+
+    assert torch.allclose(factor_kernel_matmul(network, groups, x1, x2, weights, columns), dense(), rtol=1e-12)
+    x2.mul_(2.0)  # in place: the cached factors of x2 must not be reused
+    assert torch.allclose(factor_kernel_matmul(network, groups, x1, x2, weights, columns), dense(), rtol=1e-12)
+    conv_net, conv_shape = _nets()["cnn_two_convs"]
+    assert not supports_factor_matmul(FunctionalNetwork(conv_net.double().eval(), conv_shape), 5)
