@@ -134,6 +134,14 @@ def trained(n: int, n_test: int, device: torch.device, steps: int, seed: int) ->
     return net, data, rmse**2
 
 
+def latent_predictive(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The GP's latent mean and variance at ``x`` in float64 (the model is left in eval mode)."""
+    model.eval()
+    with torch.no_grad():
+        f = model(x)
+        return f.mean.double(), f.variance.double()
+
+
 def exact_workflow(net: nn.Module, data: dict, noise: float, device: torch.device) -> dict[str, Any]:
     """Build (kernel solver), log evidence, latent predictive at the test points."""
     import gpytorch
@@ -149,10 +157,7 @@ def exact_workflow(net: nn.Module, data: dict, noise: float, device: torch.devic
     with torch.no_grad():
         lml = float(model.log_evidence())
     clock.mark("lml")
-    model.eval()
-    with torch.no_grad():
-        f = model(data["x_test"])
-        mean, var = f.mean.double(), f.variance.double()
+    mean, var = latent_predictive(model, data["x_test"])
     clock.mark("predict")
     return {"time": clock.times, "lml": lml, "mean": mean.cpu(), "var": var.cpu()}
 
@@ -294,10 +299,7 @@ def fitted_workflow(net: nn.Module, data: dict, noise: float, device: torch.devi
             (-model.log_evidence()).backward()
             opt.step()
     clock.mark("fit")
-    model.eval()
-    with torch.no_grad():
-        f = model(data["x_test"])
-        mean, var = f.mean.double(), f.variance.double()
+    mean, var = latent_predictive(model, data["x_test"])
     clock.mark("predict")
     noise_fit = float(likelihood.noise.detach())
     return {"time": clock.times, "lml_start": lml_start, "noise": noise_fit,
