@@ -18,6 +18,8 @@ build + log evidence (where the method has one) + latent mean and variance at th
   ``--selection``; predictive mean ``--mean``, default ``network``: f(x*), the laplace-torch
   convention, which FunctionalLaplace and ELLA also use); the evidence is the SGPR collapsed
   lower bound;
+* ``sod``: ``ntkgp.solvers.SubsetOfData(num_points=M)``: the exact GP of a random subset with the
+  prior variance scaled by M/N, laplace-torch's convention (``--sod``);
 * ``lanczos``: ``ntkgp.solvers.Lanczos(rank=k)``;
 * ``cg``: ``ntkgp.solvers.ConjugateGradients()`` with its defaults;
 * ``FunctionalLaplace``: laplace-torch ``Laplace(net, "regression", subset_of_weights="all",
@@ -108,6 +110,8 @@ def _spec(method: str, param: int | None, selection: str, seed: int, mean: str =
         return ntkgp.solvers.Lanczos(rank=param, seed=seed, mean="network" if mean == "network" else "projected")
     if method == "cg":
         return ntkgp.solvers.ConjugateGradients(seed=seed)
+    if method == "sod":  # subset of data with laplace-torch's M/N prior rescaling
+        return ntkgp.solvers.SubsetOfData(num_points=param, mean=mean, generator=torch.Generator().manual_seed(seed))
     raise ValueError(method)
 
 
@@ -229,7 +233,8 @@ def workflow_peer(net, data, s: dict, method: str, param: int) -> dict:
             "subset_evidence": method == "functional_laplace"}
 
 
-_SMALL = {"inducing": 8, "lanczos": 4, "functional_laplace": 16, "ella": 8, "reference": 64, "inducing_fit": 8}
+_SMALL = {"inducing": 8, "sod": 16, "lanczos": 4, "functional_laplace": 16, "ella": 8, "reference": 64,
+          "inducing_fit": 8}
 
 
 def measure(method: str, param: int | None, path: str, threads: int, warmup: bool = True) -> dict[str, Any]:
@@ -384,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10000, help="part 1 training-set size")
     parser.add_argument("--inducing", type=int, nargs="*", default=[100, 300, 1000, 2000], help="part 1 M list")
+    parser.add_argument("--sod", type=int, nargs="*", default=[100, 300, 1000, 2000],
+                        help="part 1 M list of SubsetOfData (rescaled prior, as the peer)")
     parser.add_argument("--ranks", type=int, nargs="*", default=[50, 100, 300], help="part 1 Lanczos ranks")
     parser.add_argument("--no-cg", action="store_true", help="skip the CG row")
     parser.add_argument("--peer-m", type=int, nargs="*", default=None,
@@ -422,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             y_test = torch.load(path, weights_only=False)["data"]["y_test"]
             truth_runs = repeat("exact", None, path, args)
             truth = truth_runs[0]
-            configs = [("inducing", m) for m in args.inducing] + [("lanczos", k) for k in args.ranks]
+            configs = [("inducing", m) for m in args.inducing] + [("sod", m) for m in args.sod]
+            configs += [("lanczos", k) for k in args.ranks]
             configs += [] if args.no_cg else [("cg", None)]
             peer_m = args.inducing if args.peer_m is None else args.peer_m
             configs += [("functional_laplace", m) for m in peer_m]

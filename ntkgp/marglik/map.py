@@ -7,7 +7,8 @@ hold at a MAP of the same objective the GP encodes,
     -\log p(y \mid f(X;\theta)) + \tfrac12 \textstyle\sum_g \delta_g \lVert\theta_g\rVert^2 ,
 
 so :func:`train_map` minimizes exactly that, full batch: Adam to get close, L-BFGS to make the
-gradient small, and for small networks exact Newton steps to take it to round-off. :func:`fit_hyperparameters` then maximizes ``model.log_evidence()``.
+gradient small, and for small networks exact Newton steps to take it to round-off.
+:func:`fit_hyperparameters` then maximizes ``model.log_evidence()``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 r"""Solvers for the NTK GP on its training data: exact ones, the rule that picks one, and the
 approximate routes for large N (:class:`Inducing`, :class:`Lanczos`, :class:`ConjugateGradients`,
-passed as ``LinearizedGP(..., solver=spec)``; see ``docs/solvers.md``).
+:class:`SubsetOfData`, passed as ``LinearizedGP(..., solver=spec)``; see ``docs/solvers.md``).
 
 * :class:`KernelSpaceSolver`: Cholesky of :math:`K + S`, ``(N C)^3/3`` per evaluation,
   ``G (N C)^2`` floats cached;
@@ -24,9 +24,13 @@ from ntkgp.solvers.inducing import Inducing, InducingLaplaceSolver, InducingPost
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
 from ntkgp.solvers.lanczos import Lanczos, LanczosLaplaceSolver, LanczosSolver
 from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver, make_laplace_solver
+from ntkgp.solvers.subset_of_data import SubsetOfData, SubsetOfDataLaplaceSolver, SubsetOfDataSolver
 from ntkgp.solvers.weight_space import WeightSpacePosterior, WeightSpaceSolver
 
 __all__ = [
+    "SubsetOfData",
+    "SubsetOfDataLaplaceSolver",
+    "SubsetOfDataSolver",
     "CGSolver",
     "ConjugateGradients",
     "Posterior",
