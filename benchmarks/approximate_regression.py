@@ -18,8 +18,10 @@ build + log evidence (where the method has one) + latent mean and variance at th
   ``--selection``; predictive mean ``--mean``, default ``network``: f(x*), the laplace-torch
   convention, which FunctionalLaplace and ELLA also use); the evidence is the SGPR collapsed
   lower bound;
-* ``sod``: ``ntkgp.solvers.SubsetOfData(num_points=M)``: the exact GP of a random subset with the
-  prior variance scaled by M/N, laplace-torch's convention (``--sod``);
+* ``sod``: ``ntkgp.solvers.SubsetOfData(indices=...)``: the exact GP of the same M points that
+  laplace-torch's ``SoDSampler(N, M, seed=0)`` draws for FunctionalLaplace, with the prior
+  variance scaled by M/N (laplace-torch's convention), so the two compute the same approximation
+  (``--sod``);
 * ``lanczos``: ``ntkgp.solvers.Lanczos(rank=k)``;
 * ``cg``: ``ntkgp.solvers.ConjugateGradients()`` with its defaults;
 * ``FunctionalLaplace``: laplace-torch ``Laplace(net, "regression", subset_of_weights="all",
@@ -98,7 +100,15 @@ def _ntkgp_model(net: nn.Module, x: Tensor, y: Tensor, delta: float, noise: floa
     return ntkgp.LinearizedGP(net, likelihood, x, y, prior_precision=delta, solver=solver), likelihood
 
 
-def _spec(method: str, param: int | None, selection: str, seed: int, mean: str = "posterior"):
+def peer_subset(num_data: int, size: int) -> Tensor:
+    """The subset laplace-torch's ``SoDSampler(N, M, seed=0)`` draws (FunctionalLaplace's default seed)."""
+    import numpy as np
+
+    return torch.as_tensor(np.random.default_rng(0).choice(list(range(num_data)), size, replace=False))
+
+
+def _spec(method: str, param: int | None, selection: str, seed: int, mean: str = "posterior",
+          num_data: int | None = None):
     import ntkgp
 
     if method == "exact":
@@ -110,8 +120,9 @@ def _spec(method: str, param: int | None, selection: str, seed: int, mean: str =
         return ntkgp.solvers.Lanczos(rank=param, seed=seed, mean="network" if mean == "network" else "projected")
     if method == "cg":
         return ntkgp.solvers.ConjugateGradients(seed=seed)
-    if method == "sod":  # subset of data with laplace-torch's M/N prior rescaling
-        return ntkgp.solvers.SubsetOfData(num_points=param, mean=mean, generator=torch.Generator().manual_seed(seed))
+    if method == "sod":  # subset of data with laplace-torch's M/N prior rescaling, on the peer's subset
+        assert param is not None and num_data is not None
+        return ntkgp.solvers.SubsetOfData(indices=peer_subset(num_data, param), mean=mean)
     raise ValueError(method)
 
 
@@ -128,7 +139,8 @@ def workflow_ntkgp(net, data, s: dict, method: str, param: int | None) -> dict:
     timer: dict[str, float] = {}
     t0 = time.perf_counter()
     model, likelihood = _ntkgp_model(net, data["x"], data["y"], s["delta"], s["noise"],
-                                     _spec(method, param, s["selection"], s["seed"], s.get("mean", "posterior")))
+                                     _spec(method, param, s["selection"], s["seed"], s.get("mean", "posterior"),
+                                           data["x"].shape[0]))
     _ = model.solver  # build the solver (it is lazy) inside the "build" phase
     timer["build"] = time.perf_counter() - t0
     t1 = time.perf_counter()
