@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import gpytorch
 import pytest
 import torch
@@ -100,3 +102,28 @@ def test_bad_subset_input() -> None:
         ntkgp.LinearizedGP(net, _gaussian(), x, y, solver=SubsetOfData(indices=torch.tensor([1, 1]))).log_evidence()
     with pytest.raises(ValueError, match="mean must be"):
         SubsetOfData(mean="prior")
+
+
+def test_rescaled_subset_equals_laplace_torch_functional_laplace() -> None:
+    """laplace-torch's FunctionalLaplace(n_subset=M) on the same subset, in float64: the same predictive."""
+    import numpy as np
+
+    laplace = pytest.importorskip("laplace")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = truth.toy_regression(60, 3, seed=11)
+    x_test, _ = truth.toy_regression(5, 3, seed=12)
+    net = truth.mlp(3, 16, 1, seed=13).eval()
+    n, m, delta = 60, 20, 2.0
+    lik = _gaussian(0.09)
+    sigma = math.sqrt(float(lik.noise.detach()))  # the noise as stored (softplus round trip), for both libraries
+    la = laplace.Laplace(net, "regression", subset_of_weights="all", hessian_structure="gp", n_subset=m,
+                         sigma_noise=sigma, prior_precision=delta)
+    la.fit(DataLoader(TensorDataset(x, y[:, None]), batch_size=16))
+    peer_mean, peer_var = la(x_test, pred_type="gp")
+    idx = torch.as_tensor(np.random.default_rng(0).choice(list(range(n)), m, replace=False))  # its SoDSampler
+    assert torch.equal(la.train_loader.sampler.indices.sort().values, idx.sort().values)
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=delta, solver=SubsetOfData(indices=idx, mean="network"))
+    mean, cov = _predict(model, x_test)
+    assert torch.allclose(mean, peer_mean.reshape(-1), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(cov.diagonal(), peer_var.reshape(-1), rtol=1e-8, atol=1e-12)
