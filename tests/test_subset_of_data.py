@@ -127,3 +127,24 @@ def test_rescaled_subset_equals_laplace_torch_functional_laplace() -> None:
     mean, cov = _predict(model, x_test)
     assert torch.allclose(mean, peer_mean.reshape(-1), rtol=1e-10, atol=1e-12)
     assert torch.allclose(cov.diagonal(), peer_var.reshape(-1), rtol=1e-8, atol=1e-12)
+
+
+def test_two_outputs_with_per_output_noise() -> None:
+    x, y = truth.toy_regression(30, 3, 2, seed=21)
+    x_test, _ = truth.toy_regression(4, 3, 2, seed=22)
+    net = truth.mlp(3, 12, 2, seed=23).eval()
+    idx = torch.arange(1, 30, 4)
+
+    def likelihood() -> gpytorch.likelihoods.MultitaskGaussianLikelihood:
+        lik = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, has_global_noise=False).double()
+        lik.task_noises = torch.tensor([0.05, 0.2], dtype=torch.float64)
+        return lik
+
+    model = ntkgp.LinearizedGP(net, likelihood(), x, y, prior_precision=3.0,
+                               solver=SubsetOfData(indices=idx, rescale_prior=False))
+    reference = ntkgp.LinearizedGP(net, likelihood(), x[idx], y[idx], prior_precision=3.0, solver="kernel")
+    assert torch.allclose(model.log_evidence(), (30 / idx.numel()) * reference.log_evidence(), rtol=1e-11)
+    mean, cov = _predict(model, x_test)
+    ref_mean, ref_cov = _predict(reference, x_test)
+    assert torch.allclose(mean, ref_mean, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(cov, ref_cov, rtol=1e-9, atol=1e-12)
