@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ntkgp.functional import FunctionalNetwork
+from ntkgp.gram import ntk_gram_diagonal
 from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
 from ntkgp.parameter_groups import ParameterGroups
 
@@ -61,6 +62,11 @@ class SolverBase:
     def size(self) -> int:
         """M = N * C, the side of the training covariance."""
         return self.x.shape[0] * self.network.num_outputs
+
+    def exact_diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
+        """The diagonal of the exact :math:`K + S` (per-group squared Jacobian norms), ``(M,)``."""
+        per_group = ntk_gram_diagonal(self.network, self.groups, self.x, budget=self.budget)
+        return delta.to(torch.float64).reciprocal() @ per_group + noise.to(torch.float64)
 
     def ntk(self, delta: Tensor) -> NTKLinearOperator:
         """The lazy NTK on the training inputs."""
@@ -118,6 +124,35 @@ class GaussianSolver(SolverBase, ABC):
         grad_delta = self.ntk(delta.detach().requires_grad_(True))._bilinear_derivative(left, right)[2]
         grad_noise = (left * right).sum(-1).to(noise.dtype)
         return grad_delta, grad_noise
+
+
+class EvidenceOnlyGaussianSolver(GaussianSolver, ABC):
+    """An approximate Gaussian solver that gives the evidence and the posterior only.
+
+    Its approximation is never an ``N C x N C`` covariance one could solve with, multiply by or
+    form (inducing points, subset of data), so :meth:`solve`, :meth:`dense` and :meth:`matmul`
+    raise; :meth:`diagonal` gives the exact prior variances plus noise.
+    """
+
+    exact = False
+
+    def _refuse(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"the {self.name!r} solver does not {what} the N x N training covariance; use log_evidence() "
+            "or the posterior, or solver='kernel' for the exact covariance")
+
+    def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
+        raise self._refuse("solve with")
+
+    def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
+        raise self._refuse("form")
+
+    def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
+        raise self._refuse("multiply by")
+
+    def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
+        """The diagonal of the exact :math:`K + S` (the prior variances plus noise)."""
+        return self.exact_diagonal(delta, noise)
 
 
 class LaplaceSolver(SolverBase, ABC):

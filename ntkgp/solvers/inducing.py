@@ -53,7 +53,7 @@ from ntkgp.gram import _generic_gram, ntk_gram, ntk_gram_diagonal, structured_gr
 from ntkgp.inducing.selection import DEFAULT_POOL_SIZE, select_inducing_points
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, Posterior, SolverBase, SolverSpec
+from ntkgp.solvers.base import EvidenceOnlyGaussianSolver, LaplaceSolver, Posterior, SolverBase, SolverSpec
 from ntkgp.solvers.kernel_space import apply_factor_transpose
 from ntkgp.solvers.test_kernel import DowndatePosterior, TestKernel
 
@@ -240,7 +240,7 @@ class _InducingCaches(SolverBase):
         return lz, lz @ lb
 
 
-class InducingSolver(_InducingCaches, GaussianSolver):
+class InducingSolver(_InducingCaches, EvidenceOnlyGaussianSolver):
     """The collapsed (Titsias) bound and SGPR posterior for a Gaussian likelihood."""
 
     name = "inducing"
@@ -347,22 +347,6 @@ class InducingSolver(_InducingCaches, GaussianSolver):
                 return term
         kzz, phi, precision = self._pieces(delta, noise)
         return self._trace_term(delta, precision, self._factors(kzz, phi)[1])
-
-    def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
-        raise NotImplementedError("the inducing-point solver does not solve with Q + S on arbitrary right-hand "
-                                  "sides; use log_evidence() or the posterior")
-
-    def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
-        raise NotImplementedError("the inducing-point solver never forms the N x N kernel; use solver='kernel' "
-                                  "for a dense training covariance")
-
-    def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
-        raise NotImplementedError("the inducing-point solver does not multiply by Q + S; use solver='kernel'")
-
-    def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
-        """The diagonal of :math:`K + S` (the exact prior variances plus noise)."""
-        diag = ntk_gram_diagonal(self.network, self.groups, self.x, budget=self.budget)
-        return delta.to(torch.float64).reciprocal() @ diag + noise.to(torch.float64)
 
     @torch.no_grad()
     def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> InducingPosterior:

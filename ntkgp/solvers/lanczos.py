@@ -93,7 +93,6 @@ import torch
 from torch import Tensor
 
 from ntkgp.functional import FunctionalNetwork
-from ntkgp.gram import ntk_gram_diagonal
 from ntkgp.linalg.block_lanczos import block_lanczos
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
@@ -398,11 +397,6 @@ class LanczosSolver(_LanczosBase, GaussianSolver):
     def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
         vectors, eig, _ = self._spectrum(delta, noise)
         return vectors.square() @ eig + noise.to(torch.float64)
-
-    def exact_diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
-        """The diagonal of the exact :math:`K + S` (per-group squared Jacobian norms), ``(M,)``."""
-        per_group = ntk_gram_diagonal(self.network, self.groups, self.x, budget=self.budget)
-        return delta.to(torch.float64).reciprocal() @ per_group + noise.to(torch.float64)
 
     def bilinear_derivative(
         self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor

@@ -28,10 +28,9 @@ import torch
 from torch import Tensor
 
 from ntkgp.functional import FunctionalNetwork
-from ntkgp.gram import ntk_gram_diagonal
 from ntkgp.inducing.selection import random_points
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, Posterior, SolverSpec
+from ntkgp.solvers.base import EvidenceOnlyGaussianSolver, LaplaceSolver, Posterior, SolverSpec
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
 from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver
 
@@ -104,11 +103,10 @@ class _Subset:
         return x[self.indices]
 
 
-class SubsetOfDataSolver(_Subset, GaussianSolver):
+class SubsetOfDataSolver(_Subset, EvidenceOnlyGaussianSolver):
     """The exact kernel-space solver on the kept points, for a Gaussian likelihood."""
 
     name = "subset"
-    exact = False
 
     def __init__(
         self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, indices: Tensor,
@@ -129,22 +127,6 @@ class SubsetOfDataSolver(_Subset, GaussianSolver):
         inv_quad, log_det = self.inner.inv_quad_logdet(
             delta * self.prior_scale, self._noise(noise), None if rhs is None else rhs[self.rows], logdet)
         return self.ratio * inv_quad, self.ratio * log_det
-
-    def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
-        raise NotImplementedError("the subset-of-data solver does not solve with the N-point covariance; use "
-                                  "log_evidence() or the posterior")
-
-    def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
-        raise NotImplementedError("the subset-of-data solver never forms the N x N kernel; use solver='kernel'")
-
-    def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
-        raise NotImplementedError("the subset-of-data solver does not multiply by the N-point covariance; use "
-                                  "solver='kernel'")
-
-    def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
-        """The exact prior variances plus noise on all ``N`` points (unscaled)."""
-        diag = ntk_gram_diagonal(self.network, self.groups, self.x, budget=self.budget)
-        return delta.to(torch.float64).reciprocal() @ diag + noise.to(torch.float64)
 
     @torch.no_grad()
     def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> Posterior:
