@@ -204,7 +204,7 @@ class FunctionalNetwork:
         self._structured_layers: tuple[StructuredLayer, ...] | None = None if structured else ()
         #: entries per example held by one factor pass (factors and activations), set with the layers
         self._factor_entries = 0
-        self._factor_cache: list[tuple[tuple, list[tuple[Tensor, Tensor]]]] = []
+        self._factor_cache: list[tuple[Tensor, int, list[tuple[Tensor, Tensor]]]] = []
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -532,19 +532,20 @@ class FunctionalNetwork:
         when they would hold more than ``2**26`` entries (then callers compute them chunk by chunk).
 
         Iterative solvers multiply by the same training kernel hundreds of times; its factors are
-        one forward and ``C`` backward passes that need not be repeated. An input is recognised by
-        its storage, shape and version counter, so changing it in place invalidates the entry.
+        one forward and ``C`` backward passes that need not be repeated. An entry holds its input
+        tensor and is reused only for that same tensor object at the same version counter: changing
+        it in place invalidates the entry, and a new tensor that happens to get the freed storage
+        of an old one (the CUDA caching allocator reuses blocks) is never mistaken for it.
         """
-        key = (x.data_ptr(), tuple(x.shape), x._version, x.dtype, x.device)
-        for i, (k, factors) in enumerate(self._factor_cache):
-            if k == key:
+        for i, (held, version, factors) in enumerate(self._factor_cache):
+            if held is x and version == x._version:
                 self._factor_cache.insert(0, self._factor_cache.pop(i))
                 return factors
         _ = self.structured_layers
         if x.shape[0] * self._factor_entries > _CACHED_FACTOR_ENTRIES:
             return None
         factors = self.structured_factors(x)
-        self._factor_cache = [(key, factors), *self._factor_cache[:1]]
+        self._factor_cache = [(x, x._version, factors), *self._factor_cache[:1]]
         return factors
 
     def linear_layer_factors(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
