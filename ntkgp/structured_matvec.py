@@ -25,6 +25,8 @@ use the generic jvp / vjp route.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -71,6 +73,25 @@ def _contract_outputs(v: Tensor, g: Tensor) -> Tensor:
     return torch.einsum("tnc,ncd->tnd", v, g)
 
 
+def _expand_outputs(y: Tensor, g: Tensor) -> Tensor:
+    """``y[t, n, :] . g[n, c, :]`` for every output: ``(t, n, d)``, ``(n, C, d)`` -> ``(t, n, C)``."""
+    if g.shape[1] == 1:  # as in _contract_outputs
+        return (y * g[None, :, 0, :]).sum(-1, keepdim=True)
+    return torch.einsum("tnd,ncd->tnc", y, g)
+
+
+def _factor_chunks(
+    network: FunctionalNetwork, x: Tensor, rows: int, desc: str
+) -> Iterator[tuple[int, Tensor, list[tuple[Tensor, Tensor]]]]:
+    """``(start, chunk, its factors)`` over ``x``: slices of the cached whole-data factors when
+    they fit, else a factor pass per chunk."""
+    whole = network.cached_structured_factors(x)
+    for start, xc in network.chunks(x, rows, desc=desc):
+        stop = start + xc.shape[0]
+        yield start, xc, (network.structured_factors(xc) if whole is None
+                          else [(a[start:stop], g[start:stop]) for a, g in whole])
+
+
 def factor_kernel_matmul(
     network: FunctionalNetwork, groups: ParameterGroups, x1: Tensor, x2: Tensor, weights: Tensor, columns: Tensor
 ) -> Tensor:
@@ -98,10 +119,7 @@ def factor_kernel_matmul(
     rows = _rows(network, t)
     # pull back: per layer U = H^T A2 (t, d_out, d_in) and the bias sum of H (t, d_out), over chunks of X2
     pulled: list[tuple[Tensor | None, Tensor | None]] = [(None, None)] * len(layers)
-    whole2 = network.cached_structured_factors(x2)
-    for start, xc in network.chunks(x2, rows, desc="factor matvec (pull back)"):
-        factors = (network.structured_factors(xc) if whole2 is None
-                   else [(a[start : start + xc.shape[0]], g[start : start + xc.shape[0]]) for a, g in whole2])
+    for start, xc, factors in _factor_chunks(network, x2, rows, "factor matvec (pull back)"):
         v = columns[:, start : start + xc.shape[0]]  # shape: (t, n, C)
         for i, (layer, (a, g)) in enumerate(zip(layers, factors)):
             h = _contract_outputs(v, g)  # shape: (t, n, d_out)
@@ -115,10 +133,7 @@ def factor_kernel_matmul(
             pulled[i] = (u, b)
     # push forward over chunks of X1
     outs = []
-    whole1 = network.cached_structured_factors(x1)
-    for start, xc in network.chunks(x1, rows, desc="factor matvec (push forward)"):
-        factors = (network.structured_factors(xc) if whole1 is None
-                   else [(a[start : start + xc.shape[0]], g[start : start + xc.shape[0]]) for a, g in whole1])
+    for _, xc, factors in _factor_chunks(network, x1, rows, "factor matvec (push forward)"):
         out = torch.zeros(t, xc.shape[0], network.num_outputs, dtype=dtype, device=network.device)
         for layer, (a, g), (u, b) in zip(layers, factors, pulled):
             y = None  # shape: (t, n, d_out), the layer-output tangent
@@ -130,6 +145,6 @@ def factor_kernel_matmul(
                 yb = (w[groups.tensor_group[layer.bias]] * b)[:, None, :]
                 y = yb if y is None else y + yb
             if y is not None:
-                out += y[:, :, None, :].mul(g).sum(-1) if g.shape[1] == 1 else torch.einsum("tnd,ncd->tnc", y, g)
+                out += _expand_outputs(y, g)
         outs.append(out)
     return torch.cat(outs, dim=1)

@@ -15,6 +15,8 @@ Three rules, each returning sorted indices into the training inputs:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -40,8 +42,11 @@ _KMEANS_BLOCK_ELEMENTS = 2**25
 _SNAP_CANDIDATES = 16
 
 
-def _row_blocks(n: int, width: int) -> range:
-    return range(0, n, max(1, _KMEANS_BLOCK_ELEMENTS // max(1, width)))
+def _row_blocks(x: Tensor, width: int) -> Iterator[tuple[int, Tensor]]:
+    """``(start, rows)`` blocks of ``x`` with about ``_KMEANS_BLOCK_ELEMENTS / width`` rows each."""
+    step = max(1, _KMEANS_BLOCK_ELEMENTS // max(1, width))
+    for start in range(0, x.shape[0], step):
+        yield start, x[start : start + step]
 
 
 def _draw(weights: Tensor, generator: torch.Generator | None) -> int:
@@ -74,8 +79,7 @@ def kmeans_points(
     for _ in range(iterations):
         sums = torch.zeros_like(centres)
         counts = torch.zeros(m, dtype=x.dtype, device=x.device)
-        for start in _row_blocks(n, m):
-            block = x[start : start + _row_blocks(n, m).step]
+        for _, block in _row_blocks(x, m):
             assign = torch.cdist(block, centres).argmin(-1)
             sums.index_add_(0, assign, block)
             counts += torch.bincount(assign, minlength=m).to(x.dtype)
@@ -87,8 +91,7 @@ def kmeans_points(
     k = min(n, _SNAP_CANDIDATES)
     best_d = torch.full((m, 0), float("inf"), dtype=x.dtype, device=x.device)
     best_i = torch.zeros((m, 0), dtype=torch.long, device=x.device)
-    for start in _row_blocks(n, m):
-        block = x[start : start + _row_blocks(n, m).step]
+    for start, block in _row_blocks(x, m):
         d = torch.cat([best_d, torch.cdist(centres, block)], 1)
         i = torch.cat([best_i, torch.arange(start, start + block.shape[0], device=x.device).expand(m, -1)], 1)
         best_d, order = d.topk(min(k, d.shape[1]), dim=1, largest=False)
