@@ -156,6 +156,36 @@ def workflow_ntkgp(net, data, s: dict, method: str, param: int | None) -> dict:
             "solver": model.solver.name}
 
 
+def fit_evidence(model: Any, optimizer: str, steps: int, lr: float, *, tolerance_grad: float = 1e-7) -> int:
+    """Maximize ``model.log_evidence()`` over ``model.parameters()`` (δ, σ²); returns the evaluations.
+
+    ``"lbfgs"``: L-BFGS (strong Wolfe, ``lr``, at most ``steps`` iterations, ``tolerance_change=1e-9``);
+    ``"adam"``: ``steps`` Adam steps at ``lr``."""
+    params = list(model.parameters())
+    evaluations = 0
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(params, lr=lr, max_iter=steps, tolerance_grad=tolerance_grad,
+                                tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            nonlocal evaluations
+            evaluations += 1
+            opt.zero_grad()
+            loss = -model.log_evidence()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return evaluations
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        evaluations += 1
+        opt.zero_grad()
+        (-model.log_evidence()).backward()
+        opt.step()
+    return evaluations
+
+
 def workflow_ntkgp_fitted(net, data, s: dict, method: str, param: int | None) -> dict:
     """ntkgp with δ and σ² fitted on the (approximate) evidence, then predictions.
 
@@ -177,29 +207,10 @@ def workflow_ntkgp_fitted(net, data, s: dict, method: str, param: int | None) ->
         lml_start = float(model.log_evidence())
     timer["lml"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    params = list(model.parameters())
-    evaluations = 0
     if method == "reference":
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=s["ref_iters"], tolerance_grad=1e-6,
-                                tolerance_change=1e-9, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            nonlocal evaluations
-            evaluations += 1
-            opt.zero_grad()
-            loss = -model.log_evidence()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        evaluations = fit_evidence(model, "lbfgs", s["ref_iters"], 1.0, tolerance_grad=1e-6)
     else:
-        opt = torch.optim.Adam(params, lr=s["fit_lr"])
-        for _ in range(s["fit_steps"]):
-            evaluations += 1
-            opt.zero_grad()
-            loss = -model.log_evidence()
-            loss.backward()
-            opt.step()
+        evaluations = fit_evidence(model, "adam", s["fit_steps"], s["fit_lr"])
     timer["fit"] = time.perf_counter() - t2
     with torch.no_grad():
         lml = float(model.log_evidence())

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from approximate_regression import gaussian_nll  # noqa: E402
+from approximate_regression import fit_evidence, gaussian_nll  # noqa: E402
 from regression_workflow import PeakRSS, machine_info, make_data, make_net, train_net  # noqa: E402
 
 _GiB = 2**30
@@ -281,23 +281,7 @@ def fitted_workflow(net: nn.Module, data: dict, noise: float, device: torch.devi
     with torch.no_grad():
         lml_start = float(model.log_evidence())
     clock.mark("lml")
-    params = list(model.parameters())
-    if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = -model.log_evidence()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    else:
-        opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(steps):
-            opt.zero_grad()
-            (-model.log_evidence()).backward()
-            opt.step()
+    fit_evidence(model, optimizer, steps, lr)
     clock.mark("fit")
     mean, var = latent_predictive(model, data["x_test"])
     clock.mark("predict")
