@@ -140,7 +140,6 @@ class MarglikTuner:
         self.history: list[dict[str, Any]] = []
         self._penalty_net: nn.Module | None = None
         self._penalty_tensors: list[Tensor] = []
-        self._penalty_delta: tuple[Tensor, list[float]] | None = None
 
     @property
     def prior_precision(self) -> Tensor:
@@ -151,19 +150,15 @@ class MarglikTuner:
         r""":math:`\tfrac12\sum_g \delta_g \lVert\theta_g\rVert^2` with the current (detached) :math:`\delta`.
 
         Called once per mini-batch, so it is kept cheap: the parameter tensors are looked up once
-        per network, and the per-tensor :math:`\delta` are plain numbers, refreshed when the
-        hyperparameters change. The result has the parameters' dtype.
+        per network, and the :math:`\delta` enter as plain numbers. The result has the parameters' dtype.
         """
         if self._penalty_net is not net:
             params = dict(net.named_parameters())
             self._penalty_tensors = [params[name] for name in self.names]
             self._penalty_net = net
-        delta = self.prior_precision.detach()
-        if self._penalty_delta is None or not torch.equal(self._penalty_delta[0], delta):
-            values = delta.tolist()
-            self._penalty_delta = (delta.clone(), [0.5 * values[g] for g in self.groups.tensor_group])
-        weights = self._penalty_delta[1]
-        return sum(w * t.square().sum() for w, t in zip(weights, self._penalty_tensors))  # type: ignore[return-value]
+        delta = self.prior_precision.detach().tolist()
+        terms = (0.5 * delta[g] * t.square().sum() for g, t in zip(self.groups.tensor_group, self._penalty_tensors))
+        return sum(terms)  # type: ignore[return-value]
 
     def _objective(self, model: torch.nn.Module) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
         """(what each Adam step maximizes, the value reported)."""
