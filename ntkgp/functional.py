@@ -20,6 +20,7 @@ eval for the duration of each call and restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -44,7 +45,6 @@ MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 _DEFAULT_CHUNK_ELEMENTS = 2**25  # a Jacobian chunk holds at most this many entries (128 MiB in float32)
-_CACHED_FACTOR_ENTRIES = 2**26  # cached_structured_factors holds at most this many entries per input
 
 
 class StructuredLayer(NamedTuple):
@@ -373,27 +373,36 @@ class FunctionalNetwork:
             if layer.bias is not None:
                 owner[layer.bias] = (i, False)
         generic = [t for t in requested if t not in owner]
-        blocks: dict[int, Tensor] = {}
+        if not len(generic) < len(requested):
+            return self._autograd_jacobian(x, generic)
+        # every block is written into its columns of one output: the Jacobian is held once, not twice
+        offsets = dict(zip(requested, itertools.accumulate((self.numels[t] for t in requested), initial=0)))
+        factors = self._factors_chunk(x)
+        n, C = factors[0][1].shape[:2]
+        out = torch.empty(n, C, sum(self.numels[t] for t in requested), dtype=self.dtype, device=self.device)
         if generic:
             jac = self._autograd_jacobian(x, generic)
-            offsets = [0]
+            start = 0
             for t in generic:
-                offsets.append(offsets[-1] + self.numels[t])
-            blocks.update({t: jac[..., offsets[k] : offsets[k + 1]] for k, t in enumerate(generic)})
-        if len(generic) < len(requested):
-            factors = self._factors_chunk(x)
-            layers = self.structured_layers
-            for t in requested:
-                if t in blocks:
-                    continue
-                i, is_weight = owner[t]
-                a, g = factors[i]
-                n, C = g.shape[:2]
-                if layers[i].kind == "linear":  # a: (n, d_in), g: (n, C, d_out)
-                    blocks[t] = torch.einsum("ncd,ne->ncde", g, a).reshape(n, C, -1) if is_weight else g
-                else:  # conv: a = patches (n, L, d_in k), g: (n, C, L, d_out)
-                    blocks[t] = torch.einsum("ncld,nle->ncde", g, a).reshape(n, C, -1) if is_weight else g.sum(2)
-        return torch.cat([blocks[t] for t in requested], -1)
+                out[..., offsets[t] : offsets[t] + self.numels[t]] = jac[..., start : start + self.numels[t]]
+                start += self.numels[t]
+            del jac
+        for t in requested:
+            if t not in owner:
+                continue
+            i, is_weight = owner[t]
+            a, g = factors[i]
+            cols = out[..., offsets[t] : offsets[t] + self.numels[t]]
+            if self.structured_layers[i].kind == "linear":  # a: (n, d_in), g: (n, C, d_out)
+                if is_weight:
+                    torch.mul(g[..., :, None], a[:, None, None, :], out=cols.view(n, C, g.shape[-1], a.shape[-1]))
+                else:
+                    cols.copy_(g)
+            elif is_weight:  # conv: a = patches (n, L, d_in k), g: (n, C, L, d_out)
+                cols.copy_(torch.einsum("ncld,nle->ncde", g, a).reshape(n, C, -1))
+            else:
+                torch.sum(g, 2, out=cols)
+        return out
 
     def _autograd_jacobian(self, x: Tensor, tensors: Sequence[int]) -> Tensor:
         """``vmap(jacrev)`` Jacobian of the given tensors' columns, ``(n, C, sum of their numels)``."""
@@ -527,9 +536,10 @@ class FunctionalNetwork:
         return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
                 for i in range(len(self.structured_layers))]
 
-    def cached_structured_factors(self, x: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+    def cached_structured_factors(self, x: Tensor, max_bytes: int) -> list[tuple[Tensor, Tensor]] | None:
         """:meth:`structured_factors` of all of ``x``, kept for the two most recent inputs; ``None``
-        when they would hold more than ``2**26`` entries (then callers compute them chunk by chunk).
+        when a factor pass over ``x`` would hold more than ``max_bytes`` (then callers compute the
+        factors chunk by chunk).
 
         Iterative solvers multiply by the same training kernel hundreds of times; its factors are
         one forward and ``C`` backward passes that need not be repeated. An entry holds its input
@@ -542,7 +552,7 @@ class FunctionalNetwork:
                 self._factor_cache.insert(0, self._factor_cache.pop(i))
                 return factors
         _ = self.structured_layers
-        if x.shape[0] * self._factor_entries > _CACHED_FACTOR_ENTRIES:
+        if x.shape[0] * self._factor_entries * self.dtype.itemsize > max_bytes:
             return None
         factors = self.structured_factors(x)
         self._factor_cache = [(x, x._version, factors), *self._factor_cache[:1]]

@@ -14,8 +14,8 @@ Per layer and column that is :math:`2 (N_1 + N_2)\, d_{in} d_{out}` flops for th
 :math:`2 (N_1 + N_2) C d_{out}` for the cotangent contractions, and no per-example Jacobian:
 :math:`C` times fewer flops than contracting Jacobians ``(N, C, P)`` with the columns, and no
 ``C`` backward passes per example to build them. The factors come from one forward and ``C``
-backward passes per data chunk, so memory is bounded by the chunk size; for inputs whose factors
-fit in ``2**26`` entries they are computed once and reused
+backward passes per data chunk, so memory is bounded by the caller's budget; for inputs whose
+factors fit in half of it they are computed once and reused
 (:meth:`~ntkgp.functional.FunctionalNetwork.cached_structured_factors`).
 
 Used by :class:`~ntkgp.operators.NTKLinearOperator` and the Lanczos / CG solvers when every trainable
@@ -35,8 +35,9 @@ from ntkgp.parameter_groups import ParameterGroups
 
 __all__ = ["factor_kernel_matmul", "supports_factor_matmul"]
 
-#: entries of the ``(t, n, d_out)`` intermediates held at once (128 MiB of float32)
-_BLOCK_ELEMENTS = 2**25
+#: ``(t, n, d_out)`` intermediates alive at once in a chunk (the output contraction, the layer
+#: tangent and its sum); the chunk is sized so that these fit in the caller's budget
+_LIVE_INTERMEDIATES = 3
 #: with one network output, the factor form is used up to this many columns
 _SINGLE_OUTPUT_MAX_VECTORS = 96
 
@@ -58,12 +59,13 @@ def supports_factor_matmul(network: FunctionalNetwork, vectors: int) -> bool:
     return network.num_outputs > 1 or vectors <= _SINGLE_OUTPUT_MAX_VECTORS
 
 
-def _rows(network: FunctionalNetwork, vectors: int) -> int:
-    """Examples per chunk: at most the factor chunk, and ``vectors * rows * width`` within the block."""
+def _rows(network: FunctionalNetwork, vectors: int, budget: int) -> int:
+    """Examples per chunk: at most the factor chunk, with the ``(t, n, width)`` intermediates within ``budget``."""
     modules = dict(network.module.named_modules())
     width = max(max(modules[layer.name].in_features, modules[layer.name].out_features)
                 for layer in network.structured_layers)
-    return max(1, min(network.factor_chunk_size(), _BLOCK_ELEMENTS // max(1, vectors * width)))
+    per_row = _LIVE_INTERMEDIATES * vectors * width * network.dtype.itemsize
+    return max(1, min(network.factor_chunk_size(), budget // max(1, per_row)))
 
 
 def _contract_outputs(v: Tensor, g: Tensor) -> Tensor:
@@ -81,11 +83,11 @@ def _expand_outputs(y: Tensor, g: Tensor) -> Tensor:
 
 
 def _factor_chunks(
-    network: FunctionalNetwork, x: Tensor, rows: int, desc: str
+    network: FunctionalNetwork, x: Tensor, rows: int, budget: int, desc: str
 ) -> Iterator[tuple[int, Tensor, list[tuple[Tensor, Tensor]]]]:
     """``(start, chunk, its factors)`` over ``x``: slices of the cached whole-data factors when
-    they fit, else a factor pass per chunk."""
-    whole = network.cached_structured_factors(x)
+    they fit in half the budget, else a factor pass per chunk."""
+    whole = network.cached_structured_factors(x, budget // 2)
     for start, xc in network.chunks(x, rows, desc=desc):
         stop = start + xc.shape[0]
         yield start, xc, (network.structured_factors(xc) if whole is None
@@ -93,7 +95,8 @@ def _factor_chunks(
 
 
 def factor_kernel_matmul(
-    network: FunctionalNetwork, groups: ParameterGroups, x1: Tensor, x2: Tensor, weights: Tensor, columns: Tensor
+    network: FunctionalNetwork, groups: ParameterGroups, x1: Tensor, x2: Tensor, weights: Tensor, columns: Tensor,
+    budget: int,
 ) -> Tensor:
     r""":math:`\sum_g w_g K_g(X_1, X_2)\, V` by the factor form (module docstring).
 
@@ -105,6 +108,9 @@ def factor_kernel_matmul(
         Per-group weights ``(G,)``, e.g. :math:`1/\delta_g`.
     columns:
         ``(t, N2, C)``: ``t`` vectors over the rows of :math:`X_2`.
+    budget:
+        Bytes: the whole-data factors are cached when they fit in half of it, and the chunks'
+        ``(t, n, d)`` intermediates are sized to fit in it.
 
     Returns
     -------
@@ -116,10 +122,10 @@ def factor_kernel_matmul(
     columns = columns.to(dtype)
     w = weights.detach().to(dtype)
     layers = network.structured_layers
-    rows = _rows(network, t)
+    rows = _rows(network, t, budget)
     # pull back: per layer U = H^T A2 (t, d_out, d_in) and the bias sum of H (t, d_out), over chunks of X2
     pulled: list[tuple[Tensor | None, Tensor | None]] = [(None, None)] * len(layers)
-    for start, xc, factors in _factor_chunks(network, x2, rows, "factor matvec (pull back)"):
+    for start, xc, factors in _factor_chunks(network, x2, rows, budget, "factor matvec (pull back)"):
         v = columns[:, start : start + xc.shape[0]]  # shape: (t, n, C)
         for i, (layer, (a, g)) in enumerate(zip(layers, factors)):
             h = _contract_outputs(v, g)  # shape: (t, n, d_out)
@@ -133,7 +139,7 @@ def factor_kernel_matmul(
             pulled[i] = (u, b)
     # push forward over chunks of X1
     outs = []
-    for _, xc, factors in _factor_chunks(network, x1, rows, "factor matvec (push forward)"):
+    for _, xc, factors in _factor_chunks(network, x1, rows, budget, "factor matvec (push forward)"):
         out = torch.zeros(t, xc.shape[0], network.num_outputs, dtype=dtype, device=network.device)
         for layer, (a, g), (u, b) in zip(layers, factors, pulled):
             y = None  # shape: (t, n, d_out), the layer-output tangent

@@ -267,8 +267,8 @@ def test_factor_kernel_matmul_matches_dense_gram_and_cache_follows_inputs() -> N
         gram = torch.einsum("g,gij->ij", weights, ntk_gram(network, groups, x1, x2, budget=2**26))
         return (gram @ columns.reshape(5, -1).T).T.reshape(5, 30, 2)
 
-    assert torch.allclose(factor_kernel_matmul(network, groups, x1, x2, weights, columns), dense(), rtol=1e-12)
+    assert torch.allclose(factor_kernel_matmul(network, groups, x1, x2, weights, columns, 2**26), dense(), rtol=1e-12)
     x2.mul_(2.0)  # in place: the cached factors of x2 must not be reused
-    assert torch.allclose(factor_kernel_matmul(network, groups, x1, x2, weights, columns), dense(), rtol=1e-12)
+    assert torch.allclose(factor_kernel_matmul(network, groups, x1, x2, weights, columns, 2**26), dense(), rtol=1e-12)
     conv_net, conv_shape = _nets()["cnn_two_convs"]
     assert not supports_factor_matmul(FunctionalNetwork(conv_net.double().eval(), conv_shape), 5)

@@ -109,7 +109,8 @@ class NTKLinearOperator(LinearOperator):
             t = cols.shape[-1]
             if supports_factor_matmul(self.network, t):  # all nn.Linear: no Jacobian, no jvp / vjp
                 columns = cols.T.reshape(t, self.x2.shape[0], self.network.num_outputs)
-                out = factor_kernel_matmul(self.network, self.groups, self.x1, self.x2, inv_delta, columns)
+                out = factor_kernel_matmul(self.network, self.groups, self.x1, self.x2, inv_delta, columns,
+                                           self.budget)
             else:
                 tangents = self._scaled_pullback(self.x2, cols, inv_delta)  # shape: (t, P)
                 out = self.network.jvp(self.x1, tangents)  # shape: (t, N1, C)

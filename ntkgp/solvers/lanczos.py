@@ -184,15 +184,15 @@ def _pullback(network: FunctionalNetwork, x: Tensor, columns: Tensor, factor: Te
 
 def operator_matmul(
     network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, delta: Tensor, factor: Tensor | None,
-    columns: Tensor,
+    columns: Tensor, budget: int,
 ) -> Tensor:
     r""":math:`B^\top J P_0^{-1} J^\top B V` for ``V`` ``(M, t)``: one batched vjp, one batched jvp, or
-    the factor form of :mod:`ntkgp.structured_matvec` when it pays."""
+    the factor form of :mod:`ntkgp.structured_matvec` (within ``budget`` bytes) when it pays."""
     t = columns.shape[1]
     if supports_factor_matmul(network, t):
         cot = columns if factor is None else apply_factor(factor, columns)
         cot = cot.T.reshape(t, x.shape[0], network.num_outputs)
-        out = factor_kernel_matmul(network, groups, x, x, delta.to(torch.float64).reciprocal(), cot)
+        out = factor_kernel_matmul(network, groups, x, x, delta.to(torch.float64).reciprocal(), cot, budget)
     else:
         pulled = _pullback(network, x, columns, factor)  # shape: (t, P)
         scaled = groups.scale_tangents(pulled, delta.to(torch.float64).reciprocal(), network.offsets)
@@ -278,7 +278,7 @@ class _LanczosBase(SolverBase):
         network, groups, factor = self.network, self.groups, self.hessian_factor
         generator = torch.Generator().manual_seed(self.spec.seed)
         ritz, vectors = block_lanczos(
-            lambda v: operator_matmul(network, groups, self.x, delta, factor, v),
+            lambda v: operator_matmul(network, groups, self.x, delta, factor, v, self.budget),
             self.size, self.rank, block_size=self.block_size, num_steps=self.num_steps, generator=generator,
             device=network.device, progress=network.progress,
         )
