@@ -22,6 +22,9 @@ build + log evidence (where the method has one) + latent mean and variance at th
   laplace-torch's ``SoDSampler(N, M, seed=0)`` draws for FunctionalLaplace, with the prior
   variance scaled by M/N (laplace-torch's convention), so the two compute the same approximation
   (``--sod``);
+* ``sor``: ``ntkgp.solvers.Inducing(selection=..., prior_residual=False)``, the subset-of-regressors
+  (Nyström) predictive on exactly the M points laplace-torch's ``ELLA(..., seed)`` draws
+  (``randperm(N)[:M]`` under its seed), i.e. the approximation ELLA computes (``--sor``);
 * ``lanczos``: ``ntkgp.solvers.Lanczos(rank=k)``;
 * ``cg``: ``ntkgp.solvers.ConjugateGradients()`` with its defaults;
 * ``FunctionalLaplace``: laplace-torch ``Laplace(net, "regression", subset_of_weights="all",
@@ -107,6 +110,11 @@ def peer_subset(num_data: int, size: int) -> Tensor:
     return torch.as_tensor(np.random.default_rng(0).choice(list(range(num_data)), size, replace=False))
 
 
+def ella_subset(num_data: int, size: int, seed: int) -> Tensor:
+    """The basis points laplace-torch's ``ELLA(..., seed=seed)`` draws from an unshuffled loader."""
+    return torch.randperm(num_data, generator=torch.Generator().manual_seed(seed))[:size]
+
+
 def _spec(method: str, param: int | None, selection: str, seed: int, mean: str = "posterior",
           num_data: int | None = None):
     import ntkgp
@@ -116,6 +124,10 @@ def _spec(method: str, param: int | None, selection: str, seed: int, mean: str =
     if method == "inducing":
         return ntkgp.solvers.Inducing(num_inducing=param, selection=selection, mean=mean,
                                       generator=torch.Generator().manual_seed(seed))
+    if method == "sor":  # subset of regressors on ELLA's own basis points: the approximation ELLA computes
+        assert param is not None and num_data is not None
+        return ntkgp.solvers.Inducing(num_inducing=param, selection=ella_subset(num_data, param, seed), mean=mean,
+                                      prior_residual=False)
     if method == "lanczos":
         return ntkgp.solvers.Lanczos(rank=param, seed=seed, mean="network" if mean == "network" else "projected")
     if method == "cg":
@@ -256,7 +268,7 @@ def workflow_peer(net, data, s: dict, method: str, param: int) -> dict:
             "subset_evidence": method == "functional_laplace"}
 
 
-_SMALL = {"inducing": 8, "sod": 16, "lanczos": 4, "functional_laplace": 16, "ella": 8, "reference": 64,
+_SMALL = {"inducing": 8, "sod": 16, "sor": 8, "lanczos": 4, "functional_laplace": 16, "ella": 8, "reference": 64,
           "inducing_fit": 8}
 
 
@@ -414,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inducing", type=int, nargs="*", default=[100, 300, 1000, 2000], help="part 1 M list")
     parser.add_argument("--sod", type=int, nargs="*", default=[100, 300, 1000, 2000],
                         help="part 1 M list of SubsetOfData (rescaled prior, as the peer)")
+    parser.add_argument("--sor", type=int, nargs="*", default=[100, 300, 1000, 2000],
+                        help="part 1 M list of the subset-of-regressors (ELLA's approximation) rows")
     parser.add_argument("--ranks", type=int, nargs="*", default=[50, 100, 300], help="part 1 Lanczos ranks")
     parser.add_argument("--no-cg", action="store_true", help="skip the CG row")
     parser.add_argument("--peer-m", type=int, nargs="*", default=None,
@@ -453,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             truth_runs = repeat("exact", None, path, args)
             truth = truth_runs[0]
             configs = [("inducing", m) for m in args.inducing] + [("sod", m) for m in args.sod]
+            configs += [("sor", m) for m in args.sor]
             configs += [("lanczos", k) for k in args.ranks]
             configs += [] if args.no_cg else [("cg", None)]
             peer_m = args.inducing if args.peer_m is None else args.peer_m

@@ -196,6 +196,69 @@ def test_gpytorch_loop_uses_the_bound_and_one_data_pass(monkeypatch) -> None:
 
 
 # ------------------------------------------------------------------------- Laplace (softmax)
+@pytest.mark.parametrize(("c", "prior_spec"), [(1, 2.0), (1, [0.5, 3.0, 1.5, 4.0]), (2, 2.0)])
+def test_subset_of_regressors_predictive_matches_dense_truth(c: int, prior_spec) -> None:
+    """``prior_residual=False``: covariance K_*Z D^-1 K_Z*, the same mean and the same bound."""
+    net, x, y, x_test, prior = _regression(c, prior_spec)
+    idx = torch.tensor([1, 4, 9, 15, 22, 30, 31, 40, 47])
+    spec = torch.tensor(prior_spec, dtype=torch.float64) if isinstance(prior_spec, list) else prior_spec
+    targets = y if c > 1 else y.reshape(-1)
+    sgpr = ntkgp.LinearizedGP(net, _likelihood(c, 0.09), x, targets, prior_precision=spec,
+                              solver=Inducing(selection=idx, jitter=JITTER))
+    sor = ntkgp.LinearizedGP(net, _likelihood(c, 0.09), x, targets, prior_precision=spec,
+                             solver=Inducing(selection=idx, jitter=JITTER, prior_residual=False))
+    noise = _noise_of(sor.likelihood).repeat(x.shape[0])
+    var = 1 / prior
+    j, js = truth.jacobian(net, x), truth.jacobian(net, x_test)
+    jz = j[_rows(idx, c)]
+    kzz = jz @ (var[:, None] * jz.T)
+    kzz = kzz + JITTER * kzz.diagonal().mean() * torch.eye(kzz.shape[0], dtype=torch.float64)
+    kzx, kzs = jz @ (var[:, None] * j.T), jz @ (var[:, None] * js.T)
+    d = kzz + kzx @ (kzx.T / noise[:, None])
+    cov = kzs.T @ torch.linalg.solve(d, kzs)
+    assert torch.equal(sor.log_evidence().detach(), sgpr.log_evidence().detach())
+    sor.eval(), sgpr.eval()
+    post, reference = sor(x_test), sgpr(x_test)
+    assert torch.allclose(post.mean, reference.mean, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(post.covariance_matrix, cov, rtol=1e-6, atol=1e-9 * cov.diagonal().max())
+    assert torch.allclose(post.variance.reshape(-1), cov.diagonal(), rtol=1e-6, atol=0)
+    # never above the SGPR variance: it drops the PSD residual K_** - Q_**
+    assert (post.variance <= reference.variance * (1 + 1e-10)).all()
+    probe = torch.randn(cov.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    product = sor.posterior().covariance_matmul(x_test, probe)  # the lazy operator's route
+    assert torch.allclose(product, cov @ probe, rtol=1e-6, atol=1e-9 * cov.diagonal().max())
+
+
+def test_subset_of_regressors_equals_laplace_torch_ella() -> None:
+    """laplace-torch's ELLA (all ``M`` Nystrom directions) on its own random subset, in float64."""
+    laplace = pytest.importorskip("laplace")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net, x, y, x_test, _ = _regression(1, 2.0, n=60)
+    n, m, delta, seed = 60, 12, 2.0, 7
+    lik = _likelihood(1, 0.09)
+    sigma = math.sqrt(float(_noise_of(lik)[0]))  # the noise as stored, for both libraries
+    ella = laplace.ELLA(net, "regression", subsample_size=m, n_eigenvalues=m, sigma_noise=sigma,
+                        prior_precision=delta, seed=seed)
+    ella.fit(DataLoader(TensorDataset(x, y), batch_size=16))
+    peer_mean, peer_var = ella(x_test)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m]  # ELLA's basis points
+    model = ntkgp.LinearizedGP(net, lik, x, y.reshape(-1), prior_precision=delta,
+                               solver=Inducing(selection=idx, jitter=0.0, mean="network", prior_residual=False))
+    model.eval()
+    with torch.no_grad():
+        latent = model(x_test)
+    assert torch.allclose(latent.mean, peer_mean.reshape(-1), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(latent.variance, peer_var.reshape(-1), rtol=1e-8, atol=1e-12)
+    # a different subset gives a different answer: the comparison can fail
+    other = ntkgp.LinearizedGP(net, lik, x, y.reshape(-1), prior_precision=delta,
+                               solver=Inducing(selection=torch.arange(m), jitter=0.0, mean="network",
+                                               prior_residual=False))
+    other.eval()
+    with torch.no_grad():
+        assert not torch.allclose(other(x_test).variance, peer_var.reshape(-1), rtol=1e-3)
+
+
 def _softmax_case(n: int = 60):
     data = load_wine()
     x = torch.tensor(data.data, dtype=torch.float64)
@@ -244,6 +307,13 @@ def test_softmax_laplace_bound_matches_dense_truth() -> None:
         assert torch.allclose(latent.mean.reshape(-1), net(x_test).reshape(-1), rtol=1e-12, atol=1e-12)
     probs = lik(latent).probs
     assert torch.allclose(probs.sum(-1), torch.ones(8, dtype=probs.dtype))
+    # subset of regressors: the same Laplace bound, covariance K_*Z D^-1 K_Z*
+    sor = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=1.5,
+                             solver=Inducing(selection=idx, jitter=JITTER, prior_residual=False))
+    assert torch.allclose(sor.log_evidence().detach(), expected, rtol=REL, atol=0)
+    sor.eval()
+    sor_cov = ksz @ torch.linalg.solve(d, ksz.T)
+    assert torch.allclose(sor(x_test).covariance_matrix, sor_cov, rtol=1e-6, atol=1e-9 * sor_cov.diagonal().max())
 
 
 def test_softmax_laplace_all_points_equals_exact() -> None:

@@ -84,6 +84,17 @@ class Inducing(SolverSpec):
         exact posterior mean when the network is a MAP for the same :math:`\delta, \sigma`; the
         Laplace convention, as laplace-torch uses, and much better than the SGPR mean at small
         ``M``). Laplace likelihoods always use the network.
+    prior_residual:
+        ``True`` (default) keeps the SGPR/DTC predictive above, with the exact prior variance
+        :math:`K_{**} - Q_{**}` in the directions the inducing Jacobians do not span: conservative,
+        never below the exact posterior variance's prior part. ``False`` drops that term and
+        predicts with :math:`\Sigma_{**} = K_{*Z} D^{-1} K_{Z*}`, the subset-of-regressors
+        (Nystrom) predictive. With ``selection="random"``, ``jitter=0`` and ``mean="network"`` this
+        is ELLA (Deng et al. 2022, laplace-torch's ``ELLA`` with ``n_eigenvalues =
+        subsample_size``): a Laplace posterior over the ``M C`` Nystrom features with all ``N``
+        points' curvature. It underestimates the variance (it is exact only in the span of the
+        features) and often has the better test NLL at small ``M``. Only the predictive changes;
+        the evidence is the collapsed bound either way.
     pool_size:
         Candidates for the pivoted-Cholesky search.
     jitter:
@@ -102,6 +113,7 @@ class Inducing(SolverSpec):
     jitter: float = 1e-8
     generator: torch.Generator | None = None
     mean: str = "posterior"
+    prior_residual: bool = True
 
     def __post_init__(self) -> None:
         if self.mean not in ("posterior", "network"):
@@ -113,13 +125,13 @@ class Inducing(SolverSpec):
 
     def gaussian(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> InducingSolver:
         return InducingSolver(network, groups, x, budget, self._indices(network, groups, x, budget), self.jitter,
-                              mean=self.mean)
+                              mean=self.mean, prior_residual=self.prior_residual)
 
     def laplace(
         self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, hessian_factor: Tensor
     ) -> InducingLaplaceSolver:
         return InducingLaplaceSolver(network, groups, x, budget, self._indices(network, groups, x, budget),
-                                     self.jitter, hessian_factor)
+                                     self.jitter, hessian_factor, prior_residual=self.prior_residual)
 
 
 class _InducingCaches(SolverBase):
@@ -129,10 +141,12 @@ class _InducingCaches(SolverBase):
 
     def __init__(
         self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, indices: Tensor,
-        jitter: float, blocks: int,
+        jitter: float, blocks: int, prior_residual: bool,
     ) -> None:
         super().__init__(network, groups, x, budget)
         C, G = network.num_outputs, groups.num_groups
+        #: whether the predictive keeps :math:`K_{**} - Q_{**}` (SGPR) or drops it (subset of regressors)
+        self.prior_residual = prior_residual
         #: indices of the inducing points in the training inputs, ``(M,)``
         self.indices = indices.to(x.device)
         #: inducing inputs :math:`Z` ``(M, D)``
@@ -247,10 +261,10 @@ class InducingSolver(_InducingCaches, EvidenceOnlyGaussianSolver):
 
     def __init__(
         self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, indices: Tensor,
-        jitter: float = 1e-8, *, mean: str = "posterior",
+        jitter: float = 1e-8, *, mean: str = "posterior", prior_residual: bool = True,
     ) -> None:
         C, G = network.num_outputs, groups.num_groups
-        super().__init__(network, groups, x, budget, indices, jitter, blocks=C)
+        super().__init__(network, groups, x, budget, indices, jitter, blocks=C, prior_residual=prior_residual)
         #: ``"posterior"`` (SGPR mean) or ``"network"`` (the MAP network's outputs)
         self.mean = mean
         n = x.shape[0]
@@ -374,9 +388,9 @@ class InducingLaplaceSolver(_InducingCaches, LaplaceSolver):
 
     def __init__(
         self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, indices: Tensor,
-        jitter: float, hessian_factor: Tensor,
+        jitter: float, hessian_factor: Tensor, *, prior_residual: bool = True,
     ) -> None:
-        super().__init__(network, groups, x, budget, indices, jitter, blocks=1)
+        super().__init__(network, groups, x, budget, indices, jitter, blocks=1, prior_residual=prior_residual)
         self.hessian_factor = hessian_factor
         G = groups.num_groups
         for start, xc in network.chunks(x, self._chunk_rows(), desc="inducing caches"):
@@ -425,11 +439,13 @@ class InducingPosterior(DowndatePosterior):
 
     That is :math:`K_{**} - K_{*Z}(K_{ZZ}^{-1} - D^{-1})K_{Z*}` with two triangular solves per
     test block (:math:`O((MC)^2)` per test point) after one structured cross-Gram against the
-    ``M`` inducing inputs; no eigendecomposition.
+    ``M`` inducing inputs; no eigendecomposition. Without the prior residual (subset of
+    regressors) only :math:`\lVert L_D^{-1}K_{Z*}\rVert^2` remains: one solve.
     """
 
     def __init__(self, solver: _InducingCaches, delta: Tensor, lz: Tensor, ld: Tensor, weights: Tensor) -> None:
-        super().__init__(solver.network, solver.groups, weights, solver.budget, delta, solver.z, 2 * lz.shape[-1])
+        super().__init__(solver.network, solver.groups, weights, solver.budget, delta, solver.z,
+                         (2 if solver.prior_residual else 1) * lz.shape[-1], prior_residual=solver.prior_residual)
         #: Cholesky factors of :math:`K_{ZZ}` and :math:`D`, ``(MC, MC)``
         self.lz, self.ld = lz, ld
 

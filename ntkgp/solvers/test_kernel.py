@@ -166,13 +166,15 @@ class DowndatePosterior(Posterior):
 
     def __init__(
         self, network: FunctionalNetwork, groups: ParameterGroups, weights: Tensor, budget: int, delta: Tensor,
-        reference: Tensor | None, rank: int,
+        reference: Tensor | None, rank: int, *, prior_residual: bool = True,
     ) -> None:
         super().__init__(network, groups, weights, budget)
         self.delta = delta
         self.kernel = TestKernel(network, groups, delta, reference, budget)
         #: rows of :math:`V` plus rows of :math:`U`
         self.rank = rank
+        #: ``False``: the covariance is :math:`U^\top U` alone, without :math:`K_{**} - V^\top V`
+        self.prior_residual = prior_residual
 
     @abstractmethod
     def downdate(self, x: Tensor, cross: Tensor | None) -> Tensor:
@@ -182,13 +184,17 @@ class DowndatePosterior(Posterior):
         """:math:`U` ``(r', n*C)``, added back; ``None`` (the default) for none."""
         return None
 
-    def _parts(self, x: Tensor, full: bool) -> tuple[Tensor, list[tuple[float, Tensor]]]:
-        prior, cross = self.kernel.parts(x, full)
-        terms = [(-1.0, self.downdate(x, cross))]
+    def _terms(self, x: Tensor, cross: Tensor | None) -> list[tuple[float, Tensor]]:
+        """The signed low-rank terms: ``(-1, V)`` (unless ``prior_residual`` is off) and ``(+1, U)``."""
+        terms = [(-1.0, self.downdate(x, cross))] if self.prior_residual else []
         up = self.update(x, cross)
         if up is not None:
             terms.append((1.0, up))
-        return prior, terms
+        return terms
+
+    def _parts(self, x: Tensor, full: bool) -> tuple[Tensor, list[tuple[float, Tensor]]]:
+        prior, cross = self.kernel.parts(x, full)
+        return (prior if self.prior_residual else torch.zeros_like(prior)), self._terms(x, cross)
 
     @torch.no_grad()
     def covariance(self, x: Tensor) -> Tensor:
@@ -216,13 +222,11 @@ class DowndatePosterior(Posterior):
     @torch.no_grad()
     def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
         rhs = rhs.to(torch.float64)
-        out = self.kernel.prior_operator(x, x)._matmul(rhs)
+        out = self.kernel.prior_operator(x, x)._matmul(rhs) if self.prior_residual else torch.zeros_like(rhs)
         # V and U are (r, n*C): kept whole (r per test output, like the result)
         blocks: list[list[tuple[float, Tensor]]] = []
         for _, xb in self.network.chunks(x, self.kernel.rows(self.rank), desc="predictive matmul"):
-            cross = self.kernel.parts(xb, full=False)[1]
-            up = self.update(xb, cross)
-            blocks.append([(-1.0, self.downdate(xb, cross))] + ([] if up is None else [(1.0, up)]))
+            blocks.append(self._terms(xb, self.kernel.parts(xb, full=False)[1]))
         for term in range(len(blocks[0]) if blocks else 0):
             sign = blocks[0][term][0]
             v = torch.cat([b[term][1] for b in blocks], dim=1)
