@@ -173,6 +173,14 @@ def test_tuner_subset_mode_never_builds_the_exact_solver_and_handles_large_preci
                                        steps=3, subset_size=20, minibatch=True,
                                        generator=torch.Generator().manual_seed(0))
     assert torch.isclose(tuner.prior_precision, torch.tensor(1000.0, dtype=torch.float64), rtol=1e-12)
+    grams, means = [], []
+    real_gram = ntkgp.marglik.subset_bound.ntk_gram
+    monkeypatch.setattr(ntkgp.marglik.subset_bound, "ntk_gram", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
+    real_mean = ntkgp.means.linearized_mean.LinearizedMean.forward
+    monkeypatch.setattr(ntkgp.means.linearized_mean.LinearizedMean, "forward",
+                        lambda *a, **k: means.append(1) or real_mean(*a, **k))
     record = tuner.step(net)
     assert built == [] and len(tuner.history) == 1
     assert record["log_evidence_before"] < 0 and torch.isfinite(tuner.prior_precision).all()
+    # one subset per step: one Gram for the Adam steps and both reports; no training mean
+    assert grams == [1] and means == []

@@ -97,10 +97,12 @@ class MarglikTuner:
         size, drawn afresh at each :meth:`step` (grouped by class for classification); the exact
         solver is then never built.
     minibatch:
-        With ``subset_size``: each Adam step uses the unbiased one-subset estimate
-        (:meth:`SubsetEvidenceBound.minibatch`) instead of the whole bound, and only the drawn
-        subsets' Grams are built. The ``log_evidence_before`` / ``_after`` in :attr:`history` are
-        then the estimates of one subset (the same one before and after), not the whole bound.
+        With ``subset_size``: each :meth:`step` draws one subset and its Adam steps use that
+        subset's unbiased estimate of the bound (:meth:`SubsetEvidenceBound.minibatch`) instead of
+        the whole bound, so one subset Gram is built per :meth:`step`. Over the calls the
+        gradient estimates are unbiased; within a call they share the subset. The
+        ``log_evidence_before`` / ``_after`` in :attr:`history` are then that subset's estimates,
+        not the whole bound.
     generator:
         Random generator for the partitions.
     model_kwargs:
@@ -172,10 +174,10 @@ class MarglikTuner:
             parts = random_partition(model.num_data, self.subset_size, generator=self.generator)
         bound = SubsetEvidenceBound(model, parts)
         if self.minibatch:
-            # reported: the estimate of one subset, the same before and after (the whole bound would
-            # build every subset's Grams, which the one-subset steps are there to avoid)
-            shown = int(torch.randint(bound.num_subsets, (1,), generator=self.generator))
-            return (lambda: bound.minibatch(generator=self.generator)), (lambda: bound.minibatch(shown))
+            # one subset per call of step(): its Gram is built once, and the Adam steps and the
+            # before/after reports all use its unbiased estimate
+            drawn = int(torch.randint(bound.num_subsets, (1,), generator=self.generator))
+            return (lambda: bound.minibatch(drawn)), (lambda: bound.minibatch(drawn))
         return bound, bound
 
     def step(self, net: nn.Module) -> dict[str, Any]:

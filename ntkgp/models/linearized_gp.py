@@ -131,7 +131,7 @@ class LinearizedGP(ExactGP):
         self.network = network
         self.mean_module = LinearizedMean(network)
         self.covar_module = NTKKernel(network, prior_precision, memory_budget=memory_budget)
-        self._train_mean = self.mean_module(flat_x).to(torch.float64)
+        self._train_mean_cache: Tensor | None = None  # m(X), computed on first use (one jvp pass)
         groups, budget = self.covar_module.groups, self.covar_module.memory_budget
         if not isinstance(solver, SolverSpec) and solver not in ("auto", "kernel", "weight"):
             raise ValueError(f"solver must be 'auto', 'kernel', 'weight' or a SolverSpec, got {solver!r}")
@@ -184,6 +184,15 @@ class LinearizedGP(ExactGP):
         if self._solver is None:
             self._solver = self._build_solver()
         return self._solver
+
+    @property
+    def _train_mean(self) -> Tensor:
+        r"""The prior mean at the training inputs, :math:`m(X) = f(X) - J(X)\hat\theta`, float64.
+
+        Computed on first use: the subset bound and the Laplace evidence never need it."""
+        if self._train_mean_cache is None:
+            self._train_mean_cache = self.mean_module(self.train_inputs[0]).to(torch.float64)
+        return self._train_mean_cache
 
     @property
     def prior_precision(self) -> Tensor:
