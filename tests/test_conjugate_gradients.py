@@ -108,6 +108,11 @@ def test_lanczos_decomposition_full_basis_inverts_and_restarts_on_breakdown() ->
                                  generator=torch.Generator().manual_seed(0))
     assert rel_err(Q.T @ Q, torch.eye(30, dtype=F64)) < 1e-12
     assert rel_err(Q @ torch.linalg.solve(T, Q.T), torch.linalg.inv(A)) < 1e-10
+    # a zero start vector is replaced by a random one
+    Q, T = lanczos_decomposition(lambda v: A @ v, torch.zeros(30, dtype=F64), 30,
+                                 generator=torch.Generator().manual_seed(1))
+    assert rel_err(Q.T @ Q, torch.eye(30, dtype=F64)) < 1e-12
+    assert rel_err(Q @ torch.linalg.solve(T, Q.T), torch.linalg.inv(A)) < 1e-10
 
 
 # ------------------------------------------------------------------ the solver, evidence

@@ -227,6 +227,13 @@ def test_subset_of_regressors_predictive_matches_dense_truth(c: int, prior_spec)
     probe = torch.randn(cov.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     product = sor.posterior().covariance_matmul(x_test, probe)  # the lazy operator's route
     assert torch.allclose(product, cov @ probe, rtol=1e-6, atol=1e-9 * cov.diagonal().max())
+    # test blocks of one or two points (a small memory budget): the same covariance
+    chunked = ntkgp.LinearizedGP(net, _likelihood(c, 0.09), x, targets, prior_precision=spec, memory_budget=2500,
+                                 solver=Inducing(selection=idx, jitter=JITTER, prior_residual=False))
+    chunked.eval()
+    assert torch.allclose(chunked(x_test).variance.reshape(-1), cov.diagonal(), rtol=1e-6, atol=0)
+    assert torch.allclose(chunked.posterior().covariance_matmul(x_test, probe), cov @ probe, rtol=1e-6,
+                          atol=1e-9 * cov.diagonal().max())
 
 
 def test_subset_of_regressors_equals_laplace_torch_ella() -> None:
@@ -313,7 +320,9 @@ def test_softmax_laplace_bound_matches_dense_truth() -> None:
     assert torch.allclose(sor.log_evidence().detach(), expected, rtol=REL, atol=0)
     sor.eval()
     sor_cov = ksz @ torch.linalg.solve(d, ksz.T)
-    assert torch.allclose(sor(x_test).covariance_matrix, sor_cov, rtol=1e-6, atol=1e-9 * sor_cov.diagonal().max())
+    sor_latent = sor(x_test)
+    assert torch.allclose(sor_latent.covariance_matrix, sor_cov, rtol=1e-6, atol=1e-9 * sor_cov.diagonal().max())
+    assert torch.allclose(sor_latent.variance.reshape(-1), sor_cov.diagonal(), rtol=1e-6, atol=0)
 
 
 def test_softmax_laplace_all_points_equals_exact() -> None:

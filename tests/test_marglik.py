@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import gpytorch
 import pytest
 import torch
@@ -141,6 +143,21 @@ def test_tuner_in_a_custom_loop_with_the_subset_bound() -> None:
             assert record["log_evidence_after"] >= record["log_evidence_before"] - 1e-6
     assert len(tuner.history) == 3 and tuner.prior_precision.shape == (4,)
     assert not torch.equal(tuner.prior_precision.detach(), torch.ones(4, dtype=torch.float64))
+
+
+def test_gaussian_subset_tuner_needs_no_training_mean(monkeypatch) -> None:
+    """The subset bound uses the network's residuals; the noise is read without the GP mean's jvp pass."""
+    x, y = truth.toy_regression(40, 3, seed=71)
+    net = truth.mlp(3, 6, 1, seed=72)
+    lik = gpytorch.likelihoods.GaussianLikelihood().double()
+    means = []
+    real_mean = ntkgp.means.linearized_mean.LinearizedMean.forward
+    monkeypatch.setattr(ntkgp.means.linearized_mean.LinearizedMean, "forward",
+                        lambda *a, **k: means.append(1) or real_mean(*a, **k))
+    tuner = ntkgp.marglik.MarglikTuner(net, lik, x, y, steps=2, subset_size=10, minibatch=True,
+                                       generator=torch.Generator().manual_seed(0))
+    record = tuner.step(net)
+    assert means == [] and math.isfinite(record["log_evidence_after"])
 
 
 def test_train_map_and_fit_hyperparameters() -> None:

@@ -29,48 +29,103 @@ from torch import Tensor
 
 from ntkgp.progress import progress_bar
 
-__all__ = ["block_lanczos"]
+__all__ = ["block_lanczos", "krylov_basis"]
 
 #: a new direction whose norm after orthogonalization is below this fraction of the operator's
 #: scale is treated as lying in the basis already (deflated and replaced by a random vector)
 _DEFLATION_TOL = 1e-10
 
 
-def _project_out(block: Tensor, basis: list[Tensor]) -> Tensor:
-    """``block - Q (Q^T block)`` against every basis block, twice (classical Gram-Schmidt x2)."""
+def _project_out(block: Tensor, rows: Tensor) -> Tensor:
+    """``block - Q (Q^T block)`` for the basis ``Q`` given by its rows ``Q^T`` ``(j, n)`` (contiguous),
+    twice (classical Gram-Schmidt x2)."""
     for _ in range(2):
-        for q in basis:
-            block = block - q @ (q.T @ block)
+        block = block - rows.T @ (rows @ block)
     return block
 
 
-def _random_orthonormal(
-    size: int, count: int, basis: list[Tensor], generator: torch.Generator, device: torch.device
-) -> Tensor:
-    """``count`` random unit vectors ``(size, count)`` orthogonal to ``basis`` and to each other."""
-    fresh = torch.randn(size, count, generator=generator, dtype=torch.float64).to(device)
-    fresh = _project_out(fresh, basis)
-    q, _ = torch.linalg.qr(fresh)
-    return _project_out(q, basis)
+def _random_orthonormal(size: int, count: int, rows: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``count`` random unit vectors ``(size, count)`` orthogonal to the basis ``rows`` and to each other."""
+    fresh = torch.randn(size, count, generator=generator, dtype=torch.float64).to(rows.device)
+    q, _ = torch.linalg.qr(_project_out(fresh, rows))
+    return _project_out(q, rows)
 
 
 def _next_block(
-    block: Tensor, basis: list[Tensor], width: int, scale: float, generator: torch.Generator
+    block: Tensor, rows: Tensor, width: int, scale: float, generator: torch.Generator | None
 ) -> Tensor:
-    r"""An orthonormal ``(n, width)`` block spanning ``block`` minus its part in ``basis``.
+    r"""An orthonormal ``(n, width)`` block spanning ``block`` minus its part in the basis ``rows``.
 
     Directions of the orthogonalized ``block`` with singular value below
     ``_DEFLATION_TOL * scale`` are dropped and made up by random orthogonal vectors.
     """
-    residual = _project_out(block, basis)
-    left, sing, _ = torch.linalg.svd(residual, full_matrices=False)
-    kept = left[:, sing > _DEFLATION_TOL * max(scale, torch.finfo(torch.float64).tiny)][:, :width]
-    kept = _project_out(kept, basis)  # restore orthogonality lost to rounding in the SVD
+    residual = _project_out(block, rows)
+    tol = _DEFLATION_TOL * max(scale, torch.finfo(torch.float64).tiny)
+    if residual.shape[1] == 1:  # one column (plain Lanczos): normalize, no SVD or re-projection
+        norm = float(residual.norm())
+        kept = residual[:, :width] / norm if norm > tol else residual[:, :0]
+    else:
+        left, sing, _ = torch.linalg.svd(residual, full_matrices=False)
+        kept = _project_out(left[:, sing > tol][:, :width], rows)  # orthogonality lost to rounding in the SVD
     missing = width - kept.shape[1]
     if missing > 0:
-        kept = torch.cat([kept, _random_orthonormal(block.shape[0], missing, [*basis, kept],
-                                                    generator, block.device)], 1)
+        kept = torch.cat([kept, _random_orthonormal(block.shape[0], missing, torch.cat([rows, kept.T]),
+                                                    generator)], 1)
     return kept
+
+
+def krylov_basis(
+    matmul: Callable[[Tensor], Tensor],
+    start: Tensor,
+    basis_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    desc: str = "Lanczos",
+) -> tuple[Tensor, Tensor]:
+    r"""An orthonormal basis :math:`Q` of the block Krylov space of ``start``, and :math:`AQ`.
+
+    Each new block is orthogonalized twice against the whole basis, which is kept as rows
+    (:math:`Q^\top`, contiguous) so that every projection is two plain GEMMs.
+
+    Parameters
+    ----------
+    matmul:
+        :math:`V \mapsto A V` for a float64 block ``(n, t)``; returns ``(n, t)``.
+    start:
+        The start block ``(n, b)``; ``b`` is the block width. Its vanishing directions (a zero
+        start vector, say) are replaced by random ones.
+    basis_size:
+        ``m``, the columns of :math:`Q` (at most ``n``); it costs ``m`` products with :math:`A`.
+    generator:
+        For random refills after deflation.
+    progress, desc:
+        A tqdm bar over the steps, and its label.
+
+    Returns
+    -------
+    (Q, AQ)
+        Both ``(n, m)``, float64; :math:`Q^\top Q = I` to rounding.
+    """
+    start = start.to(torch.float64)
+    n, width = start.shape
+    m = min(n, basis_size)
+    qt = torch.zeros(m, n, dtype=torch.float64, device=start.device)  # shape: (m, n), the basis as rows
+    aqt = torch.zeros_like(qt)
+    first = _next_block(start, qt[:0], min(width, m), float(start.norm(dim=0).max()) if n else 0.0, generator)
+    filled, done, scale = first.shape[1], 0, 0.0
+    qt[:filled] = first.T
+    for _ in progress_bar(range(-(-m // width)), desc=desc, enable=progress):
+        product = matmul(qt[done:filled].T.contiguous()).to(torch.float64)  # shape: (n, b)
+        aqt[done:filled] = product.T
+        scale = max(scale, float(product.norm(dim=0).max()))
+        done = filled
+        step = min(width, m - filled)
+        if step == 0:
+            break
+        qt[filled : filled + step] = _next_block(product, qt[:filled], step, scale, generator).T
+        filled += step
+    return qt.T.contiguous(), aqt.T.contiguous()
 
 
 def block_lanczos(
@@ -116,20 +171,9 @@ def block_lanczos(
     basis_size = min(size, num_steps * block_size)
     if not 1 <= rank <= basis_size:
         raise ValueError(f"rank must be between 1 and the basis size {basis_size}, got {rank}")
-    device = torch.device(device)
-    start = torch.randn(size, min(block_size, basis_size), generator=generator, dtype=torch.float64).to(device)
-    basis: list[Tensor] = [torch.linalg.qr(start)[0]]
-    products: list[Tensor] = []
-    scale = 0.0
-    steps = range(-(-basis_size // block_size))
-    for _ in progress_bar(steps, desc="Lanczos", enable=progress):
-        product = matmul(basis[-1]).to(torch.float64)  # shape: (n, b)
-        products.append(product)
-        scale = max(scale, float(product.norm(dim=0).max()))
-        width = min(block_size, basis_size - sum(q.shape[1] for q in basis))
-        if width > 0:
-            basis.append(_next_block(product, basis, width, scale, generator))
-    q, aq = torch.cat(basis, 1), torch.cat(products, 1)  # shape: (n, m) each
+    start = torch.randn(size, min(block_size, basis_size), generator=generator, dtype=torch.float64)
+    q, aq = krylov_basis(matmul, start.to(torch.device(device)), basis_size, generator=generator,
+                         progress=progress)
     projected = q.T @ aq
     projected = 0.5 * (projected + projected.T)  # shape: (m, m), block tridiagonal up to rounding
     values, vectors = torch.linalg.eigh(projected)

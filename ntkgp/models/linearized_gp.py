@@ -131,6 +131,7 @@ class LinearizedGP(ExactGP):
         self.network = network
         self.mean_module = LinearizedMean(network)
         self.covar_module = NTKKernel(network, prior_precision, memory_budget=memory_budget)
+        self._flat_x = flat_x  # the inputs the solver and the mean are built from (not cast by .float())
         self._train_mean_cache: Tensor | None = None  # m(X), computed on first use (one jvp pass)
         groups, budget = self.covar_module.groups, self.covar_module.memory_budget
         if not isinstance(solver, SolverSpec) and solver not in ("auto", "kernel", "weight"):
@@ -191,7 +192,7 @@ class LinearizedGP(ExactGP):
 
         Computed on first use: the subset bound and the Laplace evidence never need it."""
         if self._train_mean_cache is None:
-            self._train_mean_cache = self.mean_module(self.train_inputs[0]).to(torch.float64)
+            self._train_mean_cache = self.mean_module(self._flat_x).to(torch.float64)
         return self._train_mean_cache
 
     @property
@@ -267,9 +268,10 @@ class LinearizedGP(ExactGP):
     # ------------------------------------------------------------- posterior
     def _noise(self) -> Tensor:
         """The likelihood's noise on the training data, ``(N*C,)``, differentiable in its parameters."""
-        m = self._train_mean.numel()
+        m = self.num_data * self.num_outputs
         zero = ZeroLinearOperator(m, m, dtype=torch.float64, device=self.network.device)
-        noise = self.likelihood(self._distribution(self._train_mean, zero)).lazy_covariance_matrix
+        mean = torch.zeros(m, dtype=torch.float64, device=self.network.device)  # the noise does not depend on it
+        noise = self.likelihood(self._distribution(mean, zero)).lazy_covariance_matrix
         if not isinstance(noise, DiagLinearOperator):
             raise NotImplementedError(f"the likelihood's noise must be diagonal, got {type(noise).__name__}")
         return noise.diagonal().to(torch.float64).expand(m)

@@ -71,36 +71,39 @@ class TestKernel:
                 and self.reference_size * self.rest_width * network.dtype.itemsize <= budget // 2):
             self._reference_rest_jacobian = network.jacobian_block(reference, self.rest).reshape(-1, self.rest_width)
 
-    def parts(self, x: Tensor, full: bool) -> tuple[Tensor, Tensor | None]:
+    def parts(self, x: Tensor, full: bool, *, prior: bool = True) -> tuple[Tensor, Tensor | None]:
         """For test inputs ``x`` ``(n, D)``: the prior covariance (dense ``(n*C, n*C)`` if ``full``,
-        else per-point blocks ``(n, C, C)``) and the cross-kernel ``(M*C, n*C)`` (``None`` without
-        reference inputs). Memory is linear in ``n`` unless ``full``."""
+        else per-point blocks ``(n, C, C)``; zeros, not computed, if ``prior`` is False) and the
+        cross-kernel ``(M*C, n*C)`` (``None`` without reference inputs). Memory is linear in ``n``
+        unless ``full``."""
         network = self.network
         C = network.num_outputs
         n, device = x.shape[0], network.device
         cross = None
         if self.reference is not None:
             cross = torch.zeros(self.reference_size, n * C, dtype=torch.float64, device=device)
-        prior = torch.zeros(*((n * C, n * C) if full else (n, C, C)), dtype=torch.float64, device=device)
+        covariance = torch.zeros(*((n * C, n * C) if full else (n, C, C)), dtype=torch.float64, device=device)
         if network.structured_layers:
             test_factors = network.structured_factors(x)
             if cross is not None:
                 structured_gram(network, self.groups, self.reference_factors, test_factors, cross,
                                 weights=self.group_weights)
-            if full:
-                structured_gram(network, self.groups, test_factors, test_factors, prior, weights=self.group_weights)
-            else:
-                prior += self._structured_point_blocks(test_factors, n)
-        if self.rest:
+            if prior and full:
+                structured_gram(network, self.groups, test_factors, test_factors, covariance,
+                                weights=self.group_weights)
+            elif prior:
+                covariance += self._structured_point_blocks(test_factors, n)
+        if self.rest and (prior or cross is not None):
             jac = network.jacobian_block(x, self.rest).reshape(-1, self.rest_width)
             scaled = jac * self.rest_prior_variance  # shape: (n*C, P_rest)
-            if full:
-                prior += (scaled @ jac.T).to(torch.float64)
-            else:
-                prior += torch.einsum("ncp,ndp->ncd", scaled.reshape(n, C, -1), jac.reshape(n, C, -1)).to(torch.float64)
+            if prior and full:
+                covariance += (scaled @ jac.T).to(torch.float64)
+            elif prior:
+                covariance += torch.einsum("ncp,ndp->ncd", scaled.reshape(n, C, -1),
+                                           jac.reshape(n, C, -1)).to(torch.float64)
             if cross is not None:
                 cross += self._reference_rest_cross(scaled)
-        return prior, cross
+        return covariance, cross
 
     def _reference_rest_cross(self, scaled: Tensor) -> Tensor:
         if self._reference_rest_jacobian is not None:
@@ -193,8 +196,8 @@ class DowndatePosterior(Posterior):
         return terms
 
     def _parts(self, x: Tensor, full: bool) -> tuple[Tensor, list[tuple[float, Tensor]]]:
-        prior, cross = self.kernel.parts(x, full)
-        return (prior if self.prior_residual else torch.zeros_like(prior)), self._terms(x, cross)
+        prior, cross = self.kernel.parts(x, full, prior=self.prior_residual)  # zeros without the residual
+        return prior, self._terms(x, cross)
 
     @torch.no_grad()
     def covariance(self, x: Tensor) -> Tensor:
@@ -226,7 +229,7 @@ class DowndatePosterior(Posterior):
         # V and U are (r, n*C): kept whole (r per test output, like the result)
         blocks: list[list[tuple[float, Tensor]]] = []
         for _, xb in self.network.chunks(x, self.kernel.rows(self.rank), desc="predictive matmul"):
-            blocks.append(self._terms(xb, self.kernel.parts(xb, full=False)[1]))
+            blocks.append(self._terms(xb, self.kernel.parts(xb, full=False, prior=False)[1]))
         for term in range(len(blocks[0]) if blocks else 0):
             sign = blocks[0][term][0]
             v = torch.cat([b[term][1] for b in blocks], dim=1)
