@@ -29,8 +29,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -44,7 +42,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regression_workflow import PeakRSS, machine_info  # noqa: E402
+from _common import PeakRSS, PhaseTimer, finish_report, start_report  # noqa: E402
 
 import ntkgp  # noqa: E402
 
@@ -84,24 +82,20 @@ def ece(probs: Tensor, y: Tensor, bins: int = ECE_BINS) -> float:
 
 
 def workflow(net: nn.Module, data: dict[str, Tensor], delta: float, solver: Any, chunk: int = 25) -> dict:
-    timer: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timer = PhaseTimer()
     lik = ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES)
     model = ntkgp.LinearizedGP(net, lik, data["x"], data["y"], prior_precision=delta, solver=solver)
     _ = model.solver
-    timer["build"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    timer.mark("build")
     with torch.no_grad():
         lml = float(model.log_evidence())
-    timer["lml"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
+    timer.mark("lml")
     model.eval()
     lik.eval()
     with torch.no_grad():
         probs = torch.cat([lik(model(data["x_test"][i:i + chunk])).probs for i in range(0, len(data["x_test"]), chunk)])
-    timer["predict"] = time.perf_counter() - t2
-    timer["total"] = time.perf_counter() - t0
-    return {"time": timer, "lml": lml, "probs": probs.detach().double(), "solver": model.solver.name}
+    times = timer.stop("predict")
+    return {"time": times, "lml": lml, "probs": probs.detach().double(), "solver": model.solver.name}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    report: dict[str, Any] = {"machine": machine_info(), "config": vars(args).copy()}
-    print(f"machine: {json.dumps(report['machine'])}", flush=True)
+    report, started = start_report(args)
 
     data = load(args.n_train, args.seed)
     torch.manual_seed(args.seed)
@@ -195,12 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ninducing vs exact: NLL {c['nll_rel_diff']:+.2%}, ECE {c['ece_rel_diff']:+.2%} "
           f"({c['ece_abs_diff']:+.4f} absolute), max |Δp| {c['max_abs_prob_diff']:.2e}, "
           f"log evidence {c['lml_diff']:+.2f}")
-    report["wall_seconds"] = time.perf_counter() - started
-    report["loadavg_at_end"] = list(os.getloadavg())
-    print(f"total wall time {report['wall_seconds']:.1f} s; load average at end {report['loadavg_at_end']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    finish_report(report, started, args.json)
     return 0
 
 

@@ -42,7 +42,7 @@ and its difference to the exact one; wall time (median over ``--repeats``; a con
 whose first run exceeds ``--long-seconds`` runs once); peak RSS added by the workflow. Every
 measurement runs in a fresh ``spawn`` process (imports, data and network loading, and one
 untimed warm-up of the same method on a few points are outside the clock), with the peak-RSS
-machinery of ``regression_workflow.py`` (``/proc/self/clear_refs`` + ``VmHWM``).
+probe ``regression_workflow.py`` uses (``_common.PeakRSS``: ``/proc/self/clear_refs`` + ``VmHWM``).
 
 Part 2: large N (``--large-n``, default 50,000; 1,000 test points)
 ------------------------------------------------------------------
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import multiprocessing as mp
 import statistics
@@ -81,7 +80,8 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regression_workflow import PeakRSS, machine_info, make_data, make_net, train_net  # noqa: E402
+from _common import PeakRSS, PhaseTimer, finish_report, fit_evidence, start_report  # noqa: E402
+from regression_workflow import load_setup, make_data, make_net, train_net  # noqa: E402
 
 _MiB = 2**20
 
@@ -148,54 +148,20 @@ def _predict(model, likelihood, x_test: Tensor) -> tuple[Tensor, Tensor]:
 
 def workflow_ntkgp(net, data, s: dict, method: str, param: int | None) -> dict:
     """ntkgp: build, log evidence, latent mean and variance at the test points (fixed δ, σ²)."""
-    timer: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timer = PhaseTimer()
     model, likelihood = _ntkgp_model(net, data["x"], data["y"], s["delta"], s["noise"],
                                      _spec(method, param, s["selection"], s["seed"], s.get("mean", "posterior"),
                                            data["x"].shape[0]))
     _ = model.solver  # build the solver (it is lazy) inside the "build" phase
-    timer["build"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    timer.mark("build")
     with torch.no_grad():
         lml = float(model.log_evidence())
-    timer["lml"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
+    timer.mark("lml")
     mean, var = _predict(model, likelihood, data["x_test"])
-    timer["predict"] = time.perf_counter() - t2
-    timer["total"] = time.perf_counter() - t0
+    times = timer.stop("predict")
     noise = float(likelihood.noise.detach())
-    return {"time": timer, "lml": lml, "mean": mean, "var": var, "noise": noise, "delta": s["delta"],
+    return {"time": times, "lml": lml, "mean": mean, "var": var, "noise": noise, "delta": s["delta"],
             "solver": model.solver.name}
-
-
-def fit_evidence(model: Any, optimizer: str, steps: int, lr: float, *, tolerance_grad: float = 1e-7) -> int:
-    """Maximize ``model.log_evidence()`` over ``model.parameters()`` (δ, σ²); returns the evaluations.
-
-    ``"lbfgs"``: L-BFGS (strong Wolfe, ``lr``, at most ``steps`` iterations, ``tolerance_change=1e-9``);
-    ``"adam"``: ``steps`` Adam steps at ``lr``."""
-    params = list(model.parameters())
-    evaluations = 0
-    if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(params, lr=lr, max_iter=steps, tolerance_grad=tolerance_grad,
-                                tolerance_change=1e-9, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            nonlocal evaluations
-            evaluations += 1
-            opt.zero_grad()
-            loss = -model.log_evidence()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        return evaluations
-    opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
-        evaluations += 1
-        opt.zero_grad()
-        (-model.log_evidence()).backward()
-        opt.step()
-    return evaluations
 
 
 def workflow_ntkgp_fitted(net, data, s: dict, method: str, param: int | None) -> dict:
@@ -203,35 +169,31 @@ def workflow_ntkgp_fitted(net, data, s: dict, method: str, param: int | None) ->
 
     ``reference``: exact kernel solver on a random subset, L-BFGS. ``inducing_fit``: Adam on the
     collapsed bound over all N points."""
-    timer: dict[str, float] = {}
     x, y = data["x"], data["y"]
     if method == "reference":
         idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(s["seed"]))[:param]
         x, y = x[idx], y[idx]
-    t0 = time.perf_counter()
+    timer = PhaseTimer()
     spec = ("kernel" if method == "reference"
             else _spec("inducing", param, s["selection"], s["seed"], s.get("mean", "posterior")))
     model, likelihood = _ntkgp_model(net, x, y, s["delta"], s["noise"], spec)
     _ = model.solver
-    timer["build"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    timer.mark("build")
     with torch.no_grad():
         lml_start = float(model.log_evidence())
-    timer["lml"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
+    timer.mark("lml")
     if method == "reference":
         evaluations = fit_evidence(model, "lbfgs", s["ref_iters"], 1.0, tolerance_grad=1e-6)
     else:
         evaluations = fit_evidence(model, "adam", s["fit_steps"], s["fit_lr"])
-    timer["fit"] = time.perf_counter() - t2
+    timer.mark("fit")
     with torch.no_grad():
         lml = float(model.log_evidence())
-    t3 = time.perf_counter()
+    timer.skip()  # the evidence after the fit: in the total, in no phase
     mean, var = _predict(model, likelihood, data["x_test"])
-    timer["predict"] = time.perf_counter() - t3
-    timer["total"] = time.perf_counter() - t0
-    timer["total_without_fit"] = timer["total"] - timer["fit"]
-    return {"time": timer, "lml": lml, "lml_start": lml_start, "mean": mean, "var": var,
+    times = timer.stop("predict")
+    times["total_without_fit"] = times["total"] - times["fit"]
+    return {"time": times, "lml": lml, "lml_start": lml_start, "mean": mean, "var": var,
             "noise": float(likelihood.noise.detach()), "delta": float(model.prior_precision.detach().reshape(-1)[0]),
             "evaluations": evaluations, "solver": model.solver.name, "n_train_used": int(x.shape[0])}
 
@@ -242,9 +204,8 @@ def workflow_peer(net, data, s: dict, method: str, param: int) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     sigma = math.sqrt(s["noise"])
-    timer: dict[str, float] = {}
     loader = DataLoader(TensorDataset(data["x"], data["y"][:, None]), batch_size=s["peer_batch_size"])
-    t0 = time.perf_counter()
+    timer = PhaseTimer()
     if method == "functional_laplace":
         la = Laplace(net, "regression", subset_of_weights="all", hessian_structure="gp", n_subset=param,
                      sigma_noise=sigma, prior_precision=s["delta"])
@@ -252,19 +213,16 @@ def workflow_peer(net, data, s: dict, method: str, param: int) -> dict:
         la = ELLA(net, "regression", subsample_size=param, n_eigenvalues=param, sigma_noise=sigma,
                   prior_precision=s["delta"], seed=s["seed"])
     la.fit(loader)
-    timer["build"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    timer.mark("build")
     lml = None
     if method == "functional_laplace":
         with torch.no_grad():
             lml = float(la.log_marginal_likelihood())
-    timer["lml"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
+    timer.mark("lml")
     mean, var = la(data["x_test"], pred_type="gp") if method == "functional_laplace" else la(data["x_test"])
     mean, var = mean.detach().reshape(-1).double().clone(), var.detach().reshape(-1).double().clone()
-    timer["predict"] = time.perf_counter() - t2
-    timer["total"] = time.perf_counter() - t0
-    return {"time": timer, "lml": lml, "mean": mean, "var": var, "noise": s["noise"], "delta": s["delta"],
+    times = timer.stop("predict")
+    return {"time": times, "lml": lml, "mean": mean, "var": var, "noise": s["noise"], "delta": s["delta"],
             "subset_evidence": method == "functional_laplace"}
 
 
@@ -277,11 +235,7 @@ def measure(method: str, param: int | None, path: str, threads: int, warmup: boo
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    blob = torch.load(path, weights_only=False)
-    net = make_net()
-    net.load_state_dict(blob["state"])
-    net.eval()
-    data, s = blob["data"], blob["settings"]
+    net, data, s = load_setup(path, double=False)
     import gpytorch  # noqa: F401
     import laplace  # noqa: F401
 
@@ -454,10 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
     parser.add_argument("--json", type=str, default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    report: dict[str, Any] = {"machine": machine_info(), "config": vars(args).copy()}
-    print(f"machine: {json.dumps(report['machine'])}", flush=True)
+    report, started = start_report(args)
 
     with tempfile.TemporaryDirectory(prefix="ntkgp-approx-") as tmp:
         workdir = Path(tmp)
@@ -492,12 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             report["part2"] = {"settings": settings, "rows": rows, "table": table_part2(rows)}
             print("\n" + report["part2"]["table"] + "\n", flush=True)
 
-    report["wall_seconds"] = time.perf_counter() - started
-    report["loadavg_at_end"] = list(__import__("os").getloadavg())
-    print(f"total wall time {report['wall_seconds']:.1f} s; load average at end {report['loadavg_at_end']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    finish_report(report, started, args.json)
     return 0
 
 

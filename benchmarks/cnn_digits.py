@@ -40,8 +40,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
 import statistics
 import sys
@@ -53,7 +51,18 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernel_build import _load, gemm_rate, machine_info, rel_err, time_calls, timed_with_peak  # noqa: E402
+from _common import (  # noqa: E402
+    add_gram_run_arguments,
+    agreement_table,
+    fmt_load,
+    gemm_rate,
+    gram_agreement,
+    print_and_save,
+    route_table,
+    start_gram_run,
+    time_calls,
+    timed_route,
+)
 
 from ntkgp import FunctionalNetwork  # noqa: E402
 from ntkgp.functional import conv_patches  # noqa: E402
@@ -136,28 +145,8 @@ def _input_hw(net: nn.Module, name: str) -> tuple[int, ...]:
     return seen["hw"]
 
 
-def agreement(net: nn.Module, x: Tensor, budget: int) -> dict[str, float]:
-    groups = parameter_groups(FunctionalNetwork(net, SHAPE).names, 1.0)
-    k_fast = ntk_gram(FunctionalNetwork(net, SHAPE), groups, x, budget=budget)
-    k_slow = ntk_gram(FunctionalNetwork(net, SHAPE, structured=False), groups, x, budget=budget)
-    net64 = copy.deepcopy(net).double()
-    k64_fast = ntk_gram(FunctionalNetwork(net64, SHAPE), groups, x.double(), budget=budget)
-    k64_slow = ntk_gram(FunctionalNetwork(net64, SHAPE, structured=False), groups, x.double(), budget=budget)
-    return {
-        "n": x.shape[0],
-        "structured_vs_generic_float32": rel_err(k_fast, k_slow),
-        "structured_float32_vs_float64": rel_err(k_fast, k64_slow),
-        "generic_float32_vs_float64": rel_err(k_slow, k64_slow),
-        "structured_vs_generic_float64": rel_err(k64_fast, k64_slow),
-    }
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine_info()
-    print(f"# machine: {info['cpu_model']}, {info['usable_cores']} usable cores, torch {info['torch']} "
-          f"({info['torch_threads']} threads), load {info['loadavg_at_start']}", flush=True)
+    info = start_gram_run(args.threads)
     rate = gemm_rate()
     print(f"# float32 GEMM rate (torch.mm 4096^2, median of 5): {rate['gflops']:.1f} GFLOP/s", flush=True)
     x, y = load_data(args.n, args.seed)
@@ -175,28 +164,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return ntk_gram(network, groups, points, budget=args.budget)
 
     build(fast, x[:32])
-    fast_times, fast_mib = timed_with_peak(lambda: build(fast, x), args.repeats)
+    structured = timed_route("structured", lambda: build(fast, x), args.repeats)
     factor_times = time_calls(lambda: fast.structured_factors(x), args.repeats)
-    fast_median = statistics.median(fast_times)
-    print(f"structured: median {fast_median:.3f} s of {[round(t, 3) for t in fast_times]}", flush=True)
     result: dict[str, Any] = {
         "benchmark": "cnn_digits", "machine": info, "gemm_rate": rate, "args": vars(args),
         "problem": {"network": "Conv2d(1,48,3,p=1)-tanh-Conv2d(48,96,3,p=1)-tanh-Linear(6144,10)",
                     "P": P, "C": C, "N": args.n, "dtype": "float32", "budget_bytes": args.budget,
                     "train_accuracy": accuracy},
         "layers": table,
-        "structured": {"seconds": fast_times, "median": fast_median, "peak_mib": fast_mib,
-                       "factor_pass_median": statistics.median(factor_times)},
+        "structured": {**structured, "factor_pass_median": statistics.median(factor_times)},
     }
     if not args.skip_generic:
         build(slow, x[:32])
-        slow_times, slow_mib = timed_with_peak(lambda: build(slow, x), args.generic_repeats)
-        slow_median = statistics.median(slow_times)
-        print(f"generic: median {slow_median:.3f} s of {[round(t, 3) for t in slow_times]}", flush=True)
-        result["generic"] = {"seconds": slow_times, "median": slow_median, "peak_mib": slow_mib}
-        result["speedup"] = slow_median / fast_median
+        result["generic"] = timed_route("generic", lambda: build(slow, x), args.generic_repeats)
+        result["speedup"] = result["generic"]["median"] / structured["median"]
     if args.check_n:
-        result["agreement"] = agreement(net, x[: args.check_n], args.budget)
+        result["agreement"] = gram_agreement(net, SHAPE, x[: args.check_n], args.budget)
         print(f"agreement at N = {args.check_n}: {result['agreement']}", flush=True)
     result["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return result
@@ -204,40 +187,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     prob, s, rate = result["problem"], result["structured"], result["gemm_rate"]
-    def mib(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:,.0f}"
-
     lines = [
         f"**NTK Gram build, CNN on 8x8 digits**: {prob['network']}, P = {prob['P']:,}, N = {prob['N']}, "
         f"C = {prob['C']}, float32, budget {prob['budget_bytes'] / 2**20:.0f} MiB; "
         f"{result['machine']['cpu_model']}, {result['machine']['torch_threads']} threads; "
-        f"float32 GEMM rate {rate['gflops']:.1f} GFLOP/s; load average {_load(result['machine'])}",
+        f"float32 GEMM rate {rate['gflops']:.1f} GFLOP/s; load average {fmt_load(result['machine'])}",
         "",
-        "| route | median time (s) | runs | speed-up | peak memory added (MiB) |",
-        "|---|---:|---:|---:|---:|",
-        f"| structured (ntkgp) | {s['median']:.2f} | {len(s['seconds'])} | 1.0x | {mib(s['peak_mib'])} |",
+        *route_table(result, digits=2),
+        "",
+        f"Structured factor pass: {s['factor_pass_median']:.3f} s (median).",
+        "",
+        "| layer | kind | shape | params | structured route | est. GFLOP structured | est. GFLOP generic |",
+        "|---|---|---|---:|---|---:|---:|",
     ]
-    if "generic" in result:
-        g = result["generic"]
-        lines.append(f"| generic vmap(jacrev) | {g['median']:.2f} | {len(g['seconds'])} | "
-                     f"(structured is **{result['speedup']:.1f}x** faster) | {mib(g['peak_mib'])} |")
-    lines += ["", f"Structured factor pass: {s['factor_pass_median']:.3f} s (median).", "",
-              "| layer | kind | shape | params | structured route | est. GFLOP structured | est. GFLOP generic |",
-              "|---|---|---|---:|---|---:|---:|"]
     for r in result["layers"]:
         lines.append(f"| {r['layer']} | {r['kind']} | {r['shape']} | {r['params']:,} | {r['route']} | "
                      f"{r['structured_gflop_est']:.1f} | {r['generic_gflop_est']:.1f} |")
-    if "agreement" in result:
-        a = result["agreement"]
-        lines += [
-            "",
-            f"| agreement at N = {a['n']} (max abs difference / max abs entry) | value |",
-            "|---|---:|",
-            f"| structured vs generic, float32 | {a['structured_vs_generic_float32']:.1e} |",
-            f"| structured float32 vs float64 reference | {a['structured_float32_vs_float64']:.1e} |",
-            f"| generic float32 vs float64 reference | {a['generic_float32_vs_float64']:.1e} |",
-            f"| structured vs generic, float64 network | {a['structured_vs_generic_float64']:.1e} |",
-        ]
+    lines += agreement_table(result)
     return "\n".join(lines)
 
 
@@ -249,19 +215,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2**30, help="bytes for Jacobian blocks (both routes)")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--check-n", type=int, default=100, help="images for the agreement check (0: skip)")
-    parser.add_argument("--skip-generic", action="store_true")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=str, default="", help="write the results to this JSON file")
+    add_gram_run_arguments(parser)
     args = parser.parse_args()
     result = run(args)
-    print()
-    print(markdown(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.json}")
+    print_and_save(markdown(result), result, args.json)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from approximate_regression import fit_evidence, gaussian_nll  # noqa: E402
-from regression_workflow import PeakRSS, machine_info, make_data, make_net, train_net  # noqa: E402
+from _common import PeakRSS, fit_evidence, machine_info  # noqa: E402
+from approximate_regression import gaussian_nll  # noqa: E402
+from regression_workflow import make_data, make_net, train_net  # noqa: E402
 
 _GiB = 2**30
 

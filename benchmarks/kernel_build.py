@@ -54,93 +54,33 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
-import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    add_gram_run_arguments,
+    agreement_table,
+    fmt_load,
+    gemm_rate,
+    gram_agreement,
+    print_and_save,
+    route_table,
+    start_gram_run,
+    time_calls,
+    timed_route,
+)
 
 from ntkgp import FunctionalNetwork  # noqa: E402
 from ntkgp.gram import ntk_gram  # noqa: E402
 from ntkgp.parameter_groups import parameter_groups  # noqa: E402
-
-
-# ---------------------------------------------------------------------- machine
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, library versions and thread settings."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-def gemm_rate(size: int = 4096, repeats: int = 5, dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """The machine's matmul rate: median over ``repeats`` of ``torch.mm`` on ``size x size`` in ``dtype``."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)  # warm-up
-    times = time_calls(lambda: torch.mm(a, b), repeats)
-    median = statistics.median(times)
-    return {"size": size, "seconds_median": median, "gflops": 2 * size**3 / median / 1e9,
-            "gflops_best": 2 * size**3 / min(times) / 1e9}
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def peak_memory(fn: Callable[[], object]) -> tuple[object, float | None]:
-    """Run ``fn``; return its result and the peak RSS it added in MiB (None if the peak cannot be reset)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return fn(), None
-    base = _status_kib("VmRSS")
-    result = fn()
-    return result, (_status_kib("VmHWM") - base) / 1024
-
-
-def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls of ``fn``."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def timed_with_peak(fn: Callable[[], object], repeats: int) -> tuple[list[float], float | None]:
-    """``repeats`` timed calls of ``fn`` (results dropped); the first also measures its peak memory."""
-    start = time.perf_counter()
-    _, mib = peak_memory(fn)
-    times = [time.perf_counter() - start]
-    return times + time_calls(fn, repeats - 1), mib
 
 
 # ---------------------------------------------------------------------- problem
@@ -195,35 +135,15 @@ def gemms_only(network: FunctionalNetwork, x: Tensor, repeats: int) -> list[floa
     return time_calls(run, repeats)
 
 
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a.to(torch.float64) - b.to(torch.float64)).abs().max() / b.abs().max())
-
-
 def agreement(net: nn.Module, d_in: int, n: int, budget: int, seed: int) -> dict[str, float]:
     """Structured vs generic in float32, and each against a float64 (generic) reference, at n points."""
     x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed + 1))
-    groups = parameter_groups(FunctionalNetwork(net, (d_in,)).names, 1.0)
-    k_fast = ntk_gram(FunctionalNetwork(net, (d_in,)), groups, x, budget=budget)
-    k_slow = ntk_gram(FunctionalNetwork(net, (d_in,), structured=False), groups, x, budget=budget)
-    net64 = copy.deepcopy(net).double()
-    k_ref = ntk_gram(FunctionalNetwork(net64, (d_in,), structured=False), groups, x.double(), budget=budget)
-    k_ref_structured = ntk_gram(FunctionalNetwork(net64, (d_in,)), groups, x.double(), budget=budget)
-    return {
-        "n": n,
-        "structured_vs_generic_float32": rel_err(k_fast, k_slow),
-        "structured_float32_vs_float64": rel_err(k_fast, k_ref),
-        "generic_float32_vs_float64": rel_err(k_slow, k_ref),
-        "structured_vs_generic_float64": rel_err(k_ref_structured, k_ref),
-    }
+    return gram_agreement(net, (d_in,), x, budget)
 
 
 # ---------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine_info()
-    print(f"# machine: {info['cpu_model']}, {info['usable_cores']} usable cores, torch {info['torch']} "
-          f"({info['torch_threads']} threads), load {info['loadavg_at_start']}", flush=True)
+    info = start_gram_run(args.threads)
     rate = gemm_rate()
     rate64 = gemm_rate(dtype=torch.float64)
     print(f"# GEMM rate (torch.mm 4096^2, median of 5): float32 {rate['gflops']:.1f} GFLOP/s, "
@@ -243,13 +163,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     warm = x[:64]
     build(fast, warm)
-    fast_times, fast_mib = timed_with_peak(lambda: build(fast, x), args.repeats)
+    structured = timed_route("structured", lambda: build(fast, x), args.repeats)
     factor_times = time_calls(lambda: fast.structured_factors(x), args.repeats)
     gemm_times = gemms_only(fast, x, args.repeats)
     flops = structured_gemm_flops(net, args.n, C)
     executed = executed_gemm_flops(net, args.n, C)
-    fast_median = statistics.median(fast_times)
-    print(f"structured: median {fast_median:.3f} s of {[round(t, 3) for t in fast_times]}", flush=True)
+    fast_median = structured["median"]
     gemm_median = statistics.median(gemm_times)
     result: dict[str, Any] = {
         "benchmark": "kernel_build", "machine": info, "gemm_rate": rate, "gemm_rate_float64": rate64,
@@ -257,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "problem": {"network": f"MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh",
                     "P": P, "C": C, "N": args.n, "dtype": "float32", "budget_bytes": args.budget},
         "structured": {
-            "seconds": fast_times, "median": fast_median, "peak_mib": fast_mib,
+            **structured,
             "factor_pass_median": statistics.median(factor_times),
             "gemm_only_median": gemm_median,
             "gemm_dtype": "float64",
@@ -274,26 +193,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not args.skip_generic:
         build(slow, warm)
-        slow_times, slow_mib = timed_with_peak(lambda: build(slow, x), args.generic_repeats)
-        slow_median = statistics.median(slow_times)
-        print(f"generic: median {slow_median:.3f} s of {[round(t, 3) for t in slow_times]}", flush=True)
-        result["generic"] = {"seconds": slow_times, "median": slow_median, "peak_mib": slow_mib}
-        result["speedup"] = slow_median / fast_median
+        result["generic"] = timed_route("generic", lambda: build(slow, x), args.generic_repeats)
+        result["speedup"] = result["generic"]["median"] / fast_median
     if args.check_n:
         result["agreement"] = agreement(net, args.d_in, args.check_n, args.budget, args.seed)
         print(f"agreement at N = {args.check_n}: {result['agreement']}", flush=True)
     result["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return result
-
-
-def _load(machine: dict[str, Any]) -> str:
-    """1-minute load averages at start and end (the machine is shared)."""
-    start, end = machine.get("loadavg_at_start"), machine.get("loadavg_at_end")
-    return f"{start[0]:.1f} (start) / {end[0]:.1f} (end)" if start and end else "n/a"
-
-
-def _fmt_mib(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.0f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -304,17 +210,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"budget {prob['budget_bytes'] / 2**20:.0f} MiB; {result['machine']['cpu_model']}, "
         f"{result['machine']['torch_threads']} threads; GEMM rate float32 {rate['gflops']:.1f}, float64 "
         f"{result['gemm_rate_float64']['gflops']:.1f} GFLOP/s; "
-        f"load average {_load(result['machine'])}",
+        f"load average {fmt_load(result['machine'])}",
         "",
-        "| route | median time (s) | runs | speed-up | peak memory added (MiB) |",
-        "|---|---:|---:|---:|---:|",
-        f"| structured (ntkgp) | {s['median']:.3f} | {len(s['seconds'])} | 1.0x | {_fmt_mib(s['peak_mib'])} |",
-    ]
-    if "generic" in result:
-        g = result["generic"]
-        lines.append(f"| generic vmap(jacrev) | {g['median']:.2f} | {len(g['seconds'])} | "
-                     f"(structured is **{result['speedup']:.1f}x** faster) | {_fmt_mib(g['peak_mib'])} |")
-    lines += [
+        *route_table(result, digits=3),
         "",
         "| structured route | value |",
         "|---|---:|",
@@ -333,17 +231,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"| full-product flops / whole structured build (effective) | "
         f"{s['gflops_full_equivalent_end_to_end']:.1f} GFLOP/s |",
     ]
-    if "agreement" in result:
-        a = result["agreement"]
-        lines += [
-            "",
-            f"| agreement at N = {a['n']} (max abs difference / max abs entry) | value |",
-            "|---|---:|",
-            f"| structured vs generic, float32 | {a['structured_vs_generic_float32']:.1e} |",
-            f"| structured float32 vs float64 reference | {a['structured_float32_vs_float64']:.1e} |",
-            f"| generic float32 vs float64 reference | {a['generic_float32_vs_float64']:.1e} |",
-            f"| structured vs generic, float64 network | {a['structured_vs_generic_float64']:.1e} |",
-        ]
+    lines += agreement_table(result)
     return "\n".join(lines)
 
 
@@ -357,19 +245,10 @@ def main() -> None:
     parser.add_argument("--generic-repeats", type=int, default=3, help="timed runs of the generic build")
     parser.add_argument("--budget", type=int, default=2**30, help="bytes for Jacobian blocks (both routes)")
     parser.add_argument("--check-n", type=int, default=400, help="points for the agreement check (0: skip)")
-    parser.add_argument("--skip-generic", action="store_true")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=str, default="", help="write the results to this JSON file")
+    add_gram_run_arguments(parser)
     args = parser.parse_args()
     result = run(args)
-    print()
-    print(markdown(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.json}")
+    print_and_save(markdown(result), result, args.json)
 
 
 if __name__ == "__main__":

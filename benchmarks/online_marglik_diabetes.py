@@ -41,11 +41,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -58,28 +55,11 @@ from sklearn.datasets import load_diabetes
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-import ntkgp
-from ntkgp.marglik import fit_online_marglik
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fit_evidence, machine_summary, write_json  # noqa: E402
 
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, cores, versions, threads and the current load average."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "gpytorch": gpytorch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1_5_15": list(os.getloadavg()),
-    }
+import ntkgp  # noqa: E402
+from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
 
 def load_data(seed: int) -> dict[str, Any]:
@@ -172,20 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                prior_precision=result.prior_precision.clone())
     at_online = {"log_evidence": float(model.log_evidence()), **hypers(model), **gp_predictive(model, data)}
     model.train()
-    opt = torch.optim.LBFGS(list(model.parameters()), max_iter=args.lbfgs_iters, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-    evaluations = 0
-
-    def closure() -> Tensor:
-        nonlocal evaluations
-        evaluations += 1
-        opt.zero_grad()
-        loss = -model.log_evidence()
-        loss.backward()
-        return loss
-
     start = time.perf_counter()
-    opt.step(closure)
+    evaluations = fit_evidence(model, "lbfgs", args.lbfgs_iters, 1.0, tolerance_grad=1e-9, tolerance_change=1e-12)
     lbfgs_seconds = time.perf_counter() - start
     at_optimum = {"log_evidence": float(model.log_evidence()), **hypers(model), **gp_predictive(model, data)}
     grad_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None))
@@ -261,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
+    machine = machine_summary(args.threads, {"gpytorch": gpytorch.__version__})
     start = time.perf_counter()
     report = run(args)
     report |= {"machine": machine, "load_average_after": list(os.getloadavg()),
@@ -269,9 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "command": " ".join(sys.argv)}
     print(f"\nTotal {report['total_seconds']:.0f} s; load average before {machine['load_average_1_5_15']}, "
           f"after {report['load_average_after']}.")
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(report, args.json)
     return report
 
 

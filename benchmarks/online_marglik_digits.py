@@ -66,11 +66,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -85,34 +82,20 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-import ntkgp
-from ntkgp.likelihoods import SoftmaxLikelihood
-from ntkgp.marglik import fit_online_marglik
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# imported as machine_info, the name online_marglik_seeds.py calls (digits.machine_info)
+from _common import machine_summary as machine_info  # noqa: E402
+from _common import write_json  # noqa: E402
+
+import ntkgp  # noqa: E402
+from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
+from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
 NUM_CLASSES = 10
 SD_FLOOR = 1.0
 
 
 # --------------------------------------------------------------------------- setup
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, cores, versions, threads and the current load average."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1_5_15": list(os.getloadavg()),
-    }
-
-
 @dataclass
 class Split:
     """Standardized digits splits, float32 inputs and int64 labels."""
@@ -389,9 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "online": onlines, "total_seconds": total,
         "command": " ".join(sys.argv),
     }
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(report, args.json)
     return report
 
 

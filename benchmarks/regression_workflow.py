@@ -75,14 +75,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import json
 import math
 import multiprocessing as mp
-import os
-import platform
-import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -97,10 +91,12 @@ import torch
 from sklearn.datasets import make_friedman1
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakRSS, PhaseTimer, max_rel_err, start_report, write_json  # noqa: E402
+
 N_TEST = 500
 N_FEATURES = 8
 WIDTH = 256
-_KiB = 1024
 _MiB = 2**20
 
 
@@ -150,45 +146,8 @@ def train_net(net: nn.Module, x: Tensor, y: Tensor, delta: float, steps: int, lr
         return float((y - net(x).squeeze(-1)).pow(2).mean().sqrt())
 
 
-# ------------------------------------------------------------------ memory probes
-def _status_kib(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in KiB."""
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"{field} not in /proc/self/status")
-    return int(match.group(1))
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakRSS:
-    """Context manager measuring the peak resident memory added by its body, in bytes."""
-
-    def __enter__(self) -> PeakRSS:
-        gc.collect()
-        self.exact = _reset_peak_rss()
-        self.baseline_kib = _status_kib("VmRSS")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.exact:
-            peak_kib = _status_kib("VmHWM")
-        else:  # ru_maxrss is the lifetime peak, in KiB on Linux: an upper bound
-            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.peak_delta = max(0, peak_kib - self.baseline_kib) * _KiB
-
-
 # ---------------------------------------------------------------- child processes
-def _load(path: str, double: bool) -> tuple[nn.Module, dict[str, Tensor], dict[str, Any]]:
+def load_setup(path: str, double: bool) -> tuple[nn.Module, dict[str, Tensor], dict[str, Any]]:
     """Load the trained network, the data and the settings saved by the parent."""
     blob = torch.load(path, weights_only=False)
     net = make_net()
@@ -207,28 +166,24 @@ def _workflow_ntkgp(net: nn.Module, data: dict[str, Tensor], delta: float, sigma
 
     import ntkgp
 
-    timer: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timer = PhaseTimer()
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     if double:
         likelihood = likelihood.double()
     likelihood.noise = sigma**2
     model = ntkgp.LinearizedGP(net, likelihood, data["x"], data["y"], prior_precision=delta)
-    timer["build"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    timer.mark("build")
     with torch.no_grad():
         lml = float(model.log_evidence())
-    timer["lml"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
+    timer.mark("lml")
     model.eval()
     likelihood.eval()
     with torch.no_grad():
         f = model(data["x_test"])
         mean, var = f.mean.detach().clone(), f.variance.detach().clone()
-    timer["predict"] = time.perf_counter() - t2
-    timer["total"] = time.perf_counter() - t0
+    times = timer.stop("predict")
     noise = float(likelihood.noise.detach())  # σ² as stored (GPyTorch's softplus round trip moves it slightly)
-    return {"time": timer, "lml": lml, "mean": mean, "var": var, "solver": model.solver.name, "noise": noise}
+    return {"time": times, "lml": lml, "mean": mean, "var": var, "solver": model.solver.name, "noise": noise}
 
 
 def _workflow_peer(net: nn.Module, data: dict[str, Tensor], delta: float, sigma: float, batch_size: int) -> dict:
@@ -237,8 +192,7 @@ def _workflow_peer(net: nn.Module, data: dict[str, Tensor], delta: float, sigma:
     from torch.utils.data import DataLoader, TensorDataset
 
     n = data["x"].shape[0]
-    timer: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timer = PhaseTimer()
     la = Laplace(
         net,
         "regression",
@@ -249,22 +203,19 @@ def _workflow_peer(net: nn.Module, data: dict[str, Tensor], delta: float, sigma:
         prior_precision=delta,
     )
     la.fit(DataLoader(TensorDataset(data["x"], data["y"][:, None]), batch_size=batch_size))
-    timer["build"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    timer.mark("build")
     with torch.no_grad():
         lml = float(la.log_marginal_likelihood())
-    timer["lml"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
+    timer.mark("lml")
     # this laplace-torch build accepts only pred_type="gp" for FunctionalLaplace (the GLM predictive as a GP)
     mean, var = la(data["x_test"], pred_type="gp")
     mean, var = mean.detach().reshape(-1).clone(), var.detach().reshape(-1).clone()
-    timer["predict"] = time.perf_counter() - t2
-    timer["total"] = time.perf_counter() - t0
+    times = timer.stop("predict")
     # outside the clock: the extra term laplace-torch adds to the GP evidence (see the docstring)
     extra = float(la.log_likelihood) + 0.5 * n * math.log(2 * math.pi)
     subset = la.train_loader.sampler.indices.tolist()  # the subset-of-data draw: all N points?
     return {
-        "time": timer,
+        "time": times,
         "lml": lml,
         "lml_extra": extra,
         "mean": mean,
@@ -282,7 +233,7 @@ def measure(library: str, path: str, threads: int, warmup: bool = True) -> dict[
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # backpack, harmless here
     torch.set_num_threads(threads)
     double = library == "truth"
-    net, data, settings = _load(path, double)
+    net, data, settings = load_setup(path, double)
     # import outside the measured region
     if library == "peer":
         import laplace  # noqa: F401
@@ -355,44 +306,6 @@ def hand_kernel_space(
 
 
 # ---------------------------------------------------------------------- reporting
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, library versions and thread settings."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    for name in ("ntkgp", "laplace", "gpytorch", "linear_operator"):
-        try:
-            from importlib.metadata import version
-
-            info[name] = version(name if name != "laplace" else "laplace-torch")
-        except Exception:  # noqa: BLE001 - version lookup is best effort
-            info[name] = None
-    return info
-
-
-def rel_err(value: list[float], truth: list[float]) -> float:
-    """``max |value - truth| / max |truth|``."""
-    v, t = np.asarray(value), np.asarray(truth)
-    return float(np.abs(v - t).max() / np.abs(t).max())
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The per-N results as a Markdown table."""
     header = (
@@ -422,8 +335,8 @@ def summarize(runs: list[dict[str, Any]], truth: dict[str, Any], corrected: bool
         "peak_rss_median": statistics.median(r["peak_rss_bytes"] for r in runs),
         "peak_rss": [r["peak_rss_bytes"] for r in runs],
         "peak_rss_exact": all(r["peak_rss_exact"] for r in runs),
-        "var_err": max(rel_err(r["var"], truth["var"]) for r in runs),
-        "mean_err": max(rel_err(r["mean"], truth["mean"]) for r in runs),
+        "var_err": max(max_rel_err(r["var"], truth["var"]) for r in runs),
+        "mean_err": max(max_rel_err(r["mean"], truth["mean"]) for r in runs),
         "lml_raw": runs[0]["lml"],
         "lml_err": max(abs(v - lml_t) / abs(lml_t) for v in lml),
     }
@@ -463,14 +376,14 @@ def selfcheck(args: argparse.Namespace, workdir: Path, threads: int, n: int = 20
     """Cross-check the float64 truth (ntkgp in float64) against hand kernel-space algebra at ``n``."""
     path, _, _, settings = prepare(n, args, workdir)
     truth = run_in_subprocess("truth", path, threads)
-    net, data, _ = _load(path, double=True)
+    net, data, _ = load_setup(path, double=True)
     # the hand algebra uses the noise exactly as the likelihood stored it (see _workflow_ntkgp)
     hand = hand_kernel_space(net, data, settings["delta"], math.sqrt(truth["noise"]))
     result = {
         "n": n,
         "num_parameters": hand["num_parameters"],
-        "var_rel_err": rel_err(truth["var"], hand["var"].tolist()),
-        "mean_rel_err": rel_err(truth["mean"], hand["mean"].tolist()),
+        "var_rel_err": max_rel_err(truth["var"], hand["var"].tolist()),
+        "mean_rel_err": max_rel_err(truth["mean"], hand["mean"].tolist()),
         "lml_rel_err": abs(truth["lml"] - hand["lml"]) / abs(hand["lml"]),
         "lml_truth": truth["lml"],
         "lml_hand": hand["lml"],
@@ -498,11 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--selfcheck", action="store_true", help="check the float64 truth by hand at N=200")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    started = time.perf_counter()
-    report: dict[str, Any] = {"machine": machine_info(), "config": vars(args).copy(), "results": []}
-    print(f"machine: {json.dumps(report['machine'])}", flush=True)
+    report, started = start_report(args)
+    report["results"] = []
 
     with tempfile.TemporaryDirectory(prefix="ntkgp-bench-") as tmp:
         workdir = Path(tmp)
@@ -557,9 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"total wall time {report['wall_seconds']:.1f} s")
     report["table"] = table
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(report, args.json)
     return 0 if report.get("selfcheck", {}).get("passed", True) else 1
 
 

@@ -52,10 +52,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -71,31 +69,15 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-import ntkgp
-from ntkgp.likelihoods import SoftmaxLikelihood
-from ntkgp.marglik import SubsetEvidenceBound, class_partition, random_partition
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_summary, write_json  # noqa: E402
+
+import ntkgp  # noqa: E402
+from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
+from ntkgp.marglik import SubsetEvidenceBound, class_partition, random_partition  # noqa: E402
 
 NUM_CLASSES = 10
 SD_FLOOR = 1.0
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, cores, versions, threads and the current load average."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1_5_15": list(os.getloadavg()),
-    }
 
 
 def load_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -185,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
+    machine = machine_summary(args.threads)
     x, y = load_data(args.n, args.seed)
     n = x.shape[0]
     sizes = sorted({min(b, n) for b in args.sizes})
@@ -287,9 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if not all(math.isfinite(r["bound"]) for r in rows):
         print("warning: a non-finite bound")
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(report, args.json)
     return report
 
 
