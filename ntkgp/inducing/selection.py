@@ -24,10 +24,32 @@ from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram
 from ntkgp.parameter_groups import ParameterGroups
 
-__all__ = ["kmeans_points", "pivoted_cholesky_points", "random_points", "select_inducing_points"]
+__all__ = [
+    "check_count",
+    "checked_indices",
+    "kmeans_points",
+    "pivoted_cholesky_points",
+    "random_points",
+    "select_inducing_points",
+]
 
 #: default candidate pool of the pivoted-Cholesky search, in kernel rows (points x outputs)
 DEFAULT_POOL_SIZE = 4000
+
+
+def checked_indices(indices: Tensor, num_data: int, what: str) -> Tensor:
+    """User-given point indices as a sorted CPU tensor, after checking they are distinct and in
+    ``range(num_data)`` (``what`` names them in the error)."""
+    idx = indices.to(torch.long).cpu().reshape(-1)
+    if idx.numel() == 0 or idx.min() < 0 or idx.max() >= num_data or idx.unique().numel() != idx.numel():
+        raise ValueError(f"{what} indices must be distinct and in [0, {num_data}); got {idx.numel()} indices")
+    return idx.sort().values
+
+
+def check_count(count: int, num_data: int, name: str) -> None:
+    """Raise a ``ValueError`` unless ``1 <= count <= num_data`` (``name`` names the setting)."""
+    if not 1 <= count <= num_data:
+        raise ValueError(f"{name} must be in [1, N={num_data}], got {count}")
 
 
 def random_points(num_data: int, num_inducing: int, generator: torch.Generator | None = None) -> Tensor:
@@ -175,12 +197,8 @@ def select_inducing_points(
     ``"random"``) or given directly as an index tensor."""
     n = x.shape[0]
     if isinstance(selection, Tensor):
-        idx = selection.to(torch.long).cpu().reshape(-1)
-        if idx.numel() == 0 or idx.min() < 0 or idx.max() >= n or idx.unique().numel() != idx.numel():
-            raise ValueError(f"inducing indices must be distinct and in [0, {n}); got {idx.numel()} indices")
-        return idx.sort().values
-    if not 1 <= num_inducing <= n:
-        raise ValueError(f"num_inducing must be in [1, N={n}], got {num_inducing}")
+        return checked_indices(selection, n, "inducing")
+    check_count(num_inducing, n, "num_inducing")
     if selection == "random":
         return random_points(n, num_inducing, generator)
     if selection == "kmeans":

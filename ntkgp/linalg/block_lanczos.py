@@ -83,10 +83,12 @@ def krylov_basis(
     progress: bool = False,
     desc: str = "Lanczos",
 ) -> tuple[Tensor, Tensor]:
-    r"""An orthonormal basis :math:`Q` of the block Krylov space of ``start``, and :math:`AQ`.
+    r"""An orthonormal basis :math:`Q` of the block Krylov space of ``start``, and :math:`T = Q^\top A Q`.
 
     Each new block is orthogonalized twice against the whole basis, which is kept as rows
-    (:math:`Q^\top`, contiguous) so that every projection is two plain GEMMs.
+    (:math:`Q^\top`, contiguous) so that every projection is two plain GEMMs. The products
+    :math:`AQ` are kept, so :math:`T` (block tridiagonal up to rounding) needs no extra product
+    and holds to rounding whatever the loss of orthogonality in plain Lanczos.
 
     Parameters
     ----------
@@ -104,8 +106,8 @@ def krylov_basis(
 
     Returns
     -------
-    (Q, AQ)
-        Both ``(n, m)``, float64; :math:`Q^\top Q = I` to rounding.
+    (Q, T)
+        ``(n, m)`` with :math:`Q^\top Q = I` to rounding, and ``(m, m)`` symmetric; float64.
     """
     start = start.to(torch.float64)
     n, width = start.shape
@@ -125,7 +127,8 @@ def krylov_basis(
             break
         qt[filled : filled + step] = _next_block(product, qt[:filled], step, scale, generator).T
         filled += step
-    return qt.T.contiguous(), aqt.T.contiguous()
+    projected = qt @ aqt.T  # shape: (m, m)
+    return qt.T.contiguous(), 0.5 * (projected + projected.T)
 
 
 def block_lanczos(
@@ -172,10 +175,8 @@ def block_lanczos(
     if not 1 <= rank <= basis_size:
         raise ValueError(f"rank must be between 1 and the basis size {basis_size}, got {rank}")
     start = torch.randn(size, min(block_size, basis_size), generator=generator, dtype=torch.float64)
-    q, aq = krylov_basis(matmul, start.to(torch.device(device)), basis_size, generator=generator,
-                         progress=progress)
-    projected = q.T @ aq
-    projected = 0.5 * (projected + projected.T)  # shape: (m, m), block tridiagonal up to rounding
+    q, projected = krylov_basis(matmul, start.to(torch.device(device)), basis_size, generator=generator,
+                                progress=progress)
     values, vectors = torch.linalg.eigh(projected)
     top = torch.argsort(values, descending=True)[:rank]
     return values[top], q @ vectors[:, top]

@@ -35,8 +35,8 @@ def lanczos_decomposition(
 ) -> tuple[Tensor, Tensor]:
     r"""``steps`` Lanczos steps with full reorthogonalization.
 
-    The Krylov basis of block width one from :func:`~ntkgp.linalg.block_lanczos.krylov_basis`
-    (the same code as the block Lanczos eigensolver), and :math:`T = Q^\top (AQ)`.
+    The Krylov basis of block width one and :math:`T = Q^\top A Q` from
+    :func:`~ntkgp.linalg.block_lanczos.krylov_basis` (the same code as the block Lanczos eigensolver).
 
     Parameters
     ----------
@@ -56,7 +56,5 @@ def lanczos_decomposition(
     (Q, T)
         ``(M, k)`` orthonormal and ``(k, k)`` symmetric, float64.
     """
-    q, aq = krylov_basis(matmul, start.reshape(-1, 1), steps, generator=generator, progress=progress,
-                         desc="Lanczos (LOVE)")
-    t = q.T @ aq
-    return q, 0.5 * (t + t.T)
+    return krylov_basis(matmul, start.reshape(-1, 1), steps, generator=generator, progress=progress,
+                        desc="Lanczos (LOVE)")

@@ -172,6 +172,13 @@ class SolverSpec(ABC):
     """An approximate route for ``LinearizedGP(..., solver=spec)``: its settings, and how to build
     its solver for a Gaussian or a Laplace (non-Gaussian) likelihood."""
 
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        """Raise a ``ValueError`` naming the spec if its setting ``name`` is not one of ``choices``."""
+        value = getattr(self, name)
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+            raise ValueError(f"{type(self).__name__} {name} must be {allowed}, got {value!r}")
+
     @abstractmethod
     def gaussian(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> GaussianSolver:
         """The solver for a Gaussian likelihood on training inputs ``x`` ``(N, D)``."""

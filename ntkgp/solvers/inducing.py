@@ -118,8 +118,7 @@ class Inducing(SolverSpec):
     prior_residual: bool = True
 
     def __post_init__(self) -> None:
-        if self.mean not in ("posterior", "network"):
-            raise ValueError(f"Inducing mean must be 'posterior' or 'network', got {self.mean!r}")
+        self._check_choice("mean", ("posterior", "network"))
 
     def _indices(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> Tensor:
         return select_inducing_points(self.selection, network, groups, x, self.num_inducing, budget=budget,

@@ -143,8 +143,7 @@ class Lanczos(SolverSpec):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"Lanczos {name} must be a positive integer, got {value!r}")
-        if self.mean not in ("projected", "complement", "network"):
-            raise ValueError(f"Lanczos mean must be 'projected', 'complement' or 'network', got {self.mean!r}")
+        self._check_choice("mean", ("projected", "complement", "network"))
 
     def settings(self, size: int) -> tuple[int, int, int]:
         """``(rank, block_size, num_steps)`` for an operator of side ``size`` ``= N C``."""

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ntkgp.functional import FunctionalNetwork
-from ntkgp.inducing.selection import random_points
+from ntkgp.inducing.selection import check_count, checked_indices, random_points
 from ntkgp.parameter_groups import ParameterGroups
 from ntkgp.solvers.base import EvidenceOnlyGaussianSolver, LaplaceSolver, Posterior, SolverSpec
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
@@ -63,17 +63,12 @@ class SubsetOfData(SolverSpec):
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
-        if self.mean not in ("posterior", "network"):
-            raise ValueError(f"SubsetOfData mean must be 'posterior' or 'network', got {self.mean!r}")
+        self._check_choice("mean", ("posterior", "network"))
 
     def _indices(self, n: int) -> Tensor:
         if self.indices is not None:
-            idx = self.indices.to(torch.long).cpu().reshape(-1)
-            if idx.numel() == 0 or idx.min() < 0 or idx.max() >= n or idx.unique().numel() != idx.numel():
-                raise ValueError(f"subset indices must be distinct and in [0, {n}); got {idx.numel()} indices")
-            return idx.sort().values
-        if not 1 <= self.num_points <= n:
-            raise ValueError(f"num_points must be in [1, N={n}], got {self.num_points}")
+            return checked_indices(self.indices, n, "subset")
+        check_count(self.num_points, n, "num_points")
         return random_points(n, self.num_points, self.generator)
 
     def gaussian(
