@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import gpytorch
 import pytest
@@ -94,6 +96,32 @@ def test_state_dict_round_trip() -> None:
     other.load_state_dict(state)
     assert torch.equal(other.prior_precision, model.prior_precision)
     assert torch.allclose(other.log_evidence(), model.log_evidence(), rtol=1e-14)
+
+
+def test_models_are_freed_without_the_cycle_collector() -> None:
+    """A GPyTorch module holds itself through its state-dict pre-hook. A LinearizedGP must not:
+    a loop that builds one model per step (the marglik tuner) would keep every old model's Grams
+    and factors until the collector runs, which on a GPU is an out-of-memory error."""
+    net, x, y = _regression()
+    gc.collect()
+    gc.disable()
+    try:
+        lik = gpytorch.likelihoods.GaussianLikelihood().double()
+        model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=torch.tensor([1.0, 2.0, 1.0, 2.0]))
+        model.log_evidence().backward()
+        model.eval()
+        with torch.no_grad():
+            assert model(x[:3]).variance.shape == (3,)
+        refs = [weakref.ref(o) for o in (model, model.solver, model.covar_module, model.mean_module)]
+        del model
+        assert [r() is None for r in refs] == [True] * 4
+    finally:
+        gc.enable()
+    # GPyTorch's hook still runs: with strict shapes off, a state of another shape is taken over
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=torch.tensor([1.0, 2.0, 1.0, 2.0]))
+    model.covar_module.load_strict_shapes(False)
+    model.covar_module.load_state_dict({"raw_prior_precision": torch.zeros(2, dtype=torch.float64)}, strict=False)
+    assert model.covar_module.raw_prior_precision.shape == (2,)
 
 
 def test_multitask_predictive_shapes_and_noise() -> None:

@@ -15,7 +15,8 @@ from gpytorch.models import GP, ExactGP
 from linear_operator.operators import DiagLinearOperator, LinearOperator, ZeroLinearOperator
 from torch import Tensor, nn
 
-from ntkgp._validation import check_inputs, check_likelihood, check_targets
+from ntkgp._references import drop_self_references
+from ntkgp._validation import check_inputs, check_likelihood, check_module_device, check_targets
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.kernels.ntk_kernel import NTKKernel
 from ntkgp.likelihoods.base import LaplaceLikelihood
@@ -111,6 +112,7 @@ class LinearizedGP(ExactGP):
         if train_x.dtype != network.dtype:
             raise TypeError(f"train_x has dtype {train_x.dtype} but the network's parameters are {network.dtype}")
         num_data = train_x.shape[0]
+        check_module_device(likelihood, "likelihood", network.device)
         if isinstance(likelihood, LaplaceLikelihood):
             if likelihood.num_outputs != network.num_outputs:
                 raise ValueError(
@@ -162,6 +164,8 @@ class LinearizedGP(ExactGP):
         if isinstance(solver, SolverSpec):
             self.register_added_loss_term("approximation_correction")
         self._posterior: tuple[tuple[Tensor, ...], Posterior] | None = None
+        # freed as soon as the last reference goes, not at the next garbage collection
+        drop_self_references(self)
 
     def _noise_varies_over_data(self) -> bool:
         """Whether the likelihood's noise differs between data points (per-point fixed noise)."""
