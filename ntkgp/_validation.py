@@ -11,7 +11,7 @@ from gpytorch.likelihoods import (
 )
 from torch import Tensor
 
-__all__ = ["check_inputs", "check_likelihood", "check_targets"]
+__all__ = ["check_inputs", "check_likelihood", "check_module_device", "check_targets"]
 
 
 def check_inputs(x: Tensor, name: str, device: torch.device | None = None) -> None:
@@ -30,6 +30,14 @@ def check_inputs(x: Tensor, name: str, device: torch.device | None = None) -> No
         raise ValueError(f"{name} contains NaN or infinite values (first rows: {bad})")
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device} but the network is on {device}; move one of them")
+
+
+def check_module_device(module: torch.nn.Module, name: str, device: torch.device) -> None:
+    """Every parameter and buffer of ``module`` must be on ``device`` (the network's)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device != device:
+            raise ValueError(f"the {name} is on {tensor.device} but the network is on {device}; "
+                             f"move it with {name}.to({str(device)!r})")
 
 
 def check_targets(y: Tensor, num_data: int, num_outputs: int, device: torch.device) -> Tensor:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ntkgp._random import draw_device
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram
 from ntkgp.parameter_groups import ParameterGroups
@@ -54,7 +55,7 @@ def check_count(count: int, num_data: int, name: str) -> None:
 
 def random_points(num_data: int, num_inducing: int, generator: torch.Generator | None = None) -> Tensor:
     """``num_inducing`` distinct indices in ``range(num_data)``, sorted (a CPU tensor)."""
-    perm = torch.randperm(num_data, generator=generator, device="cpu")
+    perm = torch.randperm(num_data, generator=generator, device=draw_device(generator)).cpu()
     return perm[:num_inducing].sort().values
 
 
@@ -76,7 +77,7 @@ def _draw(weights: Tensor, generator: torch.Generator | None) -> int:
     cdf = torch.cumsum(weights, 0)
     if not cdf[-1] > 0:
         cdf = torch.arange(1, weights.shape[0] + 1, dtype=weights.dtype, device=weights.device)
-    u = torch.rand((), generator=generator, device="cpu", dtype=torch.float64)
+    u = torch.rand((), generator=generator, device=draw_device(generator), dtype=torch.float64).cpu()
     return int(torch.searchsorted(cdf, (u * cdf[-1].cpu()).to(cdf.device)).clamp(max=weights.shape[0] - 1))
 
 

@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from ntkgp._random import draw_device
+
 __all__ = ["LINK_APPROXIMATIONS", "expected_sigmoid", "expected_softmax"]
 
 LINK_APPROXIMATIONS = ("probit", "bridge", "mc")
@@ -35,7 +37,8 @@ def _gaussian_samples(mean: Tensor, covariance: Tensor, n_samples: int, generato
     # shape: mean (N, C), covariance (N, C, C) -> samples (S, N, C)
     evals, evecs = torch.linalg.eigh(covariance)
     root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)  # PSD square root, robust to singular blocks
-    noise = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    noise = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=draw_device(generator, mean.device),
+                        generator=generator).to(mean.device)
     return mean + torch.einsum("nij,snj->sni", root, noise)
 
 
@@ -67,5 +70,6 @@ def expected_sigmoid(
     check_link(link_approx, ("probit", "mc"))
     if link_approx == "probit":
         return torch.sigmoid(mean / torch.sqrt(1 + math.pi / 8 * variance))
-    noise = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    noise = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=draw_device(generator, mean.device),
+                        generator=generator).to(mean.device)
     return torch.sigmoid(mean + variance.clamp_min(0).sqrt() * noise).mean(0)

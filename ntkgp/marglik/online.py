@@ -29,6 +29,7 @@ import torch
 from gpytorch.likelihoods import Likelihood
 from torch import Tensor, nn
 
+from ntkgp._random import draw_device
 from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.marglik.partitions import class_partition, random_partition
 from ntkgp.marglik.subset_bound import SubsetEvidenceBound
@@ -178,7 +179,8 @@ class MarglikTuner:
         if self.minibatch:
             # one subset per call of step(): its Gram is built once, and the Adam steps and the
             # before/after reports all use its unbiased estimate
-            drawn = int(torch.randint(bound.num_subsets, (1,), generator=self.generator))
+            drawn = int(torch.randint(bound.num_subsets, (1,), generator=self.generator,
+                                      device=draw_device(self.generator)))
             return (lambda: bound.minibatch(drawn)), (lambda: bound.minibatch(drawn))
         return bound, bound
 
@@ -285,7 +287,7 @@ def fit_online_marglik(
     start = time.perf_counter()
     for epoch in progress_bar(range(epochs), desc="online marglik", enable=progress):
         net.train()
-        order = torch.randperm(n, generator=generator).to(train_x.device)
+        order = torch.randperm(n, generator=generator, device=draw_device(generator)).to(train_x.device)
         total = 0.0
         for idx in order.split(size):
             optimizer.zero_grad()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ntkgp._random import draw_device
+
 __all__ = ["class_partition", "random_partition"]
 
 
@@ -12,7 +14,7 @@ def random_partition(num_data: int, subset_size: int, *, generator: torch.Genera
     """Split ``range(num_data)`` at random into subsets of ``subset_size`` (the last may be smaller)."""
     if subset_size < 1:
         raise ValueError(f"subset_size must be positive, got {subset_size}")
-    order = torch.randperm(num_data, generator=generator)
+    order = torch.randperm(num_data, generator=generator, device=draw_device(generator)).cpu()
     return list(order.split(subset_size))
 
 
@@ -29,5 +31,5 @@ def class_partition(labels: Tensor, subset_size: int, *, generator: torch.Genera
     order = []
     for c in torch.unique(labels):
         members = (labels == c).nonzero().flatten()
-        order.append(members[torch.randperm(members.numel(), generator=generator)])
+        order.append(members[torch.randperm(members.numel(), generator=generator, device=draw_device(generator)).cpu()])
     return list(torch.cat(order).split(subset_size))
