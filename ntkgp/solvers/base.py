@@ -19,7 +19,12 @@ from ntkgp.gram import ntk_gram_diagonal
 from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
 from ntkgp.parameter_groups import ParameterGroups
 
-__all__ = ["GaussianSolver", "LaplaceSolver", "Posterior", "SolverBase", "SolverSpec"]
+__all__ = ["GaussianSolver", "LaplaceSolver", "Posterior", "SolverBase", "SolverSpec", "needs_grad"]
+
+
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd will want gradients of a result computed from ``tensors``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class SolverBase:
@@ -48,9 +53,8 @@ class SolverBase:
         The evidence and then the posterior at the same hyperparameters share one factorization.
         A call that needs gradients (some ``key`` requires grad) always factorizes afresh.
         """
-        needs_grad = torch.is_grad_enabled() and any(k.requires_grad for k in key)
         values = tuple(k.detach() for k in key)
-        if not needs_grad and self._last_factor is not None:
+        if not needs_grad(*key) and self._last_factor is not None:
             old, factor = self._last_factor
             if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(old, values)):
                 return factor

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky, cholesky_solve
+from ntkgp.cholesky import cholesky, cholesky_solve, factored_inv_quad_logdet
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import GaussianSolver, SolverBase
+from ntkgp.solvers.base import GaussianSolver, SolverBase, needs_grad
 from ntkgp.solvers.test_kernel import DowndatePosterior
 
 __all__ = ["KernelSpacePosterior", "KernelSpaceSolver"]
@@ -66,14 +66,10 @@ class KernelSpaceSolver(GaussianSolver):
     def inv_quad_logdet(
         self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
     ) -> tuple[Tensor, Tensor]:
-        factor = self._factor(delta, noise)
-        zero = torch.zeros((), dtype=torch.float64, device=factor.device)
-        inv_quad = zero
-        if rhs is not None:
-            w = torch.linalg.solve_triangular(factor, rhs.to(torch.float64), upper=False)
-            inv_quad = w.square().sum(-2)
-        log_det = 2.0 * factor.diagonal().log().sum() if logdet else zero
-        return inv_quad, log_det
+        factor = self._factor(delta.detach(), noise.detach())  # cached; gradients come from `matrix`
+        matrix = self.dense(delta, noise) if needs_grad(delta, noise) else None
+        inv_quad, log_det = factored_inv_quad_logdet(factor, None if rhs is None else rhs.to(torch.float64), matrix)
+        return inv_quad, log_det if logdet else torch.zeros_like(log_det)
 
     def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
         return cholesky_solve(rhs.to(torch.float64), self._factor(delta, noise))

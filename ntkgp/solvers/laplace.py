@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky
+from ntkgp.cholesky import cholesky, factored_inv_quad_logdet
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import jacobian_outer_products, ntk_gram
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import LaplaceSolver, Posterior
+from ntkgp.solvers.base import LaplaceSolver, Posterior, needs_grad
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, apply_factor_transpose
 from ntkgp.solvers.weight_space import WeightSpacePosterior
 
@@ -49,17 +49,19 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
             left = apply_factor_transpose(hessian_factor, self.grams[g])
             self.grams[g] = apply_factor_transpose(hessian_factor, left.T.contiguous()).T
 
-    def _laplace_factor(self, delta: Tensor) -> Tensor:
-        def compute() -> Tensor:
-            matrix = torch.einsum("g,gij->ij", delta.to(torch.float64).reciprocal(), self.grams)
-            matrix = matrix + torch.eye(self.size, dtype=matrix.dtype, device=matrix.device)
-            return cholesky(matrix, what="I + B^T K B")
+    def _matrix(self, delta: Tensor) -> Tensor:
+        r""":math:`I + \sum_g B^\top K_g B / \delta_g`, ``(M, M)``, differentiable in ``delta``."""
+        matrix = torch.einsum("g,gij->ij", delta.to(torch.float64).reciprocal(), self.grams)
+        matrix.diagonal().add_(1.0)
+        return matrix
 
-        return self.cached_factor(compute, delta)
+    def _laplace_factor(self, delta: Tensor) -> Tensor:
+        return self.cached_factor(lambda: cholesky(self._matrix(delta), what="I + B^T K B"), delta)
 
     def log_det(self, delta: Tensor) -> Tensor:
-        r""":math:`\log|I + B^\top K B|`, differentiable in ``delta``."""
-        return 2.0 * self._laplace_factor(delta).diagonal().log().sum()
+        r""":math:`\log|I + B^\top K B|`, differentiable in ``delta`` (gradient from the cached factor)."""
+        factor = self._laplace_factor(delta.detach())
+        return factored_inv_quad_logdet(factor, None, self._matrix(delta) if needs_grad(delta) else None)[1]
 
     @torch.no_grad()
     def laplace_posterior(self, delta: Tensor) -> Posterior:
@@ -84,16 +86,24 @@ class WeightSpaceLaplaceSolver(LaplaceSolver):
         self.outer = jacobian_outer_products(network, x, per_output=False, budget=budget,
                                              hessian_factor=hessian_factor)
 
-    def _laplace_factor(self, delta: Tensor) -> Tensor:
+    def _matrix(self, delta: Tensor) -> Tensor:
+        r""":math:`P_0 + J^\top\Lambda J`, ``(P, P)``, differentiable in ``delta``."""
         prior = self.groups.expand(delta.to(torch.float64), self.network.numels)
-        return self.cached_factor(
-            lambda: cholesky(self.outer[0] + torch.diag_embed(prior), what="the GGN posterior precision"), delta
-        )
+        matrix = self.outer[0].clone()
+        matrix.diagonal().add_(prior)
+        return matrix
+
+    def _laplace_factor(self, delta: Tensor) -> Tensor:
+        return self.cached_factor(lambda: cholesky(self._matrix(delta), what="the GGN posterior precision"), delta)
 
     def log_det(self, delta: Tensor) -> Tensor:
-        r""":math:`\log|P_0 + J^\top\Lambda J| - \log|P_0|`, differentiable in ``delta``."""
+        r""":math:`\log|P_0 + J^\top\Lambda J| - \log|P_0|`, differentiable in ``delta``.
+
+        The gradient comes from the cached factor."""
         prior = self.groups.expand(delta.to(torch.float64), self.network.numels)
-        return 2.0 * self._laplace_factor(delta).diagonal().log().sum() - prior.log().sum()
+        factor = self._laplace_factor(delta.detach())
+        matrix = self._matrix(delta) if needs_grad(delta) else None
+        return factored_inv_quad_logdet(factor, None, matrix)[1] - prior.log().sum()
 
     @torch.no_grad()
     def laplace_posterior(self, delta: Tensor) -> Posterior:

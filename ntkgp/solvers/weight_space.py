@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky, cholesky_solve
+from ntkgp.cholesky import cholesky, cholesky_solve, factored_inv_quad_logdet
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import jacobian_outer_products
 from ntkgp.memory import check_fits
 from ntkgp.operators.jacobian_linear_operator import JacobianLinearOperator
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import GaussianSolver, Posterior, SolverBase
+from ntkgp.solvers.base import GaussianSolver, Posterior, SolverBase, needs_grad
 
 __all__ = ["WeightSpacePosterior", "WeightSpaceSolver"]
 
@@ -78,20 +78,22 @@ class WeightSpaceSolver(GaussianSolver):
         self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
     ) -> tuple[Tensor, Tensor]:
         noise_c = self._output_noise(noise)
-        factor = self._factor(delta, noise_c)
+        factor = self._factor(delta.detach(), noise_c.detach())  # cached; gradients come from `matrix`
+        matrix = self._precision(delta, noise_c) if needs_grad(delta, noise_c) else None
         zero = torch.zeros((), dtype=torch.float64, device=factor.device)
-        inv_quad = zero
+        inv_quad, data_term, pulled = zero, zero, None
         if rhs is not None:
             N, C = self.x.shape[0], self.network.num_outputs
             r = rhs.to(torch.float64)
             data_term = (r.reshape(N, C, -1).square() / noise_c.reshape(1, C, 1)).sum((0, 1))
-            w = torch.linalg.solve_triangular(factor, self._pull(r, noise_c), upper=False)
-            inv_quad = data_term - w.square().sum(-2)
+            pulled = self._pull(r, noise_c)
+        quad, log_det_precision = factored_inv_quad_logdet(factor, pulled, matrix)
+        if rhs is not None:
+            inv_quad = data_term - quad
         log_det = zero
         if logdet:
             prior = self.groups.expand(delta.to(torch.float64), self.network.numels)
-            log_det = (self.x.shape[0] * noise_c.log().sum() - prior.log().sum()
-                       + 2.0 * factor.diagonal().log().sum())
+            log_det = self.x.shape[0] * noise_c.log().sum() - prior.log().sum() + log_det_precision
         return inv_quad, log_det
 
     def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
