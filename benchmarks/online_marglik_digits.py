@@ -198,7 +198,7 @@ def train_plain(args: argparse.Namespace, data: Split, delta: float) -> tuple[nn
 
     Returns the network, the wall-clock seconds and the last epoch's mean loss.
     """
-    net = make_net(args.width, args.depth, args.activation, args.seed)
+    net = make_net(args.width, args.depth, args.activation, args.seed).to(data.x_train.device)
     generator = torch.Generator().manual_seed(args.seed)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr)

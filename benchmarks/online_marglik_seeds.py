@@ -37,10 +37,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import online_marglik_digits as digits  # noqa: E402
 
+import ntkgp  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
@@ -51,19 +53,36 @@ def with_validation(data: digits.Split) -> digits.Split:
                         data.x_val, data.y_val, data.x_test, data.y_test)
 
 
-def online(seed: int, data: digits.Split, every: int, steps: int, hyper_lr: float, epochs: int) -> dict[str, Any]:
-    net = digits.make_net(100, 2, "tanh", seed)
+def to_device(data: digits.Split, device: torch.device) -> digits.Split:
+    return digits.Split(*(t.to(device) for t in vars(data).values()))
+
+
+def log_evidence(net: torch.nn.Module, data: digits.Split, prior_precision: Tensor | float) -> float:
+    """The exact Laplace log evidence of ``net`` (at its weights) on its training points."""
+    model = ntkgp.LinearizedGP(net.eval(), SoftmaxLikelihood(num_classes=digits.NUM_CLASSES), data.x_train,
+                               data.y_train, prior_precision=torch.as_tensor(prior_precision).clone())
+    with torch.no_grad():
+        return float(model.log_evidence())
+
+
+def online(seed: int, data: digits.Split, every: int, steps: int, hyper_lr: float, epochs: int,
+           subset_size: int | None, evidence: bool) -> dict[str, Any]:
+    net = digits.make_net(100, 2, "tanh", seed).to(data.x_train.device)
     result = fit_online_marglik(
         net, SoftmaxLikelihood(num_classes=digits.NUM_CLASSES), data.x_train, data.y_train,
         prior_precision=torch.ones(len(list(net.parameters()))), epochs=epochs, batch_size=128, lr=1e-3,
         progress=False, generator=torch.Generator().manual_seed(seed), marglik_every=every, burnin=10,
-        steps=steps, hyper_lr=hyper_lr, subset_size=50, minibatch=True)
-    return {**digits.map_metrics(net.eval(), data.x_test, data.y_test), "seconds": result.seconds,
-            "prior_precision": result.prior_precision.tolist()}
+        steps=steps, hyper_lr=hyper_lr, subset_size=subset_size, minibatch=subset_size is not None)
+    out = {**digits.map_metrics(net.eval(), data.x_test, data.y_test), "seconds": result.seconds,
+           "prior_precision": result.prior_precision.tolist()}
+    if evidence:
+        out["log_evidence"] = log_evidence(net, data, result.prior_precision)
+    return out
 
 
-def one_seed(seed: int, configs: list[tuple[int, int, float]], epochs: int) -> dict[str, dict[str, Any]]:
-    data = digits.load_data(seed)
+def one_seed(seed: int, configs: list[tuple[int, int, float]], epochs: int, subset_size: int | None,
+             device: torch.device, evidence: bool, splits: list[str]) -> dict[str, dict[str, Any]]:
+    data = to_device(digits.load_data(seed), device)
     full = with_validation(data)
     args = argparse.Namespace(width=100, depth=2, activation="tanh", seed=seed, epochs=epochs, batch_size=128,
                               lr=1e-3)
@@ -73,6 +92,8 @@ def one_seed(seed: int, configs: list[tuple[int, int, float]], epochs: int) -> d
         val_nll = digits.map_metrics(net, data.x_val, data.y_val)["nll"]
         runs.append({"delta": delta, "seconds": seconds, "val_nll": val_nll,
                      **digits.map_metrics(net, data.x_test, data.y_test)})
+        if evidence:
+            runs[-1]["log_evidence"] = log_evidence(net, data, delta)
     best = min(runs, key=lambda r: r["val_nll"])
     grid_seconds = sum(r["seconds"] for r in runs)
     net, refit_seconds, _ = digits.train_plain(args, full, best["delta"])
@@ -84,7 +105,12 @@ def one_seed(seed: int, configs: list[tuple[int, int, float]], epochs: int) -> d
     }
     for every, steps, lr in configs:
         for name, split in (("train", data), ("train+val", full)):
-            out[f"online {every}/{steps}/{lr:g} on {name}"] = online(seed, split, every, steps, lr, epochs)
+            if name not in splits:
+                continue
+            out[f"online {every}/{steps}/{lr:g} on {name}"] = online(seed, split, every, steps, lr, epochs,
+                                                                     subset_size, evidence)
+    if evidence:
+        out["_grid"] = runs
     return out
 
 
@@ -93,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--configs", nargs="+", default=["10/3/0.3", "5/10/0.1"], help="every/steps/hyper_lr")
     parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--subset-size", type=int, default=50,
+                        help="the online tuner's subset size, with minibatch=True (0: the exact evidence)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--splits", nargs="+", choices=["train", "train+val"], default=["train", "train+val"],
+                        help="the training sets of the online runs")
+    parser.add_argument("--evidence", action="store_true",
+                        help="also report the exact log evidence of every trained network")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -100,8 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before = list(os.getloadavg())
     per_seed = []
     for seed in args.seeds:
-        per_seed.append(one_seed(seed, configs, args.epochs))
-        print(f"seed {seed}: grid delta {per_seed[-1]['grid (train, selected on val)']['delta']:.4g}", flush=True)
+        per_seed.append(one_seed(seed, configs, args.epochs, args.subset_size or None, torch.device(args.device),
+                                 args.evidence, args.splits))
+        print(f"seed {seed}: " + "; ".join(f"{k}: acc {v['acc']:.4f} NLL {v['nll']:.4f}"
+                                           + (f" log ev {v['log_evidence']:.1f}" if "log_evidence" in v else "")
+                                           + (f" delta {v['delta']:.3g}" if "delta" in v else "")
+                                           for k, v in per_seed[-1].items() if not k.startswith("_")), flush=True)
+        if args.json is not None:  # after every seed, so that a cut-off run leaves its seeds
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "per_seed": per_seed},
+                                            indent=2))
     plain = {k: statistics.median(s["_plain"][k] for s in per_seed) for k in ("train", "train+val")}
     print(f"\nOne plain run, median over seeds: {plain['train']:.2f} s on 1077 points, "
           f"{plain['train+val']:.2f} s on 1437.\n")
@@ -116,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         ratio = "—" if name.startswith("grid") else f"{seconds / base:.2f}"
         print(f"| {name} | {acc.mean():.4f} ± {acc.std():.4f} | {nll.mean():.4f} ± {nll.std():.4f} | {seconds:.2f} "
               f"| {ratio} | {' '.join(f'{a:.4f}' for a in acc)} | {' '.join(f'{v:.4f}' for v in nll)} |")
+    if "_grid" in per_seed[0]:
+        print("\nExact log evidence of every trained network (at its prior precision), per seed:\n")
+        print("| seed | network | delta | val NLL | test acc | test NLL | log evidence |")
+        print("|---:|---|---|---:|---:|---:|---:|")
+        for seed, s in zip(args.seeds, per_seed):
+            for r in s["_grid"]:
+                print(f"| {seed} | grid | {r['delta']:.3g} | {r['val_nll']:.4f} | {r['acc']:.4f} | {r['nll']:.4f} "
+                      f"| {r['log_evidence']:.1f} |")
+            for name in (k for k in s if k.startswith("online") and k.endswith("on train")):
+                r = s[name]
+                delta = " ".join(f"{d:.3g}" for d in r["prior_precision"])
+                print(f"| {seed} | {name} | {delta} | - | {r['acc']:.4f} | {r['nll']:.4f} | {r['log_evidence']:.1f} |")
     print(f"\nLoad average before {load_before}, after {list(os.getloadavg())}.")
     if args.json is not None:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "per_seed": per_seed,
