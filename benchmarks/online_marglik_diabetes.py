@@ -15,7 +15,8 @@ The network is a float64 MLP ``10-W-W-1`` (``--width`` W = 50, tanh; P = 3,151),
   :math:`\tfrac{N}{|b|}\sum_{b}\tfrac{(y-f)^2}{2\sigma^2} + \tfrac12\sum_g\delta_g\lVert\theta_g\rVert^2`
   and, every ``--marglik-every`` epochs after ``--burnin``, takes ``--hyper-steps`` Adam steps
   (``--hyper-lr``) on the exact log evidence of the current linearization (``subset_size=None``;
-  ``--subset-size`` switches to the subset bound). All marglik settings default to the library's.
+  ``--subset-size`` switches to the subset bound; ``--log-precision`` makes the tuner's Adam
+  steps act on :math:`\log\delta`). All marglik settings default to the library's.
 * **post-hoc optimum**: the final network, unchanged, becomes
   ``ntkgp.LinearizedGP(net, GaussianLikelihood(noise=learned), x, y, prior_precision=learned)``;
   L-BFGS (strong Wolfe line search, up to ``--lbfgs-iters`` iterations) maximizes its exact log
@@ -51,6 +52,7 @@ from typing import Any
 
 import gpytorch
 import torch
+from gpytorch.constraints import Positive
 from sklearn.datasets import load_diabetes
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
@@ -137,7 +139,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = fit_online_marglik(
             net, likelihood, data["x"], data["y"], prior_precision=torch.ones(len(names)),
             marglik_every=args.marglik_every, burnin=args.burnin, steps=args.hyper_steps, hyper_lr=args.hyper_lr,
-            subset_size=args.subset_size, generator=torch.Generator().manual_seed(args.seed), **common,
+            subset_size=args.subset_size, generator=torch.Generator().manual_seed(args.seed),
+            prior_precision_constraint=Positive(transform=torch.exp, inv_transform=torch.log) if args.log_precision
+            else None, **common,
         )
         online_times.append(result.seconds)
         marglik_times.append(result.marglik_seconds)
@@ -223,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hyper-steps", type=int, default=10)
     parser.add_argument("--hyper-lr", type=float, default=0.1)
     parser.add_argument("--subset-size", type=int, default=None, help="subset bound instead of the exact evidence")
+    parser.add_argument("--log-precision", action="store_true",
+                        help="the tuner steps on log(delta) (an exp/log constraint) instead of softplus-raw values")
     parser.add_argument("--lbfgs-iters", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="runs for the median times")
     parser.add_argument("--threads", type=int, default=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import truth
+from gpytorch.constraints import Positive
 
 import ntkgp
 from ntkgp.likelihoods import SoftmaxLikelihood
@@ -122,6 +123,32 @@ def test_online_marglik_regression_reaches_the_post_hoc_evidence_optimum() -> No
     assert optimum - at_tuner < 0.05  # nats; the noise went from 1.0 to near the optimum's
     assert abs(float(lik.noise) / float(post_hoc.noise) - 1) < 0.1
     assert abs(float(result.prior_precision) / float(model.prior_precision) - 1) < 0.1
+
+
+def test_log_space_tuner_switches_groups_off_and_matches_the_evidence_truth() -> None:
+    """With an exp/log constraint, Adam steps move log(delta): a group the evidence wants off gets
+    far beyond what additive softplus steps reach, and the reported evidence is the brute-force one."""
+    x, y = truth.toy_regression(60, 3, seed=81)
+    y = y - y.mean()
+    net = truth.mlp(3, 8, 1, seed=82)
+    log_space = Positive(transform=torch.exp, inv_transform=torch.log)
+    finals = {}
+    for name, constraint in [("softplus", None), ("log", log_space)]:
+        lik = gpytorch.likelihoods.GaussianLikelihood().double()
+        lik.noise = torch.tensor(0.05, dtype=torch.float64)
+        tuner = ntkgp.marglik.MarglikTuner(net, lik, x, y, prior_precision=torch.ones(4), steps=40, lr=0.3,
+                                           prior_precision_constraint=constraint)
+        record = tuner.step(net)
+        finals[name] = tuner.prior_precision.detach()
+        noise_rows = torch.full((60,), float(lik.noise), dtype=torch.float64)
+        prior = truth.prior_vector(net, finals[name].tolist())
+        brute = float(truth.log_evidence(net, x, y, prior, noise_rows))
+        assert abs(record["log_evidence_after"] - brute) <= 1e-8 * abs(brute)
+    assert torch.allclose(ntkgp.marglik.MarglikTuner(net, lik, x, y, prior_precision=torch.full((4,), 3.0),
+                                                     prior_precision_constraint=log_space).raw_prior_precision,
+                          torch.full((4,), math.log(3.0), dtype=torch.float64))
+    # 40 steps of 0.3: softplus moves a large delta by at most ~12, log space by a factor up to e^12
+    assert finals["log"].max() > 10 * finals["softplus"].max()
 
 
 def test_tuner_in_a_custom_loop_with_the_subset_bound() -> None:

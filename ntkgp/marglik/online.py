@@ -26,6 +26,7 @@ from typing import Any
 
 import gpytorch
 import torch
+from gpytorch.constraints import Interval, Positive
 from gpytorch.likelihoods import Likelihood
 from torch import Tensor, nn
 
@@ -89,10 +90,10 @@ class MarglikTuner:
     prior_precision:
         Initial :math:`\\delta`: a number, one per parameter tensor, or ``{module: value}``.
     steps, lr:
-        Adam steps per :meth:`step`, and the Adam learning rate. Adam acts on the raw
-        (softplus-inverse) values, as GPyTorch's own positivity constraints do: for
-        :math:`\\delta \\gg 1` a step moves :math:`\\delta` by about ``lr``, for :math:`\\delta \\ll 1`
-        it moves :math:`\\log\\delta` by about ``lr``.
+        Adam steps per :meth:`step`, and the Adam learning rate. Adam acts on the raw values
+        of ``prior_precision_constraint``. With the default (softplus, as GPyTorch's own
+        positivity constraints), for :math:`\\delta \\gg 1` a step moves :math:`\\delta` by about
+        ``lr``, for :math:`\\delta \\ll 1` it moves :math:`\\log\\delta` by about ``lr``.
     subset_size:
         ``None``: the exact evidence. Otherwise the subset-NTK lower bound with subsets of this
         size, drawn afresh at each :meth:`step` (grouped by class for classification); the exact
@@ -108,6 +109,15 @@ class MarglikTuner:
         is in-sample (the subset the steps were fitted to).
     generator:
         Random generator for the partitions.
+    prior_precision_constraint:
+        The positivity constraint whose raw values Adam steps on (default
+        ``gpytorch.constraints.Positive()``, softplus). With
+        ``Positive(transform=torch.exp, inv_transform=torch.log)`` every step moves
+        :math:`\\log\\delta`, so groups the evidence switches off (:math:`\\delta \\to 10^{10}`) get
+        there in tens of steps instead of creeping up by ``lr`` per step. Measured: with the exact
+        evidence on diabetes this closes the gap to the post-hoc optimum from 6.4 to 0.8 nats;
+        with the subset bound on digits it drives :math:`\\delta` further up the bound's bias and
+        raises the test NLL from 0.117 to 0.156 (``docs/marglik.md``).
     model_kwargs:
         Passed to :class:`~ntkgp.models.LinearizedGP` (``solver``, ``memory_budget``, ...).
     """
@@ -125,6 +135,7 @@ class MarglikTuner:
         subset_size: int | None = None,
         minibatch: bool = False,
         generator: torch.Generator | None = None,
+        prior_precision_constraint: Interval | None = None,
         **model_kwargs: Any,
     ) -> None:
         if minibatch and subset_size is None:
@@ -137,9 +148,11 @@ class MarglikTuner:
         self.minibatch = minibatch
         self.model_kwargs = model_kwargs
         device = next(net.parameters()).device
-        #: raw (softplus-inverse) prior precisions, ``(G,)``: persists across rebuilds
-        delta = self.groups.initial_precision.to(device)
-        self.raw_prior_precision = nn.Parameter(delta + torch.log(-torch.expm1(-delta)))  # stable softplus^-1
+        #: the constraint mapping :attr:`raw_prior_precision` to :math:`\delta`
+        self.constraint = Positive() if prior_precision_constraint is None else prior_precision_constraint
+        #: raw prior precisions (the constraint's inverse transform), ``(G,)``: persist across rebuilds
+        delta = self.groups.initial_precision.to(device=device, dtype=torch.float64)
+        self.raw_prior_precision = nn.Parameter(self.constraint.inverse_transform(delta))
         hyper = [self.raw_prior_precision, *likelihood.parameters()]
         self.optimizer = torch.optim.Adam(hyper, lr=lr)
         self.history: list[dict[str, Any]] = []
@@ -149,7 +162,7 @@ class MarglikTuner:
     @property
     def prior_precision(self) -> Tensor:
         r"""Current :math:`\delta`, ``(G,)``."""
-        return torch.nn.functional.softplus(self.raw_prior_precision)
+        return self.constraint.transform(self.raw_prior_precision)
 
     def prior_penalty(self, net: nn.Module) -> Tensor:
         r""":math:`\tfrac12\sum_g \delta_g \lVert\theta_g\rVert^2` with the current (detached) :math:`\delta`.
@@ -195,7 +208,8 @@ class MarglikTuner:
         start = time.perf_counter()
         with _eval(net):
             model = LinearizedGP(net, self.likelihood, self.train_x, self.train_y,
-                                 prior_precision=self.prior_precision.detach(), **self.model_kwargs)
+                                 prior_precision=self.prior_precision.detach(),
+                                 prior_precision_constraint=self.constraint, **self.model_kwargs)
         model.covar_module.raw_prior_precision = self.raw_prior_precision  # share the persistent tensor
         objective, report = self._objective(model)
         model.train()

@@ -8,6 +8,7 @@ from typing import Any
 
 import gpytorch
 import torch
+from gpytorch.constraints import Interval
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from gpytorch.likelihoods import Likelihood
 from gpytorch.mlls import AddedLossTerm
@@ -81,6 +82,10 @@ class LinearizedGP(ExactGP):
         Targets ``(N,)`` for ``C = 1`` or ``(N, C)``; integer labels ``(N,)`` for softmax.
     prior_precision:
         :math:`\delta`: a number, one value per parameter tensor, or ``{module name: value}``.
+    prior_precision_constraint:
+        Positivity constraint of :math:`\delta` (default ``gpytorch.constraints.Positive()``,
+        softplus). ``Positive(transform=torch.exp, inv_transform=torch.log)`` makes the raw
+        parameter :math:`\log\delta`, so optimizer steps are relative (see ``docs/marglik.md``).
     solver:
         Exact: ``"auto"`` (weight space if ``P < N C``, else kernel space), ``"kernel"`` or
         ``"weight"``. Approximate, for large N (``docs/solvers.md``): a
@@ -101,6 +106,7 @@ class LinearizedGP(ExactGP):
         train_y: Tensor,
         prior_precision: PriorPrecisionSpec = 1.0,
         *,
+        prior_precision_constraint: Interval | None = None,
         solver: str | SolverSpec = "auto",
         chunk_size: int | None = None,
         memory_budget: int | None = None,
@@ -132,7 +138,8 @@ class LinearizedGP(ExactGP):
 
         self.network = network
         self.mean_module = LinearizedMean(network)
-        self.covar_module = NTKKernel(network, prior_precision, memory_budget=memory_budget)
+        self.covar_module = NTKKernel(network, prior_precision, prior_precision_constraint=prior_precision_constraint,
+                                      memory_budget=memory_budget)
         self._flat_x = flat_x  # the inputs the solver and the mean are built from (not cast by .float())
         self._train_mean_cache: Tensor | None = None  # m(X), computed on first use (one jvp pass)
         groups, budget = self.covar_module.groups, self.covar_module.memory_budget
