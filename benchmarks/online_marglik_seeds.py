@@ -66,11 +66,12 @@ def log_evidence(net: torch.nn.Module, data: digits.Split, prior_precision: Tens
 
 
 def online(seed: int, data: digits.Split, every: int, steps: int, hyper_lr: float, epochs: int,
-           subset_size: int | None, evidence: bool) -> dict[str, Any]:
+           subset_size: int | None, evidence: bool, scalar_prior: bool) -> dict[str, Any]:
     net = digits.make_net(100, 2, "tanh", seed).to(data.x_train.device)
+    prior = 1.0 if scalar_prior else torch.ones(len(list(net.parameters())))
     result = fit_online_marglik(
         net, SoftmaxLikelihood(num_classes=digits.NUM_CLASSES), data.x_train, data.y_train,
-        prior_precision=torch.ones(len(list(net.parameters()))), epochs=epochs, batch_size=128, lr=1e-3,
+        prior_precision=prior, epochs=epochs, batch_size=128, lr=1e-3,
         progress=False, generator=torch.Generator().manual_seed(seed), marglik_every=every, burnin=10,
         steps=steps, hyper_lr=hyper_lr, subset_size=subset_size, minibatch=subset_size is not None)
     out = {**digits.map_metrics(net.eval(), data.x_test, data.y_test), "seconds": result.seconds,
@@ -81,7 +82,7 @@ def online(seed: int, data: digits.Split, every: int, steps: int, hyper_lr: floa
 
 
 def one_seed(seed: int, configs: list[tuple[int, int, float]], epochs: int, subset_size: int | None,
-             device: torch.device, evidence: bool, splits: list[str]) -> dict[str, dict[str, Any]]:
+             device: torch.device, evidence: bool, splits: list[str], scalar_prior: bool) -> dict[str, dict[str, Any]]:
     data = to_device(digits.load_data(seed), device)
     full = with_validation(data)
     args = argparse.Namespace(width=100, depth=2, activation="tanh", seed=seed, epochs=epochs, batch_size=128,
@@ -108,7 +109,7 @@ def one_seed(seed: int, configs: list[tuple[int, int, float]], epochs: int, subs
             if name not in splits:
                 continue
             out[f"online {every}/{steps}/{lr:g} on {name}"] = online(seed, split, every, steps, lr, epochs,
-                                                                     subset_size, evidence)
+                                                                     subset_size, evidence, scalar_prior)
     if evidence:
         out["_grid"] = runs
     return out
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset-size", type=int, default=50,
                         help="the online tuner's subset size, with minibatch=True (0: the exact evidence)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scalar-prior", action="store_true",
+                        help="online marglik with one prior precision for all weights (default: one per tensor)")
     parser.add_argument("--splits", nargs="+", choices=["train", "train+val"], default=["train", "train+val"],
                         help="the training sets of the online runs")
     parser.add_argument("--evidence", action="store_true",
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = []
     for seed in args.seeds:
         per_seed.append(one_seed(seed, configs, args.epochs, args.subset_size or None, torch.device(args.device),
-                                 args.evidence, args.splits))
+                                 args.evidence, args.splits, args.scalar_prior))
         print(f"seed {seed}: " + "; ".join(f"{k}: acc {v['acc']:.4f} NLL {v['nll']:.4f}"
                                            + (f" log ev {v['log_evidence']:.1f}" if "log_evidence" in v else "")
                                            + (f" delta {v['delta']:.3g}" if "delta" in v else "")
