@@ -75,10 +75,6 @@ def _noise_rows(lik: gpytorch.likelihoods.Likelihood, c: int, n: int) -> Tensor:
     return lik.noise.detach().cpu().reshape(-1).to(F64).expand(c).repeat(n)
 
 
-def _rows(idx: Tensor, c: int) -> Tensor:
-    return (idx[:, None] * c + torch.arange(c)).reshape(-1)
-
-
 def _gp_posterior(net: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, prior: Tensor,
                   noise_rows: Tensor) -> tuple[Tensor, Tensor]:
     """Dense GP posterior mean ``(N*C,)`` and covariance of the linearized model, at any weights."""
@@ -332,28 +328,7 @@ def _inducing_problem(c: int):
 
 def _inducing_truth(net, x, y, x_test, prior, idx, noise):
     """Collapsed bound, SGPR mean and covariance, and the subset-of-regressors covariance, densely."""
-    C = y.reshape(x.shape[0], -1).shape[1]
-    j, js = truth.jacobian(net, x), truth.jacobian(net, x_test)
-    theta = truth.flat_params(net)
-    with torch.no_grad():
-        f, fs = net(x).reshape(-1), net(x_test).reshape(-1)
-    r = y.reshape(-1) - (f - j @ theta)
-    var = 1 / prior
-    k = j @ (var[:, None] * j.T)
-    jz = j[_rows(idx, C)]
-    kzz = jz @ (var[:, None] * jz.T)
-    kzz = kzz + JITTER * kzz.diagonal().mean() * torch.eye(kzz.shape[0], dtype=F64)
-    kxz = j @ (var[:, None] * jz.T)
-    q = kxz @ torch.linalg.solve(kzz, kxz.T)
-    s = noise.repeat(x.shape[0])
-    bound = (torch.distributions.MultivariateNormal(torch.zeros_like(r), q + torch.diag(s)).log_prob(r)
-             - 0.5 * ((k - q).diagonal() / s).sum())
-    d = kzz + kxz.T @ (kxz / s[:, None])
-    ksz = js @ (var[:, None] * jz.T)
-    mean = fs - js @ theta + ksz @ torch.linalg.solve(d, kxz.T @ (r / s))
-    kss = js @ (var[:, None] * js.T)
-    cov = kss - ksz @ (torch.linalg.solve(kzz, ksz.T) - torch.linalg.solve(d, ksz.T))
-    return bound, mean, cov, ksz @ torch.linalg.solve(d, ksz.T)
+    return truth.sgpr(net, x, y, x_test, prior, idx, noise, JITTER)
 
 
 @pytest.mark.parametrize(("c", "spec", "selection"), [
@@ -416,7 +391,7 @@ def test_inducing_softmax_laplace_matches_dense_truth(device: torch.device) -> N
     assert torch.allclose(b @ b.mT, hessians, rtol=0, atol=1e-12)
     lam, bdiag = torch.block_diag(*hessians), torch.block_diag(*b)
     var = 1 / prior
-    rows = _rows(idx, 3)
+    rows = truth.point_rows(idx, 3)
     kxz = j @ (var[:, None] * j[rows].T)
     kzz = kxz[rows] + JITTER * kxz[rows].diagonal().mean() * torch.eye(len(rows), dtype=F64)
     k = j @ (var[:, None] * j.T)

@@ -30,10 +30,6 @@ REL = 1e-8
 JITTER = 1e-6
 
 
-def _rows(idx: torch.Tensor, c: int) -> torch.Tensor:
-    return (idx[:, None] * c + torch.arange(c)).reshape(-1)
-
-
 def _regression(c: int, prior_spec, n: int = 50):
     x, y = truth.toy_regression(n, 3, c, seed=1)
     x_test, _ = truth.toy_regression(7, 3, c, seed=2)
@@ -59,29 +55,7 @@ def _noise_of(lik) -> torch.Tensor:
 
 def _dense_truth(net, x, y, x_test, prior, idx, noise, jitter=JITTER):
     """Collapsed bound and SGPR predictive, densely."""
-    C = y.reshape(x.shape[0], -1).shape[1]
-    j, js = truth.jacobian(net, x), truth.jacobian(net, x_test)
-    theta = truth.flat_params(net)
-    with torch.no_grad():
-        f, fs = net(x).reshape(-1), net(x_test).reshape(-1)
-    r = y.reshape(-1) - (f - j @ theta)
-    var = 1 / prior
-    k = j @ (var[:, None] * j.T)
-    rows = _rows(idx, C)
-    jz = j[rows]
-    kzz = jz @ (var[:, None] * jz.T)
-    kzz = kzz + jitter * kzz.diagonal().mean().detach() * torch.eye(len(rows), dtype=torch.float64)
-    kxz = j @ (var[:, None] * jz.T)
-    q = kxz @ torch.linalg.solve(kzz, kxz.T)
-    s = noise.repeat(x.shape[0])
-    bound = (torch.distributions.MultivariateNormal(torch.zeros_like(r), q + torch.diag(s)).log_prob(r)
-             - 0.5 * ((k - q).diagonal() / s).sum())
-    d = kzz + kxz.T @ (kxz / s[:, None])
-    ksz = js @ (var[:, None] * jz.T)
-    mean = fs - js @ theta + ksz @ torch.linalg.solve(d, kxz.T @ (r / s))
-    kss = js @ (var[:, None] * js.T)
-    cov = kss - ksz @ (torch.linalg.solve(kzz, ksz.T) - torch.linalg.solve(d, ksz.T))
-    return bound, mean, cov
+    return truth.sgpr(net, x, y, x_test, prior, idx, noise, jitter)[:3]
 
 
 @pytest.mark.parametrize(("c", "prior_spec"), [(1, 2.0), (1, [0.5, 3.0, 1.5, 4.0]), (2, 2.0)])
@@ -210,7 +184,7 @@ def test_subset_of_regressors_predictive_matches_dense_truth(c: int, prior_spec)
     noise = _noise_of(sor.likelihood).repeat(x.shape[0])
     var = 1 / prior
     j, js = truth.jacobian(net, x), truth.jacobian(net, x_test)
-    jz = j[_rows(idx, c)]
+    jz = j[truth.point_rows(idx, c)]
     kzz = jz @ (var[:, None] * jz.T)
     kzz = kzz + JITTER * kzz.diagonal().mean() * torch.eye(kzz.shape[0], dtype=torch.float64)
     kzx, kzs = jz @ (var[:, None] * j.T), jz @ (var[:, None] * js.T)
@@ -291,7 +265,7 @@ def test_softmax_laplace_bound_matches_dense_truth() -> None:
     b = lik.hessian_factor(f.to(torch.float64))  # (N, C, C)
     lam = torch.block_diag(*(b @ b.transpose(1, 2)))
     var = 1 / prior
-    rows = _rows(idx, 3)
+    rows = truth.point_rows(idx, 3)
     kxz = j @ (var[:, None] * j[rows].T)
     kzz = kxz[rows] + JITTER * kxz[rows].diagonal().mean().detach() * torch.eye(len(rows), dtype=torch.float64)
     k = j @ (var[:, None] * j.T)

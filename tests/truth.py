@@ -184,3 +184,41 @@ def ggn_laplace(net: nn.Module, x: Tensor, x_test: Tensor, hessians: Tensor, pri
     theta = flat_params(net)
     evidence = log_lik - 0.5 * (prior * theta.square()).sum() - 0.5 * (torch.logdet(precision) - prior.log().sum())
     return evidence, jt @ torch.linalg.inv(precision) @ jt.T
+
+
+# ----------------------------------------------------------------- inducing points (SGPR)
+def point_rows(idx: Tensor, c: int) -> Tensor:
+    """Rows ``n * c + k`` of the point-major ``(N*C,)`` layout for the points ``idx``."""
+    return (idx[:, None] * c + torch.arange(c)).reshape(-1)
+
+
+def sgpr(net: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, prior: Tensor, idx: Tensor, noise: Tensor,
+         jitter: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Dense SGPR (Titsias) with the points ``idx`` as inducing inputs, noise ``(C,)`` per output.
+
+    Returns the collapsed bound, the predictive mean and covariance at ``x_test``, and the
+    subset-of-regressors covariance ``K_*Z D^-1 K_Z*``. ``K_ZZ`` gets ``jitter`` times its mean
+    diagonal.
+    """
+    C = y.reshape(x.shape[0], -1).shape[1]
+    j, js = jacobian(net, x), jacobian(net, x_test)
+    theta = flat_params(net)
+    with torch.no_grad():
+        f, fs = net(x).reshape(-1), net(x_test).reshape(-1)
+    r = y.reshape(-1) - (f - j @ theta)
+    var = 1 / prior
+    k = j @ (var[:, None] * j.T)
+    jz = j[point_rows(idx, C)]
+    kzz = jz @ (var[:, None] * jz.T)
+    kzz = kzz + jitter * kzz.diagonal().mean().detach() * torch.eye(kzz.shape[0], dtype=torch.float64)
+    kxz = j @ (var[:, None] * jz.T)
+    q = kxz @ torch.linalg.solve(kzz, kxz.T)
+    s = noise.repeat(x.shape[0])
+    bound = (torch.distributions.MultivariateNormal(torch.zeros_like(r), q + torch.diag(s)).log_prob(r)
+             - 0.5 * ((k - q).diagonal() / s).sum())
+    d = kzz + kxz.T @ (kxz / s[:, None])
+    ksz = js @ (var[:, None] * jz.T)
+    mean = fs - js @ theta + ksz @ torch.linalg.solve(d, kxz.T @ (r / s))
+    kss = js @ (var[:, None] * js.T)
+    cov = kss - ksz @ (torch.linalg.solve(kzz, ksz.T) - torch.linalg.solve(d, ksz.T))
+    return bound, mean, cov, ksz @ torch.linalg.solve(d, ksz.T)
