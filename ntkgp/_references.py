@@ -8,7 +8,8 @@ of gigabytes, and a loop that builds one model per step (the online marglik tune
 comparison) can fill a GPU before the collector runs. :func:`drop_self_references`
 re-registers such hooks so that they reach their module through a weak reference, the way
 ``torch.nn.Module.register_load_state_dict_pre_hook`` does. ``load_state_dict`` behaves as
-before.
+before. It covers the modules present when it is called (``LinearizedGP`` calls it at the end of
+its construction); a submodule assigned later keeps its own cycle.
 """
 
 from __future__ import annotations

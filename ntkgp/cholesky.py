@@ -57,6 +57,21 @@ def cholesky_solve(rhs: Tensor, factor: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(factor.mT, half, upper=True)
 
 
+def _refuse_second_derivatives() -> None:
+    """Backward passes built on a cached factor treat :math:`A^{-1}` as a constant, so a graph of them
+    (``create_graph=True``) would give wrong second derivatives without an error. Refuse instead.
+
+    (``once_differentiable`` raises only when the incoming gradient requires grad, which a
+    constant weight such as the evidence's :math:`-\tfrac12` never does.)
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "ntkgp's exact log-determinants and solves are not twice differentiable: their backward "
+            "uses the cached Cholesky factor. Second derivatives of the evidence (create_graph=True, "
+            "torch.autograd.functional.hessian) are not supported; use finite differences of the gradient."
+        )
+
+
 class _CholeskyLogDet(torch.autograd.Function):
     """:math:`\\log|A|` through a Cholesky factor, with the gradient :math:`A^{-1}` from the factor."""
 
@@ -67,8 +82,8 @@ class _CholeskyLogDet(torch.autograd.Function):
         return 2.0 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        _refuse_second_derivatives()
         (factor,) = ctx.saved_tensors
         return grad[..., None, None] * torch.cholesky_inverse(factor), None
 
@@ -79,7 +94,7 @@ def cholesky_logdet(matrix: Tensor, *, what: str) -> Tensor:
     Differentiable with the gradient :math:`A^{-1}` (``torch.cholesky_inverse`` of the factor):
     about 5x cheaper than differentiating through ``torch.linalg.cholesky``, whose backward
     serves any function of the factor (M = 500: 17 ms against 3 ms per backward, one thread).
-    Not twice differentiable.
+    Not twice differentiable: a second-order backward (``create_graph=True``) raises a ``RuntimeError``.
     """
     return _CholeskyLogDet.apply(matrix, what)
 
@@ -100,8 +115,8 @@ class _FactoredInvQuadLogDet(torch.autograd.Function):
         return inv_quad, 2.0 * factor.diagonal().log().sum()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_quad: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        _refuse_second_derivatives()
         factor, rhs = ctx.saved_tensors
         alpha = cholesky_solve(rhs, factor)  # shape: (M, t)
         grad_matrix = grad_rhs = None
@@ -121,7 +136,8 @@ def factored_inv_quad_logdet(factor: Tensor, rhs: Tensor | None, matrix: Tensor 
     from ``torch.cholesky_inverse`` of the factor. That costs about a third of differentiating
     through ``torch.linalg.cholesky`` (backward at M = 4000, one thread: 2.3 s against 7.2 s), and the
     factor is computed once for the value, the gradient and the posterior that follows.
-    Without ``rhs`` the first result is zero.
+    Without ``rhs`` the first result is zero. Not twice differentiable: a second-order backward
+    (``create_graph=True``) raises a ``RuntimeError`` rather than return wrong numbers.
     """
     factor = factor.detach()
     zero = torch.zeros((), dtype=factor.dtype, device=factor.device)

@@ -36,6 +36,13 @@ def test_non_finite_inputs_and_targets(setup, bad) -> None:
         ntkgp.LinearizedGP(net, lik, x, y2)
 
 
+def test_likelihood_on_another_device(setup) -> None:
+    """A likelihood left behind when the network moved (here: on the meta device) is named at construction."""
+    net, lik, x, y = setup
+    with pytest.raises(ValueError, match="the likelihood is on meta but the network is on cpu"):
+        ntkgp.LinearizedGP(net, lik.to("meta"), x, y)
+
+
 def test_empty_training_set(setup) -> None:
     net, lik, x, y = setup
     with pytest.raises(ValueError, match="empty"):

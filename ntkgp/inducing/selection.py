@@ -89,7 +89,8 @@ def kmeans_points(
     k-means++ seeding, then at most ``iterations`` Lloyd steps, all in float64 on ``x``'s device,
     with point-to-centre distances in row blocks of about 2**25 entries (no ``N x M`` matrix).
     Each centre, in order, is then replaced by its nearest training point not already taken.
-    Random draws come from ``generator`` (a CPU generator), so the result does not depend on the device.
+    Random draws come from ``generator`` on its own device; with a CPU generator the result does not
+    depend on the device of ``x``.
     """
     x = x.reshape(x.shape[0], -1).to(torch.float64)
     n, m = x.shape[0], num_inducing

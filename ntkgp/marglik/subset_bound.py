@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ntkgp._random import draw_device
 from ntkgp.cholesky import cholesky_logdet
 from ntkgp.gram import ntk_gram
 from ntkgp.likelihoods.base import LaplaceLikelihood
@@ -130,7 +131,7 @@ class SubsetEvidenceBound:
         Its expectation over the subset, and that of its gradients, equals :meth:`__call__`.
         """
         if index is None:
-            index = int(torch.randint(self.num_subsets, (1,), generator=generator))
+            index = int(torch.randint(self.num_subsets, (1,), generator=generator, device=draw_device(generator)))
         return self._data_and_prior_terms() - 0.5 * self.num_subsets * self._subset_log_det(index)
 
     def laplace_evidence(self) -> Tensor:
