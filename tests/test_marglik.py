@@ -151,6 +151,28 @@ def test_log_space_tuner_switches_groups_off_and_matches_the_evidence_truth() ->
     assert finals["log"].max() > 10 * finals["softplus"].max()
 
 
+def test_prior_penalty_follows_the_precisions() -> None:
+    """prior_penalty caches delta as numbers; it must see every change (a step, or an in-place edit)."""
+    x, y = truth.toy_regression(40, 3, seed=1)
+    net = truth.mlp(3, 6, 1, seed=2)
+    tuner = ntkgp.marglik.MarglikTuner(net, gpytorch.likelihoods.GaussianLikelihood().double(), x, y,
+                                       prior_precision=torch.tensor([1.0, 2.0, 3.0, 4.0]), steps=2)
+
+    def penalty() -> torch.Tensor:
+        delta = tuner.prior_precision.detach()
+        return sum(0.5 * delta[g] * p.square().sum() for g, p in zip(tuner.groups.tensor_group, net.parameters()))
+
+    values = [tuner.prior_penalty(net)]
+    assert torch.allclose(values[-1], penalty(), rtol=1e-14)
+    tuner.step(net)
+    values.append(tuner.prior_penalty(net))
+    with torch.no_grad():
+        tuner.raw_prior_precision.add_(0.5)
+    values.append(tuner.prior_penalty(net))
+    assert torch.allclose(values[-1], penalty(), rtol=1e-14)
+    assert len({round(float(v), 10) for v in values}) == 3
+
+
 def test_tuner_in_a_custom_loop_with_the_subset_bound() -> None:
     g = torch.Generator().manual_seed(9)
     x = torch.randn(120, 2, generator=g, dtype=torch.float64)

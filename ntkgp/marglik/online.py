@@ -158,6 +158,7 @@ class MarglikTuner:
         self.history: list[dict[str, Any]] = []
         self._penalty_net: nn.Module | None = None
         self._penalty_tensors: list[Tensor] = []
+        self._penalty_delta: tuple[tuple[int, int], list[float]] | None = None
 
     @property
     def prior_precision(self) -> Tensor:
@@ -168,13 +169,18 @@ class MarglikTuner:
         r""":math:`\tfrac12\sum_g \delta_g \lVert\theta_g\rVert^2` with the current (detached) :math:`\delta`.
 
         Called once per mini-batch, so it is kept cheap: the parameter tensors are looked up once
-        per network, and the :math:`\delta` enter as plain numbers. The result has the parameters' dtype.
+        per network, and the :math:`\delta` enter as plain numbers, read from the device only when
+        the raw values have changed (each ``.tolist()`` of a CUDA tensor waits for the GPU). The
+        result has the parameters' dtype.
         """
         if self._penalty_net is not net:
             params = dict(net.named_parameters())
             self._penalty_tensors = [params[name] for name in self.names]
             self._penalty_net = net
-        delta = self.prior_precision.detach().tolist()
+        version = (id(self.raw_prior_precision), self.raw_prior_precision._version)
+        if self._penalty_delta is None or self._penalty_delta[0] != version:
+            self._penalty_delta = (version, self.prior_precision.detach().tolist())
+        delta = self._penalty_delta[1]
         terms = (0.5 * delta[g] * t.square().sum() for g, t in zip(self.groups.tensor_group, self._penalty_tensors))
         return sum(terms)  # type: ignore[return-value]
 
