@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ntkgp.cholesky import cholesky
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram_diagonal
 from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
@@ -61,6 +62,17 @@ class SolverBase:
         factor = compute()
         self._last_factor = (tuple(v.clone() for v in values), factor.detach())
         return factor
+
+    def factor_and_matrix(self, build: Callable[[], Tensor], what: str, *key: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The cached Cholesky factor of ``build()`` at the hyperparameters ``key`` (no gradient), and,
+        when gradients are wanted, ``build()`` itself, differentiable, for
+        :func:`~ntkgp.cholesky.factored_inv_quad_logdet` (else ``None``).
+
+        The matrix is built once: when the factor is not cached it is factored from that matrix.
+        """
+        matrix = build() if needs_grad(*key) else None
+        source = build if matrix is None else matrix.detach
+        return self.cached_factor(lambda: cholesky(source(), what=what), *(k.detach() for k in key)), matrix
 
     @property
     def size(self) -> int:

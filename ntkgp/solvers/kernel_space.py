@@ -15,7 +15,7 @@ from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import ntk_gram
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import GaussianSolver, SolverBase, needs_grad
+from ntkgp.solvers.base import GaussianSolver, SolverBase
 from ntkgp.solvers.test_kernel import DowndatePosterior
 
 __all__ = ["KernelSpacePosterior", "KernelSpaceSolver"]
@@ -45,10 +45,10 @@ class KernelSpaceSolver(GaussianSolver):
         #: per-group Gram matrices, ``(G, M, M)``, float64
         self.grams = ntk_gram(network, groups, x, budget=budget)
 
+    _WHAT = "the training kernel plus noise (K + S)"
+
     def _factor(self, delta: Tensor, noise: Tensor) -> Tensor:
-        return self.cached_factor(
-            lambda: cholesky(self.dense(delta, noise), what="the training kernel plus noise (K + S)"), delta, noise
-        )
+        return self.cached_factor(lambda: cholesky(self.dense(delta, noise), what=self._WHAT), delta, noise)
 
     def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
         kernel = _weighted(delta, self.grams)  # a new (M, M) tensor; noise goes onto its diagonal in place
@@ -66,8 +66,7 @@ class KernelSpaceSolver(GaussianSolver):
     def inv_quad_logdet(
         self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
     ) -> tuple[Tensor, Tensor]:
-        factor = self._factor(delta.detach(), noise.detach())  # cached; gradients come from `matrix`
-        matrix = self.dense(delta, noise) if needs_grad(delta, noise) else None
+        factor, matrix = self.factor_and_matrix(lambda: self.dense(delta, noise), self._WHAT, delta, noise)
         inv_quad, log_det = factored_inv_quad_logdet(factor, None if rhs is None else rhs.to(torch.float64), matrix)
         return inv_quad, log_det if logdet else torch.zeros_like(log_det)
 

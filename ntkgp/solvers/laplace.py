@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky, factored_inv_quad_logdet
+from ntkgp.cholesky import factored_inv_quad_logdet
 from ntkgp.functional import FunctionalNetwork
 from ntkgp.gram import jacobian_outer_products, ntk_gram
 from ntkgp.memory import check_fits
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import LaplaceSolver, Posterior, needs_grad
+from ntkgp.solvers.base import LaplaceSolver, Posterior
 from ntkgp.solvers.kernel_space import KernelSpacePosterior, apply_factor_transpose
 from ntkgp.solvers.weight_space import WeightSpacePosterior
 
@@ -56,12 +56,12 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
         return matrix
 
     def _laplace_factor(self, delta: Tensor) -> Tensor:
-        return self.cached_factor(lambda: cholesky(self._matrix(delta), what="I + B^T K B"), delta)
+        return self.factor_and_matrix(lambda: self._matrix(delta), "I + B^T K B", delta.detach())[0]
 
     def log_det(self, delta: Tensor) -> Tensor:
         r""":math:`\log|I + B^\top K B|`, differentiable in ``delta`` (gradient from the cached factor)."""
-        factor = self._laplace_factor(delta.detach())
-        return factored_inv_quad_logdet(factor, None, self._matrix(delta) if needs_grad(delta) else None)[1]
+        factor, matrix = self.factor_and_matrix(lambda: self._matrix(delta), "I + B^T K B", delta)
+        return factored_inv_quad_logdet(factor, None, matrix)[1]
 
     @torch.no_grad()
     def laplace_posterior(self, delta: Tensor) -> Posterior:
@@ -93,16 +93,17 @@ class WeightSpaceLaplaceSolver(LaplaceSolver):
         matrix.diagonal().add_(prior)
         return matrix
 
+    _WHAT = "the GGN posterior precision"
+
     def _laplace_factor(self, delta: Tensor) -> Tensor:
-        return self.cached_factor(lambda: cholesky(self._matrix(delta), what="the GGN posterior precision"), delta)
+        return self.factor_and_matrix(lambda: self._matrix(delta), self._WHAT, delta.detach())[0]
 
     def log_det(self, delta: Tensor) -> Tensor:
         r""":math:`\log|P_0 + J^\top\Lambda J| - \log|P_0|`, differentiable in ``delta``.
 
         The gradient comes from the cached factor."""
         prior = self.groups.expand(delta.to(torch.float64), self.network.numels)
-        factor = self._laplace_factor(delta.detach())
-        matrix = self._matrix(delta) if needs_grad(delta) else None
+        factor, matrix = self.factor_and_matrix(lambda: self._matrix(delta), self._WHAT, delta)
         return factored_inv_quad_logdet(factor, None, matrix)[1] - prior.log().sum()
 
     @torch.no_grad()

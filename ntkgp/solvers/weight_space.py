@@ -23,7 +23,7 @@ from ntkgp.gram import jacobian_outer_products
 from ntkgp.memory import check_fits
 from ntkgp.operators.jacobian_linear_operator import JacobianLinearOperator
 from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import GaussianSolver, Posterior, SolverBase, needs_grad
+from ntkgp.solvers.base import GaussianSolver, Posterior, SolverBase
 
 __all__ = ["WeightSpacePosterior", "WeightSpaceSolver"]
 
@@ -59,11 +59,10 @@ class WeightSpaceSolver(GaussianSolver):
             data = torch.einsum("c,cpq->pq", noise_c.reciprocal(), self.outer)
         return data + torch.diag_embed(prior)
 
+    _WHAT = "the posterior precision (P0 + J^T S^-1 J)"
+
     def _factor(self, delta: Tensor, noise_c: Tensor) -> Tensor:
-        return self.cached_factor(
-            lambda: cholesky(self._precision(delta, noise_c), what="the posterior precision (P0 + J^T S^-1 J)"),
-            delta, noise_c,
-        )
+        return self.cached_factor(lambda: cholesky(self._precision(delta, noise_c), what=self._WHAT), delta, noise_c)
 
     def _pull(self, rhs: Tensor, noise_c: Tensor) -> Tensor:
         r"""``b = J^T S^{-1} rhs``, ``(P, t)``, differentiable in ``rhs`` and the noise."""
@@ -78,8 +77,7 @@ class WeightSpaceSolver(GaussianSolver):
         self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
     ) -> tuple[Tensor, Tensor]:
         noise_c = self._output_noise(noise)
-        factor = self._factor(delta.detach(), noise_c.detach())  # cached; gradients come from `matrix`
-        matrix = self._precision(delta, noise_c) if needs_grad(delta, noise_c) else None
+        factor, matrix = self.factor_and_matrix(lambda: self._precision(delta, noise_c), self._WHAT, delta, noise_c)
         zero = torch.zeros((), dtype=torch.float64, device=factor.device)
         inv_quad, data_term, pulled = zero, zero, None
         if rhs is not None:
