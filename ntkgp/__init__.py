@@ -1,37 +1,64 @@
 """ntkgp: a trained PyTorch network, linearized, as a Gaussian process.
 
 >>> model = ntkgp.LinearizedGP(net, likelihood, train_x, train_y, prior_precision=1.0)
+
+Packages, from the network up (each imports only those before it):
+
+* :mod:`ntkgp.network`: the network as a pure function of its parameters and inputs (the only
+  ``torch.func`` code), read and never written;
+* :mod:`ntkgp.structured`: structured Jacobian routes (linear maps, convolutions, embeddings,
+  normalization affines, attention projections) from captured layer inputs and cotangents;
+* :mod:`ntkgp.ntk`: the products layer (Grams, diagonals, :math:`KV`, :math:`J^\top u`, :math:`Jv`,
+  :math:`J^\top\\Lambda J`) over an :class:`~ntkgp.ntk.EmpiricalNTK`;
+* :mod:`ntkgp.linalg`: Cholesky, Krylov methods, preconditioners (no networks);
+* :mod:`ntkgp.posteriors` and :mod:`ntkgp.solvers`: posteriors and the solvers that build them;
+* :mod:`ntkgp.operators`: thin ``linear_operator`` adapters;
+* :mod:`ntkgp.kernels`, :mod:`ntkgp.means`, :mod:`ntkgp.likelihoods`, :mod:`ntkgp.mlls`,
+  :mod:`ntkgp.models`: the GPyTorch objects;
+* :mod:`ntkgp.marglik`: marginal-likelihood training.
 """
 
-from ntkgp import inducing, likelihoods, linalg, marglik, mlls, solvers
-from ntkgp.functional import FunctionalNetwork
+from ntkgp import likelihoods, linalg, marglik, mlls, ntk, solvers
+from ntkgp._version import __version__
+from ntkgp.errors import (
+    IllConditionedWarning,
+    KernelTooLargeError,
+    NetworkError,
+    NoiseVariesError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+)
 from ntkgp.kernels import NTKKernel
 from ntkgp.means import LinearizedMean
-from ntkgp.memory import KernelTooLargeError
 from ntkgp.models import LinearizedGP
-from ntkgp.operators import ExactNTKCovariance, JacobianLinearOperator, NTKLinearOperator, PosteriorCovariance
-from ntkgp.parameter_groups import ParameterGroups, parameter_groups
-from ntkgp.solvers import NotPositiveDefiniteError
-
-__version__ = "0.1.0"
+from ntkgp.network import FunctionalNetwork, Inputs
+from ntkgp.ntk import EmpiricalNTK, Implementation, PriorLayout
+from ntkgp.operators import JacobianLinearOperator, NTKLinearOperator, PosteriorCovariance, TrainingCovariance
 
 __all__ = [
-    "ExactNTKCovariance",
+    "EmpiricalNTK",
     "FunctionalNetwork",
+    "IllConditionedWarning",
+    "Implementation",
+    "Inputs",
     "JacobianLinearOperator",
     "KernelTooLargeError",
     "LinearizedGP",
     "LinearizedMean",
     "NTKKernel",
     "NTKLinearOperator",
+    "NetworkError",
+    "NoiseVariesError",
+    "NonFiniteError",
     "NotPositiveDefiniteError",
-    "ParameterGroups",
     "PosteriorCovariance",
-    "inducing",
+    "PriorLayout",
+    "TrainingCovariance",
+    "__version__",
     "likelihoods",
     "linalg",
     "marglik",
     "mlls",
+    "ntk",
     "solvers",
-    "parameter_groups",
 ]

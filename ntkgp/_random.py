@@ -1,16 +1,24 @@
-"""Where random numbers are drawn.
+"""Where random numbers are drawn, and the default generator.
 
-ntkgp draws on the generator's own device and moves the result to where it is needed. With
-the default, a CPU ``torch.Generator``, results are the same on every device; a CUDA generator
-works too. Without a generator, draws use the global CPU generator (or, for samples that stay
-on a device, that device's).
+ntkgp never draws from the global RNG: without a ``generator`` argument, a draw uses a fresh CPU
+``torch.Generator`` seeded with :data:`DEFAULT_SEED`, so defaults are reproducible and the user's
+random stream is left untouched. Draws happen on the generator's own device and are moved to
+where they are needed; with a CPU generator results are the same on every device.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["draw_device"]
+__all__ = ["DEFAULT_SEED", "default_generator", "draw_device"]
+
+#: Seed of the generator used when none is given (inducing-point selection, subsets, Monte Carlo links).
+DEFAULT_SEED = 0
+
+
+def default_generator(generator: torch.Generator | None) -> torch.Generator:
+    """``generator``, or a new CPU generator seeded with :data:`DEFAULT_SEED`."""
+    return torch.Generator().manual_seed(DEFAULT_SEED) if generator is None else generator
 
 
 def draw_device(generator: torch.Generator | None, default: torch.device | str = "cpu") -> torch.device:

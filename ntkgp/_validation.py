@@ -11,25 +11,7 @@ from gpytorch.likelihoods import (
 )
 from torch import Tensor
 
-__all__ = ["check_inputs", "check_likelihood", "check_module_device", "check_targets"]
-
-
-def check_inputs(x: Tensor, name: str, device: torch.device | None = None) -> None:
-    """``x`` must be a non-empty, finite, floating-point tensor of shape ``(N, ...)``."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{name} has dtype {x.dtype}; ntkgp needs floating-point inputs (convert with "
-            f"{name}.float() or .double(), matching the network's dtype)"
-        )
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); it needs at least one example")
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(-1).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{name} contains NaN or infinite values (first rows: {bad})")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the network is on {device}; move one of them")
+__all__ = ["check_likelihood", "check_module_device", "check_targets"]
 
 
 def check_module_device(module: torch.nn.Module, name: str, device: torch.device) -> None:
@@ -62,8 +44,9 @@ def check_targets(y: Tensor, num_data: int, num_outputs: int, device: torch.devi
     return y
 
 
-def check_likelihood(likelihood: Likelihood, num_outputs: int) -> None:
-    """The likelihood must be a Gaussian one whose number of tasks matches the network."""
+def check_likelihood(likelihood: Likelihood, num_outputs: int, num_data: int) -> None:
+    """The likelihood must be a Gaussian one whose number of tasks matches the network, and a fixed
+    noise must have one value per training point (or one in all)."""
     if isinstance(likelihood, MultitaskGaussianLikelihood):
         if likelihood.num_tasks != num_outputs:
             raise ValueError(
@@ -76,6 +59,13 @@ def check_likelihood(likelihood: Likelihood, num_outputs: int) -> None:
                 "by the exact solvers; use rank=0"
             )
         return
+    if isinstance(likelihood, FixedNoiseGaussianLikelihood):
+        count = likelihood.noise.numel()
+        if count not in (1, num_data):
+            raise ValueError(
+                f"FixedNoiseGaussianLikelihood has {count} noise values but there are {num_data} training "
+                "points; give one noise value per training point"
+            )
     if isinstance(likelihood, (GaussianLikelihood, FixedNoiseGaussianLikelihood)):
         if num_outputs != 1:
             raise ValueError(

@@ -6,13 +6,11 @@ import os
 
 import torch
 
+from ntkgp.errors import KernelTooLargeError
+
 __all__ = ["KernelTooLargeError", "available_memory", "check_fits", "default_budget"]
 
 _GiB = 2**30
-
-
-class KernelTooLargeError(MemoryError):
-    """A dense kernel, Jacobian product or factor would not fit in the available memory."""
 
 
 def available_memory(device: torch.device) -> int:
@@ -41,18 +39,20 @@ def default_budget(device: torch.device) -> int:
 
 
 def check_fits(nbytes: int, what: str, device: torch.device, limit: int | None = None) -> None:
-    """Raise :class:`KernelTooLargeError` if ``nbytes`` exceed ``limit`` (default: free memory).
+    """Raise :class:`~ntkgp.errors.KernelTooLargeError` if ``nbytes`` exceed ``limit`` (default: free memory).
 
-    The message names the size and the ways out: the lazy ``NTKKernel`` operator (matvecs by
-    vjp/jvp, no dense kernel), fewer training points, or the weight-space solver when the
-    network is small.
+    The message names the size and the ways out: the approximate routes
+    (``ntkgp.solvers.Inducing``, ``SubsetOfData``, ``Lanczos``, ``ConjugateGradients``), a last-layer
+    or smaller ``subnetwork``, or the weight-space solver when the network has fewer parameters
+    than ``N*C``.
     """
     limit = available_memory(device) if limit is None else limit
     if nbytes > limit:
         raise KernelTooLargeError(
-            f"{what} needs {nbytes / _GiB:.2f} GiB but only {limit / _GiB:.2f} GiB are available "
-            f"on {device}. Use the lazy path instead: ntkgp.NTKKernel returns an NTKLinearOperator "
-            "whose matvecs are one vjp and one jvp with no dense kernel, so it can serve a GPyTorch "
-            "model solved by CG; or subsample the training data; or, when the network has fewer "
-            "parameters than N*C, pass solver='weight'."
+            f"{what} needs {nbytes / _GiB:.2f} GiB but only {limit / _GiB:.2f} GiB are available on {device}. "
+            "Use an approximate route with stated accuracy: solver=ntkgp.solvers.Inducing(num_inducing=1000) "
+            "(inducing points, memory independent of N), solver=ntkgp.solvers.SubsetOfData(num_points=...) "
+            "(the exact GP on a subset), or Lanczos / ConjugateGradients (matrix-free); or make fewer "
+            "parameters Bayesian (subnetwork='last_layer'); or, when the network has fewer parameters than "
+            "N*C, pass solver='weight'."
         )

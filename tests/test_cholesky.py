@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ntkgp.cholesky import cholesky_logdet, cholesky_solve, factored_inv_quad_logdet
+from ntkgp.linalg.cholesky import cholesky_logdet, cholesky_solve, factored_inv_quad_logdet
 
 
 def _spd(n: int, seed: int) -> torch.Tensor:

@@ -12,15 +12,14 @@ import gpytorch
 import pytest
 import torch
 import truth
+from builders import make_problem
 
 import ntkgp
-from ntkgp.functional import FunctionalNetwork
 from ntkgp.linalg.cg import conjugate_gradients, lanczos_tridiagonal
 from ntkgp.linalg.lanczos_decomposition import lanczos_decomposition
 from ntkgp.linalg.preconditioner import LowRankPlusDiagonal, pivoted_cholesky
 from ntkgp.linalg.slq import gauss_quadrature_log
 from ntkgp.memory import default_budget
-from ntkgp.parameter_groups import parameter_groups
 from ntkgp.solvers.conjugate_gradients import CGSolver, ConjugateGradients
 from ntkgp.solvers.kernel_space import KernelSpaceSolver
 
@@ -42,13 +41,11 @@ def make_solvers(n: int = 50, hidden: int = 16, c: int = 1, spec: ConjugateGradi
     """CG and exact solvers on one net (P > N C), two prior groups per layer; a residual ``(M,)``."""
     x, y = truth.toy_regression(n, 3, c, seed=seed)
     net = truth.mlp(3, hidden, c, seed=seed + 1).eval()
-    network = FunctionalNetwork(net, x.shape[1:])
-    groups = parameter_groups(network.names, torch.tensor([1.0, 2.0, 0.5, 3.0]))
-    budget = default_budget(x.device)
-    cg = (spec or ConjugateGradients()).gaussian(network, groups, x, budget)
-    exact = KernelSpaceSolver(network, groups, x, budget)
-    residual = (y.reshape(-1).to(F64) - network.forward(x).reshape(-1).to(F64))
-    return cg, exact, groups.initial_precision.clone(), residual
+    problem = make_problem(net, x, torch.tensor([1.0, 2.0, 0.5, 3.0]), budget=default_budget(x.device))
+    cg = (spec or ConjugateGradients()).gaussian(problem)
+    exact = KernelSpaceSolver(problem)
+    residual = (y.reshape(-1).to(F64) - problem.network.forward(problem.x).reshape(-1).to(F64))
+    return cg, exact, problem.layout.initial_precision.clone(), residual
 
 
 # ---------------------------------------------------------------- linear algebra pieces
@@ -256,7 +253,7 @@ def test_dense_matmul_diagonal_agree_with_exact_and_laplace_is_refused() -> None
     assert rel_err(cg.matmul(delta, noise, v), exact.matmul(delta, noise, v)) < 1e-12
     assert rel_err(cg.diagonal(delta, noise), exact.diagonal(delta, noise)) < 1e-12
     with pytest.raises(NotImplementedError, match="inducing"):
-        ConjugateGradients().laplace(cg.network, cg.groups, cg.x, cg.budget, torch.ones(20, 1, 1))
+        ConjugateGradients().laplace(cg.problem, torch.ones(20, 1, 1))
     with pytest.raises(ValueError):
         ConjugateGradients(probes="gaussian")
 

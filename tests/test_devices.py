@@ -20,17 +20,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import truth
+from builders import make_ntk
 from torch import Tensor, nn
 
 import ntkgp
-from ntkgp import FunctionalNetwork, gram
-from ntkgp.gram import ntk_gram, ntk_gram_diagonal
-from ntkgp.inducing import kmeans_points, random_points
 from ntkgp.likelihoods import NaturalGaussianLikelihood, SoftmaxLikelihood
 from ntkgp.likelihoods.link import expected_sigmoid, expected_softmax
 from ntkgp.marglik import SubsetEvidenceBound, class_partition, fit_online_marglik, random_partition
-from ntkgp.parameter_groups import parameter_groups
+from ntkgp.ntk import gram, gram_diagonal
 from ntkgp.solvers import ConjugateGradients, Inducing, Lanczos, SubsetOfData
+from ntkgp.solvers.inducing import kmeans_points, random_points
 
 F64 = torch.float64
 REL = 1e-9  # evidence and predictive covariance against brute force (test_against_truth.py)
@@ -572,37 +571,35 @@ def _structured_nets() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 
 
 @pytest.mark.parametrize(("name", "route"), [
-    ("cnn_batchnorm", None), ("cnn_batchnorm", "gradient"), ("cnn_batchnorm", "spatial"), ("mlp_batchnorm", None)])
-def test_structured_gram_equals_generic_and_brute_force(device: torch.device, name: str, route: str | None,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Structured (per-layer factors) and generic (per-example Jacobians) Grams, both conv
-    contraction orders, BatchNorm in eval mode (its affine parameters take the generic route)."""
-    if route is not None:
-        monkeypatch.setattr(gram, "_FORCE_CONV_ROUTE", route)
+    ("cnn_batchnorm", "auto"), ("cnn_batchnorm", "gradient"), ("cnn_batchnorm", "spatial"), ("mlp_batchnorm", "auto")])
+def test_structured_gram_equals_generic_and_brute_force(device: torch.device, name: str, route: str) -> None:
+    """Structured (captured inputs and cotangents) and generic (per-example Jacobians) Grams, both
+    contraction orders at many positions, BatchNorm in eval mode (its affine parameters structured too)."""
     net, shape = _structured_nets()[name]
     gen = torch.Generator().manual_seed(1)
     x1 = torch.randn(7, *shape, generator=gen, dtype=F64)
     x2 = torch.randn(5, *shape, generator=gen, dtype=F64)
     net_d = _to(net, device)
-    fast = FunctionalNetwork(net_d, shape)
-    slow = FunctionalNetwork(net_d, shape, structured=False)
-    kinds = {layer.kind for layer in fast.structured_layers}
-    assert kinds == ({"conv", "linear"} if name == "cnn_batchnorm" else {"linear"})
-    assert {fast.names[i] for i in fast.generic_tensors} == {"1.weight", "1.bias"}  # BatchNorm's affine
-    groups = parameter_groups(fast.names, torch.linspace(0.5, 2.0, len(fast.names)))
-    a1, a2 = x1.reshape(7, -1).to(device), x2.reshape(5, -1).to(device)
+    spec = torch.linspace(0.5, 2.0, len(list(net.parameters())))
+    fast, a1 = make_ntk(net_d, x1.to(device), spec, budget=2**20, conv_route=route)
+    slow, _ = make_ntk(net_d, x1.to(device), spec, budget=2**20, implementation="generic")
+    kinds = {(unit.kind, unit.positions > 1) for unit in fast.plan().units}
+    assert kinds == ({("dense", True), ("affine", True), ("dense", False)} if name == "cnn_batchnorm"
+                     else {("dense", False), ("affine", False)})
+    assert fast.plan().generic == ()
+    a2 = fast.network.inputs(x2.to(device))
+    layout = fast.layout
     j1, j2 = truth.jacobian(net, x1), truth.jacobian(net, x2)
-    prior = torch.cat([torch.full((n,), float(d), dtype=F64)
-                       for n, d in zip(fast.numels, groups.initial_precision[list(groups.tensor_group)])])
-    weights = groups.initial_precision.reciprocal()
+    prior = layout.expand(layout.initial_precision)
+    weights = layout.initial_precision.reciprocal()
     for a, b, ja, jb in [(a1, None, j1, j1), (a1, a2, j1, j2)]:
-        k_fast = _on(ntk_gram(fast, groups, a, b, budget=2**20), device)
-        k_slow = _on(ntk_gram(slow, groups, a, b, budget=2**20), device)
+        k_fast = _on(gram(fast, a, b), device)
+        k_slow = _on(gram(slow, a, b), device)
         assert torch.allclose(k_fast, k_slow, rtol=1e-12, atol=1e-13 * k_slow.abs().max())
         expected = (ja / prior) @ jb.T
-        k = torch.einsum("g,gij->ij", weights, k_fast)
+        k = layout.weighted(weights, k_fast)
         assert torch.allclose(k, expected, rtol=1e-11, atol=1e-13 * expected.abs().max())
-    diagonal = weights @ _on(ntk_gram_diagonal(fast, groups, a1, budget=2**20), device)
+    diagonal = weights @ _on(gram_diagonal(fast, a1), device)
     assert torch.allclose(diagonal, ((j1 / prior) * j1).sum(-1), rtol=1e-12)
 
 

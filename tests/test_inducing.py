@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import truth
+from builders import make_problem
 from sklearn.datasets import load_wine
 
 import ntkgp
-from ntkgp.inducing import kmeans_points, pivoted_cholesky_points, random_points
 from ntkgp.likelihoods import SoftmaxLikelihood
-from ntkgp.parameter_groups import parameter_groups
 from ntkgp.solvers import Inducing
+from ntkgp.solvers.inducing import kmeans_points, pivoted_cholesky_points, random_points
 
 REL = 1e-8
 #: K_ZZ of a few points of a small tanh MLP has condition numbers ~1e10: with the default jitter
@@ -147,8 +147,8 @@ def test_gpytorch_loop_uses_the_bound_and_one_data_pass(monkeypatch) -> None:
     lik = _likelihood(1, 0.2)
     model = ntkgp.LinearizedGP(net, lik, x, y.reshape(-1), prior_precision=1.0, solver=Inducing(num_inducing=12))
     calls = []
-    cross = type(model.solver)._cross
-    monkeypatch.setattr(type(model.solver), "_cross", lambda self, xc: calls.append(1) or cross(self, xc))
+    cross = type(model.solver).cross
+    monkeypatch.setattr(type(model.solver), "cross", lambda self, xc: calls.append(1) or cross(self, xc))
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     model.train(), lik.train()
@@ -163,7 +163,7 @@ def test_gpytorch_loop_uses_the_bound_and_one_data_pass(monkeypatch) -> None:
         opt.step()
     assert float(loss) < first
     passes = len(calls)
-    assert passes == len(list(model.network.chunks(x, model.solver._chunk_rows())))  # one pass in 30 steps
+    assert passes == len(list(model.network.chunks(model.train_x, model.solver._chunk_rows())))  # one pass, 30 steps
     model.eval(), lik.eval()
     pred = lik(model(x_test))
     assert torch.isfinite(pred.variance).all() and (pred.variance > lik.noise).all()
@@ -262,7 +262,7 @@ def test_softmax_laplace_bound_matches_dense_truth() -> None:
     j, js = truth.jacobian(net, x), truth.jacobian(net, x_test)
     with torch.no_grad():
         f = net(x)
-    b = lik.hessian_factor(f.to(torch.float64))  # (N, C, C)
+    b = lik.hessian_root(f.to(torch.float64))  # (N, C, C)
     lam = torch.block_diag(*(b @ b.transpose(1, 2)))
     var = 1 / prior
     rows = truth.point_rows(idx, 3)
@@ -311,7 +311,7 @@ def test_softmax_laplace_all_points_equals_exact() -> None:
 
 # --------------------------------------------------------------------------------- selection
 def test_kmeans_blocks_clusters_and_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ntkgp.inducing.selection as selection
+    import ntkgp.solvers.inducing.selection as selection
 
     gen = torch.Generator().manual_seed(1)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=torch.float64)
@@ -333,17 +333,13 @@ def test_selection_rules() -> None:
     assert torch.equal(a, random_points(50, 10, torch.Generator().manual_seed(3)))
     km = kmeans_points(x, 10, gen)
     assert km.unique().numel() == 10 and (km < 50).all()
-    network = ntkgp.functional.FunctionalNetwork(net, x.shape[1:])
-    groups = parameter_groups(network.names, 2.0)
     delta = torch.tensor([2.0], dtype=torch.float64)
-    piv = pivoted_cholesky_points(network, groups, x, 10, delta, budget=2**26)
+    piv = pivoted_cholesky_points(make_problem(net, x, 2.0), 10, delta)
     diag = truth.jacobian(net, x).square().sum(-1)
     assert int(diag.argmax()) in piv.tolist()  # the first pivot has the largest prior variance
     # more points than the NTK's rank: stops early instead of picking dependent points
     tiny = truth.mlp(3, 1, 1, seed=0)  # P = 6
-    small = ntkgp.functional.FunctionalNetwork(tiny.eval(), x.shape[1:])
-    tiny_groups = parameter_groups(small.names, 1.0)
-    chosen = pivoted_cholesky_points(small, tiny_groups, x, 20, torch.ones(1, dtype=torch.float64), budget=2**26)
+    chosen = pivoted_cholesky_points(make_problem(tiny.eval(), x), 20, torch.ones(1, dtype=torch.float64))
     assert chosen.numel() <= 6
 
 
@@ -364,7 +360,8 @@ def test_bad_inducing_input() -> None:
 def test_ill_conditioned_kzz_gets_more_jitter_with_a_warning() -> None:
     import types
 
-    from ntkgp.solvers.inducing import _EXTRA_JITTER, InducingSolver
+    from ntkgp.solvers.inducing import InducingSolver
+    from ntkgp.solvers.inducing.caches import _EXTRA_JITTER
 
     gen = torch.Generator().manual_seed(0)
     m = 60

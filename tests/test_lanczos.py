@@ -258,7 +258,7 @@ def test_gaussian_low_rank_is_conservative_and_improves_with_rank(kind: str) -> 
     errors, gaps = [], []
     for k in (1, 2, 4, 8, 16, 24, 30):
         model = gaussian_model(Lanczos(rank=k, block_size=min(k, 4)), kind)
-        delta, noise = model.prior_precision.detach(), model._noise().detach()
+        delta, noise = model.prior_precision.detach(), model.noise_diagonal().detach()
         log_det = model.solver.inv_quad_logdet(delta, noise, None, True)[1]
         gaps.append(float(exact_log_det - log_det))
         var = model.eval().posterior().covariance_diagonal(x_test)
@@ -316,7 +316,7 @@ def _truth_evidence(delta: Tensor, sigma2: Tensor, vectors: Tensor | None = None
 @pytest.mark.parametrize("rank", [30, 9])
 def test_gaussian_gradients(kind: str, rank: int) -> None:
     model = gaussian_model(Lanczos(rank=rank, block_size=3), kind)
-    solver, residual = model.solver, model._residual()
+    solver, residual = model.solver, model.residual()
     delta = model.prior_precision.detach().clone().requires_grad_(True)
     sigma2 = torch.tensor(NOISE, dtype=torch.float64, requires_grad=True)
     got = torch.autograd.grad(_solver_evidence(solver, residual, delta, sigma2), (delta, sigma2))
@@ -348,7 +348,7 @@ def test_laplace_log_det_gradient(kind: str, rank: int) -> None:
         # the projected log-det log|I + U^T B^T K B U|, in the solver's coordinates (its B and
         # H^{1/2} differ by an orthogonal factor per point); check B B^T = H first
         net, x, _, _, hessians, _ = classification()
-        factor = model.solver.hessian_factor
+        factor = model.solver.hessian_root
         assert torch.allclose(factor @ factor.mT, hessians, rtol=0, atol=1e-12)
         u, b, j = model.solver.decomposition(delta).vectors, torch.block_diag(*factor), truth.jacobian(net, x)
         operator = u.T @ b.T @ (j / _per_parameter(net, delta)) @ j.T @ b @ u
@@ -407,5 +407,5 @@ def test_noise_that_varies_is_refused() -> None:
     noise = torch.linspace(0.01, 0.1, 30, dtype=torch.float64)
     lik = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=noise).double()
     model = ntkgp.LinearizedGP(net, lik, x, y, solver=Lanczos(rank=5))
-    with pytest.raises(NotImplementedError, match="one noise variance"):
+    with pytest.raises(ntkgp.NoiseVariesError, match="one noise variance"):
         model.log_evidence()

@@ -73,7 +73,7 @@ def test_class_grouped_bound_against_brute_force_blocks() -> None:
     parts = class_partition(model.train_targets, 9, generator=torch.Generator().manual_seed(2))
     value = float(SubsetEvidenceBound(model, parts)())
     # brute force: block-diagonal log-determinant with autograd Hessians, independent of ntkgp
-    net, x, y = model.network.module, model.train_inputs[0], model.train_targets
+    net, x, y = model.network.module, model.train_x.data, model.train_targets
     with torch.no_grad():
         out = net(x)
     hessians = truth.nll_hessians(lambda v, n: -torch.log_softmax(v, -1)[y[n]], out)

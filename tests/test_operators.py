@@ -11,10 +11,12 @@ import unittest
 
 import torch
 import truth
+from builders import make_ntk
 from linear_operator.test.linear_operator_test_case import LinearOperatorTestCase, RectangularLinearOperatorTestCase
 
-from ntkgp import FunctionalNetwork, JacobianLinearOperator, NTKLinearOperator
-from ntkgp.parameter_groups import parameter_groups
+from ntkgp import JacobianLinearOperator, NTKLinearOperator
+from ntkgp.network import Inputs
+from ntkgp.ntk import EmpiricalNTK
 
 N, D, C = 6, 3, 2
 
@@ -32,18 +34,18 @@ class Float64Case:
         super().tearDown()
 
 
-def _network() -> tuple[FunctionalNetwork, torch.nn.Module, torch.Tensor]:
+def _network(prior: object = 1.0) -> tuple[EmpiricalNTK, torch.nn.Module, torch.Tensor]:
     net = truth.mlp(D, 5, C, seed=21)  # P = 3*5 + 5 + 5*2 + 2 = 32 > N*C = 12: a positive-definite NTK
     x = torch.randn(N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
-    return FunctionalNetwork(net, (D,)), net, x
+    return make_ntk(net, x, prior, budget=2**24)[0], net, x
 
 
 class TestJacobianLinearOperator(Float64Case, RectangularLinearOperatorTestCase, unittest.TestCase):
     seed = 0
 
     def create_linear_op(self) -> JacobianLinearOperator:
-        network, _, x = _network()
-        return JacobianLinearOperator(x, network=network)
+        ntk, _, x = _network()
+        return JacobianLinearOperator(ntk=ntk, x=Inputs.wrap(x))
 
     def evaluate_linear_op(self, linear_op: JacobianLinearOperator) -> torch.Tensor:
         _, net, x = _network()
@@ -84,16 +86,16 @@ class TestNTKLinearOperator(Float64Case, LinearOperatorTestCase, unittest.TestCa
     should_call_cg = False
 
     def create_linear_op(self) -> NTKLinearOperator:
-        network, _, x = _network()
-        groups = parameter_groups(network.names, torch.tensor([0.5, 2.0, 1.0, 4.0]))
+        ntk, _, x = _network(torch.tensor([0.5, 2.0, 1.0, 4.0]))
         delta = torch.tensor([0.5, 2.0, 1.0, 4.0], dtype=torch.float64, requires_grad=True)
-        return NTKLinearOperator(x, x, delta, network=network, groups=groups, budget=2**24)
+        inputs = Inputs.wrap(x)
+        return NTKLinearOperator(delta, ntk=ntk, x1=inputs, x2=inputs)
 
     def evaluate_linear_op(self, linear_op: NTKLinearOperator) -> torch.Tensor:
         _, net, x = _network()
         j = truth.jacobian(net, x)
         delta = linear_op.prior_precision
-        prior = torch.cat([d.expand(n) for d, n in zip(delta, linear_op.network.numels)])
+        prior = torch.cat([d.expand(n) for d, n in zip(delta, linear_op.ntk.network.numels)])
         return (j / prior) @ j.T
 
 
@@ -103,10 +105,9 @@ class TestNTKCrossOperator(Float64Case, RectangularLinearOperatorTestCase, unitt
     seed = 0
 
     def create_linear_op(self) -> NTKLinearOperator:
-        network, _, x = _network()
-        groups = parameter_groups(network.names, 0.7)
+        ntk, _, x = _network(0.7)
         delta = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
-        return NTKLinearOperator(x, x[:4] * 2, delta, network=network, groups=groups, budget=2**24)
+        return NTKLinearOperator(delta, ntk=ntk, x1=Inputs.wrap(x), x2=Inputs.wrap(x[:4] * 2))
 
     def evaluate_linear_op(self, linear_op: NTKLinearOperator) -> torch.Tensor:
         _, net, x = _network()
@@ -115,14 +116,14 @@ class TestNTKCrossOperator(Float64Case, RectangularLinearOperatorTestCase, unitt
 
 def test_ntk_matmul_forms_no_dense_jacobian(monkeypatch) -> None:
     """A matvec uses vjp/jvp only: the per-example Jacobian is never computed."""
-    network, net, x = _network()
-    groups = parameter_groups(network.names, 1.0)
-    op = NTKLinearOperator(x, x, torch.ones(1, dtype=torch.float64), network=network, groups=groups, budget=2**24)
+    ntk, net, x = _network()
+    inputs = Inputs.wrap(x)
+    op = NTKLinearOperator(torch.ones(1, dtype=torch.float64), ntk=ntk, x1=inputs, x2=inputs)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("jacobian() called in a matvec")
 
-    monkeypatch.setattr(network, "jacobian", forbidden)
+    monkeypatch.setattr(ntk.network, "jacobian", forbidden)
     v = torch.randn(N * C, 3, dtype=torch.float64)
     j = truth.jacobian(net, x)
     assert torch.allclose(op @ v, j @ (j.T @ v), rtol=1e-10, atol=1e-12)
@@ -131,10 +132,10 @@ def test_ntk_matmul_forms_no_dense_jacobian(monkeypatch) -> None:
 def test_chunking_does_not_change_results() -> None:
     net = truth.mlp(D, 5, C, seed=21)
     x = torch.randn(11, D, dtype=torch.float64)
-    groups = parameter_groups([n for n, _ in net.named_parameters()], 1.0)
     delta = torch.ones(1, dtype=torch.float64)
-    ops = [NTKLinearOperator(x, x, delta, network=FunctionalNetwork(net, (D,), chunk_size=cs), groups=groups,
-                             budget=b) for cs, b in [(None, 2**26), (3, 600), (1, 1)]]
+    inputs = Inputs.wrap(x)
+    ops = [NTKLinearOperator(delta, ntk=make_ntk(net, x, chunk_size=cs, budget=b)[0], x1=inputs, x2=inputs)
+           for cs, b in [(None, 2**26), (3, 600), (1, 1)]]
     dense = [op.to_dense() for op in ops]
     diag = [op.diagonal() for op in ops]
     v = torch.randn(11 * C, 2, dtype=torch.float64)

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import make_ntk
 from torch import nn
 
-from ntkgp import FunctionalNetwork
-from ntkgp.gram import ntk_gram
-from ntkgp.parameter_groups import parameter_groups
+from ntkgp.ntk import gram
 from ntkgp.precision import ieee_float32
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on CUDA")
 
 
 def _gram(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    network = FunctionalNetwork(net, x.shape[1:])
-    return ntk_gram(network, parameter_groups(network.names, 1.0), x, budget=2**28)[0]
+    ntk, inputs = make_ntk(net, x, budget=2**28)
+    return gram(ntk, inputs)[0]
 
 
 def _set_tf32(matmul: bool, cudnn: bool) -> None:

@@ -1,16 +1,16 @@
-"""Structured per-layer Grams (Linear, Conv1d, Conv2d) agree with the generic Jacobian contraction
-and with brute-force Jacobians to float64 round-off."""
+"""Structured routes (linear maps, convolutions, reused weights, normalization affines) agree with the
+generic Jacobian contraction and with brute-force Jacobians to float64 round-off, on every route."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import truth
+from builders import make_ntk
 from torch import nn
 
-from ntkgp import FunctionalNetwork, gram
-from ntkgp.gram import ntk_gram, ntk_gram_diagonal, structured_gram
-from ntkgp.parameter_groups import parameter_groups
+import ntkgp.structured.workspace as workspace
+from ntkgp.ntk import captures, gram, gram_diagonal, jacobian, kernel_matmul, structured_gram, uses_factor_form
 
 
 class Residual(nn.Module):
@@ -26,7 +26,7 @@ class Residual(nn.Module):
 
 
 class Shared(nn.Module):
-    """One Linear applied twice (weight sharing): must fall back to the generic route."""
+    """One Linear applied twice (weight sharing): its positions are concatenated."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,7 +40,7 @@ class Shared(nn.Module):
 
 
 class Sequence3d(nn.Module):
-    """A Linear on (n, T, d) inputs (summed over positions): generic route."""
+    """A Linear on (n, T, d) inputs (summed over positions): a dense map at T positions."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,7 +52,7 @@ class Sequence3d(nn.Module):
 
 
 class Tied(nn.Module):
-    """Two Linear modules sharing one weight Parameter: both must fall back to the generic route."""
+    """Two Linear modules sharing one weight Parameter: one tensor used at two sites."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,7 +66,7 @@ class Tied(nn.Module):
 
 
 class SharedConv(nn.Module):
-    """One Conv2d applied twice, and a grouped conv: both must fall back to the generic route."""
+    """One Conv2d applied twice (two sites) and a grouped conv (generic route)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,142 +133,155 @@ def _nets() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     }
 
 
+
+def _inputs(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _brute_force(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """J(x1) P0^-1 J(x2)^T by torch.autograd.functional, independent of ntkgp."""
+    return (truth.jacobian(net, x1) / prior) @ truth.jacobian(net, x2).T
+
+
 @pytest.mark.parametrize("name", list(_nets()))
 @pytest.mark.parametrize("prior", ["scalar", "per_tensor"])
 def test_structured_equals_generic(name: str, prior: str) -> None:
     net, shape = _nets()[name]
     net = net.double().eval()
-    x1 = torch.randn(7, *shape, dtype=torch.float64).reshape(7, -1)
-    x2 = torch.randn(5, *shape, dtype=torch.float64).reshape(5, -1)
-    fast = FunctionalNetwork(net, shape)
-    slow = FunctionalNetwork(net, shape, structured=False)
-    spec = 1.0 if prior == "scalar" else torch.linspace(0.5, 2.0, len(fast.names))
-    groups = parameter_groups(fast.names, spec)
-    for a, b in [(x1, None), (x1, x2)]:
-        k_fast = ntk_gram(fast, groups, a, b, budget=2**20)
-        k_slow = ntk_gram(slow, groups, a, b, budget=2**20)
+    x1, x2 = _inputs(shape, 7, 0), _inputs(shape, 5, 1)
+    fast, a = make_ntk(net, x1, budget=2**20)
+    spec = 1.0 if prior == "scalar" else torch.linspace(0.5, 2.0, len(fast.network.names))
+    fast, a = make_ntk(net, x1, spec, budget=2**20)
+    slow, _ = make_ntk(net, x1, spec, budget=2**20, implementation="generic")
+    b = fast.network.inputs(x2)
+    for right in (None, b):
+        k_fast, k_slow = gram(fast, a, right), gram(slow, a, right)
         assert torch.allclose(k_fast, k_slow, rtol=1e-12, atol=1e-13 * k_slow.abs().max())
-    d_fast = ntk_gram_diagonal(fast, groups, x1, budget=2**20)
-    assert torch.allclose(d_fast, ntk_gram(slow, groups, x1, budget=2**20).diagonal(dim1=-2, dim2=-1), rtol=1e-12)
-    # brute force, independent of ntkgp
-    j1, j2 = truth.jacobian(net, x1.reshape(7, *shape)), truth.jacobian(net, x2.reshape(5, *shape))
-    prior = torch.cat([torch.full((n,), float(d), dtype=torch.float64)
-                       for n, d in zip(fast.numels, groups.initial_precision[list(groups.tensor_group)])])
-    weights = groups.initial_precision.reciprocal()
-    k_cross = torch.einsum("g,gij->ij", weights, ntk_gram(fast, groups, x1, x2, budget=2**20))
-    expected = (j1 / prior) @ j2.T
+    d_fast = gram_diagonal(fast, a)
+    assert torch.allclose(d_fast, gram(slow, a).diagonal(dim1=-2, dim2=-1), rtol=1e-12)
+    layout = fast.layout
+    per_parameter = layout.expand(layout.initial_precision)
+    weights = layout.initial_precision.reciprocal()
+    expected = _brute_force(net, x1, x2, per_parameter)
+    k_cross = layout.weighted(weights, gram(fast, a, b))
     assert torch.allclose(k_cross, expected, rtol=1e-11, atol=1e-13 * expected.abs().max())
 
 
-def test_which_layers_are_structured() -> None:
-    nets = _nets()
-    assert [layer.name for layer in FunctionalNetwork(nets["shared_linear"][0].double(), (4,)).linear_layers] == [
-        "inp", "out"]
-    assert [layer.name for layer in FunctionalNetwork(nets["sequence_linear"][0].double(), (4,)).linear_layers] == [
-        "head"]
-    frozen = FunctionalNetwork(nets["frozen_weight"][0].double(), (4,))
-    layer = [layer for layer in frozen.linear_layers if layer.name == "2"][0]
-    assert layer.weight is None and layer.bias is not None
-    custom = FunctionalNetwork(nets["custom_module"][0].double(), (4,))
-    generic = {custom.names[i] for i in custom.generic_tensors}
-    assert generic == {"1.scale", "2.weight", "2.bias"}  # the custom scale and LayerNorm's affine
+def _structured(name: str) -> tuple[set[str], set[str]]:
+    """(structured, generic) tensor names of a test net."""
+    net, shape = _nets()[name]
+    ntk, x = make_ntk(net.double().eval(), _inputs(shape, 4, 2))
+    plan = ntk.plan()
+    names = ntk.network.names
+    return {names[i] for i in plan.structured}, {names[i] for i in plan.generic}
 
 
-def test_which_conv_layers_are_structured() -> None:
-    nets = _nets()
-    layers = FunctionalNetwork(nets["cnn_two_convs"][0].double().eval(), (2, 9, 9)).structured_layers
-    assert [(layer.name, layer.kind) for layer in layers] == [("0", "conv"), ("3", "conv"), ("6", "linear")]
-    shared = FunctionalNetwork(nets["shared_conv"][0].double(), (1, 5, 5))
-    assert [layer.name for layer in shared.structured_layers] == ["inp", "out"]
-    assert {shared.names[i] for i in shared.generic_tensors} == {
-        "shared.weight", "shared.bias", "grouped.weight", "grouped.bias"}
-    variants = FunctionalNetwork(nets["conv_variants"][0].double(), (30,))
-    assert [layer.name for layer in variants.structured_layers] == ["c1", "c2", "t1", "t2", "head"]
-    assert variants.generic_tensors == ()
-    assert [layer.name for layer in FunctionalNetwork(nets["tied_weight"][0].double(), (4,)).structured_layers] == [
-        "head"]
-    c2 = [layer for layer in variants.structured_layers if layer.name == "c2"][0]
-    assert c2.weight is not None and c2.bias is None
+def test_which_tensors_are_structured() -> None:
+    structured, generic = _structured("shared_linear")
+    assert generic == set() and "shared.weight" in structured  # one module applied twice: two sites
+    assert _structured("sequence_linear")[1] == set()  # a Linear on (n, T, d): T positions
+    structured, generic = _structured("frozen_weight")
+    assert "2.weight" not in structured | generic and "2.bias" in structured  # frozen: not in θ
+    structured, generic = _structured("custom_module")
+    assert generic == {"1.scale"}  # the custom scale; the LayerNorm's affine is structured
+    assert {"2.weight", "2.bias", "1.lin.weight"} <= structured
+    assert _structured("cnn_two_convs")[1] == set()
+    assert _structured("shared_conv")[1] == {"grouped.weight", "grouped.bias"}
+    assert _structured("conv_variants")[1] == set()
+    assert _structured("tied_weight")[1] == set()
+
+
+def test_units_of_a_plan() -> None:
+    net, shape = _nets()["cnn_two_convs"]
+    ntk, _ = make_ntk(net.double().eval(), _inputs(shape, 4, 2))
+    kinds = [(unit.kind, unit.positions, unit.weight is not None, unit.bias is not None) for unit in ntk.plan().units]
+    # conv (25 output pixels), BatchNorm affine (25 positions), conv (one output pixel), linear
+    assert kinds == [("dense", 25, True, True), ("affine", 25, True, True), ("dense", 1, True, True),
+                     ("dense", 1, True, True)]
+    net, shape = _nets()["conv_variants"]
+    ntk, _ = make_ntk(net.double().eval(), _inputs(shape, 4, 2))
+    second = ntk.plan().units[1]
+    assert second.weight is not None and second.bias is None  # c2 has no bias
 
 
 @pytest.mark.parametrize("route", ["gradient", "spatial"])
-@pytest.mark.parametrize("name", ["cnn_two_convs", "conv_variants", "cnn_batchnorm", "mlp", "frozen_weight"])
+@pytest.mark.parametrize("name", ["cnn_two_convs", "conv_variants", "cnn_batchnorm", "mlp", "frozen_weight",
+                                  "sequence_linear", "shared_conv"])
 def test_blocked_routes(name: str, route: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both conv contraction orders, in many small blocks (tiny budget, symmetric Grams from the
-    lower block triangle of 3 blocks, factor chunks of 3 points), equal brute force."""
+    """Both contraction orders for units at many positions, in many small blocks (tiny budget, symmetric
+    Grams from the lower block triangle of 3 blocks, captures of 3 points), equal brute force."""
     net, shape = _nets()[name]
     net = net.double().eval()
-    monkeypatch.setattr(gram, "_FORCE_CONV_ROUTE", route)
-    monkeypatch.setattr(gram, "_MIN_BLOCK_ROWS", 1)
-    monkeypatch.setattr(gram, "_SYMMETRIC_BLOCKS", 3)
-    monkeypatch.setattr(gram, "_CONVERT_ELEMENTS", 5)
-    fast = FunctionalNetwork(net, shape, chunk_size=3)
-    assert any(layer.kind == "conv" for layer in fast.structured_layers) == name.startswith(("cnn", "conv"))
-    groups = parameter_groups(fast.names, torch.linspace(0.5, 2.0, len(fast.names)))
-    x1 = torch.randn(7, *shape, dtype=torch.float64).reshape(7, -1)
-    x2 = torch.randn(5, *shape, dtype=torch.float64).reshape(5, -1)
-    j1, j2 = truth.jacobian(net, x1.reshape(7, *shape)), truth.jacobian(net, x2.reshape(5, *shape))
-    prior = torch.cat([torch.full((n,), float(d), dtype=torch.float64)
-                       for n, d in zip(fast.numels, groups.initial_precision[list(groups.tensor_group)])])
-    weights = groups.initial_precision.reciprocal()
-    for a, b, ja, jb in [(x1, None, j1, j1), (x1, x2, j1, j2)]:
-        k = torch.einsum("g,gij->ij", weights, ntk_gram(fast, groups, a, b, budget=2**11))
-        expected = (ja / prior) @ jb.T
+    monkeypatch.setattr(workspace, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(workspace, "SYMMETRIC_BLOCKS", 3)
+    monkeypatch.setattr(workspace, "_CONVERT_ELEMENTS", 5)
+    x1, x2 = _inputs(shape, 7, 3), _inputs(shape, 5, 4)
+    spec = torch.linspace(0.5, 2.0, sum(p.requires_grad for p in net.parameters()))
+    ntk, a = make_ntk(net, x1, spec, budget=2**11, chunk_size=3, conv_route=route)
+    assert any(u.positions > 1 for u in ntk.plan().units) == (name not in ("mlp", "frozen_weight"))
+    layout = ntk.layout
+    prior, weights = layout.expand(layout.initial_precision), layout.initial_precision.reciprocal()
+    b = ntk.network.inputs(x2)
+    for right, xr in [(None, x1), (b, x2)]:
+        k = layout.weighted(weights, gram(ntk, a, right))
+        expected = _brute_force(net, x1, xr, prior)
         assert torch.allclose(k, expected, rtol=1e-11, atol=1e-13 * expected.abs().max())
-        if b is None:
-            assert torch.equal(k, k.T) or torch.allclose(k, k.T, rtol=0, atol=1e-14 * expected.abs().max())
-    diagonal = weights @ ntk_gram_diagonal(fast, groups, x1, budget=2**11)
+        if right is None:
+            assert torch.allclose(k, k.T, rtol=0, atol=1e-14 * expected.abs().max())
+    diagonal = weights @ gram_diagonal(ntk, a)
+    j1 = truth.jacobian(net, x1)
     assert torch.allclose(diagonal, ((j1 / prior) * j1).sum(-1), rtol=1e-12)
 
 
 def test_structured_gram_weighted_with_convs() -> None:
     """The posterior's call: ``structured_gram`` with ``weights`` sums the per-group blocks."""
     net, shape = _nets()["cnn_two_convs"]
-    network = FunctionalNetwork(net.double().eval(), shape)
-    groups = parameter_groups(network.names, torch.linspace(0.5, 2.0, len(network.names)))
-    x1 = torch.randn(6, *shape, dtype=torch.float64).reshape(6, -1)
-    x2 = torch.randn(4, *shape, dtype=torch.float64).reshape(4, -1)
-    f1, f2 = network.linear_layer_factors(x1), network.linear_layer_factors(x2)
-    C, G = network.num_outputs, groups.num_groups
+    net = net.double().eval()
+    ntk, x1 = make_ntk(net, _inputs(shape, 6, 5), torch.linspace(0.5, 2.0, 8))
+    x2 = ntk.network.inputs(_inputs(shape, 4, 6))
+    f1, f2 = captures(ntk, x1), captures(ntk, x2)
+    C, G = ntk.num_outputs, ntk.layout.num_groups
     weights = torch.linspace(0.3, 3.0, G, dtype=torch.float64)
-    for a, b in [(f1, f1), (f1, f2)]:
-        per_group = torch.zeros(G, 6 * C, b[0][0].shape[0] * C, dtype=torch.float64)
-        structured_gram(network, groups, a, b, per_group)
-        direct = torch.zeros(6 * C, b[0][0].shape[0] * C, dtype=torch.float64)
-        structured_gram(network, groups, a, b, direct, weights=weights)
-        assert torch.allclose(direct, torch.einsum("g,gij->ij", weights, per_group), rtol=1e-13)
+    for a, b, n2 in [(f1, f1, 6), (f1, f2, 4)]:
+        per_group = torch.zeros(G, 6 * C, n2 * C, dtype=torch.float64)
+        structured_gram(ntk, a, b, per_group)
+        direct = torch.zeros(6 * C, n2 * C, dtype=torch.float64)
+        structured_gram(ntk, a, b, direct, weights=weights)
+        assert torch.allclose(direct, ntk.layout.weighted(weights, per_group), rtol=1e-13)
 
 
 @pytest.mark.parametrize("name", sorted(_nets()))
-def test_factor_jacobian_equals_autograd(name: str) -> None:
-    """Jacobian columns built from structured factors equal vmap(jacrev) ones, also for subsets of tensors."""
+def test_structured_jacobian_equals_autograd(name: str) -> None:
+    """Jacobian columns built from captures equal vmap(jacrev) ones, also for subsets of tensors."""
     net, shape = _nets()[name]
     net = net.double().eval()
-    x = torch.randn(6, *shape, dtype=torch.float64)
-    fast, slow = FunctionalNetwork(net, shape), FunctionalNetwork(net, shape, structured=False)
-    assert torch.allclose(fast.jacobian(x), slow.jacobian(x), rtol=1e-12, atol=1e-13)
-    picked = list(reversed(range(len(fast.names))))[::2]
-    assert torch.allclose(fast.jacobian(x, picked), slow.jacobian(x, picked), rtol=1e-12, atol=1e-13)
+    x = _inputs(shape, 6, 7)
+    fast, inputs = make_ntk(net, x)
+    slow, _ = make_ntk(net, x, implementation="generic")
+    assert torch.allclose(jacobian(fast, inputs), jacobian(slow, inputs), rtol=1e-12, atol=1e-13)
+    picked = list(reversed(range(len(fast.network.names))))[::2]
+    assert torch.allclose(jacobian(fast, inputs, picked), jacobian(slow, inputs, picked), rtol=1e-12, atol=1e-13)
+    assert torch.allclose(jacobian(fast, inputs).reshape(-1, fast.network.num_parameters), truth.jacobian(net, x),
+                          rtol=1e-12, atol=1e-13)
 
 
 def test_factor_kernel_matmul_matches_dense_gram_and_cache_follows_inputs() -> None:
-    from ntkgp.structured_matvec import factor_kernel_matmul, supports_factor_matmul
-
     net, shape = _nets()["mlp"]
     net = net.double().eval()
-    network = FunctionalNetwork(net, shape)
-    groups = parameter_groups(network.names, torch.tensor([0.5, 2.0, 1.0, 3.0, 1.5, 0.7]))
-    x1, x2 = torch.randn(30, *shape, dtype=torch.float64), torch.randn(20, *shape, dtype=torch.float64)
-    weights = groups.initial_precision.double().reciprocal()
-    assert supports_factor_matmul(network, 5)
+    x1, x2 = _inputs(shape, 30, 8), _inputs(shape, 20, 9)
+    ntk, a = make_ntk(net, x1, torch.tensor([0.5, 2.0, 1.0, 3.0, 1.5, 0.7]))
+    b = ntk.network.inputs(x2)
+    weights = ntk.layout.initial_precision.reciprocal()
+    assert uses_factor_form(ntk, 5)
     columns = torch.randn(5, 20, 2, dtype=torch.float64)
 
     def dense() -> torch.Tensor:
-        gram = torch.einsum("g,gij->ij", weights, ntk_gram(network, groups, x1, x2, budget=2**26))
-        return (gram @ columns.reshape(5, -1).T).T.reshape(5, 30, 2)
+        k = ntk.layout.weighted(weights, gram(ntk, a, b))
+        return (k @ columns.reshape(5, -1).T).T.reshape(5, 30, 2)
 
-    assert torch.allclose(factor_kernel_matmul(network, groups, x1, x2, weights, columns, 2**26), dense(), rtol=1e-12)
-    x2.mul_(2.0)  # in place: the cached factors of x2 must not be reused
-    assert torch.allclose(factor_kernel_matmul(network, groups, x1, x2, weights, columns, 2**26), dense(), rtol=1e-12)
+    assert torch.allclose(kernel_matmul(ntk, a, b, weights, columns), dense(), rtol=1e-12)
+    x2.mul_(2.0)  # in place: the cached captures of x2 must not be reused
+    assert torch.allclose(kernel_matmul(ntk, a, b, weights, columns), dense(), rtol=1e-12)
     conv_net, conv_shape = _nets()["cnn_two_convs"]
-    assert not supports_factor_matmul(FunctionalNetwork(conv_net.double().eval(), conv_shape), 5)
+    conv_ntk, _ = make_ntk(conv_net.double().eval(), _inputs(conv_shape, 4, 10))
+    assert not uses_factor_form(conv_ntk, 5)

@@ -10,10 +10,12 @@ from gpytorch.kernels import Kernel
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
-from ntkgp.functional import FunctionalNetwork
 from ntkgp.memory import default_budget
-from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
-from ntkgp.parameter_groups import PriorPrecisionSpec, parameter_groups
+from ntkgp.network.functional import FunctionalNetwork
+from ntkgp.network.inputs import Inputs
+from ntkgp.ntk import EmpiricalNTK, Implementation, PriorLayout, PriorPrecisionSpec
+from ntkgp.operators.ntk import NTKLinearOperator
+from ntkgp.structured.positions import Route
 
 __all__ = ["NTKKernel"]
 
@@ -38,7 +40,9 @@ class NTKKernel(Kernel):
     ``forward`` returns a lazy :class:`~ntkgp.operators.NTKLinearOperator`: matvecs are one
     vjp and one jvp over data chunks; nothing ``N x P`` or ``N x N`` is formed unless asked.
     It composes with other GPyTorch kernels
-    (``NTKKernel(net, input_shape=(D,)) + ScaleKernel(RBFKernel())``).
+    (``NTKKernel(net, input_shape=(D,)) + ScaleKernel(RBFKernel())``). As a GPyTorch kernel it takes
+    flattened tensor inputs ``(N, D)``; :class:`~ntkgp.LinearizedGP` also takes token ids, tuples
+    and dicts (it calls :meth:`operator` directly).
 
     Parameters
     ----------
@@ -48,7 +52,7 @@ class NTKKernel(Kernel):
         hyperparameters and are never in ``kernel.parameters()``.
     prior_precision:
         :math:`\delta`: a number, one value per parameter tensor, or a mapping from module
-        name to value (see :mod:`ntkgp.parameter_groups`). Each :math:`\delta_g` is a
+        name to value (see :mod:`ntkgp.ntk.layout`). Each :math:`\delta_g` is a
         positive hyperparameter, ``raw_prior_precision`` of shape ``(G,)``.
     input_shape:
         Shape of one example when ``network`` is an ``nn.Module``. Inputs to the kernel are
@@ -58,6 +62,12 @@ class NTKKernel(Kernel):
     memory_budget:
         Bytes for Jacobian blocks in dense contractions (default: a quarter of free
         memory, at most 4 GiB).
+    implementation:
+        ``"structured"`` (default) or ``"generic"`` (:class:`~ntkgp.ntk.Implementation`).
+    conv_route:
+        ``"auto"``, ``"gradient"`` or ``"spatial"`` (:mod:`ntkgp.structured.positions`).
+    probe_inputs:
+        A few example inputs to find the structured routes on (default: the first inputs seen).
     """
 
     has_lengthscale = False
@@ -70,6 +80,9 @@ class NTKKernel(Kernel):
         input_shape: tuple[int, ...] | None = None,
         prior_precision_constraint: Interval | None = None,
         memory_budget: int | None = None,
+        implementation: Implementation | str = Implementation.STRUCTURED,
+        conv_route: Route = "auto",
+        probe_inputs: Inputs | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -77,17 +90,33 @@ class NTKKernel(Kernel):
             if input_shape is None:
                 raise ValueError("input_shape is required when network is an nn.Module")
             network = FunctionalNetwork(network, input_shape)
+        layout = PriorLayout.from_spec(network.names, network.numels, prior_precision)
+        budget = default_budget(network.device) if memory_budget is None else memory_budget
         # A plain attribute, not a submodule: the network's weights are not hyperparameters.
-        self.network = network
-        self.groups = parameter_groups(network.names, prior_precision)
-        self.memory_budget = default_budget(network.device) if memory_budget is None else memory_budget
+        #: the products engine (network, prior layout, budget, routes)
+        self.ntk = EmpiricalNTK(network, layout, budget, Implementation(implementation), conv_route, probe_inputs)
         constraint = Positive() if prior_precision_constraint is None else prior_precision_constraint
         self.register_parameter(
             "raw_prior_precision",
-            nn.Parameter(torch.zeros(self.groups.num_groups, dtype=torch.float64, device=network.device)),
+            nn.Parameter(torch.zeros(layout.num_groups, dtype=torch.float64, device=network.device)),
         )
         self.register_constraint("raw_prior_precision", constraint)
-        self.prior_precision = self.groups.initial_precision.to(network.device)
+        self.prior_precision = layout.initial_precision.to(network.device)
+
+    @property
+    def network(self) -> FunctionalNetwork:
+        """The linearized network."""
+        return self.ntk.network
+
+    @property
+    def layout(self) -> PriorLayout:
+        """The prior's groups over the network's parameter tensors."""
+        return self.ntk.layout
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes for Jacobian blocks."""
+        return self.ntk.budget
 
     @property
     def prior_precision(self) -> Tensor:
@@ -97,7 +126,13 @@ class NTKKernel(Kernel):
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
         value = torch.as_tensor(value, dtype=self.raw_prior_precision.dtype, device=self.raw_prior_precision.device)
-        value = value.expand(self.groups.num_groups)
+        G = self.layout.num_groups
+        if value.dim() > 1 or value.numel() not in (1, G):
+            raise ValueError(
+                f"prior_precision must be one number or {G} values (one per prior group: "
+                f"{', '.join(self.layout.group_names)}); got shape {tuple(value.shape)}"
+            )
+        value = value.reshape(-1).expand(G)
         if not torch.isfinite(value).all() or (value <= 0).any():
             raise ValueError(f"prior_precision must be positive and finite, got {value.tolist()}")
         self.initialize(raw_prior_precision=self.raw_prior_precision_constraint.inverse_transform(value))
@@ -105,7 +140,7 @@ class NTKKernel(Kernel):
     @property
     def group_names(self) -> tuple[str, ...]:
         """Names of the prior groups, aligned with :attr:`prior_precision`."""
-        return self.groups.names
+        return self.layout.group_names
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         return self.network.num_outputs
@@ -116,11 +151,11 @@ class NTKKernel(Kernel):
                 f"NTKKernel takes flattened inputs of shape (N, D); got {tuple(x.shape)} "
                 "(batched kernels are not supported)"
             )
-        expected = self.network.input_shape.numel()
-        if x.shape[-1] != expected:
+        shape = self.network.input_shape
+        if shape is not None and x.shape[-1] != shape.numel():
             raise ValueError(
                 f"NTKKernel inputs have {x.shape[-1]} features but the network takes examples "
-                f"of shape {tuple(self.network.input_shape)} ({expected} features)"
+                f"of shape {tuple(shape)} ({shape.numel()} features)"
             )
 
     def forward(
@@ -130,10 +165,10 @@ class NTKKernel(Kernel):
             raise NotImplementedError("NTKKernel does not support last_dim_is_batch")
         self._check_inputs(x1)
         self._check_inputs(x2)
-        op = NTKLinearOperator(
-            x1, x2, self.prior_precision,
-            network=self.network, groups=self.groups, budget=self.memory_budget,
-        )
-        if diag:
-            return op._diagonal()
-        return op
+        op = self.operator(self.network.inputs(x1), self.network.inputs(x2))
+        return op.diagonal(dim1=-2, dim2=-1) if diag else op
+
+    def operator(self, x1: Inputs, x2: Inputs) -> NTKLinearOperator:
+        """The lazy NTK between inputs of any form (the GP's own entry point)."""
+        same = x1 is x2 or x1.equal(x2)
+        return NTKLinearOperator(self.prior_precision, ntk=self.ntk, x1=x1, x2=x1 if same else x2)

@@ -4,7 +4,7 @@ A likelihood :math:`p(y \mid f)` on the network's ``C`` outputs supplies what th
 approximation needs at :math:`\hat f = f(X;\hat\theta)`:
 
 * ``log_likelihood(f, y)``: :math:`\sum_n \log p(y_n \mid f_n)`;
-* ``hessian_factor(f)``: per-point :math:`B_n` ``(C, C)`` with
+* ``hessian_root(f)``: per-point :math:`B_n` ``(C, C)`` with
   :math:`\Lambda_n = -\nabla^2_{f}\log p(y_n\mid f_n) = B_n B_n^\top` (never inverted: the softmax
   :math:`\Lambda_n` is singular);
 * ``predictive(mean, covariance)``: the predictive distribution of :math:`y` given the latent
@@ -65,7 +65,7 @@ class LaplaceLikelihood(Likelihood):
         r""":math:`\sum_n \log p(y_n \mid f_n)`, ``f`` of shape ``(N, C)``."""
 
     @abstractmethod
-    def hessian_factor(self, f: Tensor) -> Tensor:
+    def hessian_root(self, f: Tensor) -> Tensor:
         r"""``B`` ``(N, C, C)`` with :math:`B_n B_n^\top = -\nabla_f^2 \log p(y_n \mid f_n)`."""
 
     @abstractmethod

@@ -46,7 +46,7 @@ class BernoulliLikelihood(LaplaceLikelihood):
     def log_likelihood(self, f: Tensor, y: Tensor) -> Tensor:
         return -F.binary_cross_entropy_with_logits(f[:, 0], y.to(f.dtype), reduction="sum")
 
-    def hessian_factor(self, f: Tensor) -> Tensor:
+    def hessian_root(self, f: Tensor) -> Tensor:
         p = torch.sigmoid(f)
         return (p * (1 - p)).sqrt().unsqueeze(-1)
 

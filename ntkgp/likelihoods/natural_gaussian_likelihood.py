@@ -96,7 +96,7 @@ class NaturalGaussianLikelihood(LaplaceLikelihood):
         return (eta1 * y + eta2 * y.square() + eta1.square() / (4 * eta2) + 0.5 * torch.log(-2 * eta2)
                 - 0.5 * math.log(2 * math.pi)).sum()
 
-    def hessian_factor(self, f: Tensor) -> Tensor:
+    def hessian_root(self, f: Tensor) -> Tensor:
         mu, var = self.moments(f)
         sd = var.sqrt()
         b = torch.zeros(*f.shape[:-1], 2, 2, dtype=f.dtype, device=f.device)

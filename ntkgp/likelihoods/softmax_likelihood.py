@@ -63,7 +63,7 @@ class SoftmaxLikelihood(LaplaceLikelihood):
     def log_likelihood(self, f: Tensor, y: Tensor) -> Tensor:
         return torch.log_softmax(f, dim=-1).gather(-1, y.unsqueeze(-1)).sum()
 
-    def hessian_factor(self, f: Tensor) -> Tensor:
+    def hessian_root(self, f: Tensor) -> Tensor:
         p = torch.softmax(f, dim=-1)
         root = p.sqrt()
         return torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2)

@@ -20,7 +20,7 @@ from gpytorch.likelihoods import Likelihood
 from torch import Tensor, nn
 
 from ntkgp.marglik.online import negative_log_likelihood
-from ntkgp.parameter_groups import PriorPrecisionSpec, parameter_groups
+from ntkgp.ntk.layout import PriorLayout, PriorPrecisionSpec
 
 __all__ = ["fit_hyperparameters", "train_map"]
 
@@ -52,9 +52,9 @@ def train_map(
     round-off.
     """
     names = [n for n, p in net.named_parameters() if p.requires_grad]
-    groups = parameter_groups(names, prior_precision)
     params = dict(net.named_parameters())
     tensors = [params[n] for n in names]
+    groups = PriorLayout.from_spec(names, [t.numel() for t in tensors], prior_precision)
     delta = [float(groups.initial_precision[g]) for g in groups.tensor_group]
 
     def objective() -> Tensor:
@@ -135,6 +135,6 @@ def fit_hyperparameters(model: torch.nn.Module, *, steps: int = 200, lr: float =
         loss = -model.log_evidence()
         loss.backward()
         opt.step()
-        curve.append(-float(loss))
+        curve.append(-float(loss.detach()))
     model.eval()
     return curve

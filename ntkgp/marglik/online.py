@@ -34,7 +34,7 @@ from ntkgp._random import draw_device
 from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.marglik.partitions import class_partition, random_partition
 from ntkgp.marglik.subset_bound import SubsetEvidenceBound
-from ntkgp.parameter_groups import PriorPrecisionSpec, parameter_groups
+from ntkgp.ntk.layout import PriorLayout, PriorPrecisionSpec
 from ntkgp.progress import progress_bar
 
 __all__ = ["MarglikTuner", "OnlineMarglikResult", "fit_online_marglik", "negative_log_likelihood"]
@@ -140,8 +140,10 @@ class MarglikTuner:
     ) -> None:
         if minibatch and subset_size is None:
             raise ValueError("minibatch=True needs a subset_size")
-        names = [n for n, p in net.named_parameters() if p.requires_grad]
-        self.groups = parameter_groups(names, prior_precision)
+        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        names = [n for n, _ in named]
+        #: the prior groups over the network's trainable tensors
+        self.groups = PriorLayout.from_spec(names, [p.numel() for _, p in named], prior_precision)
         self.names = names
         self.likelihood, self.train_x, self.train_y = likelihood, train_x, train_y
         self.steps, self.subset_size, self.generator = steps, subset_size, generator

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from ntkgp._random import draw_device
-from ntkgp.cholesky import cholesky_logdet
-from ntkgp.gram import ntk_gram
 from ntkgp.likelihoods.base import LaplaceLikelihood
-from ntkgp.solvers.kernel_space import apply_factor_transpose
+from ntkgp.linalg.cholesky import cholesky_logdet
+from ntkgp.linalg.hessian_root import sandwich
+from ntkgp.ntk import gram as ntk_gram
 
 __all__ = ["SubsetEvidenceBound"]
 
@@ -58,28 +58,24 @@ class SubsetEvidenceBound:
             raise ValueError("subsets must partition range(N): every training point exactly once")
         self.model = model
         self.subsets = [torch.as_tensor(s).reshape(-1).to(model.network.device) for s in subsets]
-        network, groups = model.network, model.covar_module.groups
-        x = model.train_inputs[0]
-        budget = model.covar_module.memory_budget
-        self._gram_inputs = (network, groups, x, budget)
+        network, x = model.network, model.train_x
         #: per subset, per-group Grams ``(G, b*C, b*C)``, float64; each is computed on first use, so
         #: one-subset estimates (:meth:`minibatch`) pay only for the subsets they draw
         self._grams: list[Tensor | None] = [None] * len(self.subsets)
         f_hat = network.forward(x).to(torch.float64)
         self.laplace = isinstance(model.likelihood, LaplaceLikelihood)
         if self.laplace:
-            factor = model.likelihood.hessian_factor(f_hat)  # shape: (N, C, C)
-            self.factors = [factor[s] for s in self.subsets]
+            root = model.likelihood.hessian_root(f_hat)  # shape: (N, C, C)
+            self.roots = [root[s] for s in self.subsets]
         else:
             #: training residuals of the network, ``y - f(X; theta_hat)``, ``(N*C,)``
-            self.residual = (model.train_targets.to(torch.float64).reshape(x.shape[0], -1) - f_hat).reshape(-1)
+            self.residual = (model.train_targets.to(torch.float64).reshape(x.num, -1) - f_hat).reshape(-1)
 
     def gram(self, index: int) -> Tensor:
         """Per-group Grams of subset ``index``, ``(G, b*C, b*C)``, float64 (computed once)."""
         gram = self._grams[index]
         if gram is None:
-            network, groups, x, budget = self._gram_inputs
-            gram = self._grams[index] = ntk_gram(network, groups, x[self.subsets[index]], budget=budget)
+            gram = self._grams[index] = ntk_gram(self.model.ntk, self.model.train_x[self.subsets[index]])
         return gram
 
     @property
@@ -95,11 +91,11 @@ class SubsetEvidenceBound:
         model = self.model
         delta = model.prior_precision
         theta = model.network.flat_params.to(torch.float64)
-        prior = model.covar_module.groups.expand(delta.to(torch.float64), model.network.numels)
+        prior = model.layout.expand(delta.to(torch.float64))
         scatter = (prior * theta.square()).sum()
         if self.laplace:
             return model.map_log_likelihood - 0.5 * scatter
-        noise = model._noise()
+        noise = model.noise_diagonal()
         log_lik = -0.5 * (self.residual.square() / noise + torch.log(2 * math.pi * noise)).sum()
         return log_lik - 0.5 * scatter
 
@@ -108,13 +104,12 @@ class SubsetEvidenceBound:
         model = self.model
         C = model.num_outputs
         delta = model.prior_precision.to(torch.float64)
-        kernel = torch.einsum("g,gij->ij", delta.reciprocal(), self.gram(index))
+        kernel = model.layout.weighted(delta.reciprocal(), self.gram(index))
         rows = self.subsets[index]
         if self.laplace:
-            b = self.factors[index]  # shape: (b, C, C)
-            matrix = apply_factor_transpose(b, apply_factor_transpose(b, kernel).T).T  # B^T K B
+            matrix = sandwich(self.roots[index], kernel)  # B^T K B
         else:
-            noise = model._noise().reshape(-1, C)[rows].reshape(-1)
+            noise = model.noise_diagonal().reshape(-1, C)[rows].reshape(-1)
             inv_sd = noise.rsqrt()
             matrix = inv_sd.unsqueeze(-1) * kernel * inv_sd.unsqueeze(-2)
         matrix = matrix + torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)

@@ -2,11 +2,14 @@ r"""The prior mean of the linearized network."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from gpytorch.means import Mean
 from torch import Tensor
 
-from ntkgp.functional import FunctionalNetwork
+from ntkgp.network.inputs import InputLike
+from ntkgp.ntk import EmpiricalNTK, pushforward
 
 __all__ = ["LinearizedMean"]
 
@@ -19,17 +22,26 @@ class LinearizedMean(Mean):
     It costs one forward pass and one jvp (tangent :math:`\hat\theta`) per data chunk and has
     no hyperparameters.
 
-    Returns shape ``(N,)`` for a single-output network and ``(N, C)`` otherwise, in the dtype
-    of ``x`` (the difference is formed in float64).
+    Returns shape ``(N,)`` for a single-output network and ``(N, C)`` otherwise, in float64 (the
+    difference is formed in float64), or in the dtype of floating tensor inputs.
     """
 
-    def __init__(self, network: FunctionalNetwork) -> None:
+    def __init__(self, ntk: EmpiricalNTK) -> None:
         super().__init__()
-        self.network = network  # plain attribute: never a GPyTorch parameter
+        self.ntk = ntk  # plain attribute: never a GPyTorch parameter
 
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        f = self.network.forward(x).to(torch.float64)
-        jtheta = self.network.jvp(x, self.network.flat_params.unsqueeze(0))[0].to(torch.float64)
-        mean = (f - jtheta).to(x.dtype)
-        return mean.squeeze(-1) if self.network.num_outputs == 1 else mean
+    def __call__(self, x: InputLike, *args: Any, **kwargs: Any) -> Tensor:
+        """Tensors go through GPyTorch's ``Mean.__call__``; other input forms straight to :meth:`forward`."""
+        if isinstance(x, Tensor):
+            return super().__call__(x, *args, **kwargs)
+        return self.forward(x)
+
+    def forward(self, x: InputLike) -> Tensor:  # type: ignore[override]
+        network = self.ntk.network
+        inputs = network.inputs(x)
+        f = network.forward(inputs).to(torch.float64)
+        jtheta = pushforward(self.ntk, inputs, network.flat_params.unsqueeze(0))[0].to(torch.float64)
+        mean = f - jtheta
+        dtype = inputs.float_dtype if isinstance(x, Tensor) and x.is_floating_point() else None
+        mean = mean if dtype is None else mean.to(dtype)
+        return mean.squeeze(-1) if network.num_outputs == 1 else mean

@@ -17,15 +17,19 @@ from linear_operator.operators import DiagLinearOperator, LinearOperator, ZeroLi
 from torch import Tensor, nn
 
 from ntkgp._references import drop_self_references
-from ntkgp._validation import check_inputs, check_likelihood, check_module_device, check_targets
-from ntkgp.functional import FunctionalNetwork
+from ntkgp._validation import check_likelihood, check_module_device, check_targets
 from ntkgp.kernels.ntk_kernel import NTKKernel
 from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.means.linearized_mean import LinearizedMean
-from ntkgp.operators.exact_ntk_covariance import ExactNTKCovariance
+from ntkgp.network.functional import FunctionalNetwork, OutputFn
+from ntkgp.network.inputs import InputLike, Inputs
+from ntkgp.network.subnetwork import SubnetworkSpec
+from ntkgp.ntk import EmpiricalNTK, Implementation, NTKProblem, PriorLayout, PriorPrecisionSpec
 from ntkgp.operators.posterior_covariance import PosteriorCovariance
-from ntkgp.parameter_groups import PriorPrecisionSpec
-from ntkgp.solvers import GaussianSolver, LaplaceSolver, Posterior, SolverSpec, make_laplace_solver, make_solver
+from ntkgp.operators.training_covariance import TrainingCovariance
+from ntkgp.posteriors.base import Posterior
+from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverSpec
+from ntkgp.solvers.select import ExactSolverName, choose_space, make_laplace_solver, make_solver
 
 __all__ = ["LinearizedGP"]
 
@@ -62,13 +66,14 @@ class LinearizedGP(ExactGP):
     All linear algebra is exact (Cholesky), in float64, whatever N: in kernel space
     (``(N C)^3``) or, when the network has fewer parameters than ``N C``, in weight space
     (``P^3``). What does not depend on the hyperparameters (per-group Grams, or
-    :math:`J^\top J`) is computed once, at construction.
+    :math:`J^\top J`) is computed once, on first use.
 
     Parameters
     ----------
     net:
-        The trained network, mapping ``(n, *input_shape)`` to ``(n, C)`` (or ``(n,)``). Put
-        BatchNorm/Dropout networks in eval mode first.
+        The trained network. Put BatchNorm/Dropout networks in eval mode first. It is read, never
+        written: ntkgp evaluates a private copy with a snapshot of its parameters and buffers, so
+        changing the network later does not change the GP.
     likelihood:
         Regression (exact GP): ``GaussianLikelihood`` or ``FixedNoiseGaussianLikelihood``
         (``C = 1``), or ``MultitaskGaussianLikelihood(num_tasks=C)`` with ``rank=0``.
@@ -77,7 +82,9 @@ class LinearizedGP(ExactGP):
         ``BernoulliLikelihood`` or ``NaturalGaussianLikelihood``; fit their prior precisions
         with ``ntkgp.mlls.LaplaceMarginalLogLikelihood``.
     train_x:
-        Training inputs ``(N, *input_shape)``, floating point, on the network's device.
+        Training inputs in the form the network takes (:class:`~ntkgp.network.Inputs`): a tensor
+        ``(N, ...)`` of any dtype (token ids included), a tuple of tensors (``net(*x)``) or a dict
+        of tensors (``net(**x)``), all with leading dimension N, on the network's device.
     train_y:
         Targets ``(N,)`` for ``C = 1`` or ``(N, C)``; integer labels ``(N,)`` for softmax.
     prior_precision:
@@ -90,6 +97,16 @@ class LinearizedGP(ExactGP):
         Exact: ``"auto"`` (weight space if ``P < N C``, else kernel space), ``"kernel"`` or
         ``"weight"``. Approximate, for large N (``docs/solvers.md``): a
         :class:`~ntkgp.solvers.SolverSpec` such as ``ntkgp.solvers.Inducing(num_inducing=500)``.
+    subnetwork:
+        Which parameters are Bayesian (:mod:`ntkgp.network.subnetwork`): ``None`` (every
+        parameter with ``requires_grad=True``), ``"last_layer"``, a list of module or parameter
+        names, or a callable ``(name, param) -> bool``. The others are held at their values.
+    output_fn:
+        Maps the network's return value to the ``(n, C)`` or ``(n,)`` outputs to linearize, e.g.
+        ``lambda out: out.logits``.
+    implementation:
+        ``"structured"`` (default: structured routes where a parameter qualifies,
+        :mod:`ntkgp.structured`) or ``"generic"`` (per-example Jacobians throughout).
     chunk_size:
         Examples per chunk in passes over data (default: about 2**25 Jacobian entries).
     memory_budget:
@@ -102,71 +119,59 @@ class LinearizedGP(ExactGP):
         self,
         net: nn.Module,
         likelihood: Likelihood,
-        train_x: Tensor,
+        train_x: InputLike,
         train_y: Tensor,
         prior_precision: PriorPrecisionSpec = 1.0,
         *,
         prior_precision_constraint: Interval | None = None,
-        solver: str | SolverSpec = "auto",
+        solver: ExactSolverName | SolverSpec = "auto",
+        subnetwork: SubnetworkSpec = None,
+        output_fn: OutputFn | None = None,
+        implementation: Implementation | str = Implementation.STRUCTURED,
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         progress: bool = False,
     ) -> None:
-        check_inputs(train_x, "train_x")
-        network = FunctionalNetwork(net, train_x.shape[1:], chunk_size=chunk_size, progress=progress)
-        check_inputs(train_x, "train_x", device=network.device)
-        if train_x.dtype != network.dtype:
-            raise TypeError(f"train_x has dtype {train_x.dtype} but the network's parameters are {network.dtype}")
-        num_data = train_x.shape[0]
+        x = Inputs.wrap(train_x, "train_x")
+        x.check("train_x")
+        shape = x.data.shape[1:] if x.form == "tensor" else None
+        network = FunctionalNetwork(net, shape, chunk_size=chunk_size, progress=progress, subnetwork=subnetwork,
+                                    output_fn=output_fn, probe_inputs=x[:3])
+        x.check("train_x", device=network.device)
+        if x.float_dtype is not None and x.float_dtype != network.dtype:
+            raise TypeError(f"train_x has dtype {x.float_dtype} but the network's parameters are {network.dtype}")
+        if not isinstance(solver, SolverSpec) and solver not in ("auto", "kernel", "weight"):
+            raise ValueError(f"solver must be 'auto', 'kernel', 'weight' or a SolverSpec, got {solver!r}")
         check_module_device(likelihood, "likelihood", network.device)
         if isinstance(likelihood, LaplaceLikelihood):
             if likelihood.num_outputs != network.num_outputs:
-                raise ValueError(
-                    f"the network has {network.num_outputs} outputs but {type(likelihood).__name__} expects "
-                    f"{likelihood.num_outputs}"
-                )
-            train_y = likelihood.check_targets(train_y, num_data)
-            check_inputs(train_y.to(torch.float64), "train_y", device=network.device)
+                raise ValueError(f"the network has {network.num_outputs} outputs but {type(likelihood).__name__} "
+                                 f"expects {likelihood.num_outputs}")
+            train_y = likelihood.check_targets(train_y, x.num)
+            Inputs.wrap(train_y.to(torch.float64), "train_y").check("train_y", device=network.device)
         else:
-            check_likelihood(likelihood, network.num_outputs)
-            train_y = check_targets(train_y, num_data, network.num_outputs, network.device)
-        flat_x = train_x.reshape(num_data, -1)
+            check_likelihood(likelihood, network.num_outputs, x.num)
+            train_y = check_targets(train_y, x.num, network.num_outputs, network.device)
         # ExactGP.__init__ without its Gaussian-only check: the Laplace likelihoods are handled here.
         GP.__init__(self)
-        self.train_inputs, self.train_targets = (flat_x,), train_y
-        self.likelihood, self.prediction_strategy = likelihood, None
-
-        self.network = network
-        self.mean_module = LinearizedMean(network)
+        self.train_inputs = (x.flat(),) if x.form == "tensor" else tuple(t for _, t in x.tensors())
+        self.train_targets, self.likelihood, self.prediction_strategy = train_y, likelihood, None
         self.covar_module = NTKKernel(network, prior_precision, prior_precision_constraint=prior_precision_constraint,
-                                      memory_budget=memory_budget)
-        self._flat_x = flat_x  # the inputs the solver and the mean are built from (not cast by .float())
+                                      memory_budget=memory_budget, implementation=implementation, probe_inputs=x[:3])
+        self.mean_module = LinearizedMean(self.covar_module.ntk)
+        #: the training problem the solver is built on (the NTK and the training inputs)
+        self.problem = NTKProblem(self.covar_module.ntk, x)
+        self._solver_choice = solver
         self._train_mean_cache: Tensor | None = None  # m(X), computed on first use (one jvp pass)
-        groups, budget = self.covar_module.groups, self.covar_module.memory_budget
-        if not isinstance(solver, SolverSpec) and solver not in ("auto", "kernel", "weight"):
-            raise ValueError(f"solver must be 'auto', 'kernel', 'weight' or a SolverSpec, got {solver!r}")
+        self._hessian_root: Tensor | None = None
         if isinstance(likelihood, LaplaceLikelihood):
-            f_hat = network.forward(flat_x).to(torch.float64)
+            f_hat = network.forward(x).to(torch.float64)
             likelihood.check_outputs(f_hat)
             #: :math:`\log p(y \mid \hat f)` at the MAP
             self.map_log_likelihood = likelihood.log_likelihood(f_hat, train_y)
-            factor = likelihood.hessian_factor(f_hat)
-            if isinstance(solver, SolverSpec):
-                self._build_solver = lambda: solver.laplace(network, groups, flat_x, budget, factor)
-            else:
-                self._build_solver = lambda: make_laplace_solver(solver, network, groups, flat_x, budget, factor)
-        else:
-            varies = self._noise_varies_over_data()
-            if solver == "weight" and varies:
-                raise ValueError(
-                    "solver='weight' needs noise that is the same for every data point; this likelihood's "
-                    "noise varies over the data (use solver='kernel' or 'auto')"
-                )
-            if isinstance(solver, SolverSpec):
-                self._build_solver = lambda: solver.gaussian(network, groups, flat_x, budget)
-            else:
-                self._build_solver = lambda: make_solver(solver, network, groups, flat_x, budget,
-                                                         noise_varies_over_data=varies)
+            self._hessian_root = likelihood.hessian_root(f_hat)
+        elif not isinstance(solver, SolverSpec):
+            choose_space(self.problem, solver, noise_varies_over_data=self._noise_varies_over_data())
         self._solver: GaussianSolver | LaplaceSolver | None = None
         if isinstance(solver, SolverSpec):
             self.register_added_loss_term("approximation_correction")
@@ -177,7 +182,7 @@ class LinearizedGP(ExactGP):
     def _noise_varies_over_data(self) -> bool:
         """Whether the likelihood's noise differs between data points (per-point fixed noise)."""
         with torch.no_grad():
-            per_point = self._noise().reshape(-1, self.num_outputs)
+            per_point = self.noise_diagonal().reshape(-1, self.num_outputs)
         return not torch.equal(per_point, per_point[:1].expand_as(per_point))
 
     def set_train_data(self, inputs: Any = None, targets: Any = None, strict: bool = True) -> None:
@@ -187,23 +192,61 @@ class LinearizedGP(ExactGP):
             "for new training inputs or targets"
         )
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> LinearizedGP:
+        probe = torch.zeros((), dtype=torch.float64, device=self.network.device)
+        moved = fn(probe)
+        if moved.dtype != probe.dtype or moved.device != probe.device:
+            raise TypeError(
+                "a LinearizedGP cannot be converted or moved (.float(), .double(), .half(), .to(...)): it computes "
+                "in float64 with the network's own dtype and device. Convert or move the network, then build a new "
+                "LinearizedGP from it."
+            )
+        return super()._apply(fn, *args, **kwargs)
+
     # ------------------------------------------------------------ properties
+    @property
+    def network(self) -> FunctionalNetwork:
+        """The linearized network (a read-only view of ``net`` at :math:`\\hat\\theta`)."""
+        return self.covar_module.network
+
+    @property
+    def ntk(self) -> EmpiricalNTK:
+        """The products engine of the NTK (network, prior layout, budget, routes)."""
+        return self.covar_module.ntk
+
+    @property
+    def layout(self) -> PriorLayout:
+        """The prior groups over the network's parameter tensors."""
+        return self.covar_module.layout
+
+    @property
+    def train_x(self) -> Inputs:
+        """The training inputs, in the form the network takes them."""
+        return self.problem.x
+
     @property
     def solver(self) -> GaussianSolver | LaplaceSolver:
         """The solver, built on first use: it caches what does not depend on the hyperparameters
         (Gram matrices or :math:`J^\\top J` of the training data for the exact solvers; the memory
         check, and a :class:`~ntkgp.KernelTooLargeError`, happen then)."""
         if self._solver is None:
-            self._solver = self._build_solver()
+            choice, root = self._solver_choice, self._hessian_root
+            if root is not None:
+                self._solver = (choice.laplace(self.problem, root) if isinstance(choice, SolverSpec)
+                                else make_laplace_solver(self.problem, choice, root))
+            elif isinstance(choice, SolverSpec):
+                self._solver = choice.gaussian(self.problem)
+            else:
+                self._solver = make_solver(self.problem, choice, noise_varies_over_data=self._noise_varies_over_data())
         return self._solver
 
     @property
-    def _train_mean(self) -> Tensor:
+    def train_mean(self) -> Tensor:
         r"""The prior mean at the training inputs, :math:`m(X) = f(X) - J(X)\hat\theta`, float64.
 
         Computed on first use: the subset bound and the Laplace evidence never need it."""
         if self._train_mean_cache is None:
-            self._train_mean_cache = self.mean_module(self._flat_x).to(torch.float64)
+            self._train_mean_cache = self.mean_module(self.train_x).to(torch.float64)
         return self._train_mean_cache
 
     @property
@@ -223,7 +266,7 @@ class LinearizedGP(ExactGP):
     @property
     def num_data(self) -> int:
         """N, the number of training points."""
-        return self.train_inputs[0].shape[0]
+        return self.train_x.num
 
     @property
     def is_laplace(self) -> bool:
@@ -231,54 +274,52 @@ class LinearizedGP(ExactGP):
         return isinstance(self.likelihood, LaplaceLikelihood)
 
     # ---------------------------------------------------------- distributions
-    def _flatten(self, x: Tensor) -> Tensor:
-        check_inputs(x, "x", device=self.network.device)
-        shape = self.network.input_shape
-        if tuple(x.shape[1:]) == tuple(shape) or (x.dim() == 2 and x.shape[1] == shape.numel()):
-            return x.reshape(x.shape[0], -1)
-        raise ValueError(
-            f"inputs have shape {tuple(x.shape)}; expected (n, {', '.join(map(str, shape))}) "
-            f"or flattened (n, {shape.numel()})"
-        )
+    def inputs(self, x: InputLike) -> Inputs:
+        """``x`` as :class:`Inputs` of the training inputs' form, checked (shapes, finite floats, device)."""
+        inputs = self.network.inputs(x)
+        problem = self.train_x.same_structure(inputs)
+        if problem is not None:
+            raise ValueError(f"the GP was built on {self.train_x} and got {inputs}: {problem}")
+        inputs.check("x", device=self.network.device)
+        return inputs
 
     def _distribution(self, mean: Tensor, covar: LinearOperator) -> MultivariateNormal:
         if self.num_outputs == 1:
             return MultivariateNormal(mean.reshape(-1), covar)
         return MultitaskMultivariateNormal(mean.reshape(-1, self.num_outputs), covar, interleaved=True)
 
-    def forward(self, x: Tensor) -> MultivariateNormal:
+    def forward(self, x: InputLike) -> MultivariateNormal:
         """The GP prior at ``x`` with the lazy NTK operator (no solves)."""
-        return self._distribution(self.mean_module(x), self.covar_module(x).evaluate_kernel())
-
-    def _training_covariance(self, prior_precision: Tensor) -> ExactNTKCovariance:
-        zeros = torch.zeros(self.solver.size, dtype=torch.float64, device=self.network.device)
-        return ExactNTKCovariance(prior_precision, zeros, solver=self.solver)
+        inputs = self.inputs(x)
+        return self._distribution(self.mean_module(inputs), self.covar_module.operator(inputs, inputs))
 
     def __call__(self, *args: Any, **kwargs: Any) -> MultivariateNormal:
-        x = self._flatten(args[0])
+        x = self.inputs(args[0])
         if gpytorch.settings.prior_mode.on():
             return self.forward(x)
         if self.training:
-            train_x = self.train_inputs[0]
-            if x.shape != train_x.shape or not torch.equal(x, train_x):
+            if not x.equal(self.train_x):
                 raise RuntimeError(
                     "in train mode LinearizedGP must be called on its training inputs "
                     "(call model.eval() to predict elsewhere)"
                 )
             if self.is_laplace:  # the prior at the training inputs; the evidence is log_evidence()
-                return self._distribution(self._train_mean, self.covar_module(x).evaluate_kernel())
+                return self._distribution(self.train_mean, self.covar_module.operator(self.train_x, self.train_x))
             if not self.solver.exact:
                 delta = self.prior_precision
                 self.update_added_loss_term(
-                    "approximation_correction", _CorrectionTerm(lambda: self.solver.correction(delta, self._noise()))
+                    "approximation_correction",
+                    _CorrectionTerm(lambda: self.solver.correction(delta, self.noise_diagonal())),
                 )
-            return self._distribution(self._train_mean, self._training_covariance(self.prior_precision))
+            zeros = torch.zeros(self.solver.size, dtype=torch.float64, device=self.network.device)
+            return self._distribution(self.train_mean, TrainingCovariance(self.prior_precision, zeros,
+                                                                          solver=self.solver))
         posterior = self.posterior()
-        return self._distribution(posterior.mean(x), PosteriorCovariance(x, posterior=posterior))
+        return self._distribution(posterior.mean(x), PosteriorCovariance(x=x, posterior=posterior))
 
     # ------------------------------------------------------------- posterior
-    def _noise(self) -> Tensor:
-        """The likelihood's noise on the training data, ``(N*C,)``, differentiable in its parameters."""
+    def noise_diagonal(self) -> Tensor:
+        """The likelihood's noise on the training data, ``(N*C,)``, float64, differentiable in its parameters."""
         m = self.num_data * self.num_outputs
         zero = ZeroLinearOperator(m, m, dtype=torch.float64, device=self.network.device)
         mean = torch.zeros(m, dtype=torch.float64, device=self.network.device)  # the noise does not depend on it
@@ -287,26 +328,28 @@ class LinearizedGP(ExactGP):
             raise NotImplementedError(f"the likelihood's noise must be diagonal, got {type(noise).__name__}")
         return noise.diagonal().to(torch.float64).expand(m)
 
-    def _residual(self) -> Tensor:
-        return (self.train_targets.to(torch.float64) - self._train_mean).reshape(-1)
+    def residual(self) -> Tensor:
+        """Training targets minus the prior mean, ``(N*C,)``, float64."""
+        return (self.train_targets.to(torch.float64) - self.train_mean).reshape(-1)
 
     @torch.no_grad()
     def posterior(self) -> Posterior:
-        """The exact posterior at the current hyperparameters (cached until they change).
+        """The posterior at the current hyperparameters (cached until they change).
 
         Gaussian likelihoods: the GP posterior. Others: the Laplace posterior, centred at the
-        MAP, with covariance :math:`J_*(J^\top\\Lambda J + P_0)^{-1}J_*^\top`.
+        MAP, with covariance :math:`J_*(J^\\top\\Lambda J + P_0)^{-1}J_*^\\top`.
         """
         delta = self.prior_precision.detach().clone()
-        key = (delta,) if self.is_laplace else (delta, self._noise().detach().clone())
+        key = (delta,) if self.is_laplace else (delta, self.noise_diagonal().detach().clone())
         if self._posterior is not None:
             old, post = self._posterior
             if all(torch.equal(a, b) for a, b in zip(old, key)):
                 return post
-        if self.is_laplace:
-            post = self.solver.laplace_posterior(delta)
+        solver = self.solver
+        if isinstance(solver, LaplaceSolver):
+            post = solver.laplace_posterior(delta)
         else:
-            post = self.solver.posterior(delta, key[1], self._residual())
+            post = solver.posterior(delta, key[1], self.residual())
         self._posterior = (key, post)
         return post
 
@@ -319,13 +362,13 @@ class LinearizedGP(ExactGP):
         :math:`\log p(y\mid\hat f) - \tfrac12\hat\theta^\top P_0\hat\theta - \tfrac12\log|I + B^\top K B|`.
         """
         delta = self.prior_precision
-        if self.is_laplace:
+        solver = self.solver
+        if isinstance(solver, LaplaceSolver):
             theta = self.network.flat_params.to(torch.float64)
-            prior = self.covar_module.groups.expand(delta.to(torch.float64), self.network.numels)
-            scatter = (prior * theta.square()).sum()
-            evidence = self.map_log_likelihood - 0.5 * scatter - 0.5 * self.solver.log_det(delta)
-            return evidence + self.solver.correction(delta, None)
-        noise = self._noise()
-        inv_quad, log_det = self.solver.inv_quad_logdet(delta, noise, self._residual().unsqueeze(-1), True)
-        evidence = -0.5 * (inv_quad.sum() + log_det + self.solver.size * math.log(2 * math.pi))
-        return evidence + self.solver.correction(delta, noise)
+            scatter = (self.layout.expand(delta.to(torch.float64)) * theta.square()).sum()
+            evidence = self.map_log_likelihood - 0.5 * scatter - 0.5 * solver.log_det(delta)
+            return evidence + solver.correction(delta, None)
+        noise = self.noise_diagonal()
+        inv_quad, log_det = solver.inv_quad_logdet(delta, noise, self.residual().unsqueeze(-1), True)
+        evidence = -0.5 * (inv_quad.sum() + log_det + solver.size * math.log(2 * math.pi))
+        return evidence + solver.correction(delta, noise)

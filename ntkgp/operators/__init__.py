@@ -1,8 +1,8 @@
-"""Lazy linear operators built on the network's jvp and vjp."""
+"""Lazy linear operators: thin adapters of :mod:`ntkgp.ntk` and of the solvers to linear_operator."""
 
-from ntkgp.operators.exact_ntk_covariance import ExactNTKCovariance
-from ntkgp.operators.jacobian_linear_operator import JacobianLinearOperator
-from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
+from ntkgp.operators.jacobian import JacobianLinearOperator
+from ntkgp.operators.ntk import NTKLinearOperator
 from ntkgp.operators.posterior_covariance import PosteriorCovariance
+from ntkgp.operators.training_covariance import TrainingCovariance
 
-__all__ = ["ExactNTKCovariance", "JacobianLinearOperator", "NTKLinearOperator", "PosteriorCovariance"]
+__all__ = ["JacobianLinearOperator", "NTKLinearOperator", "PosteriorCovariance", "TrainingCovariance"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator
+from linear_operator.utils.generic import _to_helper
 
 
 def expand_dense(op: LinearOperator, batch_shape: torch.Size) -> LinearOperator:
@@ -20,3 +23,12 @@ def expand_dense(op: LinearOperator, batch_shape: torch.Size) -> LinearOperator:
 def unsqueeze_dense(op: LinearOperator, dim: int) -> LinearOperator:
     """Add a batch dimension to a non-batched operator by densifying it once."""
     return DenseLinearOperator(op.to_dense().unsqueeze(dim))
+
+
+def to_same_device(op: LinearOperator, *args: Any, **kwargs: Any) -> LinearOperator:
+    """``op.to(...)`` for ntkgp's operators: they stay on the network's device; a dtype goes to ``op.type``."""
+    device, dtype = _to_helper(*args, **kwargs)
+    if device is not None and torch.device(device) != op.device:
+        raise ValueError(f"ntkgp's operators live on the network's device ({op.device}); move the network and "
+                         "build the model again instead")
+    return op if dtype is None or dtype == op.dtype else op.type(dtype)

@@ -2,18 +2,19 @@ r"""The exact predictive covariance of the latent function at test inputs, lazil
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ntkgp.memory import check_fits
-from ntkgp.operators._batch import expand_dense, unsqueeze_dense
-from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
+from ntkgp.network.inputs import Inputs
+from ntkgp.operators._batch import expand_dense, to_same_device, unsqueeze_dense
+from ntkgp.operators._columns import as_columns, from_columns
 
 if TYPE_CHECKING:
-    from ntkgp.solvers.base import Posterior
+    from ntkgp.posteriors.base import Posterior
 
 __all__ = ["PosteriorCovariance"]
 
@@ -27,8 +28,8 @@ class PosteriorCovariance(LinearOperator):
     ``matmul`` is lazy (vjp/jvp and the cached Cholesky).
     """
 
-    def __init__(self, x: Tensor, *, posterior: Posterior) -> None:
-        super().__init__(x, posterior=posterior)
+    def __init__(self, *, x: Inputs, posterior: Posterior) -> None:
+        super().__init__(x=x, posterior=posterior)
         self.x, self.posterior = x, posterior
         self._dense: Tensor | None = None
         self._diag: Tensor | None = None
@@ -42,7 +43,7 @@ class PosteriorCovariance(LinearOperator):
         return self.x.device
 
     def _size(self) -> torch.Size:
-        m = self.x.shape[0] * self.posterior.network.num_outputs
+        m = self.x.num * self.posterior.ntk.num_outputs
         return torch.Size((m, m))
 
     def _transpose_nonbatch(self) -> PosteriorCovariance:
@@ -51,12 +52,12 @@ class PosteriorCovariance(LinearOperator):
     def _matmul(self, rhs: Tensor) -> Tensor:
         if self._dense is not None:
             return self._dense.to(rhs.dtype) @ rhs
-        cols, batch = _as_columns(rhs)
+        cols, batch = as_columns(rhs)
         out = self.posterior.covariance_matmul(self.x, cols).to(rhs.dtype)
-        return _from_columns(out, batch, rhs.shape[-1])
+        return from_columns(out, batch, rhs.shape[-1])
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
-        return (None,)
+        return ()
 
     def _diagonal(self) -> Tensor:
         if self._diag is None:
@@ -67,7 +68,7 @@ class PosteriorCovariance(LinearOperator):
     def point_blocks(self) -> Tensor:
         """Per-point ``C x C`` covariance blocks, ``(N*, C, C)``, without forming the full matrix."""
         if self._dense is not None:
-            C = self.posterior.network.num_outputs
+            C = self.posterior.ntk.num_outputs
             n = self._dense.shape[0] // C
             return self._dense.reshape(n, C, n, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         return self.posterior.covariance_blocks(self.x)
@@ -78,6 +79,9 @@ class PosteriorCovariance(LinearOperator):
             check_fits(3 * 8 * m * m, f"the dense predictive covariance ({m} x {m}); use .variance", self.device)
             self._dense = self.posterior.covariance(self.x)
         return self._dense
+
+    def to(self, *args: Any, **kwargs: Any) -> LinearOperator:
+        return to_same_device(self, *args, **kwargs)
 
     def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
         return expand_dense(self, batch_shape)

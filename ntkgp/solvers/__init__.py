@@ -7,81 +7,55 @@ approximate routes for large N (:class:`Inducing`, :class:`Lanczos`, :class:`Con
 * :class:`WeightSpaceSolver`: Cholesky of :math:`P_0 + J^\top S^{-1} J`, ``P^3/3`` per
   evaluation, ``C P^2`` floats cached.
 
-``solver="auto"`` takes the weight-space form when ``P < N C`` (as the design asks), else
-kernel space. Both are direct: no CG, no stochastic trace estimates.
+``solver="auto"`` takes the weight-space form when ``P < N C``, else kernel space
+(:mod:`ntkgp.solvers.select`). Both are direct: no CG, no stochastic trace estimates.
 """
 
-from __future__ import annotations
-
-from torch import Tensor
-
-from ntkgp.cholesky import NotPositiveDefiniteError, cholesky
-from ntkgp.functional import FunctionalNetwork
-from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, Posterior, SolverBase, SolverSpec
-from ntkgp.solvers.conjugate_gradients import CGSolver, ConjugateGradients
-from ntkgp.solvers.inducing import Inducing, InducingLaplaceSolver, InducingPosterior, InducingSolver
-from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
+from ntkgp.errors import NoiseVariesError, NotPositiveDefiniteError
+from ntkgp.solvers.base import (
+    EvidenceOnlyGaussianSolver,
+    GaussianSolver,
+    LaplaceSolver,
+    SolverBase,
+    SolverSpec,
+    output_noise,
+)
+from ntkgp.solvers.conjugate_gradients import CGInfo, CGSolver, ConjugateGradients
+from ntkgp.solvers.inducing import Inducing, InducingLaplaceSolver, InducingSolver
+from ntkgp.solvers.kernel_space import KernelSpaceSolver
 from ntkgp.solvers.lanczos import Lanczos, LanczosLaplaceSolver, LanczosSolver
-from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver, make_laplace_solver
+from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver
+from ntkgp.solvers.select import ExactSolverName, choose_space, make_laplace_solver, make_solver
 from ntkgp.solvers.subset_of_data import SubsetOfData, SubsetOfDataLaplaceSolver, SubsetOfDataSolver
-from ntkgp.solvers.weight_space import WeightSpacePosterior, WeightSpaceSolver
+from ntkgp.solvers.weight_space import WeightSpaceSolver
 
 __all__ = [
-    "SubsetOfData",
-    "SubsetOfDataLaplaceSolver",
-    "SubsetOfDataSolver",
+    "CGInfo",
     "CGSolver",
     "ConjugateGradients",
-    "Posterior",
+    "EvidenceOnlyGaussianSolver",
+    "ExactSolverName",
     "GaussianSolver",
-    "KernelSpaceLaplaceSolver",
     "Inducing",
     "InducingLaplaceSolver",
-    "InducingPosterior",
     "InducingSolver",
-    "KernelSpacePosterior",
+    "KernelSpaceLaplaceSolver",
+    "KernelSpaceSolver",
     "Lanczos",
     "LanczosLaplaceSolver",
     "LanczosSolver",
     "LaplaceSolver",
-    "KernelSpaceSolver",
+    "NoiseVariesError",
     "NotPositiveDefiniteError",
     "SolverBase",
     "SolverSpec",
+    "SubsetOfData",
+    "SubsetOfDataLaplaceSolver",
+    "SubsetOfDataSolver",
     "WeightSpaceLaplaceSolver",
-    "WeightSpacePosterior",
     "WeightSpaceSolver",
-    "cholesky",
+    "choose_space",
     "make_laplace_solver",
     "make_solver",
+    "output_noise",
 ]
-
-SOLVERS: dict[str, type[GaussianSolver]] = {"kernel": KernelSpaceSolver, "weight": WeightSpaceSolver}
-
-
-def make_solver(
-    solver: str,
-    network: FunctionalNetwork,
-    groups: ParameterGroups,
-    x: Tensor,
-    budget: int,
-    *,
-    noise_varies_over_data: bool = False,
-) -> GaussianSolver:
-    """Build the exact solver named ``solver`` (``"auto"``, ``"kernel"`` or ``"weight"``).
-
-    ``"auto"`` picks weight space when ``P < N C`` and the noise is the same for every data
-    point (the dual form needs that), else kernel space.
-    """
-    if solver == "weight" and noise_varies_over_data:
-        raise ValueError(
-            "solver='weight' needs noise that is the same for every data point; this likelihood's "
-            "noise varies over the data (use solver='kernel' or 'auto')"
-        )
-    if solver == "auto":
-        small_net = network.num_parameters < x.shape[0] * network.num_outputs
-        solver = "weight" if small_net and not noise_varies_over_data else "kernel"
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be 'auto', 'kernel' or 'weight', got {solver!r}")
-    return SOLVERS[solver](network, groups, x, budget)

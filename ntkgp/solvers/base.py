@@ -1,9 +1,10 @@
-r"""The interface shared by the exact solvers.
+r"""The interface shared by the solvers, and the pieces they have in common.
 
-A solver holds everything about the training data that does not depend on the
-hyperparameters (per-group Grams or :math:`J^\top J`), computed once. Its methods take the
-current prior precisions ``delta`` ``(G,)`` and the noise diagonal ``noise`` ``(N*C,)`` as
-tensor arguments, so gradients flow to them by ordinary autograd.
+A solver holds what does not depend on the hyperparameters (per-group Grams, :math:`J^\top J`,
+a Krylov basis, inducing-point statistics), computed once from an
+:class:`~ntkgp.ntk.NTKProblem`. Its methods take the current prior precisions ``delta`` ``(G,)``
+and the noise diagonal ``noise`` ``(N*C,)`` as tensor arguments, so gradients flow to them by
+ordinary autograd. Solvers reach the network only through the products layer (:mod:`ntkgp.ntk`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,22 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky
-from ntkgp.functional import FunctionalNetwork
-from ntkgp.gram import ntk_gram_diagonal
-from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
-from ntkgp.parameter_groups import ParameterGroups
+from ntkgp.errors import NoiseVariesError
+from ntkgp.linalg.cholesky import cholesky
+from ntkgp.network.functional import FunctionalNetwork
+from ntkgp.ntk import EmpiricalNTK, NTKProblem, gram_diagonal, pullback
+from ntkgp.ntk.layout import PriorLayout
+from ntkgp.posteriors.base import Posterior
 
-__all__ = ["GaussianSolver", "LaplaceSolver", "Posterior", "SolverBase", "SolverSpec", "needs_grad"]
+__all__ = [
+    "EvidenceOnlyGaussianSolver",
+    "GaussianSolver",
+    "LaplaceSolver",
+    "SolverBase",
+    "SolverSpec",
+    "needs_grad",
+    "output_noise",
+]
 
 
 def needs_grad(*tensors: Tensor) -> bool:
@@ -28,25 +38,52 @@ def needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-class SolverBase:
-    """What every solver holds: the network, its prior groups, the training inputs, a budget.
+def output_noise(noise: Tensor, num_outputs: int, solver: str, *, per_output: bool = True) -> Tensor:
+    """One noise variance per output, ``(C,)``, float64, from the diagonal ``(N*C,)``; with
+    ``per_output=False``, one variance for every training output, ``(1,)``.
 
-    Parameters
-    ----------
-    network, groups:
-        The linearized network and its prior groups.
-    x:
-        Training inputs ``(N, D)``, flattened.
-    budget:
-        Bytes for Jacobian blocks in chunked passes.
+    Raises :class:`~ntkgp.errors.NoiseVariesError` (naming ``solver``) when the noise varies more
+    than that: these solvers factor the kernel once for all noise values.
     """
+    per_point = noise.reshape(-1, num_outputs if per_output else 1)
+    if not torch.equal(per_point.detach(), per_point[:1].detach().expand_as(per_point)):
+        needs = ("noise that is the same for every data point (per-output noise is fine)" if per_output
+                 else "one noise variance for every training output (e.g. GaussianLikelihood)")
+        raise NoiseVariesError(
+            f"the {solver} solver needs {needs}; this likelihood's noise varies over the data: use an exact "
+            "solver ('kernel') for it"
+        )
+    return per_point[0].to(torch.float64)
 
-    #: short name reported in docs and reprs: ``"kernel"`` or ``"weight"``
+
+class SolverBase:
+    """What every solver holds: the training problem (network, prior layout, inputs, budget)."""
+
+    #: short name reported in docs and reprs
     name: str = ""
+    #: whether the solver's evidence and posterior are exact (direct linear algebra)
+    exact: bool = True
 
-    def __init__(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> None:
-        self.network, self.groups, self.x, self.budget = network, groups, x, budget
+    def __init__(self, problem: NTKProblem) -> None:
+        self.problem = problem
         self._last_factor: tuple[tuple[Tensor, ...], Tensor] | None = None
+
+    @property
+    def ntk(self) -> EmpiricalNTK:
+        return self.problem.ntk
+
+    @property
+    def network(self) -> FunctionalNetwork:
+        return self.problem.network
+
+    @property
+    def layout(self) -> PriorLayout:
+        return self.problem.layout
+
+    @property
+    def size(self) -> int:
+        """M = N * C, the side of the training covariance."""
+        return self.problem.size
 
     def cached_factor(self, compute: Callable[[], Tensor], *key: Tensor) -> Tensor:
         """A Cholesky factor, reused when the hyperparameters ``key`` are unchanged.
@@ -66,7 +103,7 @@ class SolverBase:
     def factor_and_matrix(self, build: Callable[[], Tensor], what: str, *key: Tensor) -> tuple[Tensor, Tensor | None]:
         """The cached Cholesky factor of ``build()`` at the hyperparameters ``key`` (no gradient), and,
         when gradients are wanted, ``build()`` itself, differentiable, for
-        :func:`~ntkgp.cholesky.factored_inv_quad_logdet` (else ``None``).
+        :func:`~ntkgp.linalg.cholesky.factored_inv_quad_logdet` (else ``None``).
 
         The matrix is built once: when the factor is not cached it is factored from that matrix.
         """
@@ -74,22 +111,15 @@ class SolverBase:
         source = build if matrix is None else matrix.detach
         return self.cached_factor(lambda: cholesky(source(), what=what), *(k.detach() for k in key)), matrix
 
-    @property
-    def size(self) -> int:
-        """M = N * C, the side of the training covariance."""
-        return self.x.shape[0] * self.network.num_outputs
-
     def exact_diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
         """The diagonal of the exact :math:`K + S` (per-group squared Jacobian norms), ``(M,)``."""
-        per_group = ntk_gram_diagonal(self.network, self.groups, self.x, budget=self.budget)
+        per_group = gram_diagonal(self.ntk, self.problem.x)
         return delta.to(torch.float64).reciprocal() @ per_group + noise.to(torch.float64)
 
-    def ntk(self, delta: Tensor) -> NTKLinearOperator:
-        """The lazy NTK on the training inputs."""
-        return NTKLinearOperator(self.x, self.x, delta, network=self.network, groups=self.groups, budget=self.budget)
-
-    #: whether the solver's evidence and posterior are exact (direct linear algebra)
-    exact: bool = True
+    def posterior_weights(self, delta: Tensor, coefficients: Tensor) -> Tensor:
+        r""":math:`\bar\theta = P_0^{-1} J^\top \alpha` for kernel-space coefficients ``alpha`` ``(N*C,)``: ``(P,)``."""
+        cot = coefficients.reshape(1, self.problem.num_data, self.problem.num_outputs)
+        return pullback(self.ntk, self.problem.x, cot, scale=delta.to(torch.float64).reciprocal())[0]
 
     def correction(self, delta: Tensor, noise: Tensor | None) -> Tensor:
         r"""A term approximate solvers add to the log evidence, differentiable (zero here).
@@ -98,7 +128,7 @@ class SolverBase:
         :math:`-\tfrac12\operatorname{tr}(\Lambda (K - Q))`. ``noise`` is ``None`` for
         non-Gaussian likelihoods.
         """
-        return torch.zeros((), dtype=torch.float64, device=self.x.device)
+        return torch.zeros((), dtype=torch.float64, device=self.network.device)
 
 
 class GaussianSolver(SolverBase, ABC):
@@ -136,10 +166,14 @@ class GaussianSolver(SolverBase, ABC):
     def bilinear_derivative(
         self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor
     ) -> tuple[Tensor, Tensor]:
-        r"""Gradients of :math:`\sum_t l_t^\top (K + S) r_t` w.r.t. ``delta`` and ``noise``."""
-        grad_delta = self.ntk(delta.detach().requires_grad_(True))._bilinear_derivative(left, right)[2]
-        grad_noise = (left * right).sum(-1).to(noise.dtype)
-        return grad_delta, grad_noise
+        r"""Gradients of :math:`\sum_t l_t^\top (K + S) r_t` w.r.t. ``delta`` and ``noise``:
+        :math:`-\sum_t (J_g^\top l_t)\cdot(J_g^\top r_t)/\delta_g^2` (two pullbacks) and :math:`l \odot r`."""
+        x, C = self.problem.x, self.problem.num_outputs
+        u = pullback(self.ntk, x, left.T.reshape(left.shape[1], x.num, C))
+        v = pullback(self.ntk, x, right.T.reshape(right.shape[1], x.num, C))
+        per_group = self.layout.group_sums((u * v).sum(0))
+        grad_delta = -per_group / delta.detach().to(torch.float64).square()
+        return grad_delta.to(delta.dtype), (left * right).sum(-1).to(noise.dtype)
 
 
 class EvidenceOnlyGaussianSolver(GaussianSolver, ABC):
@@ -173,7 +207,11 @@ class EvidenceOnlyGaussianSolver(GaussianSolver, ABC):
 
 class LaplaceSolver(SolverBase, ABC):
     r"""Linear algebra for the Laplace GP of a non-Gaussian likelihood, with the per-point GGN
-    blocks :math:`\Lambda = BB^\top` fixed at the MAP."""
+    blocks :math:`\Lambda = BB^\top` fixed at the MAP (``hessian_root`` ``B`` ``(N, C, C)``)."""
+
+    def __init__(self, problem: NTKProblem, hessian_root: Tensor) -> None:
+        super().__init__(problem)
+        self.hessian_root = hessian_root
 
     @abstractmethod
     def log_det(self, delta: Tensor) -> Tensor:
@@ -196,54 +234,9 @@ class SolverSpec(ABC):
             raise ValueError(f"{type(self).__name__} {name} must be {allowed}, got {value!r}")
 
     @abstractmethod
-    def gaussian(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> GaussianSolver:
-        """The solver for a Gaussian likelihood on training inputs ``x`` ``(N, D)``."""
+    def gaussian(self, problem: NTKProblem) -> GaussianSolver:
+        """The solver for a Gaussian likelihood."""
 
     @abstractmethod
-    def laplace(
-        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, hessian_factor: Tensor
-    ) -> LaplaceSolver:
-        """The solver for a Laplace likelihood with per-point GGN factors ``B`` ``(N, C, C)``."""
-
-
-class Posterior(ABC):
-    r"""The GP posterior on a fixed set of hyperparameters, with no gradients.
-
-    Its mean is :math:`\mu(x_*) = f(x_*;\hat\theta) + J(x_*)(\bar\theta - \hat\theta)`, where
-    :math:`\bar\theta` (``weights``) is the posterior mean of the linearized model's weights.
-    """
-
-    def __init__(self, network: FunctionalNetwork, groups: ParameterGroups, weights: Tensor, budget: int) -> None:
-        self.network, self.groups, self.budget = network, groups, budget
-        #: posterior mean weights, ``(P,)``, float64
-        self.weights = weights
-
-    @torch.no_grad()
-    def mean(self, x: Tensor) -> Tensor:
-        """Predictive mean, ``(N*, C)``, float64."""
-        f = self.network.forward(x).to(torch.float64)
-        shift = (self.weights - self.network.flat_params.to(torch.float64)).unsqueeze(0)
-        if not shift.any():  # the Laplace posterior is centred at the MAP: the mean is f(x)
-            return f
-        return f + self.network.jvp(x, shift)[0].to(torch.float64)
-
-    def rows_per_block(self, cols: int) -> int:
-        """Test points per block so that a ``(block * C) x cols`` float64 matrix fits the budget."""
-        return max(1, self.budget // (8 * 4 * self.network.num_outputs * max(cols, 1)))
-
-    @abstractmethod
-    def covariance_blocks(self, x: Tensor) -> Tensor:
-        """Per-point ``C x C`` blocks of the predictive covariance, ``(N*, C, C)``, float64; memory
-        linear in the number of test points."""
-
-    @abstractmethod
-    def covariance(self, x: Tensor) -> Tensor:
-        """Dense predictive covariance of the latent function, ``(N*C, N*C)``, float64."""
-
-    @abstractmethod
-    def covariance_diagonal(self, x: Tensor) -> Tensor:
-        """Predictive variances, ``(N*C,)``, float64, chunked over test points."""
-
-    @abstractmethod
-    def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
-        """Predictive covariance times ``rhs`` ``(N*C, t)``, lazily."""
+    def laplace(self, problem: NTKProblem, hessian_root: Tensor) -> LaplaceSolver:
+        """The solver for a Laplace likelihood with per-point GGN roots ``B`` ``(N, C, C)``."""

@@ -3,10 +3,10 @@ quadrature for the log-determinant, and a LOVE-style cache for predictive varian
 
 Nothing of size ``M x M`` (``M = N C``) or ``N x P`` is formed. Every product with
 :math:`A = K(\delta) + S` is one batched vjp and one batched jvp over the training data
-(:class:`~ntkgp.operators.ntk_linear_operator.NTKLinearOperator`), for all right-hand sides at once.
+(:func:`~ntkgp.ntk.kernel_matmul`), for all right-hand sides at once.
 
 **Preconditioner.** :math:`P = LL^\top + S`, with :math:`L` ``(M, k)`` from a partial pivoted
-Cholesky of :math:`K` (the NTK diagonal from :func:`~ntkgp.gram.ntk_gram_diagonal`, cached once;
+Cholesky of :math:`K` (the NTK diagonal from :func:`~ntkgp.ntk.gram_diagonal`, cached once;
 the columns at the pivots by batched products, recomputed when :math:`\delta` changes), applied by
 Woodbury, with exact :math:`\log|P|` (:mod:`ntkgp.linalg.preconditioner`).
 
@@ -52,18 +52,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky
-from ntkgp.functional import FunctionalNetwork
-from ntkgp.gram import ntk_gram_diagonal
 from ntkgp.linalg.cg import CGResult, conjugate_gradients
+from ntkgp.linalg.cholesky import cholesky
 from ntkgp.linalg.lanczos_decomposition import lanczos_decomposition
 from ntkgp.linalg.preconditioner import LowRankPlusDiagonal, pivoted_cholesky
 from ntkgp.linalg.slq import rademacher, slq_log_det
 from ntkgp.memory import check_fits
-from ntkgp.operators.ntk_linear_operator import NTKLinearOperator
-from ntkgp.parameter_groups import ParameterGroups
+from ntkgp.ntk import NTKProblem, gram, gram_diagonal, kernel_matmul_columns, pullback
+from ntkgp.posteriors.low_rank import LowRankPosterior
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverSpec
-from ntkgp.solvers.low_rank_posterior import LowRankPosterior
 
 __all__ = ["CGInfo", "CGSolver", "ConjugateGradients"]
 
@@ -125,11 +122,11 @@ class ConjugateGradients(SolverSpec):
         if self.probes not in ("rademacher", "basis"):
             raise ValueError(f"probes must be 'rademacher' or 'basis', got {self.probes!r}")
 
-    def gaussian(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> CGSolver:
-        return CGSolver(network, groups, x, budget, self)
+    def gaussian(self, problem: NTKProblem) -> CGSolver:
+        return CGSolver(problem, self)
 
     def laplace(
-        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, hessian_factor: Tensor
+        self, problem: NTKProblem, hessian_root: Tensor
     ) -> LaplaceSolver:
         raise NotImplementedError(
             "ConjugateGradients supports Gaussian likelihoods only; for the Laplace GP of a "
@@ -174,12 +171,12 @@ class CGSolver(GaussianSolver):
     exact = False
 
     def __init__(
-        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, spec: ConjugateGradients
+        self, problem: NTKProblem, spec: ConjugateGradients
     ) -> None:
-        super().__init__(network, groups, x, budget)
+        super().__init__(problem)
         self.spec = spec
         #: per-group NTK diagonals, ``(G, M)``, float64
-        self.group_diagonals = ntk_gram_diagonal(network, groups, x, budget=budget)
+        self.group_diagonals = gram_diagonal(self.ntk, problem.x)
         self.last_info: CGInfo | None = None
         self._factor_cache: tuple[Tensor, Tensor] | None = None
 
@@ -187,7 +184,8 @@ class CGSolver(GaussianSolver):
     def _kernel_matmul(self, delta: Tensor, rhs: Tensor) -> Tensor:
         # shape: (M, t) -> (M, t), no gradients
         with torch.no_grad():
-            return self.ntk(delta.detach())._matmul(rhs.to(self.network.dtype)).to(torch.float64)
+            x = self.problem.x
+            return kernel_matmul_columns(self.ntk, x, x, delta.detach().reciprocal(), rhs.to(self.network.dtype))
 
     def _operator(self, delta: Tensor, noise: Tensor) -> Callable[[Tensor], Tensor]:
         """:math:`V \\mapsto (K + S) V` for ``V`` ``(M, t)``, no gradients."""
@@ -196,14 +194,13 @@ class CGSolver(GaussianSolver):
 
     def _pivot_columns(self, delta: Tensor, index: Tensor) -> Tensor:
         """:math:`K[:, \\text{index}]` ``(M, b)``: one vjp at the pivot points, one jvp on all data."""
-        C = self.network.num_outputs
+        C = self.problem.num_outputs
         points, inverse = torch.unique(torch.div(index, C, rounding_mode="floor"), return_inverse=True)
         select = torch.zeros(points.numel() * C, index.numel(), dtype=self.network.dtype, device=index.device)
         select[inverse * C + index % C, torch.arange(index.numel(), device=index.device)] = 1
-        op = NTKLinearOperator(self.x, self.x[points], delta.detach(), network=self.network, groups=self.groups,
-                               budget=self.budget)
+        x = self.problem.x
         with torch.no_grad():
-            return op._matmul(select).to(torch.float64)
+            return kernel_matmul_columns(self.ntk, x, x[points], delta.detach().reciprocal(), select)
 
     def _low_rank_factor(self, delta: Tensor, noise: Tensor) -> Tensor:
         """Pivoted-Cholesky :math:`L` ``(M, k)`` of :math:`K(\\delta)`, cached per ``delta`` and
@@ -213,7 +210,7 @@ class CGSolver(GaussianSolver):
             return self._factor_cache[1]
         rank = min(self.spec.preconditioner_rank, self.size)
         if rank == 0:
-            factor = torch.zeros(self.size, 0, dtype=torch.float64, device=self.x.device)
+            factor = torch.zeros(self.size, 0, dtype=torch.float64, device=self.network.device)
         else:
             check_fits(8 * 3 * self.size * rank, f"the rank-{rank} preconditioner", self.network.device)
             diagonal = delta.detach().to(torch.float64).reciprocal() @ self.group_diagonals
@@ -254,9 +251,9 @@ class CGSolver(GaussianSolver):
     def probe_vectors(self) -> tuple[Tensor, float]:
         """Probes :math:`w` ``(M, s)`` and the weight of each in the trace (``1/s``, or 1 for a basis)."""
         if self.spec.probes == "basis":
-            return torch.eye(self.size, dtype=torch.float64, device=self.x.device), 1.0
+            return torch.eye(self.size, dtype=torch.float64, device=self.network.device), 1.0
         generator = torch.Generator().manual_seed(self.spec.seed)
-        return rademacher(self.size, self.spec.num_probes, generator, self.x.device), 1.0 / self.spec.num_probes
+        return rademacher(self.size, self.spec.num_probes, generator, self.network.device), 1.0 / self.spec.num_probes
 
     # ------------------------------------------------------- GaussianSolver
     def inv_quad_logdet(
@@ -270,9 +267,10 @@ class CGSolver(GaussianSolver):
         return _Solve.apply(delta, noise, rhs.to(torch.float64), self)
 
     def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
-        M, G = self.size, self.groups.num_groups
+        M, G = self.size, self.layout.num_groups
         check_fits(8 * (G + 2) * M * M, f"the dense training kernel ({M} x {M})", self.network.device)
-        return self.ntk(delta).to_dense().to(torch.float64) + torch.diag_embed(noise.to(torch.float64).expand(M))
+        kernel = self.layout.weighted(delta.to(torch.float64).reciprocal(), gram(self.ntk, self.problem.x))
+        return kernel + torch.diag_embed(noise.to(torch.float64).expand(M))
 
     def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
         return self._operator(delta, noise.expand(self.size))(rhs.to(torch.float64))
@@ -296,13 +294,13 @@ class CGSolver(GaussianSolver):
         if info is not None:
             info.variance_rank = q.shape[-1]
             self.last_info = info
-        return LowRankPosterior(self.network, self.groups, self.budget, delta, weights, directions)
+        return LowRankPosterior(self.ntk, delta, weights, directions)
 
     def _pull_back(self, delta: Tensor, columns: Tensor) -> Tensor:
         r""":math:`(P_0^{-1} J^\top V)^\top` for ``V`` ``(M, t)``: ``(t, P)``, float64."""
-        cot = columns.T.reshape(columns.shape[-1], self.x.shape[0], self.network.num_outputs)
-        pulled = self.network.vjp(self.x, cot).to(torch.float64)
-        return self.groups.scale_tangents(pulled, delta.to(torch.float64).reciprocal(), self.network.offsets)
+        x = self.problem.x
+        cot = columns.T.reshape(columns.shape[-1], x.num, self.problem.num_outputs)
+        return pullback(self.ntk, x, cot, scale=delta.to(torch.float64).reciprocal())
 
 
 class _InvQuadLogDet(torch.autograd.Function):

@@ -23,15 +23,18 @@ points.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ntkgp.functional import FunctionalNetwork
-from ntkgp.inducing.selection import check_count, checked_indices, random_points
-from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import EvidenceOnlyGaussianSolver, LaplaceSolver, Posterior, SolverSpec
-from ntkgp.solvers.kernel_space import KernelSpacePosterior, KernelSpaceSolver
+from ntkgp._random import default_generator
+from ntkgp.ntk import NTKProblem
+from ntkgp.posteriors.base import Posterior
+from ntkgp.posteriors.kernel_space import KernelSpacePosterior
+from ntkgp.solvers.base import EvidenceOnlyGaussianSolver, LaplaceSolver, SolverBase, SolverSpec
+from ntkgp.solvers.inducing.selection import check_count, checked_indices, random_points
+from ntkgp.solvers.kernel_space import KernelSpaceSolver
 from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver
 
 __all__ = ["SubsetOfData", "SubsetOfDataLaplaceSolver", "SubsetOfDataSolver"]
@@ -53,13 +56,14 @@ class SubsetOfData(SolverSpec):
         ``"posterior"`` (the subset GP's mean) or ``"network"`` (:math:`f(x_*;\\hat\\theta)`, as
         laplace-torch). Laplace likelihoods always use the network.
     generator:
-        Random source for the subset.
+        Random source for the subset (default: a generator seeded with ``0``; the global RNG is
+        never used).
     """
 
     num_points: int = 1000
     indices: Tensor | None = None
     rescale_prior: bool = True
-    mean: str = "posterior"
+    mean: Literal["posterior", "network"] = "posterior"
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
@@ -69,33 +73,27 @@ class SubsetOfData(SolverSpec):
         if self.indices is not None:
             return checked_indices(self.indices, n, "subset")
         check_count(self.num_points, n, "num_points")
-        return random_points(n, self.num_points, self.generator)
+        return random_points(n, self.num_points, default_generator(self.generator))
 
-    def gaussian(
-        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int
-    ) -> SubsetOfDataSolver:
-        return SubsetOfDataSolver(network, groups, x, budget, self._indices(x.shape[0]), self.rescale_prior,
-                                  mean=self.mean)
+    def gaussian(self, problem: NTKProblem) -> SubsetOfDataSolver:
+        return SubsetOfDataSolver(problem, self._indices(problem.num_data), self.rescale_prior, mean=self.mean)
 
-    def laplace(
-        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, hessian_factor: Tensor
-    ) -> SubsetOfDataLaplaceSolver:
-        idx = self._indices(x.shape[0])
-        return SubsetOfDataLaplaceSolver(network, groups, x, budget, idx, self.rescale_prior, hessian_factor)
+    def laplace(self, problem: NTKProblem, hessian_root: Tensor) -> SubsetOfDataLaplaceSolver:
+        return SubsetOfDataLaplaceSolver(problem, self._indices(problem.num_data), self.rescale_prior, hessian_root)
 
 
 class _Subset:
     """Shared bookkeeping: the kept points, their rows, the prior and evidence scales."""
 
-    def _setup(self, network: FunctionalNetwork, x: Tensor, indices: Tensor, rescale_prior: bool) -> Tensor:
-        n, C = x.shape[0], network.num_outputs
-        self.indices = indices.to(x.device)
+    def _setup(self, problem: NTKProblem, indices: Tensor, rescale_prior: bool) -> NTKProblem:
+        n, C, device = problem.num_data, problem.num_outputs, problem.network.device
+        self.indices = indices.to(device)
         #: rows of the kept points in the point-major ``(N*C,)`` layout
-        self.rows = (self.indices[:, None] * C + torch.arange(C, device=x.device)).reshape(-1)
+        self.rows = (self.indices[:, None] * C + torch.arange(C, device=device)).reshape(-1)
         #: N / M: multiplies the prior precisions (if rescaled) and the subset's evidence terms
         self.ratio = n / indices.numel()
         self.prior_scale = self.ratio if rescale_prior else 1.0
-        return x[self.indices]
+        return problem.on(problem.x[self.indices])
 
 
 class SubsetOfDataSolver(_Subset, EvidenceOnlyGaussianSolver):
@@ -104,12 +102,11 @@ class SubsetOfDataSolver(_Subset, EvidenceOnlyGaussianSolver):
     name = "subset"
 
     def __init__(
-        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, indices: Tensor,
-        rescale_prior: bool, *, mean: str = "posterior",
+        self, problem: NTKProblem, indices: Tensor, rescale_prior: bool, *, mean: str = "posterior",
     ) -> None:
-        super().__init__(network, groups, x, budget)
+        SolverBase.__init__(self, problem)
         #: the exact solver of the subset
-        self.inner = KernelSpaceSolver(network, groups, self._setup(network, x, indices, rescale_prior), budget)
+        self.inner = KernelSpaceSolver(self._setup(problem, indices, rescale_prior))
         self.mean = mean
 
     def _noise(self, noise: Tensor) -> Tensor:
@@ -127,8 +124,8 @@ class SubsetOfDataSolver(_Subset, EvidenceOnlyGaussianSolver):
     def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> Posterior:
         scaled = delta.detach() * self.prior_scale
         if self.mean == "network":
-            factor = self.inner._factor(scaled, self._noise(noise.detach()))
-            return KernelSpacePosterior(self.inner, scaled, factor, self.network.flat_params.to(torch.float64))
+            factor = self.inner.factor(scaled, self._noise(noise.detach()))
+            return KernelSpacePosterior(self.inner.problem, scaled, factor, self.network.flat_params.to(torch.float64))
         return self.inner.posterior(scaled, self._noise(noise.detach()), residual.reshape(-1)[self.rows])
 
 
@@ -138,13 +135,10 @@ class SubsetOfDataLaplaceSolver(_Subset, LaplaceSolver):
     name = "subset"
     exact = False
 
-    def __init__(
-        self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int, indices: Tensor,
-        rescale_prior: bool, hessian_factor: Tensor,
-    ) -> None:
-        super().__init__(network, groups, x, budget)
-        subset = self._setup(network, x, indices, rescale_prior)
-        self.inner = KernelSpaceLaplaceSolver(network, groups, subset, budget, hessian_factor[self.indices])
+    def __init__(self, problem: NTKProblem, indices: Tensor, rescale_prior: bool, hessian_root: Tensor) -> None:
+        LaplaceSolver.__init__(self, problem, hessian_root)
+        subset = self._setup(problem, indices, rescale_prior)
+        self.inner = KernelSpaceLaplaceSolver(subset, hessian_root[self.indices])
 
     def log_det(self, delta: Tensor) -> Tensor:
         """:math:`\\tfrac{N}{M}\\log|I + B_S^\\top K_{SS} B_S|` at :math:`\\delta N/M` (if rescaled)."""

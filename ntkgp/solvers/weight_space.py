@@ -17,146 +17,126 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.cholesky import cholesky, cholesky_solve, factored_inv_quad_logdet
-from ntkgp.functional import FunctionalNetwork
-from ntkgp.gram import jacobian_outer_products
+from ntkgp.linalg.cholesky import cholesky, cholesky_solve, factored_inv_quad_logdet
 from ntkgp.memory import check_fits
-from ntkgp.operators.jacobian_linear_operator import JacobianLinearOperator
-from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.base import GaussianSolver, Posterior, SolverBase
+from ntkgp.ntk import NTKProblem, gram, jacobian_outer, pullback, pushforward
+from ntkgp.posteriors.weight_space import WeightSpacePosterior
+from ntkgp.solvers.base import GaussianSolver, output_noise
 
-__all__ = ["WeightSpacePosterior", "WeightSpaceSolver"]
+__all__ = ["WeightSpaceSolver"]
 
 
 class WeightSpaceSolver(GaussianSolver):
     """Cholesky of the ``P x P`` posterior precision, from cached per-output :math:`J_c^\\top J_c`."""
 
     name = "weight"
+    _WHAT = "the posterior precision (P0 + J^T S^-1 J)"
 
-    def __init__(self, network: FunctionalNetwork, groups: ParameterGroups, x: Tensor, budget: int) -> None:
-        super().__init__(network, groups, x, budget)
-        P, C = network.num_parameters, network.num_outputs
-        check_fits(8 * (C + 2) * P * P, f"the weight-space solver ({C} matrices of {P} x {P})", network.device)
+    def __init__(self, problem: NTKProblem) -> None:
+        super().__init__(problem)
+        P, C = self.network.num_parameters, problem.num_outputs
+        check_fits(8 * (C + 2) * P * P, f"the weight-space solver ({C} matrices of {P} x {P})", self.network.device)
         #: per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64
-        self.outer = jacobian_outer_products(network, x, per_output=C > 1, budget=budget)
-        self.jacobian = JacobianLinearOperator(x, network=network)
-
-    def _output_noise(self, noise: Tensor) -> Tensor:
-        # shape: noise (N*C,) -> (C,); the dual form needs noise constant over data points
-        per_point = noise.to(torch.float64).reshape(self.x.shape[0], self.network.num_outputs)
-        if not torch.equal(per_point, per_point[:1].expand_as(per_point)):
-            raise NotImplementedError(
-                "the weight-space solver needs noise that is the same for every data point "
-                "(per-output noise is fine); use solver='kernel' for per-point noise"
-            )
-        return per_point[0]
+        self.outer = jacobian_outer(self.ntk, problem.x, per_output=C > 1)
 
     def _precision(self, delta: Tensor, noise_c: Tensor) -> Tensor:
-        prior = self.groups.expand(delta.to(torch.float64), self.network.numels)
+        prior = self.layout.expand(delta.to(torch.float64))
         if self.outer.shape[0] == 1:
             data = self.outer[0] / noise_c[0]
         else:
             data = torch.einsum("c,cpq->pq", noise_c.reciprocal(), self.outer)
         return data + torch.diag_embed(prior)
 
-    _WHAT = "the posterior precision (P0 + J^T S^-1 J)"
-
     def _factor(self, delta: Tensor, noise_c: Tensor) -> Tensor:
         return self.cached_factor(lambda: cholesky(self._precision(delta, noise_c), what=self._WHAT), delta, noise_c)
 
     def _pull(self, rhs: Tensor, noise_c: Tensor) -> Tensor:
-        r"""``b = J^T S^{-1} rhs``, ``(P, t)``, differentiable in ``rhs`` and the noise."""
-        N, C = self.x.shape[0], self.network.num_outputs
-        rhs = rhs.to(torch.float64)
-        if self.outer.shape[0] == 1:
-            return self.jacobian.mT.matmul(rhs.to(self.network.dtype)).to(torch.float64) / noise_c[0]
-        scaled = (rhs.reshape(N, C, -1) / noise_c.reshape(1, C, 1)).reshape(N * C, -1)
-        return self.jacobian.mT.matmul(scaled.to(self.network.dtype)).to(torch.float64)
+        r"""``b = J^T S^{-1} rhs``, ``(P, t)``, float64."""
+        N, C = self.problem.num_data, self.problem.num_outputs
+        scaled = rhs.to(torch.float64).reshape(N, C, -1) / noise_c.reshape(1, C, 1)  # shape: (N, C, t)
+        return pullback(self.ntk, self.problem.x, scaled.permute(2, 0, 1)).T
 
     def inv_quad_logdet(
         self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
     ) -> tuple[Tensor, Tensor]:
-        noise_c = self._output_noise(noise)
+        noise_c = output_noise(noise, self.problem.num_outputs, "weight-space")
         factor, matrix = self.factor_and_matrix(lambda: self._precision(delta, noise_c), self._WHAT, delta, noise_c)
         zero = torch.zeros((), dtype=torch.float64, device=factor.device)
         inv_quad, data_term, pulled = zero, zero, None
         if rhs is not None:
-            N, C = self.x.shape[0], self.network.num_outputs
+            N, C = self.problem.num_data, self.problem.num_outputs
             r = rhs.to(torch.float64)
             data_term = (r.reshape(N, C, -1).square() / noise_c.reshape(1, C, 1)).sum((0, 1))
-            pulled = self._pull(r, noise_c)
+            pulled = self._pull(r.detach(), noise_c.detach())
+            if rhs.requires_grad or noise_c.requires_grad:  # b is linear in r and S^-1: its gradient by autograd
+                pulled = self._pull_differentiable(r, noise_c, pulled)
         quad, log_det_precision = factored_inv_quad_logdet(factor, pulled, matrix)
         if rhs is not None:
             inv_quad = data_term - quad
         log_det = zero
         if logdet:
-            prior = self.groups.expand(delta.to(torch.float64), self.network.numels)
-            log_det = self.x.shape[0] * noise_c.log().sum() - prior.log().sum() + log_det_precision
+            prior = self.layout.expand(delta.to(torch.float64))
+            log_det = self.problem.num_data * noise_c.log().sum() - prior.log().sum() + log_det_precision
         return inv_quad, log_det
+
+    def _pull_differentiable(self, r: Tensor, noise_c: Tensor, pulled: Tensor) -> Tensor:
+        """``b`` with the gradient of :math:`J^\\top S^{-1} r` in ``r`` and ``noise_c`` (the Jacobian is fixed)."""
+        return _LinearPull.apply(r, noise_c, pulled, self)
 
     def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
         # (K + S)^{-1} r = S^{-1} r - S^{-1} J A^{-1} J^T S^{-1} r
-        N, C = self.x.shape[0], self.network.num_outputs
-        noise_c = self._output_noise(noise)
+        N, C = self.problem.num_data, self.problem.num_outputs
+        noise_c = output_noise(noise, C, "weight-space")
         factor = self._factor(delta, noise_c)
         r = rhs.to(torch.float64)
-        inner = cholesky_solve(self._pull(r, noise_c), factor)
-        back = self.jacobian.matmul(inner.to(self.network.dtype)).to(torch.float64)
+        inner = cholesky_solve(self._pull(r, noise_c), factor)  # shape: (P, t)
+        back = pushforward(self.ntk, self.problem.x, inner.T)  # shape: (t, N, C)
+        back = back.reshape(back.shape[0], -1).T.to(torch.float64)
         return ((r - back).reshape(N, C, -1) / noise_c.reshape(1, C, 1)).reshape(N * C, -1)
 
     def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
-        return self.ntk(delta).to_dense().to(torch.float64) + torch.diag_embed(noise.to(torch.float64))
+        weights = delta.to(torch.float64).reciprocal()
+        kernel = self.layout.weighted(weights, gram(self.ntk, self.problem.x))
+        return kernel + torch.diag_embed(noise.to(torch.float64))
 
     def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
+        from ntkgp.ntk import kernel_matmul
+
         with torch.no_grad():
             rhs = rhs.to(torch.float64)
-            return self.ntk(delta)._matmul(rhs) + noise.to(torch.float64).unsqueeze(-1) * rhs
+            x, C = self.problem.x, self.problem.num_outputs
+            out = kernel_matmul(self.ntk, x, x, delta.detach().reciprocal(), rhs.T.reshape(rhs.shape[1], x.num, C))
+            return out.reshape(out.shape[0], -1).T.to(torch.float64) + noise.to(torch.float64).unsqueeze(-1) * rhs
 
     def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
-        return self.ntk(delta)._diagonal().to(torch.float64) + noise.to(torch.float64)
+        return self.exact_diagonal(delta, noise)
 
     @torch.no_grad()
     def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> WeightSpacePosterior:
         delta, noise = delta.detach(), noise.detach()
-        noise_c = self._output_noise(noise)
+        noise_c = output_noise(noise, self.problem.num_outputs, "weight-space")
         factor = self._factor(delta, noise_c)
-        b = self._pull(residual.reshape(-1, 1), noise_c)
-        weights = cholesky_solve(b, factor)[:, 0]
-        return WeightSpacePosterior(self, factor, weights)
+        weights = cholesky_solve(self._pull(residual.reshape(-1, 1), noise_c), factor)[:, 0]
+        return WeightSpacePosterior(self.ntk, factor, weights)
 
 
-class WeightSpacePosterior(Posterior):
-    r"""Predictive covariance :math:`J_* A^{-1} J_*^\top` (the GLM predictive)."""
+class _LinearPull(torch.autograd.Function):
+    r""":math:`b = J^\top S^{-1} r` (computed), with gradients in ``r`` and the per-output noise."""
 
-    def __init__(self, solver: SolverBase, factor: Tensor, weights: Tensor) -> None:
-        super().__init__(solver.network, solver.groups, weights, solver.budget)
-        self.solver, self.factor = solver, factor
+    @staticmethod
+    def forward(ctx, r: Tensor, noise_c: Tensor, pulled: Tensor, solver: WeightSpaceSolver) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(r, noise_c)
+        ctx.solver = solver
+        return pulled
 
-    def _solved_jacobian(self, x: Tensor) -> Tensor:
-        # shape: x (n, D) -> V = L^{-1} J_*^T, (P, n*C)
-        jac = self.network.jacobian_block(x).reshape(-1, self.network.num_parameters).to(torch.float64)
-        return torch.linalg.solve_triangular(self.factor, jac.T, upper=False)
-
-    @torch.no_grad()
-    def covariance(self, x: Tensor) -> Tensor:
-        v = self._solved_jacobian(x)
-        return v.T @ v
-
-    @torch.no_grad()
-    def covariance_blocks(self, x: Tensor) -> Tensor:
-        C = self.network.num_outputs
-        parts = []
-        for _, xb in self.network.chunks(x, self.rows_per_block(self.network.num_parameters), desc="predictive"):
-            v = self._solved_jacobian(xb).reshape(-1, xb.shape[0], C)  # shape: (P, n, C)
-            parts.append(torch.einsum("pnc,pnd->ncd", v, v))
-        return torch.cat(parts)
-
-    @torch.no_grad()
-    def covariance_diagonal(self, x: Tensor) -> Tensor:
-        return self.covariance_blocks(x).diagonal(dim1=-2, dim2=-1).reshape(-1)
-
-    @torch.no_grad()
-    def covariance_matmul(self, x: Tensor, rhs: Tensor) -> Tensor:
-        jac = JacobianLinearOperator(x, network=self.network)
-        inner = cholesky_solve(jac._t_matmul(rhs.to(self.network.dtype)).to(torch.float64), self.factor)
-        return jac._matmul(inner.to(self.network.dtype)).to(torch.float64)
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        r, noise_c = ctx.saved_tensors
+        solver: WeightSpaceSolver = ctx.solver
+        N, C = solver.problem.num_data, solver.problem.num_outputs
+        # J grad: (N*C, t); d b / d r = J^T S^{-1}, d b / d s_c = -J_c^T r_c / s_c^2
+        pushed = pushforward(solver.ntk, solver.problem.x, grad.T).to(torch.float64)  # shape: (t, N, C)
+        pushed = pushed.permute(1, 2, 0)  # shape: (N, C, t)
+        grad_r = (pushed / noise_c.reshape(1, C, 1)).reshape(N * C, -1)
+        grad_noise = -(pushed * r.reshape(N, C, -1)).sum((0, 2)) / noise_c.square()
+        return grad_r, grad_noise, None, None

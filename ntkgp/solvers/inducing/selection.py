@@ -16,16 +16,21 @@ Three rules, each returning sorted indices into the training inputs:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor
 
-from ntkgp._random import draw_device
-from ntkgp.functional import FunctionalNetwork
-from ntkgp.gram import ntk_gram
-from ntkgp.parameter_groups import ParameterGroups
+from ntkgp._random import default_generator, draw_device
+from ntkgp.network.inputs import Inputs
+from ntkgp.ntk import NTKProblem
+from ntkgp.ntk import gram as ntk_gram
+
+#: The selection rules by name.
+SelectionRule: TypeAlias = Literal["auto", "kmeans", "pivoted_cholesky", "random"]
 
 __all__ = [
+    "SelectionRule",
     "check_count",
     "checked_indices",
     "kmeans_points",
@@ -135,13 +140,10 @@ def kmeans_points(
 
 
 def pivoted_cholesky_points(
-    network: FunctionalNetwork,
-    groups: ParameterGroups,
-    x: Tensor,
+    problem: NTKProblem,
     num_inducing: int,
     delta: Tensor,
     *,
-    budget: int,
     pool_size: int = DEFAULT_POOL_SIZE,
     generator: torch.Generator | None = None,
     tolerance: float = 1e-10,
@@ -152,12 +154,11 @@ def pivoted_cholesky_points(
     ``tolerance`` times the largest prior trace (the NTK's rank on the pool is exhausted).
     Cost: the pool's Gram ``(n C)^2`` and ``O(n C \cdot (M C)^2)`` for the factorization.
     """
-    n, C = x.shape[0], network.num_outputs
+    n, C = problem.num_data, problem.num_outputs
     pool_size = max(pool_size // C, 2 * num_inducing)  # pool_size counts kernel rows (points x C)
     pool = torch.arange(n, device="cpu") if n <= pool_size else random_points(n, pool_size, generator)
-    grams = ntk_gram(network, groups, x[pool.to(x.device)], budget=budget)
-    gram = torch.einsum("g,gij->ij", delta.to(grams.dtype).reciprocal(), grams)  # shape: (n_pool C, n_pool C)
-    del grams
+    # shape: (n_pool C, n_pool C)
+    gram = ntk_gram(problem.ntk, problem.x[pool], weights=delta.to(torch.float64).reciprocal())
     size = pool.shape[0]
     m = min(num_inducing, size)
     factor = torch.zeros(size * C, m * C, dtype=torch.float64, device=gram.device)
@@ -184,28 +185,43 @@ def pivoted_cholesky_points(
     return pool[torch.tensor(chosen, dtype=torch.long, device="cpu")].sort().values
 
 
+def _float_features(x: Inputs) -> Tensor | None:
+    """The floating-point leaves of ``x``, flattened and concatenated, ``(N, D)``; ``None`` without any."""
+    leaves = [t.reshape(t.shape[0], -1) for _, t in x.tensors() if t.is_floating_point()]
+    return torch.cat(leaves, 1) if leaves else None
+
+
 def select_inducing_points(
-    selection: str | Tensor,
-    network: FunctionalNetwork,
-    groups: ParameterGroups,
-    x: Tensor,
+    selection: SelectionRule | Tensor,
+    problem: NTKProblem,
     num_inducing: int,
     *,
-    budget: int,
     pool_size: int = DEFAULT_POOL_SIZE,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Indices of the inducing points by rule name (``"pivoted_cholesky"``, ``"kmeans"``,
-    ``"random"``) or given directly as an index tensor."""
-    n = x.shape[0]
+    """Indices of the inducing points by rule name or given directly as an index tensor.
+
+    ``"auto"`` is ``"kmeans"`` on the floating-point inputs, or ``"random"`` when the inputs have
+    none (token ids). Without a ``generator`` the draws come from a generator seeded with
+    :data:`~ntkgp._random.DEFAULT_SEED`: reproducible, and the global RNG is left untouched.
+    """
+    n = problem.num_data
     if isinstance(selection, Tensor):
         return checked_indices(selection, n, "inducing")
     check_count(num_inducing, n, "num_inducing")
+    generator = default_generator(generator)
+    features = _float_features(problem.x)
+    if selection == "auto":
+        selection = "kmeans" if features is not None else "random"
     if selection == "random":
         return random_points(n, num_inducing, generator)
     if selection == "kmeans":
-        return kmeans_points(x, num_inducing, generator)
+        if features is None:
+            raise ValueError("selection='kmeans' needs floating-point inputs; these have none (token ids?): use "
+                             "selection='random' or 'pivoted_cholesky'")
+        return kmeans_points(features, num_inducing, generator)
     if selection == "pivoted_cholesky":
-        return pivoted_cholesky_points(network, groups, x, num_inducing, groups.initial_precision.to(x.device),
-                                       budget=budget, pool_size=pool_size, generator=generator)
-    raise ValueError(f"selection must be 'pivoted_cholesky', 'kmeans', 'random' or an index tensor, got {selection!r}")
+        return pivoted_cholesky_points(problem, num_inducing, problem.layout.initial_precision.to(
+            problem.network.device), pool_size=pool_size, generator=generator)
+    raise ValueError(
+        f"selection must be 'auto', 'kmeans', 'pivoted_cholesky', 'random' or an index tensor, got {selection!r}")

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.functional import FunctionalNetwork
-from ntkgp.parameter_groups import ParameterGroups
-from ntkgp.solvers.test_kernel import DowndatePosterior
+from ntkgp.network.inputs import Inputs
+from ntkgp.ntk import EmpiricalNTK, pushforward
+from ntkgp.posteriors.downdate import DowndatePosterior
 
 __all__ = ["LowRankPosterior"]
 
@@ -28,8 +28,8 @@ class LowRankPosterior(DowndatePosterior):
 
     Parameters
     ----------
-    network, groups, budget:
-        As for every posterior.
+    ntk:
+        The products engine.
     delta:
         Prior precisions ``(G,)`` (for :math:`K_{**}`).
     weights:
@@ -38,15 +38,12 @@ class LowRankPosterior(DowndatePosterior):
         :math:`W` ``(P, r)``; stored in the network's dtype (``P r`` numbers).
     """
 
-    def __init__(
-        self, network: FunctionalNetwork, groups: ParameterGroups, budget: int, delta: Tensor, weights: Tensor,
-        directions: Tensor,
-    ) -> None:
-        super().__init__(network, groups, weights, budget, delta, None, directions.shape[-1])
+    def __init__(self, ntk: EmpiricalNTK, delta: Tensor, weights: Tensor, directions: Tensor) -> None:
+        super().__init__(ntk, weights, delta, None, directions.shape[-1])
         #: :math:`W^\top` ``(r, P)`` in the network's dtype
-        self.directions = directions.T.to(network.dtype).contiguous()
+        self.directions = directions.T.to(ntk.network.dtype).contiguous()
 
-    def downdate(self, x: Tensor, cross: Tensor | None) -> Tensor:
+    def downdate(self, x: Inputs, cross: Tensor | None) -> Tensor:
         # shape: (r, n, C) -> (r, n*C)
-        out = self.network.jvp(x, self.directions)
+        out = pushforward(self.ntk, x, self.directions)
         return out.reshape(out.shape[0], -1).to(torch.float64)

@@ -8,11 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["NotPositiveDefiniteError", "cholesky", "cholesky_logdet", "cholesky_solve", "factored_inv_quad_logdet"]
+from ntkgp.errors import NotPositiveDefiniteError
 
-
-class NotPositiveDefiniteError(RuntimeError):
-    """The matrix to factor is not numerically positive definite."""
+__all__ = [
+    "NotPositiveDefiniteError",
+    "cholesky",
+    "cholesky_logdet",
+    "cholesky_solve",
+    "dense_inv_quad_logdet",
+    "factored_inv_quad_logdet",
+]
 
 
 def cholesky(matrix: Tensor, *, what: str, max_tries: int = 3) -> Tensor:
@@ -137,3 +142,20 @@ def factored_inv_quad_logdet(factor: Tensor, rhs: Tensor | None, matrix: Tensor 
         _, log_det = _FactoredInvQuadLogDet.apply(matrix, torch.zeros_like(factor[:, :1]), factor)
         return zero, log_det
     return _FactoredInvQuadLogDet.apply(matrix, rhs, factor)
+
+
+def dense_inv_quad_logdet(
+    matrix: Tensor, rhs: Tensor | None, logdet: bool, *, what: str, reduce_inv_quad: bool = True
+) -> tuple[Tensor, Tensor]:
+    r"""linear_operator's ``inv_quad_logdet`` of a dense SPD ``matrix`` by one :func:`cholesky` (no CG, no SLQ).
+
+    ``rhs`` is ``(M,)`` or ``(M, t)``; the quadratic forms are summed unless ``reduce_inv_quad`` is
+    false. Differentiable through ``matrix`` and ``rhs`` (:func:`factored_inv_quad_logdet`).
+    """
+    factor = cholesky(matrix.detach(), what=what)
+    column = rhs is not None and rhs.dim() == 1
+    rhs = None if rhs is None else (rhs.unsqueeze(-1) if column else rhs).to(factor.dtype)
+    inv_quad, log_det = factored_inv_quad_logdet(factor, rhs, matrix)
+    if rhs is not None and reduce_inv_quad:
+        inv_quad = inv_quad.sum(-1)
+    return inv_quad, log_det if logdet else torch.zeros_like(log_det)

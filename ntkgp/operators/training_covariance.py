@@ -1,9 +1,10 @@
-r"""The NTK plus noise on the training inputs, with exact (direct) solves.
+r"""The NTK plus noise on the training inputs, solved by the model's solver.
 
 This is the covariance that :class:`~ntkgp.models.LinearizedGP` hands GPyTorch in train mode.
-Adding a likelihood's diagonal noise keeps the class, and ``inv_quad_logdet`` / ``solve``
-go to the model's :class:`~ntkgp.solvers.GaussianSolver` (Cholesky in kernel or weight space)
-instead of linear_operator's CG and stochastic Lanczos quadrature, whatever the size.
+Adding a likelihood's diagonal noise keeps the class, and ``inv_quad_logdet`` / ``solve`` go to
+the model's :class:`~ntkgp.solvers.GaussianSolver`: exact (Cholesky in kernel or weight space) by
+default, or the approximate route the model was built with (CG, Lanczos), never linear_operator's
+own CG and stochastic Lanczos quadrature.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from linear_operator.operators import DiagLinearOperator, LinearOperator
 from torch import Tensor
 
 from ntkgp.operators._batch import expand_dense, unsqueeze_dense
-from ntkgp.operators.jacobian_linear_operator import _as_columns, _from_columns
+from ntkgp.operators._columns import as_columns, from_columns
 
 if TYPE_CHECKING:
     from ntkgp.solvers.base import GaussianSolver
 
-__all__ = ["ExactNTKCovariance"]
+__all__ = ["TrainingCovariance"]
 
 
-class ExactNTKCovariance(LinearOperator):
+class TrainingCovariance(LinearOperator):
     r""":math:`K(\delta) + \operatorname{diag}(s)` on the training inputs, ``(N*C) x (N*C)``.
 
     Parameters
@@ -33,7 +34,7 @@ class ExactNTKCovariance(LinearOperator):
     noise:
         The noise diagonal :math:`s`, ``(N*C,)`` (zeros for the noise-free prior).
     solver:
-        The exact solver holding the cached training Grams or :math:`J^\top J`.
+        The solver holding what it cached of the training data (Grams, :math:`J^\top J`, a Krylov basis).
     """
 
     def __init__(self, prior_precision: Tensor, noise: Tensor, *, solver: GaussianSolver) -> None:
@@ -51,7 +52,7 @@ class ExactNTKCovariance(LinearOperator):
     def _size(self) -> torch.Size:
         return torch.Size((self.solver.size, self.solver.size))
 
-    def _transpose_nonbatch(self) -> ExactNTKCovariance:
+    def _transpose_nonbatch(self) -> TrainingCovariance:
         return self
 
     def __add__(self, other: object) -> LinearOperator:
@@ -59,10 +60,10 @@ class ExactNTKCovariance(LinearOperator):
             extra = other.diagonal(dim1=-1, dim2=-2).to(torch.float64)
             if extra.shape != self.noise.shape:
                 extra = extra.expand(self.noise.shape)
-            return ExactNTKCovariance(self.prior_precision, self.noise + extra, solver=self.solver)
+            return TrainingCovariance(self.prior_precision, self.noise + extra, solver=self.solver)
         if isinstance(other, LinearOperator):
             raise NotImplementedError(
-                f"ntkgp's exact training covariance accepts diagonal noise only, got "
+                f"ntkgp's training covariance accepts diagonal noise only, got "
                 f"{type(other).__name__} (e.g. MultitaskGaussianLikelihood with rank > 0)"
             )
         return super().__add__(other)
@@ -88,20 +89,20 @@ class ExactNTKCovariance(LinearOperator):
     def _cholesky(self, upper: bool = False) -> LinearOperator:
         from linear_operator.operators import TriangularLinearOperator
 
-        from ntkgp.cholesky import cholesky
+        from ntkgp.linalg.cholesky import cholesky
 
         factor = cholesky(self.to_dense(), what="the training kernel plus noise")
         return TriangularLinearOperator(factor.mT if upper else factor, upper=upper)
 
     # --------------------------------------------------------------- products
     def _matmul(self, rhs: Tensor) -> Tensor:
-        cols, batch = _as_columns(rhs)
+        cols, batch = as_columns(rhs)
         out = self.solver.matmul(self.prior_precision, self.noise, cols).to(rhs.dtype)
-        return _from_columns(out, batch, rhs.shape[-1])
+        return from_columns(out, batch, rhs.shape[-1])
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
-        left, _ = _as_columns(left_vecs)
-        right, _ = _as_columns(right_vecs)
+        left, _ = as_columns(left_vecs)
+        right, _ = as_columns(right_vecs)
         return self.solver.bilinear_derivative(self.prior_precision, self.noise, left, right)
 
     def _diagonal(self) -> Tensor:

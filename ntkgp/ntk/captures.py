@@ -1,0 +1,72 @@
+r"""Captures of whole inputs for the structured routes: chunked, concatenated, cached.
+
+:func:`captures` runs the capture pass (:func:`ntkgp.structured.capture.capture`) chunk by chunk
+(``capture_rows`` examples at a time) and concatenates the per-unit results; :func:`cached_captures`
+keeps the result for the two most recent inputs when it fits in a byte limit, so iterative
+solvers that multiply by the same training kernel repeatedly pay for it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ntkgp.network.inputs import Inputs
+from ntkgp.ntk.engine import EmpiricalNTK
+from ntkgp.structured.capture import UnitCapture, capture
+
+__all__ = ["cached_captures", "capture_bytes", "capture_chunks", "capture_rows", "captures"]
+
+_DEFAULT_CAPTURE_ENTRIES = 2**25  # entries one capture pass holds at most (with the graph)
+
+
+def capture_rows(ntk: EmpiricalNTK, x: Inputs) -> int:
+    """Examples per capture pass: the network's ``chunk_size``, else about ``2**25`` entries held."""
+    fixed = ntk.network.fixed_chunk_size
+    if fixed is not None:
+        return fixed
+    return max(1, _DEFAULT_CAPTURE_ENTRIES // ntk.plan(x).entries_per_example)
+
+
+def capture_bytes(ntk: EmpiricalNTK, x: Inputs) -> int:
+    """Bytes the captures of all of ``x`` hold (inputs, patches and cotangents)."""
+    return x.num * ntk.plan(x).entries_per_example * ntk.network.dtype.itemsize
+
+
+def captures(ntk: EmpiricalNTK, x: Inputs) -> list[UnitCapture]:
+    """Captures of every unit for all of ``x``, one :class:`UnitCapture` per unit."""
+    plan = ntk.plan(x)
+    parts = [capture(ntk.network, plan, xc) for _, xc in ntk.network.chunks(x, capture_rows(ntk, x), desc="captures")]
+    if len(parts) == 1:
+        return parts[0]
+    out = []
+    for i in range(len(plan.units)):
+        inputs = [p[i].inputs for p in parts]
+        joined = None if inputs[0] is None else torch.cat(inputs)  # type: ignore[arg-type]
+        out.append(UnitCapture(joined, torch.cat([p[i].cotangents for p in parts])))
+    return out
+
+
+def cached_captures(ntk: EmpiricalNTK, x: Inputs, max_bytes: int) -> list[UnitCapture] | None:
+    """:func:`captures` of ``x`` kept for reuse, or ``None`` when they would hold more than ``max_bytes``
+    (then callers capture chunk by chunk)."""
+    held = ntk.captures.get(x)
+    if held is not None:
+        return held
+    if capture_bytes(ntk, x) > max_bytes:
+        return None
+    result = captures(ntk, x)
+    ntk.captures.put(x, result)
+    return result
+
+
+def capture_chunks(
+    ntk: EmpiricalNTK, x: Inputs, rows: int, max_bytes: int, desc: str
+) -> Iterator[tuple[int, Inputs, list[UnitCapture]]]:
+    """``(start, chunk, its captures)`` over ``x``: slices of the cached whole-data captures when they
+    fit in ``max_bytes``, else a capture pass per chunk."""
+    whole = cached_captures(ntk, x, max_bytes)
+    for start, xc in ntk.network.chunks(x, rows, desc=desc):
+        stop = start + xc.num
+        yield start, xc, (captures(ntk, xc) if whole is None else [c[start:stop] for c in whole])

@@ -1,0 +1,110 @@
+r"""The prior NTK at test inputs, and its cross-covariance with fixed reference inputs.
+
+Every posterior of :mod:`ntkgp.posteriors` has predictive covariance
+
+.. math::
+    \Sigma_{**} = K_{**} - V^\top V,
+
+where :math:`K_{**}` is the prior NTK at the test inputs and :math:`V` ``(r, n_* C)`` is a
+downdate. The exact kernel-space posterior takes :math:`V = L^{-1} B^\top K_{X*}`, the inducing
+posterior :math:`V = F^\top K_{Z*}`, the low-rank posteriors :math:`V = (J_* W)^\top`.
+:class:`PriorKernel` computes :math:`K_{**}` (dense or as per-point ``C x C`` blocks) and
+:math:`K_{R*}` against reference inputs :math:`R` in one pass over a test block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ntkgp.network.inputs import Inputs
+from ntkgp.ntk import EmpiricalNTK, captures, point_blocks, structured_gram
+from ntkgp.ntk.generic import generic_jacobian, generic_rows
+
+__all__ = ["PriorKernel"]
+
+
+class PriorKernel:
+    r"""Prior blocks :math:`K_{**}` at test inputs and the cross-kernel :math:`K_{R*}`.
+
+    Structured units use products of captures (the reference inputs' captures are kept); every
+    generic tensor uses the test block's Jacobian :math:`J_*` scaled by :math:`P_0^{-1}`, as
+    :math:`J_R (P_0^{-1} J_*^\top)`. That reference Jacobian is kept in memory when it fits in
+    half the budget.
+
+    Parameters
+    ----------
+    ntk:
+        The products engine.
+    delta:
+        Prior precisions ``(G,)``, fixed.
+    reference:
+        Reference inputs (training or inducing inputs), or ``None`` for no cross-kernel.
+    """
+
+    def __init__(self, ntk: EmpiricalNTK, delta: Tensor, reference: Inputs | None) -> None:
+        self.ntk, self.delta, self.reference = ntk, delta, reference
+        network, layout = ntk.network, ntk.layout
+        plan = ntk.plan(reference)
+        self.group_weights = delta.to(torch.float64).reciprocal()
+        self.rest = plan.generic
+        self.rest_width = layout.width(self.rest)
+        #: :math:`P_0^{-1}` on the generically handled columns, ``(P_rest,)``
+        self.rest_prior_variance = torch.cat(
+            [self.group_weights[g].expand(stop - start) for g, start, stop in layout.column_ranges(self.rest)]
+        ).to(network.dtype) if self.rest else torch.zeros(0, dtype=network.dtype, device=network.device)
+        self.reference_size = 0 if reference is None else reference.num * ntk.num_outputs
+        self.reference_captures = captures(ntk, reference) if reference is not None and plan.units else []
+        self._reference_rest_jacobian: Tensor | None = None
+        if (reference is not None and self.rest
+                and self.reference_size * self.rest_width * network.dtype.itemsize <= ntk.budget // 2):
+            self._reference_rest_jacobian = generic_jacobian(ntk, reference, self.rest).reshape(-1, self.rest_width)
+
+    def parts(self, x: Inputs, full: bool, *, prior: bool = True) -> tuple[Tensor, Tensor | None]:
+        """For test inputs ``x``: the prior covariance (dense ``(n*C, n*C)`` if ``full``, else per-point
+        blocks ``(n, C, C)``; zeros, not computed, if ``prior`` is False) and the cross-kernel
+        ``(M*C, n*C)`` (``None`` without reference inputs). Memory is linear in ``n`` unless ``full``."""
+        ntk = self.ntk
+        C, n, device = ntk.num_outputs, x.num, ntk.network.device
+        cross = None
+        if self.reference is not None:
+            cross = torch.zeros(self.reference_size, n * C, dtype=torch.float64, device=device)
+        covariance = torch.zeros(*((n * C, n * C) if full else (n, C, C)), dtype=torch.float64, device=device)
+        plan = ntk.plan()
+        test_captures = captures(ntk, x) if plan.units and (prior or cross is not None) else None
+        jac = None
+        if self.rest and (prior or cross is not None):
+            jac = generic_jacobian(ntk, x, self.rest)  # shape: (n, C, P_rest)
+        if test_captures is not None:
+            if cross is not None:
+                structured_gram(ntk, self.reference_captures, test_captures, cross, weights=self.group_weights)
+            if prior and full:
+                structured_gram(ntk, test_captures, test_captures, covariance, weights=self.group_weights)
+        if prior and not full:
+            covariance += point_blocks(ntk, x, self.group_weights, captured=test_captures, generic_jacobian_cols=jac)
+        if jac is not None:
+            flat = jac.reshape(-1, self.rest_width)
+            scaled = flat * self.rest_prior_variance  # shape: (n*C, P_rest)
+            if prior and full:
+                covariance += (scaled @ flat.T).to(torch.float64)
+            if cross is not None:
+                cross += self._reference_rest_cross(scaled)
+        return covariance, cross
+
+    def _reference_rest_cross(self, scaled: Tensor) -> Tensor:
+        if self._reference_rest_jacobian is not None:
+            return (self._reference_rest_jacobian @ scaled.T).to(torch.float64)
+        assert self.reference is not None
+        parts = [generic_jacobian(self.ntk, xr, self.rest).reshape(-1, self.rest_width) @ scaled.T
+                 for _, xr in self.ntk.network.chunks(self.reference, generic_rows(self.ntk, self.rest),
+                                                      desc="cross-kernel")]
+        return torch.cat(parts).to(torch.float64)
+
+    def rows(self, downdate_rank: int) -> int:
+        """Test points per block so that the cross-kernel, the downdate and a generic Jacobian fit
+        half the budget."""
+        ntk = self.ntk
+        C = ntk.num_outputs
+        generic = self.rest_width * ntk.network.dtype.itemsize * 2
+        per_point = C * (generic + 8 * (self.reference_size + downdate_rank + C))
+        return max(1, ntk.budget // (2 * per_point))
