@@ -35,6 +35,7 @@ evidence before and after the fit, the training accuracy / NLL of each predictiv
 
 Run: ``.venv/bin/python examples/two_moons_classification.py [--out two_moons.png] [--seed 0]``
 (about 10 s on one CPU core, most of it the MAP fit).
+``--smoke`` shrinks data, network, steps and grid (:data:`SMOKE`) for a seconds-long test run through the same code.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ import ntkgp
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+#: ``--smoke``: option values of a seconds-long run through the same code (the test suite runs it)
+SMOKE = {"n": 40, "width": 8, "map_adam_steps": 20, "map_lbfgs_steps": 5, "steps": 5, "grid": 20}
 
 
 def make_net(width: int = 32) -> nn.Sequential:
@@ -111,8 +115,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="δ₀: weight decay of the MAP fit and the untuned GP's prior precision (default: 1)")
     parser.add_argument("--steps", type=int, default=300, help="Adam steps on the marginal likelihood (default: 300)")
     parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate for log δ (default: 0.1)")
+    parser.add_argument("--width", type=int, default=32, help="hidden units per layer (default: 32)")
+    parser.add_argument("--map-adam-steps", type=int, default=2000, help="Adam steps of the MAP fit (default: 2000)")
+    parser.add_argument("--map-lbfgs-steps", type=int, default=200,
+                        help="L-BFGS iterations of the MAP fit (default: 200)")
+    parser.add_argument("--grid", type=int, default=160,
+                        help="grid points along x1 of the figure; x2 gets 7/8 of them (default: 160)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) for a seconds-long test run")
     args = parser.parse_args(argv)
+    if args.smoke:  # the SMOKE values replace the defaults; options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
@@ -121,17 +135,18 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.as_tensor(x_np, dtype=torch.float64)
     y = torch.as_tensor(y_np, dtype=torch.float64)
     torch.manual_seed(args.seed)
-    net = make_net()
+    net = make_net(args.width)
     grad_norm = ntkgp.marglik.train_map(net, ntkgp.likelihoods.BernoulliLikelihood(), x, y, args.weight_decay,
-                                         adam_steps=2000, lbfgs_steps=200, tolerance_grad=1e-10)
+                                         adam_steps=args.map_adam_steps, lbfgs_steps=args.map_lbfgs_steps,
+                                         tolerance_grad=1e-10)
     net.eval()
     t_map = time.perf_counter() - start
 
     # --- grid well beyond the data --------------------------------------------------------
     lo, hi = x_np.min(0), x_np.max(0)
     pad = 2.5
-    g1 = np.linspace(lo[0] - pad, hi[0] + pad, 160)
-    g2 = np.linspace(lo[1] - pad, hi[1] + pad, 140)
+    g1 = np.linspace(lo[0] - pad, hi[0] + pad, args.grid)
+    g2 = np.linspace(lo[1] - pad, hi[1] + pad, args.grid * 7 // 8)
     xx, yy = np.meshgrid(g1, g2)
     grid = torch.as_tensor(np.stack([xx.ravel(), yy.ravel()], -1), dtype=torch.float64)
     dist = torch.cdist(grid, x).min(1).values
@@ -154,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- report -----------------------------------------------------------------------------
     num_params = sum(p.numel() for p in net.parameters())
-    print(f"two moons: N = {args.n}, noise = {args.noise}; MLP 2-32-32-1 tanh, P = {num_params}; "
+    print(f"two moons: N = {args.n}, noise = {args.noise}; MLP 2-{args.width}-{args.width}-1 tanh, P = {num_params}; "
           f"solver: {model.solver.name}")
     print(f"MAP fit with weight decay δ₀ = {args.weight_decay:g}: |grad| = {grad_norm:.1e} ({t_map:.1f} s)")
     print(f"log evidence: δ = {args.weight_decay:.4g}: {evidence_before:.3f}  ->  fitted δ = {delta:.4g}: "
