@@ -57,6 +57,7 @@ marginal-likelihood :math:`\delta` and the probit approximation.
 Run: ``.venv/bin/python examples/digits_classification.py [--out digits.png] [--seed 0]``
 (about 30 s on one CPU core; ``--width`` sets the hidden layer, whose cost grows like P^3
 through the weight-space Cholesky, ``--no-per-tensor`` skips the per-tensor fit).
+``--smoke`` shrinks data, network, steps and samples (:data:`SMOKE`) for a seconds-long test run through the same code.
 """
 
 from __future__ import annotations
@@ -83,6 +84,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 NUM_CLASSES = 10
 ECE_BINS = 15
 SD_FLOOR = 1.0
+#: ``--smoke``: option values of a seconds-long run through the same code (the test suite runs it)
+SMOKE = {
+    "n_train": 100,
+    "n_test": 50,
+    "width": 4,
+    "map_adam_steps": 20,
+    "map_lbfgs_steps": 5,
+    "marglik_iters": 3,
+    "mc_samples": 50,
+}
 
 
 @dataclass
@@ -96,10 +107,12 @@ class Data:
     ood: dict[str, Tensor]
 
 
-def load_data(seed: int, noise_sd: float = 6.0) -> Data:
-    """Digits split 70/30 (stratified), standardized on the training pixels; inverted and noisy OOD sets."""
+def load_data(seed: int, noise_sd: float = 6.0, n_train: int | None = None, n_test: int | None = None) -> Data:
+    """Digits split 70/30 (stratified), standardized on the training pixels; inverted and noisy OOD sets.
+    ``n_train`` / ``n_test`` keep only the first so many images of each split."""
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
+    x_tr, y_tr, x_te, y_te = x_tr[:n_train], y_tr[:n_train], x_te[:n_test], y_te[:n_test]
     mean, sd = x_tr.mean(0), np.maximum(x_tr.std(0), SD_FLOOR)
 
     def standardize(raw: np.ndarray) -> Tensor:
@@ -239,19 +252,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-decay", type=float, default=1.0,
                         help="δ₀: weight decay of the MAP fit and the GP's initial prior precision (default: 1)")
     parser.add_argument("--no-per-tensor", action="store_true", help="skip the per-tensor prior precision fit")
+    parser.add_argument("--n-train", type=int, default=None, help="use only this many training images (default: all)")
+    parser.add_argument("--n-test", type=int, default=None, help="use only this many test images (default: all)")
+    parser.add_argument("--map-adam-steps", type=int, default=800, help="Adam steps of the MAP fit (default: 800)")
+    parser.add_argument("--map-lbfgs-steps", type=int, default=1000,
+                        help="L-BFGS iterations of the MAP fit (default: 1000)")
+    parser.add_argument("--marglik-iters", type=int, default=30,
+                        help="L-BFGS iterations of each prior precision fit (default: 30)")
+    parser.add_argument("--mc-samples", type=int, default=2000,
+                        help="samples of the Monte Carlo predictive (default: 2000)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) for a seconds-long test run")
     args = parser.parse_args(argv)
+    if args.smoke:  # the SMOKE values replace the defaults; options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    data = load_data(args.seed)
+    data = load_data(args.seed, n_train=args.n_train, n_test=args.n_test)
     x, y = data.x_train, data.y_train
 
     # --- MAP ---------------------------------------------------------------------------------
     torch.manual_seed(args.seed)
     net = make_net(args.width)
     grad_norm = ntkgp.marglik.train_map(net, ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES), x, y,
-                                         args.weight_decay, adam_steps=800, lbfgs_steps=1000)
+                                         args.weight_decay, adam_steps=args.map_adam_steps,
+                                         lbfgs_steps=args.map_lbfgs_steps)
     net.eval()
     num_params = sum(p.numel() for p in net.parameters())
     print(f"digits: {len(y)} train / {len(data.y_test)} test images; MLP 64-{args.width}-10 tanh, P = {num_params}, "
@@ -274,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     probit = {"probit": ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES)}
     all_links = probit | {
         "bridge": ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES, link_approx="bridge"),
-        "mc": ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES, link_approx="mc", n_samples=2000,
+        "mc": ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES, link_approx="mc", n_samples=args.mc_samples,
                                                   generator=torch.Generator().manual_seed(args.seed)),
     }
     def build(prior: float | Tensor) -> tuple[ntkgp.LinearizedGP, float]:
@@ -287,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             before = float(model.log_evidence())
         t0 = time.perf_counter()
-        evaluations = fit_prior_precision(model, x, y)
+        evaluations = fit_prior_precision(model, x, y, max_iter=args.marglik_iters)
         t_fit = time.perf_counter() - t0
         with torch.no_grad():
             after = float(model.log_evidence())
