@@ -54,6 +54,7 @@ values by orders of magnitude; neither is "the" answer there.
 
 Run: ``.venv/bin/python examples/heteroscedastic_regression.py [--out heteroscedastic.png] [--seed 0]``
 (about 15-30 s on one CPU core, most of it the MAP fit).
+``--smoke`` shrinks data, network, steps and samples (:data:`SMOKE`) for a seconds-long test run through the same code.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 X_RANGE = (-3.0, 3.0)
 GAP = (0.0, 1.5)
 PLOT_RANGE = (-5.5, 5.5)
+#: ``--smoke``: option values of a seconds-long run through the same code (the test suite runs it)
+SMOKE = {"n": 40, "width": 8, "map_adam_steps": 20, "map_lbfgs_steps": 5, "steps": 5, "mc_samples": 1000}
 
 
 def noise_sd(x: Tensor) -> Tensor:
@@ -206,8 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="Adam steps on the marginal likelihood (default: 200)")
     parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate for log δ (default: 0.1)")
     parser.add_argument("--mc-samples", type=int, default=100_000, help="samples of the MC comparison (default: 1e5)")
+    parser.add_argument("--map-adam-steps", type=int, default=2000, help="Adam steps of the MAP fit (default: 2000)")
+    parser.add_argument("--map-lbfgs-steps", type=int, default=200,
+                        help="L-BFGS iterations of the MAP fit (default: 200)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) for a seconds-long test run")
     args = parser.parse_args(argv)
+    if args.smoke:  # the SMOKE values replace the defaults; options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
@@ -215,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     net = NaturalParameterNet(args.width).double()
     grad_norm = ntkgp.marglik.train_map(net, NaturalGaussianLikelihood(), x, y, args.weight_decay,
-                                         adam_steps=2000, lbfgs_steps=200, tolerance_grad=1e-6)
+                                         adam_steps=args.map_adam_steps, lbfgs_steps=args.map_lbfgs_steps,
+                                         tolerance_grad=1e-6)
     net.eval()
     num_params = sum(p.numel() for p in net.parameters())
     print(f"data: N = {args.n}, x in {X_RANGE} without {GAP}, noise sd 0.1 -> 0.58; "
