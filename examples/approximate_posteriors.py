@@ -116,8 +116,14 @@ def fit_on_the_bound(
     """δ and σ² by ``steps`` Adam steps on the SGPR collapsed bound; returns them and the seconds taken."""
     start = time.perf_counter()
     likelihood = gaussian(NOISE_SD**2)
-    model = ntkgp.LinearizedGP(net, likelihood, x, y, prior_precision=1.0,
-                               solver=Inducing(num_inducing=m, generator=torch.Generator().manual_seed(seed)))
+    model = ntkgp.LinearizedGP(
+        net,
+        likelihood,
+        x,
+        y,
+        prior_precision=1.0,
+        solver=Inducing(num_inducing=m, generator=torch.Generator().manual_seed(seed)),
+    )
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     for _ in range(steps):
@@ -128,8 +134,15 @@ def fit_on_the_bound(
     return delta, float(likelihood.noise.detach()), time.perf_counter() - start
 
 
-def predict(net: nn.Module, x: Tensor, y: Tensor, delta: float, noise: float, solver, x_test: Tensor,
-            ) -> tuple[Tensor, Tensor, float, ntkgp.LinearizedGP]:
+def predict(
+    net: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    delta: float,
+    noise: float,
+    solver,
+    x_test: Tensor,
+) -> tuple[Tensor, Tensor, float, ntkgp.LinearizedGP]:
     """Latent mean and variance at ``x_test`` and the seconds for build + predictive."""
     start = time.perf_counter()
     model = ntkgp.LinearizedGP(net, gaussian(noise), x, y, prior_precision=delta, solver=solver)
@@ -170,27 +183,39 @@ def main(argv: list[str] | None = None) -> None:
         rmse = float((net(x)[:, 0] - y).square().mean().sqrt())
     print(f"MAP fit: {time.perf_counter() - t0:.1f} s, train RMSE {rmse:.4f}")
     delta, noise, seconds = fit_on_the_bound(net, x, y, args.m, args.seed, args.bound_steps)
-    print(f"fitted on the SGPR bound (M = {args.m}, {args.bound_steps} Adam steps, {seconds:.1f} s): "
-          f"delta = {delta:.3g}, sigma^2 = {noise:.4g} (true {NOISE_SD**2:.4g})")
+    print(
+        f"fitted on the SGPR bound (M = {args.m}, {args.bound_steps} Adam steps, {seconds:.1f} s): "
+        f"delta = {delta:.3g}, sigma^2 = {noise:.4g} (true {NOISE_SD**2:.4g})"
+    )
 
     def inducing(residual: bool) -> Inducing:
-        return Inducing(num_inducing=args.m, mean="network", prior_residual=residual,
-                        generator=torch.Generator().manual_seed(args.seed))
+        return Inducing(
+            num_inducing=args.m,
+            mean="network",
+            prior_residual=residual,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
 
     routes = {
         "exact": "auto",
         f"SGPR, M = {args.m}": inducing(True),
         f"subset of regressors, M = {args.m}": inducing(False),
-        f"subset of data, M = {args.m}": SubsetOfData(num_points=args.m, mean="network",
-                                                      generator=torch.Generator().manual_seed(args.seed)),
+        f"subset of data, M = {args.m}": SubsetOfData(
+            num_points=args.m, mean="network", generator=torch.Generator().manual_seed(args.seed)
+        ),
     }
     results = {}
     for name, solver in routes.items():
         mean, var, seconds, model = predict(net, x, y, delta, noise, solver, torch.cat([x_plot, x_held]))
         points = getattr(model.solver, "indices", None)
-        results[name] = {"mean": mean[: len(x_plot)], "var": var[: len(x_plot)], "seconds": seconds,
-                         "nll": nll(mean[len(x_plot):], var[len(x_plot):], noise, y_held),
-                         "held_var": var[len(x_plot):], "points": None if points is None else x[points.cpu(), 0]}
+        results[name] = {
+            "mean": mean[: len(x_plot)],
+            "var": var[: len(x_plot)],
+            "seconds": seconds,
+            "nll": nll(mean[len(x_plot) :], var[len(x_plot) :], noise, y_held),
+            "held_var": var[len(x_plot) :],
+            "points": None if points is None else x[points.cpu(), 0],
+        }
     exact = results["exact"]
     print("\n| route | time (s) | held-out NLL | max var err vs exact | median var / exact |")
     print("|---|---:|---:|---:|---:|")

@@ -118,8 +118,9 @@ def mlp(*widths: int, activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
 
 def cnn() -> nn.Sequential:
     """``Conv2d(1,8,3)-ReLU-Conv2d(8,16,3)-ReLU-Flatten-Linear(256,10)`` on 1x8x8 inputs."""
-    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(16 * 4 * 4, NUM_CLASSES))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, NUM_CLASSES)
+    )
 
 
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
@@ -168,8 +169,9 @@ def train_map(net: nn.Module, x: Tensor, y: Tensor, delta: float, adam_steps: in
         adam.zero_grad()
         loss_fn().backward()
         adam.step()
-    lbfgs = torch.optim.LBFGS(params, max_iter=lbfgs_iters, line_search_fn="strong_wolfe",
-                              tolerance_grad=1e-9, tolerance_change=1e-12)
+    lbfgs = torch.optim.LBFGS(
+        params, max_iter=lbfgs_iters, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12
+    )
 
     def closure() -> Tensor:
         lbfgs.zero_grad()
@@ -250,10 +252,14 @@ def plot(results: list[Result], n: int, path: str, subset_size: int) -> None:
     pos = np.arange(len(order))
     exact = [r.exact is not None for r in order]
     ax1.barh(pos, [r.score / n for r in order], color=["tab:red" if e else "0.6" for e in exact], alpha=0.8)
-    (dots,) = ax1.plot([r.bound / n for r in order], pos, "o", color="tab:blue",
-                       label=f"subset bound (class-grouped, B={subset_size})")
-    handles = [Patch(color="tab:red", alpha=0.8, label="exact log evidence"),
-               Patch(color="0.6", alpha=0.8, label="bound only (exact not computed)"), dots]
+    (dots,) = ax1.plot(
+        [r.bound / n for r in order], pos, "o", color="tab:blue", label=f"subset bound (class-grouped, B={subset_size})"
+    )
+    handles = [
+        Patch(color="tab:red", alpha=0.8, label="exact log evidence"),
+        Patch(color="0.6", alpha=0.8, label="bound only (exact not computed)"),
+        dots,
+    ]
     ax1.set_yticks(pos, [f"{r.name} (P={r.num_params})" for r in order])
     ax1.invert_yaxis()
     ax1.set_xlabel("log evidence / N (nats per training point)")
@@ -262,8 +268,9 @@ def plot(results: list[Result], n: int, path: str, subset_size: int) -> None:
     for r in results:
         marker, color = ("o", "tab:red") if r.exact is not None else ("s", "0.4")
         ax2.scatter(r.score / n, r.map_nll, marker=marker, color=color)
-        ax2.annotate(r.name.replace("MLP ", ""), (r.score / n, r.map_nll), fontsize=8,
-                     xytext=(4, 3), textcoords="offset points")
+        ax2.annotate(
+            r.name.replace("MLP ", ""), (r.score / n, r.map_nll), fontsize=8, xytext=(4, 3), textcoords="offset points"
+        )
     ax2.set_xlabel("log evidence / N (circles: exact; squares: lower bound)")
     ax2.set_ylabel("test NLL of the MAP network (lower is better)")
     ax2.set_title("Evidence vs held-out NLL")
@@ -301,18 +308,25 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for name in names:
         r = score(name, args, data)
         results.append(r)
-        print(f"  {name:<20} P={r.num_params:5d}  bound {r.bound:9.1f}  exact "
-              f"{'-' if r.exact is None else f'{r.exact:9.1f}'}  MAP test NLL {r.map_nll:.4f}  "
-              f"({r.train_seconds:.1f} s train, {r.bound_seconds:.1f} s bound"
-              f"{'' if r.exact_seconds is None else f', {r.exact_seconds:.1f} s exact'})", flush=True)
+        print(
+            f"  {name:<20} P={r.num_params:5d}  bound {r.bound:9.1f}  exact "
+            f"{'-' if r.exact is None else f'{r.exact:9.1f}'}  MAP test NLL {r.map_nll:.4f}  "
+            f"({r.train_seconds:.1f} s train, {r.bound_seconds:.1f} s bound"
+            f"{'' if r.exact_seconds is None else f', {r.exact_seconds:.1f} s exact'})",
+            flush=True,
+        )
 
     ranked = sorted(results, key=lambda r: r.score, reverse=True)
-    print(f"\nDigits, N = {n} training points, every network at delta = {args.delta:g}. Ranked by the exact "
-          f"Laplace log evidence (weight-space solver, P <= {args.exact_max_params}), or, marked >=, by the "
-          f"subset-NTK lower bound (class-grouped subsets of {args.subset_size}) where the exact one was not "
-          f"computed.\n")
-    print("| rank | model | P | log evidence | exact | subset bound (rank) | MAP test NLL (rank) | MAP test acc | "
-          "GP test NLL | GP test acc |")
+    print(
+        f"\nDigits, N = {n} training points, every network at delta = {args.delta:g}. Ranked by the exact "
+        f"Laplace log evidence (weight-space solver, P <= {args.exact_max_params}), or, marked >=, by the "
+        f"subset-NTK lower bound (class-grouped subsets of {args.subset_size}) where the exact one was not "
+        f"computed.\n"
+    )
+    print(
+        "| rank | model | P | log evidence | exact | subset bound (rank) | MAP test NLL (rank) | MAP test acc | "
+        "GP test NLL | GP test acc |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     bound_rank = {r.name: i + 1 for i, r in enumerate(sorted(results, key=lambda r: r.bound, reverse=True))}
     nll_rank = {r.name: i + 1 for i, r in enumerate(sorted(results, key=lambda r: r.map_nll))}
@@ -321,14 +335,18 @@ def main(argv: list[str] | None = None) -> list[Result]:
         return "-" if v is None else format(v, spec)
 
     for i, r in enumerate(ranked):
-        print(f"| {i + 1} | {r.name} | {r.num_params} | {'' if r.exact is not None else '>= '}{r.score:.1f} | "
-              f"{f(r.exact, '.1f')} | {r.bound:.1f} ({bound_rank[r.name]}) | {r.map_nll:.4f} ({nll_rank[r.name]}) | "
-              f"{r.map_acc:.4f} | {f(r.gp_nll, '.4f')} | {f(r.gp_acc, '.4f')} |")
+        print(
+            f"| {i + 1} | {r.name} | {r.num_params} | {'' if r.exact is not None else '>= '}{r.score:.1f} | "
+            f"{f(r.exact, '.1f')} | {r.bound:.1f} ({bound_rank[r.name]}) | {r.map_nll:.4f} ({nll_rank[r.name]}) | "
+            f"{r.map_acc:.4f} | {f(r.gp_nll, '.4f')} | {f(r.gp_acc, '.4f')} |"
+        )
     print("\n(Brackets: ranks among all models by the bound and by the MAP test NLL.)")
     for r in ranked:
         if r.exact is None:
-            print(f"{r.name} has only the lower bound, so it is placed by a value its exact evidence exceeds; on the "
-                  f"bound's own scale it ranks {bound_rank[r.name]} of {len(results)}.")
+            print(
+                f"{r.name} has only the lower bound, so it is placed by a value its exact evidence exceeds; on the "
+                f"bound's own scale it ranks {bound_rank[r.name]} of {len(results)}."
+            )
     plot(results, n, args.out, args.subset_size)
     print(f"wrote {args.out}; total {time.perf_counter() - start:.0f} s")
     return results

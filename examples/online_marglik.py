@@ -87,16 +87,29 @@ def make_net(seed: int, width: int = 50) -> nn.Sequential:
     ).double()
 
 
-def train(x: Tensor, y: Tensor, seed: int, constraint: Interval | None, tune: bool, epochs: int,
-          width: int = 50) -> tuple[nn.Module, gpytorch.likelihoods.GaussianLikelihood, OnlineMarglikResult]:
+def train(
+    x: Tensor, y: Tensor, seed: int, constraint: Interval | None, tune: bool, epochs: int, width: int = 50
+) -> tuple[nn.Module, gpytorch.likelihoods.GaussianLikelihood, OnlineMarglikResult]:
     """One ``fit_online_marglik`` run; ``tune=False`` is the plain run (no marglik step)."""
     net = make_net(seed, width)
     likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
     likelihood.noise = torch.tensor(1.0, dtype=torch.float64)
     result = fit_online_marglik(
-        net, likelihood, x, y, prior_precision=torch.ones(6), epochs=epochs, batch_size=64, lr=1e-3,
-        marglik_every=5, burnin=10 if tune else epochs, steps=10, hyper_lr=0.1,
-        prior_precision_constraint=constraint, generator=torch.Generator().manual_seed(seed), progress=False,
+        net,
+        likelihood,
+        x,
+        y,
+        prior_precision=torch.ones(6),
+        epochs=epochs,
+        batch_size=64,
+        lr=1e-3,
+        marglik_every=5,
+        burnin=10 if tune else epochs,
+        steps=10,
+        hyper_lr=0.1,
+        prior_precision_constraint=constraint,
+        generator=torch.Generator().manual_seed(seed),
+        progress=False,
     )
     return net.eval(), likelihood, result
 
@@ -123,15 +136,20 @@ def evaluate(net: nn.Module, likelihood, result: OnlineMarglikResult, data) -> d
         "delta": result.prior_precision.tolist(),
         "map": ((f_map - y_test).square().mean().sqrt().item(), gaussian_nll(f_map, noise.expand_as(f_map), y_test)),
         "gp": ((mean - y_test).square().mean().sqrt().item(), gaussian_nll(mean, var, y_test)),
-        "mean": mean, "sd": var.sqrt(),
+        "mean": mean,
+        "sd": var.sqrt(),
     }
 
 
 def trajectory(result: OnlineMarglikResult) -> tuple[list[int], list[float], Tensor, list[float]]:
     rows = [r for r in result.history if "log_evidence_after" in r]
     epochs = [r["epoch"] for r in rows]
-    return (epochs, [r["log_evidence_after"] for r in rows], torch.tensor([r["prior_precision"] for r in rows]),
-            [math.sqrt(r["noise"][0]) for r in rows])
+    return (
+        epochs,
+        [r["log_evidence_after"] for r in rows],
+        torch.tensor([r["prior_precision"] for r in rows]),
+        [math.sqrt(r["noise"][0]) for r in rows],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,13 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         plain_rmse = float((plain(data[2]).squeeze(-1) - y_test).square().mean().sqrt())
 
-    print(f"diabetes: {x.shape[0]} training and {y_test.shape[0]} test points, "
-          f"MLP 10-{args.width}-{args.width}-1 tanh, {args.epochs} epochs\n")
+    print(
+        f"diabetes: {x.shape[0]} training and {y_test.shape[0]} test points, "
+        f"MLP 10-{args.width}-{args.width}-1 tanh, {args.epochs} epochs\n"
+    )
     print("| tuner | log evidence | sigma | test RMSE / NLL, MAP plug-in | test RMSE / NLL, GP | seconds |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, (result, ev) in runs.items():
-        print(f"| {label} | {ev['log_evidence']:.2f} | {ev['sigma']:.3f} | {ev['map'][0]:.3f} / {ev['map'][1]:.3f} "
-              f"| {ev['gp'][0]:.3f} / {ev['gp'][1]:.3f} | {result.seconds:.1f} |")
+        print(
+            f"| {label} | {ev['log_evidence']:.2f} | {ev['sigma']:.3f} | {ev['map'][0]:.3f} / {ev['map'][1]:.3f} "
+            f"| {ev['gp'][0]:.3f} / {ev['gp'][1]:.3f} | {result.seconds:.1f} |"
+        )
     print(f"| none (delta = 1, sigma = 1) | - | - | {plain_rmse:.3f} / - | - | {plain_result.seconds:.1f} |")
     print("\nlearned delta per tensor (softplus / log):")
     for i, name in enumerate(names):
@@ -192,9 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     axes[1, 1].errorbar(ev["mean"], y_test, xerr=2 * ev["sd"], fmt="o", ms=3, alpha=0.6, elinewidth=0.8)
     lim = [float(min(ev["mean"].min(), y_test.min())) - 0.3, float(max(ev["mean"].max(), y_test.max())) + 0.3]
     axes[1, 1].plot(lim, lim, "k--", lw=1)
-    axes[1, 1].set(xlabel=r"GP predictive mean $\pm 2$ sd", ylabel="test target",
-                   title=f"test, log tuner: RMSE {ev['gp'][0]:.3f}, NLL {ev['gp'][1]:.3f}, "
-                         f"{100 * covered:.0f}% within 2 sd")
+    axes[1, 1].set(
+        xlabel=r"GP predictive mean $\pm 2$ sd",
+        ylabel="test target",
+        title=f"test, log tuner: RMSE {ev['gp'][0]:.3f}, NLL {ev['gp'][1]:.3f}, {100 * covered:.0f}% within 2 sd",
+    )
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"\nwrote {args.out}  (total {time.perf_counter() - start:.1f} s)")
