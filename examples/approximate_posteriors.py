@@ -47,6 +47,7 @@ routes here: the noise dominates the predictive variance inside the data.
 
 Run: ``.venv/bin/python examples/approximate_posteriors.py [--out approximate_posteriors.png]
 [--n 5000] [--m 30] [--seed 0]`` (about 30 s on two CPU cores).
+``--smoke`` shrinks data, network and steps (:data:`SMOKE`) for a seconds-long test run through the same code.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 X_RANGE = (-3.0, 3.0)
 GAP = (0.5, 1.5)
 NOISE_SD = 0.15
+#: ``--smoke``: option values of a seconds-long run through the same code (the test suite runs it)
+SMOKE = {"n": 200, "m": 10, "width": 8, "steps": 20, "bound_steps": 5}
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -83,10 +86,12 @@ def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def train(x: Tensor, y: Tensor, delta: float, steps: int, seed: int) -> nn.Module:
+def train(x: Tensor, y: Tensor, delta: float, steps: int, seed: int, width: int = 64) -> nn.Module:
     """Full-batch Adam on the squared error over the true noise variance plus weight decay ``delta``."""
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)).double()
+    net = nn.Sequential(
+        nn.Linear(1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+    ).double()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
@@ -105,15 +110,23 @@ def gaussian(noise: float) -> gpytorch.likelihoods.GaussianLikelihood:
     return likelihood
 
 
-def fit_on_the_bound(net: nn.Module, x: Tensor, y: Tensor, m: int, seed: int) -> tuple[float, float, float]:
-    """δ and σ² by 60 Adam steps on the SGPR collapsed bound; returns them and the seconds taken."""
+def fit_on_the_bound(
+    net: nn.Module, x: Tensor, y: Tensor, m: int, seed: int, steps: int = 60
+) -> tuple[float, float, float]:
+    """δ and σ² by ``steps`` Adam steps on the SGPR collapsed bound; returns them and the seconds taken."""
     start = time.perf_counter()
     likelihood = gaussian(NOISE_SD**2)
-    model = ntkgp.LinearizedGP(net, likelihood, x, y, prior_precision=1.0,
-                               solver=Inducing(num_inducing=m, generator=torch.Generator().manual_seed(seed)))
+    model = ntkgp.LinearizedGP(
+        net,
+        likelihood,
+        x,
+        y,
+        prior_precision=1.0,
+        solver=Inducing(num_inducing=m, generator=torch.Generator().manual_seed(seed)),
+    )
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    for _ in range(60):
+    for _ in range(steps):
         optimizer.zero_grad()
         (-model.log_evidence()).backward()
         optimizer.step()
@@ -121,8 +134,15 @@ def fit_on_the_bound(net: nn.Module, x: Tensor, y: Tensor, m: int, seed: int) ->
     return delta, float(likelihood.noise.detach()), time.perf_counter() - start
 
 
-def predict(net: nn.Module, x: Tensor, y: Tensor, delta: float, noise: float, solver, x_test: Tensor,
-            ) -> tuple[Tensor, Tensor, float, ntkgp.LinearizedGP]:
+def predict(
+    net: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    delta: float,
+    noise: float,
+    solver,
+    x_test: Tensor,
+) -> tuple[Tensor, Tensor, float, ntkgp.LinearizedGP]:
     """Latent mean and variance at ``x_test`` and the seconds for build + predictive."""
     start = time.perf_counter()
     model = ntkgp.LinearizedGP(net, gaussian(noise), x, y, prior_precision=delta, solver=solver)
@@ -144,40 +164,58 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=5000, help="training points")
     parser.add_argument("--m", type=int, default=30, help="inducing / subset points")
     parser.add_argument("--steps", type=int, default=1500, help="Adam steps of the MAP fit")
+    parser.add_argument("--width", type=int, default=64, help="hidden units per layer")
+    parser.add_argument("--bound-steps", type=int, default=60, help="Adam steps on the SGPR bound for δ and σ²")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) for a seconds-long test run")
     args = parser.parse_args(argv)
+    if args.smoke:  # the SMOKE values replace the defaults; options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     generator = torch.Generator().manual_seed(args.seed)
     x, y = make_data(args.n, generator)
     x_held, y_held = make_data(1000, generator)
     x_plot = torch.linspace(-4.5, 4.5, 400, dtype=torch.float64)[:, None]
 
     t0 = time.perf_counter()
-    net = train(x, y, 1.0, args.steps, args.seed)
+    net = train(x, y, 1.0, args.steps, args.seed, args.width)
     with torch.no_grad():
         rmse = float((net(x)[:, 0] - y).square().mean().sqrt())
     print(f"MAP fit: {time.perf_counter() - t0:.1f} s, train RMSE {rmse:.4f}")
-    delta, noise, seconds = fit_on_the_bound(net, x, y, args.m, args.seed)
-    print(f"fitted on the SGPR bound (M = {args.m}, 60 Adam steps, {seconds:.1f} s): delta = {delta:.3g}, "
-          f"sigma^2 = {noise:.4g} (true {NOISE_SD**2:.4g})")
+    delta, noise, seconds = fit_on_the_bound(net, x, y, args.m, args.seed, args.bound_steps)
+    print(
+        f"fitted on the SGPR bound (M = {args.m}, {args.bound_steps} Adam steps, {seconds:.1f} s): "
+        f"delta = {delta:.3g}, sigma^2 = {noise:.4g} (true {NOISE_SD**2:.4g})"
+    )
 
     def inducing(residual: bool) -> Inducing:
-        return Inducing(num_inducing=args.m, mean="network", prior_residual=residual,
-                        generator=torch.Generator().manual_seed(args.seed))
+        return Inducing(
+            num_inducing=args.m,
+            mean="network",
+            prior_residual=residual,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
 
     routes = {
         "exact": "auto",
         f"SGPR, M = {args.m}": inducing(True),
         f"subset of regressors, M = {args.m}": inducing(False),
-        f"subset of data, M = {args.m}": SubsetOfData(num_points=args.m, mean="network",
-                                                      generator=torch.Generator().manual_seed(args.seed)),
+        f"subset of data, M = {args.m}": SubsetOfData(
+            num_points=args.m, mean="network", generator=torch.Generator().manual_seed(args.seed)
+        ),
     }
     results = {}
     for name, solver in routes.items():
         mean, var, seconds, model = predict(net, x, y, delta, noise, solver, torch.cat([x_plot, x_held]))
         points = getattr(model.solver, "indices", None)
-        results[name] = {"mean": mean[: len(x_plot)], "var": var[: len(x_plot)], "seconds": seconds,
-                         "nll": nll(mean[len(x_plot):], var[len(x_plot):], noise, y_held),
-                         "held_var": var[len(x_plot):], "points": None if points is None else x[points.cpu(), 0]}
+        results[name] = {
+            "mean": mean[: len(x_plot)],
+            "var": var[: len(x_plot)],
+            "seconds": seconds,
+            "nll": nll(mean[len(x_plot) :], var[len(x_plot) :], noise, y_held),
+            "held_var": var[len(x_plot) :],
+            "points": None if points is None else x[points.cpu(), 0],
+        }
     exact = results["exact"]
     print("\n| route | time (s) | held-out NLL | max var err vs exact | median var / exact |")
     print("|---|---:|---:|---:|---:|")

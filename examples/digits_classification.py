@@ -57,6 +57,7 @@ marginal-likelihood :math:`\delta` and the probit approximation.
 Run: ``.venv/bin/python examples/digits_classification.py [--out digits.png] [--seed 0]``
 (about 30 s on one CPU core; ``--width`` sets the hidden layer, whose cost grows like P^3
 through the weight-space Cholesky, ``--no-per-tensor`` skips the per-tensor fit).
+``--smoke`` shrinks data, network, steps and samples (:data:`SMOKE`) for a seconds-long test run through the same code.
 """
 
 from __future__ import annotations
@@ -83,6 +84,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 NUM_CLASSES = 10
 ECE_BINS = 15
 SD_FLOOR = 1.0
+#: ``--smoke``: option values of a seconds-long run through the same code (the test suite runs it)
+SMOKE = {
+    "n_train": 100,
+    "n_test": 50,
+    "width": 4,
+    "map_adam_steps": 20,
+    "map_lbfgs_steps": 5,
+    "marglik_iters": 3,
+    "mc_samples": 50,
+}
 
 
 @dataclass
@@ -96,10 +107,12 @@ class Data:
     ood: dict[str, Tensor]
 
 
-def load_data(seed: int, noise_sd: float = 6.0) -> Data:
-    """Digits split 70/30 (stratified), standardized on the training pixels; inverted and noisy OOD sets."""
+def load_data(seed: int, noise_sd: float = 6.0, n_train: int | None = None, n_test: int | None = None) -> Data:
+    """Digits split 70/30 (stratified), standardized on the training pixels; inverted and noisy OOD sets.
+    ``n_train`` / ``n_test`` keep only the first so many images of each split."""
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
+    x_tr, y_tr, x_te, y_te = x_tr[:n_train], y_tr[:n_train], x_te[:n_test], y_te[:n_test]
     mean, sd = x_tr.mean(0), np.maximum(x_tr.std(0), SD_FLOOR)
 
     def standardize(raw: np.ndarray) -> Tensor:
@@ -108,8 +121,10 @@ def load_data(seed: int, noise_sd: float = 6.0) -> Data:
     rng = np.random.default_rng(seed)
     noisy = np.clip(x_te + noise_sd * rng.standard_normal(x_te.shape), 0.0, 16.0)
     return Data(
-        x_train=standardize(x_tr), y_train=torch.as_tensor(y_tr),
-        x_test=standardize(x_te), y_test=torch.as_tensor(y_te),
+        x_train=standardize(x_tr),
+        y_train=torch.as_tensor(y_tr),
+        x_test=standardize(x_te),
+        y_test=torch.as_tensor(y_te),
         ood={"inverted (16 - x)": standardize(16.0 - x_te), f"noisy (sd {noise_sd:g})": standardize(noisy)},
     )
 
@@ -123,8 +138,14 @@ def fit_prior_precision(model: ntkgp.LinearizedGP, x: Tensor, y: Tensor, max_ite
     """Maximize the Laplace marginal likelihood over ``model.parameters()`` (the log prior
     precisions) with L-BFGS. Returns the number of evidence evaluations."""
     mll = ntkgp.mlls.LaplaceMarginalLogLikelihood(model.likelihood, model)
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=max_iter, tolerance_grad=1e-5,
-                            tolerance_change=1e-7, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-7,
+        line_search_fn="strong_wolfe",
+    )
     evaluations = 0
     model.train()
 
@@ -197,10 +218,12 @@ def plot(path: str, columns: list[tuple[str, Tensor, Tensor, dict[str, Tensor]]]
         ax = axes[0, col]
         filled = count > 0
         left = edges[:-1][filled]
-        ax.bar(left, acc[filled], width=width, align="edge", color="C0", edgecolor="k", alpha=0.75,
-               label="accuracy in bin")
-        ax.hlines(conf[filled], left + 0.1 * width, left + 0.9 * width, colors="C3", lw=2.5,
-                  label="mean confidence in bin")
+        ax.bar(
+            left, acc[filled], width=width, align="edge", color="C0", edgecolor="k", alpha=0.75, label="accuracy in bin"
+        )
+        ax.hlines(
+            conf[filled], left + 0.1 * width, left + 0.9 * width, colors="C3", lw=2.5, label="mean confidence in bin"
+        )
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
         for x0, n in zip(left, count[filled]):
             ax.text(x0 + width / 2, 0.015, f"{int(n)}", ha="center", va="bottom", fontsize=7, rotation=90)
@@ -208,8 +231,7 @@ def plot(path: str, columns: list[tuple[str, Tensor, Tensor, dict[str, Tensor]]]
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("confidence  max$_k$ p(y = k | x)")
         ax.set_ylabel("accuracy on test digits")
-        ax.set_title(f"{name}\nreliability: ECE = {ece:.4f} ({ECE_BINS} bins; numbers: points per bin)",
-                     fontsize=10)
+        ax.set_title(f"{name}\nreliability: ECE = {ece:.4f} ({ECE_BINS} bins; numbers: points per bin)", fontsize=10)
         ax.legend(loc="upper left", fontsize=8)
 
         ax = axes[1, col]
@@ -217,8 +239,14 @@ def plot(path: str, columns: list[tuple[str, Tensor, Tensor, dict[str, Tensor]]]
         ax.hist(h_in.numpy(), bins=hist_bins, alpha=0.6, color="C0", label="test digits (in-distribution)")
         for k, (ood_name, ood_probs) in enumerate(ood.items()):
             h_out = entropy(ood_probs)
-            ax.hist(h_out.numpy(), bins=hist_bins, histtype="step", lw=2, color=f"C{k + 1}",
-                    label=f"{ood_name}: AUROC {auroc(h_in, h_out):.3f}")
+            ax.hist(
+                h_out.numpy(),
+                bins=hist_bins,
+                histtype="step",
+                lw=2,
+                color=f"C{k + 1}",
+                label=f"{ood_name}: AUROC {auroc(h_in, h_out):.3f}",
+            )
         ax.set_xlabel("predictive entropy (nats; at most log 10 = 2.30)")
         ax.set_ylabel("number of inputs")
         ax.set_title(f"{name}\npredictive entropy, test digits vs OOD inputs", fontsize=10)
@@ -236,34 +264,67 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="digits.png", help="path of the figure (default: digits.png)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, OOD noise and init (default: 0)")
     parser.add_argument("--width", type=int, default=16, help="hidden units (default: 16)")
-    parser.add_argument("--weight-decay", type=float, default=1.0,
-                        help="δ₀: weight decay of the MAP fit and the GP's initial prior precision (default: 1)")
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1.0,
+        help="δ₀: weight decay of the MAP fit and the GP's initial prior precision (default: 1)",
+    )
     parser.add_argument("--no-per-tensor", action="store_true", help="skip the per-tensor prior precision fit")
+    parser.add_argument("--n-train", type=int, default=None, help="use only this many training images (default: all)")
+    parser.add_argument("--n-test", type=int, default=None, help="use only this many test images (default: all)")
+    parser.add_argument("--map-adam-steps", type=int, default=800, help="Adam steps of the MAP fit (default: 800)")
+    parser.add_argument(
+        "--map-lbfgs-steps", type=int, default=1000, help="L-BFGS iterations of the MAP fit (default: 1000)"
+    )
+    parser.add_argument(
+        "--marglik-iters", type=int, default=30, help="L-BFGS iterations of each prior precision fit (default: 30)"
+    )
+    parser.add_argument(
+        "--mc-samples", type=int, default=2000, help="samples of the Monte Carlo predictive (default: 2000)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) for a seconds-long test run")
     args = parser.parse_args(argv)
+    if args.smoke:  # the SMOKE values replace the defaults; options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    data = load_data(args.seed)
+    data = load_data(args.seed, n_train=args.n_train, n_test=args.n_test)
     x, y = data.x_train, data.y_train
 
     # --- MAP ---------------------------------------------------------------------------------
     torch.manual_seed(args.seed)
     net = make_net(args.width)
-    grad_norm = ntkgp.marglik.train_map(net, ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES), x, y,
-                                         args.weight_decay, adam_steps=800, lbfgs_steps=1000)
+    grad_norm = ntkgp.marglik.train_map(
+        net,
+        ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES),
+        x,
+        y,
+        args.weight_decay,
+        adam_steps=args.map_adam_steps,
+        lbfgs_steps=args.map_lbfgs_steps,
+    )
     net.eval()
     num_params = sum(p.numel() for p in net.parameters())
-    print(f"digits: {len(y)} train / {len(data.y_test)} test images; MLP 64-{args.width}-10 tanh, P = {num_params}, "
-          f"N·C = {len(y) * NUM_CLASSES}")
-    print(f"MAP fit with weight decay δ₀ = {args.weight_decay:g}: |grad| = {grad_norm:.1e} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"digits: {len(y)} train / {len(data.y_test)} test images; MLP 64-{args.width}-10 tanh, P = {num_params}, "
+        f"N·C = {len(y) * NUM_CLASSES}"
+    )
+    print(
+        f"MAP fit with weight decay δ₀ = {args.weight_decay:g}: |grad| = {grad_norm:.1e} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
 
     # --- the network as a GP; δ by marginal likelihood ------------------------------------------
     methods: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
     with torch.no_grad():
-        methods["MAP plug-in softmax"] = (torch.softmax(net(data.x_test), -1),
-                                         {k: torch.softmax(net(v), -1) for k, v in data.ood.items()})
+        methods["MAP plug-in softmax"] = (
+            torch.softmax(net(data.x_test), -1),
+            {k: torch.softmax(net(v), -1) for k, v in data.ood.items()},
+        )
 
     def predict(model: ntkgp.LinearizedGP, links: dict[str, Likelihood], prefix: str) -> None:
         test = gp_probs(model, data.x_test, links)
@@ -274,27 +335,35 @@ def main(argv: list[str] | None = None) -> None:
     probit = {"probit": ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES)}
     all_links = probit | {
         "bridge": ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES, link_approx="bridge"),
-        "mc": ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES, link_approx="mc", n_samples=2000,
-                                                  generator=torch.Generator().manual_seed(args.seed)),
+        "mc": ntkgp.likelihoods.SoftmaxLikelihood(
+            num_classes=NUM_CLASSES,
+            link_approx="mc",
+            n_samples=args.mc_samples,
+            generator=torch.Generator().manual_seed(args.seed),
+        ),
     }
+
     def build(prior: float | Tensor) -> tuple[ntkgp.LinearizedGP, float]:
         t0 = time.perf_counter()
-        model = ntkgp.LinearizedGP(net, ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES), x, y,
-                                   prior_precision=prior)
+        model = ntkgp.LinearizedGP(
+            net, ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES), x, y, prior_precision=prior
+        )
         return model, time.perf_counter() - t0
 
     def fit(model: ntkgp.LinearizedGP, label: str, t_build: float) -> list[float]:
         with torch.no_grad():
             before = float(model.log_evidence())
         t0 = time.perf_counter()
-        evaluations = fit_prior_precision(model, x, y)
+        evaluations = fit_prior_precision(model, x, y, max_iter=args.marglik_iters)
         t_fit = time.perf_counter() - t0
         with torch.no_grad():
             after = float(model.log_evidence())
         deltas = model.prior_precision.detach().tolist()
         groups = ", ".join(f"{g} {d:.3g}" for g, d in zip(model.covar_module.group_names, deltas))
-        print(f"{label}: solver {model.solver.name}, build {t_build:.1f} s; log evidence {before:.2f} -> "
-              f"{after:.2f} ({evaluations} L-BFGS evaluations, {t_fit:.1f} s); δ = {groups}")
+        print(
+            f"{label}: solver {model.solver.name}, build {t_build:.1f} s; log evidence {before:.2f} -> "
+            f"{after:.2f} ({evaluations} L-BFGS evaluations, {t_fit:.1f} s); δ = {groups}"
+        )
         return deltas
 
     # one scalar δ, from the training weight decay
@@ -310,8 +379,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- report -----------------------------------------------------------------------------------
     ood_names = list(data.ood)
-    header = f"| {'method':<36} | {'acc':>6} | {'NLL':>6} | {'ECE':>6} | " + " | ".join(
-        f"{'AUROC ' + k.split(' ')[0]:>14}" for k in ood_names) + " |"
+    header = (
+        f"| {'method':<36} | {'acc':>6} | {'NLL':>6} | {'ECE':>6} | "
+        + " | ".join(f"{'AUROC ' + k.split(' ')[0]:>14}" for k in ood_names)
+        + " |"
+    )
     print("\ntest set (AUROC: predictive entropy, test digits vs OOD inputs)")
     print(header)
     print("".join(c if c == "|" else "-" for c in header))
@@ -329,9 +401,10 @@ def main(argv: list[str] | None = None) -> None:
 
     map_probs, map_ood = methods["MAP plug-in softmax"]
     gp_probs_test, gp_ood = methods["GP, fitted scalar δ (probit)"]
-    columns = [(f"MAP plug-in softmax (weight decay δ₀ = {args.weight_decay:g})", map_probs, data.y_test, map_ood),
-               (f"LinearizedGP, marglik δ = {delta:.3g}, probit", gp_probs_test, data.y_test,
-                gp_ood)]
+    columns = [
+        (f"MAP plug-in softmax (weight decay δ₀ = {args.weight_decay:g})", map_probs, data.y_test, map_ood),
+        (f"LinearizedGP, marglik δ = {delta:.3g}, probit", gp_probs_test, data.y_test, gp_ood),
+    ]
     plot(args.out, columns)
     print(f"\nwrote {args.out}  (total {time.perf_counter() - start:.1f} s)")
 

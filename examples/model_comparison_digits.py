@@ -45,6 +45,7 @@ prior the GP's predictive is much less confident than the MAP network (higher te
 
 Run: ``.venv/bin/python examples/model_comparison_digits.py --out model_comparison.png`` (about
 1-2 minutes on one CPU core; ``--quick`` trains less and skips the wide MLP).
+``--smoke`` shrinks data, training and subsets (:data:`SMOKE`) for a seconds-long test run through the same code.
 """
 
 from __future__ import annotations
@@ -75,12 +76,27 @@ from matplotlib.patches import Patch  # noqa: E402
 
 NUM_CLASSES = 10
 SD_FLOOR = 1.0
+#: ``--smoke``: option values of a seconds-long run through the same code (the test suite runs it). Every
+#: architecture is still trained; only the smallest gets the exact evidence (with N C = 1000 > P = 650 it uses the
+#: weight-space solver, as the exact ones do at full size), the others only the bound, as the wide MLP does.
+SMOKE = {
+    "n_train": 100,
+    "n_test": 50,
+    "adam_steps": 5,
+    "lbfgs_iters": 3,
+    "subset_size": 20,
+    "exact_max_params": 1000,
+}
 
 
-def load_data(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Digits split 70/30 (stratified), standardized on the training pixels, float64, shape (n, 1, 8, 8)."""
+def load_data(
+    seed: int, n_train: int | None = None, n_test: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Digits split 70/30 (stratified), standardized on the training pixels, float64, shape (n, 1, 8, 8);
+    ``n_train`` / ``n_test`` keep only the first so many images of each split."""
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
+    x_tr, y_tr, x_te, y_te = x_tr[:n_train], y_tr[:n_train], x_te[:n_test], y_te[:n_test]
     mean, sd = x_tr.mean(0), np.maximum(x_tr.std(0), SD_FLOOR)
 
     def fx(a: np.ndarray) -> Tensor:
@@ -102,8 +118,9 @@ def mlp(*widths: int, activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
 
 def cnn() -> nn.Sequential:
     """``Conv2d(1,8,3)-ReLU-Conv2d(8,16,3)-ReLU-Flatten-Linear(256,10)`` on 1x8x8 inputs."""
-    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(16 * 4 * 4, NUM_CLASSES))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, NUM_CLASSES)
+    )
 
 
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
@@ -152,8 +169,9 @@ def train_map(net: nn.Module, x: Tensor, y: Tensor, delta: float, adam_steps: in
         adam.zero_grad()
         loss_fn().backward()
         adam.step()
-    lbfgs = torch.optim.LBFGS(params, max_iter=lbfgs_iters, line_search_fn="strong_wolfe",
-                              tolerance_grad=1e-9, tolerance_change=1e-12)
+    lbfgs = torch.optim.LBFGS(
+        params, max_iter=lbfgs_iters, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12
+    )
 
     def closure() -> Tensor:
         lbfgs.zero_grad()
@@ -234,10 +252,14 @@ def plot(results: list[Result], n: int, path: str, subset_size: int) -> None:
     pos = np.arange(len(order))
     exact = [r.exact is not None for r in order]
     ax1.barh(pos, [r.score / n for r in order], color=["tab:red" if e else "0.6" for e in exact], alpha=0.8)
-    (dots,) = ax1.plot([r.bound / n for r in order], pos, "o", color="tab:blue",
-                       label=f"subset bound (class-grouped, B={subset_size})")
-    handles = [Patch(color="tab:red", alpha=0.8, label="exact log evidence"),
-               Patch(color="0.6", alpha=0.8, label="bound only (exact not computed)"), dots]
+    (dots,) = ax1.plot(
+        [r.bound / n for r in order], pos, "o", color="tab:blue", label=f"subset bound (class-grouped, B={subset_size})"
+    )
+    handles = [
+        Patch(color="tab:red", alpha=0.8, label="exact log evidence"),
+        Patch(color="0.6", alpha=0.8, label="bound only (exact not computed)"),
+        dots,
+    ]
     ax1.set_yticks(pos, [f"{r.name} (P={r.num_params})" for r in order])
     ax1.invert_yaxis()
     ax1.set_xlabel("log evidence / N (nats per training point)")
@@ -246,8 +268,9 @@ def plot(results: list[Result], n: int, path: str, subset_size: int) -> None:
     for r in results:
         marker, color = ("o", "tab:red") if r.exact is not None else ("s", "0.4")
         ax2.scatter(r.score / n, r.map_nll, marker=marker, color=color)
-        ax2.annotate(r.name.replace("MLP ", ""), (r.score / n, r.map_nll), fontsize=8,
-                     xytext=(4, 3), textcoords="offset points")
+        ax2.annotate(
+            r.name.replace("MLP ", ""), (r.score / n, r.map_nll), fontsize=8, xytext=(4, 3), textcoords="offset points"
+        )
     ax2.set_xlabel("log evidence / N (circles: exact; squares: lower bound)")
     ax2.set_ylabel("test NLL of the MAP network (lower is better)")
     ax2.set_title("Evidence vs held-out NLL")
@@ -266,31 +289,44 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--adam-steps", type=int, default=300)
     parser.add_argument("--lbfgs-iters", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="less training; skip the wide MLP")
+    parser.add_argument("--n-train", type=int, default=None, help="use only this many training images (default: all)")
+    parser.add_argument("--n-test", type=int, default=None, help="use only this many test images (default: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) for a seconds-long test run")
     args = parser.parse_args(argv)
+    if args.smoke:  # the SMOKE values replace the defaults; options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.adam_steps, args.lbfgs_iters = 100, 30
     names = [k for k in ARCHITECTURES if not (args.quick and k == "MLP 64-128-10")]
-    data = load_data(args.seed)
+    data = load_data(args.seed, args.n_train, args.n_test)
     n = data[0].shape[0]
     start = time.perf_counter()
     results = []
     for name in names:
         r = score(name, args, data)
         results.append(r)
-        print(f"  {name:<20} P={r.num_params:5d}  bound {r.bound:9.1f}  exact "
-              f"{'-' if r.exact is None else f'{r.exact:9.1f}'}  MAP test NLL {r.map_nll:.4f}  "
-              f"({r.train_seconds:.1f} s train, {r.bound_seconds:.1f} s bound"
-              f"{'' if r.exact_seconds is None else f', {r.exact_seconds:.1f} s exact'})", flush=True)
+        print(
+            f"  {name:<20} P={r.num_params:5d}  bound {r.bound:9.1f}  exact "
+            f"{'-' if r.exact is None else f'{r.exact:9.1f}'}  MAP test NLL {r.map_nll:.4f}  "
+            f"({r.train_seconds:.1f} s train, {r.bound_seconds:.1f} s bound"
+            f"{'' if r.exact_seconds is None else f', {r.exact_seconds:.1f} s exact'})",
+            flush=True,
+        )
 
     ranked = sorted(results, key=lambda r: r.score, reverse=True)
-    print(f"\nDigits, N = {n} training points, every network at delta = {args.delta:g}. Ranked by the exact "
-          f"Laplace log evidence (weight-space solver, P <= {args.exact_max_params}), or, marked >=, by the "
-          f"subset-NTK lower bound (class-grouped subsets of {args.subset_size}) where the exact one was not "
-          f"computed.\n")
-    print("| rank | model | P | log evidence | exact | subset bound (rank) | MAP test NLL (rank) | MAP test acc | "
-          "GP test NLL | GP test acc |")
+    print(
+        f"\nDigits, N = {n} training points, every network at delta = {args.delta:g}. Ranked by the exact "
+        f"Laplace log evidence (weight-space solver, P <= {args.exact_max_params}), or, marked >=, by the "
+        f"subset-NTK lower bound (class-grouped subsets of {args.subset_size}) where the exact one was not "
+        f"computed.\n"
+    )
+    print(
+        "| rank | model | P | log evidence | exact | subset bound (rank) | MAP test NLL (rank) | MAP test acc | "
+        "GP test NLL | GP test acc |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     bound_rank = {r.name: i + 1 for i, r in enumerate(sorted(results, key=lambda r: r.bound, reverse=True))}
     nll_rank = {r.name: i + 1 for i, r in enumerate(sorted(results, key=lambda r: r.map_nll))}
@@ -299,14 +335,18 @@ def main(argv: list[str] | None = None) -> list[Result]:
         return "-" if v is None else format(v, spec)
 
     for i, r in enumerate(ranked):
-        print(f"| {i + 1} | {r.name} | {r.num_params} | {'' if r.exact is not None else '>= '}{r.score:.1f} | "
-              f"{f(r.exact, '.1f')} | {r.bound:.1f} ({bound_rank[r.name]}) | {r.map_nll:.4f} ({nll_rank[r.name]}) | "
-              f"{r.map_acc:.4f} | {f(r.gp_nll, '.4f')} | {f(r.gp_acc, '.4f')} |")
+        print(
+            f"| {i + 1} | {r.name} | {r.num_params} | {'' if r.exact is not None else '>= '}{r.score:.1f} | "
+            f"{f(r.exact, '.1f')} | {r.bound:.1f} ({bound_rank[r.name]}) | {r.map_nll:.4f} ({nll_rank[r.name]}) | "
+            f"{r.map_acc:.4f} | {f(r.gp_nll, '.4f')} | {f(r.gp_acc, '.4f')} |"
+        )
     print("\n(Brackets: ranks among all models by the bound and by the MAP test NLL.)")
     for r in ranked:
         if r.exact is None:
-            print(f"{r.name} has only the lower bound, so it is placed by a value its exact evidence exceeds; on the "
-                  f"bound's own scale it ranks {bound_rank[r.name]} of {len(results)}.")
+            print(
+                f"{r.name} has only the lower bound, so it is placed by a value its exact evidence exceeds; on the "
+                f"bound's own scale it ranks {bound_rank[r.name]} of {len(results)}."
+            )
     plot(results, n, args.out, args.subset_size)
     print(f"wrote {args.out}; total {time.perf_counter() - start:.0f} s")
     return results

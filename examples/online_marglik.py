@@ -37,6 +37,7 @@ How to read the figure
 
 Run: ``.venv/bin/python examples/online_marglik.py [--out online_marglik.png] [--seed 0]``
 (about 20 s on one CPU core).
+``--smoke`` shrinks data, network and epochs (:data:`SMOKE`) for a seconds-long test run through the same code.
 """
 
 from __future__ import annotations
@@ -60,11 +61,17 @@ from ntkgp.marglik import OnlineMarglikResult, fit_online_marglik
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+#: ``--smoke``: option values of a seconds-long run through the same code (the test suite runs it); 16 epochs
+#: are the fewest with two marglik steps (after the 10 burn-in epochs, every 5)
+SMOKE = {"n_train": 100, "width": 8, "epochs": 16}
 
-def load_data(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Diabetes split 80/20, inputs and targets standardized on the training rows, float64."""
+
+def load_data(seed: int, n_train: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Diabetes split 80/20, inputs and targets standardized on the training rows (the first ``n_train``
+    if given), float64."""
     x, y = load_diabetes(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=seed)
+    x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
     mx, sx, my, sy = x_tr.mean(0), x_tr.std(0), y_tr.mean(), y_tr.std()
 
     def t(a) -> Tensor:
@@ -73,21 +80,36 @@ def load_data(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return t((x_tr - mx) / sx), t((y_tr - my) / sy), t((x_te - mx) / sx), t((y_te - my) / sy)
 
 
-def make_net(seed: int) -> nn.Sequential:
+def make_net(seed: int, width: int = 50) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(10, 50), nn.Tanh(), nn.Linear(50, 50), nn.Tanh(), nn.Linear(50, 1)).double()
+    return nn.Sequential(
+        nn.Linear(10, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+    ).double()
 
 
-def train(x: Tensor, y: Tensor, seed: int, constraint: Interval | None, tune: bool,
-          epochs: int) -> tuple[nn.Module, gpytorch.likelihoods.GaussianLikelihood, OnlineMarglikResult]:
+def train(
+    x: Tensor, y: Tensor, seed: int, constraint: Interval | None, tune: bool, epochs: int, width: int = 50
+) -> tuple[nn.Module, gpytorch.likelihoods.GaussianLikelihood, OnlineMarglikResult]:
     """One ``fit_online_marglik`` run; ``tune=False`` is the plain run (no marglik step)."""
-    net = make_net(seed)
+    net = make_net(seed, width)
     likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
     likelihood.noise = torch.tensor(1.0, dtype=torch.float64)
     result = fit_online_marglik(
-        net, likelihood, x, y, prior_precision=torch.ones(6), epochs=epochs, batch_size=64, lr=1e-3,
-        marglik_every=5, burnin=10 if tune else epochs, steps=10, hyper_lr=0.1,
-        prior_precision_constraint=constraint, generator=torch.Generator().manual_seed(seed), progress=False,
+        net,
+        likelihood,
+        x,
+        y,
+        prior_precision=torch.ones(6),
+        epochs=epochs,
+        batch_size=64,
+        lr=1e-3,
+        marglik_every=5,
+        burnin=10 if tune else epochs,
+        steps=10,
+        hyper_lr=0.1,
+        prior_precision_constraint=constraint,
+        generator=torch.Generator().manual_seed(seed),
+        progress=False,
     )
     return net.eval(), likelihood, result
 
@@ -114,15 +136,20 @@ def evaluate(net: nn.Module, likelihood, result: OnlineMarglikResult, data) -> d
         "delta": result.prior_precision.tolist(),
         "map": ((f_map - y_test).square().mean().sqrt().item(), gaussian_nll(f_map, noise.expand_as(f_map), y_test)),
         "gp": ((mean - y_test).square().mean().sqrt().item(), gaussian_nll(mean, var, y_test)),
-        "mean": mean, "sd": var.sqrt(),
+        "mean": mean,
+        "sd": var.sqrt(),
     }
 
 
 def trajectory(result: OnlineMarglikResult) -> tuple[list[int], list[float], Tensor, list[float]]:
     rows = [r for r in result.history if "log_evidence_after" in r]
     epochs = [r["epoch"] for r in rows]
-    return (epochs, [r["log_evidence_after"] for r in rows], torch.tensor([r["prior_precision"] for r in rows]),
-            [math.sqrt(r["noise"][0]) for r in rows])
+    return (
+        epochs,
+        [r["log_evidence_after"] for r in rows],
+        torch.tensor([r["prior_precision"] for r in rows]),
+        [math.sqrt(r["noise"][0]) for r in rows],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,29 +157,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("online_marglik.png"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--n-train", type=int, default=None, help="use only this many training points (default: all)")
+    parser.add_argument("--width", type=int, default=50, help="hidden units per layer (default: 50)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) for a seconds-long test run")
     args = parser.parse_args(argv)
+    if args.smoke:  # the SMOKE values replace the defaults; options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    data = load_data(args.seed)
+    data = load_data(args.seed, args.n_train)
     x, y, _, y_test = data
-    names = [n for n, _ in make_net(args.seed).named_parameters()]
+    names = [n for n, _ in make_net(args.seed, args.width).named_parameters()]
     log_space = Positive(transform=torch.exp, inv_transform=torch.log)
 
     runs = {}
     for label, constraint in [("softplus", None), ("log", log_space)]:
-        net, likelihood, result = train(x, y, args.seed, constraint, True, args.epochs)
+        net, likelihood, result = train(x, y, args.seed, constraint, True, args.epochs, args.width)
         runs[label] = (result, evaluate(net, likelihood, result, data))
-    plain, _, plain_result = train(x, y, args.seed, None, False, args.epochs)
+    plain, _, plain_result = train(x, y, args.seed, None, False, args.epochs, args.width)
     with torch.no_grad():
         plain_rmse = float((plain(data[2]).squeeze(-1) - y_test).square().mean().sqrt())
 
-    print(f"diabetes: {x.shape[0]} training and {y_test.shape[0]} test points, MLP 10-50-50-1 tanh, "
-          f"{args.epochs} epochs\n")
+    print(
+        f"diabetes: {x.shape[0]} training and {y_test.shape[0]} test points, "
+        f"MLP 10-{args.width}-{args.width}-1 tanh, {args.epochs} epochs\n"
+    )
     print("| tuner | log evidence | sigma | test RMSE / NLL, MAP plug-in | test RMSE / NLL, GP | seconds |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, (result, ev) in runs.items():
-        print(f"| {label} | {ev['log_evidence']:.2f} | {ev['sigma']:.3f} | {ev['map'][0]:.3f} / {ev['map'][1]:.3f} "
-              f"| {ev['gp'][0]:.3f} / {ev['gp'][1]:.3f} | {result.seconds:.1f} |")
+        print(
+            f"| {label} | {ev['log_evidence']:.2f} | {ev['sigma']:.3f} | {ev['map'][0]:.3f} / {ev['map'][1]:.3f} "
+            f"| {ev['gp'][0]:.3f} / {ev['gp'][1]:.3f} | {result.seconds:.1f} |"
+        )
     print(f"| none (delta = 1, sigma = 1) | - | - | {plain_rmse:.3f} / - | - | {plain_result.seconds:.1f} |")
     print("\nlearned delta per tensor (softplus / log):")
     for i, name in enumerate(names):
@@ -177,9 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     axes[1, 1].errorbar(ev["mean"], y_test, xerr=2 * ev["sd"], fmt="o", ms=3, alpha=0.6, elinewidth=0.8)
     lim = [float(min(ev["mean"].min(), y_test.min())) - 0.3, float(max(ev["mean"].max(), y_test.max())) + 0.3]
     axes[1, 1].plot(lim, lim, "k--", lw=1)
-    axes[1, 1].set(xlabel=r"GP predictive mean $\pm 2$ sd", ylabel="test target",
-                   title=f"test, log tuner: RMSE {ev['gp'][0]:.3f}, NLL {ev['gp'][1]:.3f}, "
-                         f"{100 * covered:.0f}% within 2 sd")
+    axes[1, 1].set(
+        xlabel=r"GP predictive mean $\pm 2$ sd",
+        ylabel="test target",
+        title=f"test, log tuner: RMSE {ev['gp'][0]:.3f}, NLL {ev['gp'][1]:.3f}, {100 * covered:.0f}% within 2 sd",
+    )
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"\nwrote {args.out}  (total {time.perf_counter() - start:.1f} s)")

@@ -21,6 +21,7 @@ Run it with ``bash scripts/quickstart.sh`` (or ``.venv/bin/python examples/quick
 ``--out`` sets the figure's path, ``--seed`` the split and initialization, ``--steps``/``--lr``
 the marginal-likelihood optimization (400 Adam steps at lr 0.1 by default, which converges).
 It needs scikit-learn and matplotlib (no downloads) and takes a few seconds on a CPU.
+``--smoke`` shrinks data, network and steps (:data:`SMOKE`) for a seconds-long test run through the same code.
 
 On this small, noisy data set (noise dominates: σ ≈ 0.67 in standardized units) the three
 predictives score within a few hundredths of a nat of each other, and which one wins depends on
@@ -53,6 +54,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 PRIOR_PRECISION = 10.0
 #: noise scale assumed by the MAP objective (the targets are standardized to unit variance)
 MAP_NOISE = 1.0
+#: ``--smoke``: option values of a seconds-long run through the same code (the test suite runs it)
+SMOKE = {"n_train": 40, "width": 8, "map_adam_steps": 20, "map_lbfgs_steps": 5, "steps": 5}
 
 
 @dataclass
@@ -65,10 +68,12 @@ class Data:
     y_test: Tensor
 
 
-def load_data(seed: int, test_size: float = 0.2) -> Data:
-    """The diabetes data, split with ``seed`` and standardized on the training part."""
+def load_data(seed: int, test_size: float = 0.2, n_train: int | None = None) -> Data:
+    """The diabetes data, split with ``seed`` and standardized on the training part (its first
+    ``n_train`` rows if given)."""
     x, y = load_diabetes(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=seed)
+    x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
     xs = StandardScaler().fit(x_tr)
     ys = StandardScaler().fit(y_tr[:, None])
 
@@ -215,23 +220,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the network init (default: 0)")
     parser.add_argument("--steps", type=int, default=400, help="Adam steps on the marginal likelihood (default: 400)")
     parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate for δ and σ² (default: 0.1)")
+    parser.add_argument("--n-train", type=int, default=None, help="use only this many training points (default: all)")
+    parser.add_argument("--width", type=int, default=50, help="hidden units per layer (default: 50)")
+    parser.add_argument("--map-adam-steps", type=int, default=1000, help="Adam steps of the MAP fit (default: 1000)")
+    parser.add_argument(
+        "--map-lbfgs-steps", type=int, default=50, help="L-BFGS iterations of the MAP fit (default: 50)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch CPU threads (default: 1; the problem is tiny, and more threads only add overhead)",
     )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) for a seconds-long test run")
     args = parser.parse_args(argv)
+    if args.smoke:  # the SMOKE values replace the defaults; options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    data = load_data(args.seed)
+    data = load_data(args.seed, n_train=args.n_train)
     n_train, n_features = data.x_train.shape
 
     # --- (1) MAP fit --------------------------------------------------------------------
-    net = make_net(n_features)
-    train_map(net, data.x_train, data.y_train)
+    net = make_net(n_features, args.width)
+    train_map(net, data.x_train, data.y_train, adam_steps=args.map_adam_steps, lbfgs_steps=args.map_lbfgs_steps)
     net.eval()
     with torch.no_grad():
         map_train = net(data.x_train).squeeze(-1)
@@ -265,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(
         f"diabetes: {n_train} train / {len(y)} test points, {n_features} features; "
-        f"MLP {n_features}-50-50-1 tanh, P = {num_params} parameters; solver: {model.solver.name}"
+        f"MLP {n_features}-{args.width}-{args.width}-1 tanh, P = {num_params} parameters; solver: {model.solver.name}"
     )
     print(f"MAP fit: train RMSE {math.sqrt(train_mse):.4f}, test RMSE {rmse(y, map_test):.4f} ({t_map:.1f} s)\n")
     print(f"| {'method':<36} | {'test NLL':>8} | {'test RMSE':>9} |")

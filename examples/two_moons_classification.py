@@ -35,6 +35,7 @@ evidence before and after the fit, the training accuracy / NLL of each predictiv
 
 Run: ``.venv/bin/python examples/two_moons_classification.py [--out two_moons.png] [--seed 0]``
 (about 10 s on one CPU core, most of it the MAP fit).
+``--smoke`` shrinks data, network, steps and grid (:data:`SMOKE`) for a seconds-long test run through the same code.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ import ntkgp
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+#: ``--smoke``: option values of a seconds-long run through the same code (the test suite runs it)
+SMOKE = {"n": 40, "width": 8, "map_adam_steps": 20, "map_lbfgs_steps": 5, "steps": 5, "grid": 20}
 
 
 def make_net(width: int = 32) -> nn.Sequential:
@@ -77,11 +81,13 @@ def bernoulli_nll(p: Tensor, y: Tensor) -> float:
     return float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
 
 
-def plot(path: str, x: np.ndarray, y: np.ndarray, xx: np.ndarray, yy: np.ndarray,
-         panels: list[tuple[str, np.ndarray]]) -> None:
+def plot(
+    path: str, x: np.ndarray, y: np.ndarray, xx: np.ndarray, yy: np.ndarray, panels: list[tuple[str, np.ndarray]]
+) -> None:
     """Probability contours with the training data on top, one panel per predictive."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.9 * len(panels) + 0.6, 4.9), sharex=True, sharey=True,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.9 * len(panels) + 0.6, 4.9), sharex=True, sharey=True, constrained_layout=True
+    )
     levels = np.linspace(0, 1, 21)
     for ax, (title, p) in zip(axes, panels):
         filled = ax.contourf(xx, yy, p, levels=levels, cmap="RdBu_r", vmin=0, vmax=1)
@@ -107,12 +113,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the network init (default: 0)")
     parser.add_argument("--n", type=int, default=150, help="number of training points (default: 150)")
     parser.add_argument("--noise", type=float, default=0.15, help="make_moons noise (default: 0.15)")
-    parser.add_argument("--weight-decay", type=float, default=1.0,
-                        help="δ₀: weight decay of the MAP fit and the untuned GP's prior precision (default: 1)")
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1.0,
+        help="δ₀: weight decay of the MAP fit and the untuned GP's prior precision (default: 1)",
+    )
     parser.add_argument("--steps", type=int, default=300, help="Adam steps on the marginal likelihood (default: 300)")
     parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate for log δ (default: 0.1)")
+    parser.add_argument("--width", type=int, default=32, help="hidden units per layer (default: 32)")
+    parser.add_argument("--map-adam-steps", type=int, default=2000, help="Adam steps of the MAP fit (default: 2000)")
+    parser.add_argument(
+        "--map-lbfgs-steps", type=int, default=200, help="L-BFGS iterations of the MAP fit (default: 200)"
+    )
+    parser.add_argument(
+        "--grid", type=int, default=160, help="grid points along x1 of the figure; x2 gets 7/8 of them (default: 160)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (SMOKE) for a seconds-long test run")
     args = parser.parse_args(argv)
+    if args.smoke:  # the SMOKE values replace the defaults; options given explicitly still win
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
@@ -121,17 +143,25 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.as_tensor(x_np, dtype=torch.float64)
     y = torch.as_tensor(y_np, dtype=torch.float64)
     torch.manual_seed(args.seed)
-    net = make_net()
-    grad_norm = ntkgp.marglik.train_map(net, ntkgp.likelihoods.BernoulliLikelihood(), x, y, args.weight_decay,
-                                         adam_steps=2000, lbfgs_steps=200, tolerance_grad=1e-10)
+    net = make_net(args.width)
+    grad_norm = ntkgp.marglik.train_map(
+        net,
+        ntkgp.likelihoods.BernoulliLikelihood(),
+        x,
+        y,
+        args.weight_decay,
+        adam_steps=args.map_adam_steps,
+        lbfgs_steps=args.map_lbfgs_steps,
+        tolerance_grad=1e-10,
+    )
     net.eval()
     t_map = time.perf_counter() - start
 
     # --- grid well beyond the data --------------------------------------------------------
     lo, hi = x_np.min(0), x_np.max(0)
     pad = 2.5
-    g1 = np.linspace(lo[0] - pad, hi[0] + pad, 160)
-    g2 = np.linspace(lo[1] - pad, hi[1] + pad, 140)
+    g1 = np.linspace(lo[0] - pad, hi[0] + pad, args.grid)
+    g2 = np.linspace(lo[1] - pad, hi[1] + pad, args.grid * 7 // 8)
     xx, yy = np.meshgrid(g1, g2)
     grid = torch.as_tensor(np.stack([xx.ravel(), yy.ravel()], -1), dtype=torch.float64)
     dist = torch.cdist(grid, x).min(1).values
@@ -154,11 +184,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- report -----------------------------------------------------------------------------
     num_params = sum(p.numel() for p in net.parameters())
-    print(f"two moons: N = {args.n}, noise = {args.noise}; MLP 2-32-32-1 tanh, P = {num_params}; "
-          f"solver: {model.solver.name}")
+    print(
+        f"two moons: N = {args.n}, noise = {args.noise}; MLP 2-{args.width}-{args.width}-1 tanh, P = {num_params}; "
+        f"solver: {model.solver.name}"
+    )
     print(f"MAP fit with weight decay δ₀ = {args.weight_decay:g}: |grad| = {grad_norm:.1e} ({t_map:.1f} s)")
-    print(f"log evidence: δ = {args.weight_decay:.4g}: {evidence_before:.3f}  ->  fitted δ = {delta:.4g}: "
-          f"{evidence_after:.3f}   ({args.steps} Adam steps, {t_fit:.1f} s)\n")
+    print(
+        f"log evidence: δ = {args.weight_decay:.4g}: {evidence_before:.3f}  ->  fitted δ = {delta:.4g}: "
+        f"{evidence_after:.3f}   ({args.steps} Adam steps, {t_fit:.1f} s)\n"
+    )
     rows = [
         ("MAP plug-in sigmoid(f)", map_train, map_grid),
         (f"LinearizedGP, δ = δ₀ = {args.weight_decay:.4g}", untuned_train, untuned_grid),
@@ -174,12 +208,18 @@ def main(argv: list[str] | None = None) -> None:
 
     shape = xx.shape
     panels = [
-        (f"MAP plug-in σ(f)\n(trained with weight decay δ₀ = {args.weight_decay:.3g})",
-         map_grid.reshape(shape).numpy()),
-        (f"LinearizedGP, untuned δ = δ₀ = {args.weight_decay:.3g}\nlog evidence {evidence_before:.1f}",
-         untuned_grid.reshape(shape).numpy()),
-        (f"LinearizedGP, marglik-fitted δ = {delta:.3g}\nlog evidence {evidence_after:.1f}",
-         fitted_grid.reshape(shape).numpy()),
+        (
+            f"MAP plug-in σ(f)\n(trained with weight decay δ₀ = {args.weight_decay:.3g})",
+            map_grid.reshape(shape).numpy(),
+        ),
+        (
+            f"LinearizedGP, untuned δ = δ₀ = {args.weight_decay:.3g}\nlog evidence {evidence_before:.1f}",
+            untuned_grid.reshape(shape).numpy(),
+        ),
+        (
+            f"LinearizedGP, marglik-fitted δ = {delta:.3g}\nlog evidence {evidence_after:.1f}",
+            fitted_grid.reshape(shape).numpy(),
+        ),
     ]
     plot(args.out, x_np, y_np, xx, yy, panels)
     print(f"wrote {args.out}  (total {time.perf_counter() - start:.1f} s)")
