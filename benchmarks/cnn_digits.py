@@ -86,9 +86,12 @@ def load_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
 def make_cnn(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 48, 3, padding=1), nn.Tanh(),
-        nn.Conv2d(48, 96, 3, padding=1), nn.Tanh(),
-        nn.Flatten(), nn.Linear(96 * 8 * 8, 10),
+        nn.Conv2d(1, 48, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(48, 96, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(96 * 8 * 8, 10),
     )
 
 
@@ -126,8 +129,17 @@ def layer_table(network: FunctionalNetwork, net: nn.Module, x: Tensor) -> list[d
             route = min(costs, key=costs.__getitem__)
             structured = costs[route] + float((n * C) ** 2 * m.out_channels)  # + the bias Gram
             shape = f"L = {L}, d_in k = {t}, d_out = {m.out_channels}"
-        rows.append({"layer": layer.name, "kind": layer.kind, "shape": shape, "params": p, "route": route,
-                     "structured_gflop_est": structured / 1e9, "generic_gflop_est": generic / 1e9})
+        rows.append(
+            {
+                "layer": layer.name,
+                "kind": layer.kind,
+                "shape": shape,
+                "params": p,
+                "route": route,
+                "structured_gflop_est": structured / 1e9,
+                "generic_gflop_est": generic / 1e9,
+            }
+        )
     return rows
 
 
@@ -156,8 +168,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     slow = FunctionalNetwork(net, SHAPE, structured=False)
     groups = parameter_groups(fast.names, 1.0)
     C, P = fast.num_outputs, fast.num_parameters
-    print(f"# CNN P = {P:,}, N = {args.n}, C = {C}, train accuracy {accuracy:.3f}, "
-          f"budget {args.budget / 2**20:.0f} MiB", flush=True)
+    print(
+        f"# CNN P = {P:,}, N = {args.n}, C = {C}, train accuracy {accuracy:.3f}, budget {args.budget / 2**20:.0f} MiB",
+        flush=True,
+    )
     table = layer_table(fast, net, x)
 
     def build(network: FunctionalNetwork, points: Tensor) -> Tensor:
@@ -167,10 +181,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     structured = timed_route("structured", lambda: build(fast, x), args.repeats)
     factor_times = time_calls(lambda: fast.structured_factors(x), args.repeats)
     result: dict[str, Any] = {
-        "benchmark": "cnn_digits", "machine": info, "gemm_rate": rate, "args": vars(args),
-        "problem": {"network": "Conv2d(1,48,3,p=1)-tanh-Conv2d(48,96,3,p=1)-tanh-Linear(6144,10)",
-                    "P": P, "C": C, "N": args.n, "dtype": "float32", "budget_bytes": args.budget,
-                    "train_accuracy": accuracy},
+        "benchmark": "cnn_digits",
+        "machine": info,
+        "gemm_rate": rate,
+        "args": vars(args),
+        "problem": {
+            "network": "Conv2d(1,48,3,p=1)-tanh-Conv2d(48,96,3,p=1)-tanh-Linear(6144,10)",
+            "P": P,
+            "C": C,
+            "N": args.n,
+            "dtype": "float32",
+            "budget_bytes": args.budget,
+            "train_accuracy": accuracy,
+        },
         "layers": table,
         "structured": {**structured, "factor_pass_median": statistics.median(factor_times)},
     }
@@ -201,8 +224,10 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---:|---|---:|---:|",
     ]
     for r in result["layers"]:
-        lines.append(f"| {r['layer']} | {r['kind']} | {r['shape']} | {r['params']:,} | {r['route']} | "
-                     f"{r['structured_gflop_est']:.1f} | {r['generic_gflop_est']:.1f} |")
+        lines.append(
+            f"| {r['layer']} | {r['kind']} | {r['shape']} | {r['params']:,} | {r['route']} | "
+            f"{r['structured_gflop_est']:.1f} | {r['generic_gflop_est']:.1f} |"
+        )
     lines += agreement_table(result)
     return "\n".join(lines)
 

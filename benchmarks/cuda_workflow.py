@@ -170,8 +170,15 @@ def peer_workflow(net: nn.Module, data: dict, noise: float, device: torch.device
 
     n = data["x"].shape[0]
     clock = Clock(device)
-    la = Laplace(net, "regression", subset_of_weights="all", hessian_structure="gp", n_subset=n,
-                 sigma_noise=math.sqrt(noise), prior_precision=1.0)
+    la = Laplace(
+        net,
+        "regression",
+        subset_of_weights="all",
+        hessian_structure="gp",
+        n_subset=n,
+        sigma_noise=math.sqrt(noise),
+        prior_precision=1.0,
+    )
     num_params = sum(p.numel() for p in net.parameters())
     la.fit(DataLoader(TensorDataset(data["x"], data["y"][:, None]), batch_size=max(1, 2**25 // num_params)))
     clock.mark("build")
@@ -266,8 +273,9 @@ def part_exact(args: argparse.Namespace, device: torch.device, rates: dict) -> l
     return rows
 
 
-def fitted_workflow(net: nn.Module, data: dict, noise: float, device: torch.device, spec: Any,
-                    optimizer: str, steps: int, lr: float) -> dict[str, Any]:
+def fitted_workflow(
+    net: nn.Module, data: dict, noise: float, device: torch.device, spec: Any, optimizer: str, steps: int, lr: float
+) -> dict[str, Any]:
     """Build with ``spec``, evidence, fit δ and σ² (Adam or L-BFGS), predict; NLL on the test set."""
     import gpytorch
 
@@ -287,9 +295,13 @@ def fitted_workflow(net: nn.Module, data: dict, noise: float, device: torch.devi
     mean, var = latent_predictive(model, data["x_test"])
     clock.mark("predict")
     noise_fit = float(likelihood.noise.detach())
-    return {"time": clock.times, "lml_start": lml_start, "noise": noise_fit,
-            "delta": float(model.prior_precision.detach().reshape(-1)[0]),
-            "nll": gaussian_nll(mean.cpu(), var.cpu(), noise_fit, data["y_test"].cpu())}
+    return {
+        "time": clock.times,
+        "lml_start": lml_start,
+        "noise": noise_fit,
+        "delta": float(model.prior_precision.detach().reshape(-1)[0]),
+        "nll": gaussian_nll(mean.cpu(), var.cpu(), noise_fit, data["y_test"].cpu()),
+    }
 
 
 def part_large(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -306,8 +318,9 @@ def part_large(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     out["reference"] = ref
     print(json.dumps({"reference": ref}, default=float), flush=True)
     for m in args.large_m:
-        spec = ntkgp.solvers.Inducing(num_inducing=m, selection="kmeans", mean="network",
-                                      generator=torch.Generator().manual_seed(args.seed))
+        spec = ntkgp.solvers.Inducing(
+            num_inducing=m, selection="kmeans", mean="network", generator=torch.Generator().manual_seed(args.seed)
+        )
         with PeakMemory(device) as mem:
             row = fitted_workflow(net, data, noise, device, spec, "adam", args.fit_steps, args.fit_lr)
         row.update(m=m, peak_bytes=mem.peak, nll_gap=row["nll"] - ref["nll"])
@@ -320,9 +333,12 @@ def part_large(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
 def tables(result: dict[str, Any]) -> str:
     lines = []
     if result.get("exact"):
-        lines += ["| N | ntkgp time (s) | build / lml / predict (s) | peak mem (GiB) | var err vs f64 "
-                  "| Gram (s) | Gram fraction of fp64 GEMM | Cholesky fraction of fp64 GEMM | peer time (s) "
-                  "| ntkgp/peer | peer var err |", "|" + "---|" * 11]
+        lines += [
+            "| N | ntkgp time (s) | build / lml / predict (s) | peak mem (GiB) | var err vs f64 "
+            "| Gram (s) | Gram fraction of fp64 GEMM | Cholesky fraction of fp64 GEMM | peer time (s) "
+            "| ntkgp/peer | peer var err |",
+            "|" + "---|" * 11,
+        ]
         for r in result["exact"]:
             p = r["phase_median"]
             lines.append(
@@ -330,18 +346,24 @@ def tables(result: dict[str, Any]) -> str:
                 f"| {r['peak_bytes'] / _GiB:.2f} | {r['var_err']:.1e} | {r['gram_seconds']:.3f} "
                 f"| {r['gram_fraction_fp64']:.2f} | {r['cholesky_fraction_fp64']:.2f} "
                 f"| {r.get('peer_time', float('nan')):.2f} | {r.get('ratio', float('nan')):.3f} "
-                f"| {r.get('peer_var_err', float('nan')):.1e} |")
+                f"| {r.get('peer_var_err', float('nan')):.1e} |"
+            )
     if result.get("large"):
         big = result["large"]
         ref = big["reference"]
-        lines += ["", f"N = {big['n']}: reference exact GP on {ref.get('subset', '')} subset: NLL {ref['nll']:.4f}, "
-                  f"{ref['time']['total']:.1f} s",
-                  "| M | total (s) | build / lml / fit / predict (s) | peak mem (GiB) | NLL | NLL - ref |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"N = {big['n']}: reference exact GP on {ref.get('subset', '')} subset: NLL {ref['nll']:.4f}, "
+            f"{ref['time']['total']:.1f} s",
+            "| M | total (s) | build / lml / fit / predict (s) | peak mem (GiB) | NLL | NLL - ref |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in big["rows"]:
             t = r["time"]
-            lines.append(f"| {r['m']} | {t['total']:.1f} | {t['build']:.1f} / {t['lml']:.2f} / {t['fit']:.1f} / "
-                         f"{t['predict']:.2f} | {r['peak_bytes'] / _GiB:.2f} | {r['nll']:.4f} | {r['nll_gap']:+.4f} |")
+            lines.append(
+                f"| {r['m']} | {t['total']:.1f} | {t['build']:.1f} / {t['lml']:.2f} / {t['fit']:.1f} / "
+                f"{t['predict']:.2f} | {r['peak_bytes'] / _GiB:.2f} | {r['nll']:.4f} | {r['nll_gap']:+.4f} |"
+            )
     return "\n".join(lines)
 
 
@@ -366,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        result["machine"].update(gpu=props.name, gpu_memory_gib=props.total_memory / _GiB,
-                                 cuda=torch.version.cuda)
+        result["machine"].update(gpu=props.name, gpu_memory_gib=props.total_memory / _GiB, cuda=torch.version.cuda)
     rates = {"float64": float("nan"), "float32_ieee": float("nan")}
     if "peak" in args.parts:
         rates = {"float64": gemm_rate(device, torch.float64), "float32_ieee": gemm_rate(device, torch.float32)}

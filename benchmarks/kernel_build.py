@@ -97,8 +97,13 @@ def make_net(d_in: int, width: int, depth: int, seed: int) -> nn.Sequential:
 
 def structured_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
     """Analytic GEMM flops of the structured Gram: per Linear, 2 N^2 d_in + 2 (N C)^2 d_out."""
-    return float(sum(2 * n * n * m.in_features + 2 * (n * outputs) ** 2 * m.out_features
-                     for m in net.modules() if isinstance(m, nn.Linear)))
+    return float(
+        sum(
+            2 * n * n * m.in_features + 2 * (n * outputs) ** 2 * m.out_features
+            for m in net.modules()
+            if isinstance(m, nn.Linear)
+        )
+    )
 
 
 def executed_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
@@ -146,8 +151,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = start_gram_run(args.threads)
     rate = gemm_rate()
     rate64 = gemm_rate(dtype=torch.float64)
-    print(f"# GEMM rate (torch.mm 4096^2, median of 5): float32 {rate['gflops']:.1f} GFLOP/s, "
-          f"float64 {rate64['gflops']:.1f} GFLOP/s", flush=True)
+    print(
+        f"# GEMM rate (torch.mm 4096^2, median of 5): float32 {rate['gflops']:.1f} GFLOP/s, "
+        f"float64 {rate64['gflops']:.1f} GFLOP/s",
+        flush=True,
+    )
 
     net = make_net(args.d_in, args.width, args.depth, args.seed)
     x = torch.randn(args.n, args.d_in, generator=torch.Generator().manual_seed(args.seed))
@@ -155,8 +163,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     slow = FunctionalNetwork(net, (args.d_in,), structured=False)
     groups = parameter_groups(fast.names, 1.0)
     C, P = fast.num_outputs, fast.num_parameters
-    print(f"# MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh, float32, P = {P:,}, "
-          f"N = {args.n}, C = {C}, budget = {args.budget / 2**20:.0f} MiB", flush=True)
+    print(
+        f"# MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh, float32, P = {P:,}, "
+        f"N = {args.n}, C = {C}, budget = {args.budget / 2**20:.0f} MiB",
+        flush=True,
+    )
 
     def build(network: FunctionalNetwork, points: Tensor) -> Tensor:
         return ntk_gram(network, groups, points, budget=args.budget)
@@ -171,10 +182,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fast_median = structured["median"]
     gemm_median = statistics.median(gemm_times)
     result: dict[str, Any] = {
-        "benchmark": "kernel_build", "machine": info, "gemm_rate": rate, "gemm_rate_float64": rate64,
+        "benchmark": "kernel_build",
+        "machine": info,
+        "gemm_rate": rate,
+        "gemm_rate_float64": rate64,
         "args": vars(args),
-        "problem": {"network": f"MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh",
-                    "P": P, "C": C, "N": args.n, "dtype": "float32", "budget_bytes": args.budget},
+        "problem": {
+            "network": f"MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh",
+            "P": P,
+            "C": C,
+            "N": args.n,
+            "dtype": "float32",
+            "budget_bytes": args.budget,
+        },
         "structured": {
             **structured,
             "factor_pass_median": statistics.median(factor_times),
