@@ -41,10 +41,11 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, PhaseTimer, finish_report, start_report  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
+from benchmarks.harness import PeakRSS, PhaseTimer, finish_report, start_report  # noqa: E402
 
 NUM_CLASSES = 10
 ECE_BINS = 15

@@ -42,7 +42,7 @@ and its difference to the exact one; wall time (median over ``--repeats``; a con
 whose first run exceeds ``--long-seconds`` runs once); peak RSS added by the workflow. Every
 measurement runs in a fresh ``spawn`` process (imports, data and network loading, and one
 untimed warm-up of the same method on a few points are outside the clock), with the peak-RSS
-probe ``regression_workflow.py`` uses (``_common.PeakRSS``: ``/proc/self/clear_refs`` + ``VmHWM``).
+probe ``regression_workflow.py`` uses (``benchmarks.harness.PeakRSS``: ``/proc/self/clear_refs`` + ``VmHWM``).
 
 Part 2: large N (``--large-n``, default 50,000; 1,000 test points)
 ------------------------------------------------------------------
@@ -79,9 +79,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, PhaseTimer, finish_report, fit_evidence, start_report  # noqa: E402
-from regression_workflow import load_setup, make_data, make_net, train_net  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import PeakRSS, PhaseTimer, finish_report, fit_evidence, start_report  # noqa: E402
+from benchmarks.regression_workflow import load_setup, make_data, make_net, train_net  # noqa: E402
 
 _MiB = 2**20
 

@@ -43,15 +43,16 @@ import argparse
 import os
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     add_gram_run_arguments,
     agreement_table,
     fmt_load,
@@ -63,11 +64,8 @@ from _common import (  # noqa: E402
     time_calls,
     timed_route,
 )
-
+from benchmarks.harness.internals import conv_patches, conv_route_costs, ntk_gram, parameter_groups  # noqa: E402
 from ntkgp import FunctionalNetwork  # noqa: E402
-from ntkgp.functional import conv_patches  # noqa: E402
-from ntkgp.gram import conv_route_costs, ntk_gram  # noqa: E402
-from ntkgp.parameter_groups import parameter_groups  # noqa: E402
 
 SHAPE = (1, 8, 8)
 

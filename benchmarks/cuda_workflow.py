@@ -51,10 +51,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, fit_evidence, machine_info  # noqa: E402
-from approximate_regression import gaussian_nll  # noqa: E402
-from regression_workflow import make_data, make_net, train_net  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.approximate_regression import gaussian_nll  # noqa: E402
+from benchmarks.harness import PeakRSS, fit_evidence, machine_info  # noqa: E402
+from benchmarks.regression_workflow import make_data, make_net, train_net  # noqa: E402
 
 _GiB = 2**30
 
@@ -109,7 +111,7 @@ class PeakMemory:
 
 def gemm_rate(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 5) -> float:
     """Median FLOP/s of ``size``-square ``torch.mm`` in ``dtype`` (TF32 off)."""
-    from ntkgp.precision import ieee_float32
+    from benchmarks.harness.internals import ieee_float32
 
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
@@ -192,10 +194,9 @@ def peer_workflow(net: nn.Module, data: dict, noise: float, device: torch.device
 
 def gram_flops(net: nn.Module, n: int) -> float:
     """GEMM flops of the symmetric structured Gram of the MLP's linear layers (see the docstring)."""
-    from ntkgp.gram import _block_rows, _pair_blocks
+    from benchmarks.harness.internals import symmetric_gram_blocks
 
-    rows = _block_rows(n, 1)
-    blocks = _pair_blocks(n, n, rows, True)
+    blocks = symmetric_gram_blocks(n, 1)
     computed = sum((e1 - s1) * (e2 - s2) for s1, e1, s2, e2 in blocks) / (n * n)
     per_pair = sum(2 * (m.in_features + 1 + m.out_features) for m in net.modules() if isinstance(m, nn.Linear))
     return per_pair * n * n * computed
@@ -203,9 +204,7 @@ def gram_flops(net: nn.Module, n: int) -> float:
 
 def time_gram(net: nn.Module, x: Tensor, device: torch.device) -> float:
     """Seconds for the structured NTK Gram (factors and GEMMs, float64 accumulation)."""
-    from ntkgp.functional import FunctionalNetwork
-    from ntkgp.gram import ntk_gram
-    from ntkgp.parameter_groups import parameter_groups
+    from benchmarks.harness.internals import FunctionalNetwork, ntk_gram, parameter_groups
 
     gc.collect()
     network = FunctionalNetwork(net, x.shape[1:])

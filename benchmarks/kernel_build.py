@@ -57,15 +57,16 @@ import argparse
 import os
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     add_gram_run_arguments,
     agreement_table,
     fmt_load,
@@ -77,10 +78,8 @@ from _common import (  # noqa: E402
     time_calls,
     timed_route,
 )
-
+from benchmarks.harness.internals import ntk_gram, parameter_groups, symmetric_gram_blocks  # noqa: E402
 from ntkgp import FunctionalNetwork  # noqa: E402
-from ntkgp.gram import ntk_gram  # noqa: E402
-from ntkgp.parameter_groups import parameter_groups  # noqa: E402
 
 
 # ---------------------------------------------------------------------- problem
@@ -109,17 +108,14 @@ def structured_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
 def executed_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
     """GEMM flops the structured build actually runs for a symmetric Gram (x2 = x1).
 
-    ntkgp forms only the lower block triangle (``gram._pair_blocks`` with ``gram._block_rows``)
-    and mirrors it, and fuses each bias into its weight's input Gram (``A~ = [A, 1]``: ``d_in + 1``).
+    ntkgp forms only the lower block triangle (``symmetric_gram_blocks``) and mirrors it, and
+    fuses each bias into its weight's input Gram (``A~ = [A, 1]``: ``d_in + 1``).
     """
-    from ntkgp import gram
-
-    rows = gram._block_rows(n, outputs)
     total = 0.0
     for m in net.modules():
         if isinstance(m, nn.Linear):
             k_in = m.in_features + (m.bias is not None)
-            for s1, e1, s2, e2 in gram._pair_blocks(n, n, rows, True):
+            for s1, e1, s2, e2 in symmetric_gram_blocks(n, outputs):
                 r1, r2 = e1 - s1, e2 - s2
                 total += 2.0 * r1 * r2 * k_in + 2.0 * (r1 * outputs) * (r2 * outputs) * m.out_features
     return total

@@ -57,10 +57,11 @@ from sklearn.datasets import load_diabetes
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fit_evidence, machine_summary, write_json  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
+from benchmarks.harness import fit_evidence, machine_summary, write_json  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
 

@@ -82,12 +82,14 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-# imported as machine_info, the name online_marglik_seeds.py calls (digits.machine_info)
-from _common import machine_summary as machine_info  # noqa: E402
-from _common import write_json  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
+
+# imported as machine_info, the name online_marglik_seeds.py calls (digits.machine_info)
+from benchmarks.harness import machine_summary as machine_info  # noqa: E402
+from benchmarks.harness import write_json  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 

@@ -39,10 +39,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import online_marglik_digits as digits  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
+from benchmarks import online_marglik_digits as digits  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 

@@ -91,8 +91,10 @@ import torch
 from sklearn.datasets import make_friedman1
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, PhaseTimer, max_rel_err, start_report, write_json  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import PeakRSS, PhaseTimer, max_rel_err, start_report, write_json  # noqa: E402
 
 N_TEST = 500
 N_FEATURES = 8
