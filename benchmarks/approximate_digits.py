@@ -45,11 +45,10 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
-from benchmarks.harness import PeakRSS, PhaseTimer, finish_report, start_report  # noqa: E402
+from benchmarks.harness import MiB, PeakRSS, PhaseTimer, finish_report, start_report  # noqa: E402
 
 NUM_CLASSES = 10
 ECE_BINS = 15
-_MiB = 2**20
 
 
 def load(n_train: int, seed: int) -> dict[str, Tensor]:
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             t = out["time"]
             print(
                 f"  {kind:>8} rep {rep + 1}: {t['total']:.2f} s (build {t['build']:.2f}, lml {t['lml']:.2f}, "
-                f"predict {t['predict']:.2f}), peak RSS +{probe.peak_delta / _MiB:.0f} MiB, lml {out['lml']:.2f}",
+                f"predict {t['predict']:.2f}), peak RSS +{probe.peak_delta / MiB:.0f} MiB, lml {out['lml']:.2f}",
                 flush=True,
             )
 
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"inducing M = {args.num_inducing} ({args.selection})", ind),
     ):
         lines.append(
-            f"| {name} | {r['time_median']:.2f} | {r['repeats']} | {r['peak_rss_median'] / _MiB:.0f} "
+            f"| {name} | {r['time_median']:.2f} | {r['repeats']} | {r['peak_rss_median'] / MiB:.0f} "
             f"| {r['lml']:.2f} | {r['nll']:.4f} | {r['ece']:.4f} | {r['acc']:.4f} |"
         )
     m = rows["map"]

@@ -82,10 +82,8 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import PeakRSS, PhaseTimer, finish_report, fit_evidence, start_report  # noqa: E402
+from benchmarks.harness import MiB, PeakRSS, PhaseTimer, finish_report, fit_evidence, start_report  # noqa: E402
 from benchmarks.regression_workflow import load_setup, make_data, make_net, train_net  # noqa: E402
-
-_MiB = 2**20
 
 
 def gaussian_nll(mean: Tensor, latent_var: Tensor, noise: float, y: Tensor) -> float:
@@ -375,7 +373,7 @@ def repeat(method: str, param: int | None, path: str, args: argparse.Namespace) 
         print(
             f"  {method:>18} {param!s:>6} rep {rep + 1}: {t['total']:.2f} s ("
             + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k != "total")
-            + f"), peak RSS +{out['peak_rss_bytes'] / _MiB:.0f} MiB",
+            + f"), peak RSS +{out['peak_rss_bytes'] / MiB:.0f} MiB",
             flush=True,
         )
         if t["total"] > args.long_seconds:
@@ -429,7 +427,7 @@ def table_part1(rows: list[dict]) -> str:
         diff = f"{r['lml_diff']:+.1f}" if "lml_diff" in r else "—"
         lines.append(
             f"| {r['method']} | {r['param'] if r['param'] is not None else '—'} | {r['time_median']:.2f} "
-            f"| {r['repeats']} | {r['peak_rss_median'] / _MiB:.0f} | {r['nll']:.4f} | {r['nll'] - exact_nll:+.4f} "
+            f"| {r['repeats']} | {r['peak_rss_median'] / MiB:.0f} | {r['nll']:.4f} | {r['nll'] - exact_nll:+.4f} "
             f"| {r.get('var_err', 0.0):.2e} | {r.get('var_ratio_median', 1.0):.3f} | {lml} | {diff} |"
         )
     return "\n".join(lines)
@@ -449,7 +447,7 @@ def table_part2(rows: list[dict]) -> str:
         wo = r["phase_median"].get("total_without_fit", r["time_median"])
         lines.append(
             f"| {r['method']} | {r['param']} | {r['time_median']:.2f} | {wo:.2f} | {r['repeats']} "
-            f"| {r['peak_rss_median'] / _MiB:.0f} | {r['delta']:.4g} | {r['noise']:.4g} | {r['lml']:.1f} "
+            f"| {r['peak_rss_median'] / MiB:.0f} | {r['delta']:.4g} | {r['noise']:.4g} | {r['lml']:.1f} "
             f"| {r['nll']:.4f} | {r['nll'] - ref:+.4f} | {(r['nll'] - ref) / abs(ref):+.2%} |"
         )
     return "\n".join(lines)

@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
+    MiB,
     add_gram_run_arguments,
     agreement_table,
     fmt_load,
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     groups = parameter_groups(fast.names, 1.0)
     C, P = fast.num_outputs, fast.num_parameters
     print(
-        f"# CNN P = {P:,}, N = {args.n}, C = {C}, train accuracy {accuracy:.3f}, budget {args.budget / 2**20:.0f} MiB",
+        f"# CNN P = {P:,}, N = {args.n}, C = {C}, train accuracy {accuracy:.3f}, budget {args.budget / MiB:.0f} MiB",
         flush=True,
     )
     table = layer_table(fast, net, x)
@@ -210,7 +211,7 @@ def markdown(result: dict[str, Any]) -> str:
     prob, s, rate = result["problem"], result["structured"], result["gemm_rate"]
     lines = [
         f"**NTK Gram build, CNN on 8x8 digits**: {prob['network']}, P = {prob['P']:,}, N = {prob['N']}, "
-        f"C = {prob['C']}, float32, budget {prob['budget_bytes'] / 2**20:.0f} MiB; "
+        f"C = {prob['C']}, float32, budget {prob['budget_bytes'] / MiB:.0f} MiB; "
         f"{result['machine']['cpu_model']}, {result['machine']['torch_threads']} threads; "
         f"float32 GEMM rate {rate['gflops']:.1f} GFLOP/s; load average {fmt_load(result['machine'])}",
         "",

@@ -55,10 +55,8 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.approximate_regression import gaussian_nll  # noqa: E402
-from benchmarks.harness import PeakRSS, fit_evidence, machine_info  # noqa: E402
+from benchmarks.harness import GiB, PeakRSS, fit_evidence, machine_info  # noqa: E402
 from benchmarks.regression_workflow import make_data, make_net, train_net  # noqa: E402
-
-_GiB = 2**30
 
 
 # ------------------------------------------------------------------------ timing
@@ -342,7 +340,7 @@ def tables(result: dict[str, Any]) -> str:
             p = r["phase_median"]
             lines.append(
                 f"| {r['n']} | {r['time_median']:.2f} | {p['build']:.2f} / {p['lml']:.2f} / {p['predict']:.2f} "
-                f"| {r['peak_bytes'] / _GiB:.2f} | {r['var_err']:.1e} | {r['gram_seconds']:.3f} "
+                f"| {r['peak_bytes'] / GiB:.2f} | {r['var_err']:.1e} | {r['gram_seconds']:.3f} "
                 f"| {r['gram_fraction_fp64']:.2f} | {r['cholesky_fraction_fp64']:.2f} "
                 f"| {r.get('peer_time', float('nan')):.2f} | {r.get('ratio', float('nan')):.3f} "
                 f"| {r.get('peer_var_err', float('nan')):.1e} |"
@@ -361,7 +359,7 @@ def tables(result: dict[str, Any]) -> str:
             t = r["time"]
             lines.append(
                 f"| {r['m']} | {t['total']:.1f} | {t['build']:.1f} / {t['lml']:.2f} / {t['fit']:.1f} / "
-                f"{t['predict']:.2f} | {r['peak_bytes'] / _GiB:.2f} | {r['nll']:.4f} | {r['nll_gap']:+.4f} |"
+                f"{t['predict']:.2f} | {r['peak_bytes'] / GiB:.2f} | {r['nll']:.4f} | {r['nll_gap']:+.4f} |"
             )
     return "\n".join(lines)
 
@@ -387,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        result["machine"].update(gpu=props.name, gpu_memory_gib=props.total_memory / _GiB, cuda=torch.version.cuda)
+        result["machine"].update(gpu=props.name, gpu_memory_gib=props.total_memory / GiB, cuda=torch.version.cuda)
     rates = {"float64": float("nan"), "float32_ieee": float("nan")}
     if "peak" in args.parts:
         rates = {"float64": gemm_rate(device, torch.float64), "float32_ieee": gemm_rate(device, torch.float32)}

@@ -67,6 +67,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
+    MiB,
     add_gram_run_arguments,
     agreement_table,
     fmt_load,
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     C, P = fast.num_outputs, fast.num_parameters
     print(
         f"# MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh, float32, P = {P:,}, "
-        f"N = {args.n}, C = {C}, budget = {args.budget / 2**20:.0f} MiB",
+        f"N = {args.n}, C = {C}, budget = {args.budget / MiB:.0f} MiB",
         flush=True,
     )
 
@@ -223,7 +224,7 @@ def markdown(result: dict[str, Any]) -> str:
     prob, s, rate = result["problem"], result["structured"], result["gemm_rate"]
     lines = [
         f"**NTK Gram build**, {prob['network']}, P = {prob['P']:,}, N = {prob['N']}, C = {prob['C']}, float32, "
-        f"budget {prob['budget_bytes'] / 2**20:.0f} MiB; {result['machine']['cpu_model']}, "
+        f"budget {prob['budget_bytes'] / MiB:.0f} MiB; {result['machine']['cpu_model']}, "
         f"{result['machine']['torch_threads']} threads; GEMM rate float32 {rate['gflops']:.1f}, float64 "
         f"{result['gemm_rate_float64']['gflops']:.1f} GFLOP/s; "
         f"load average {fmt_load(result['machine'])}",

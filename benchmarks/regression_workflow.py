@@ -94,12 +94,11 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import PeakRSS, PhaseTimer, max_rel_err, start_report, write_json  # noqa: E402
+from benchmarks.harness import MiB, PeakRSS, PhaseTimer, max_rel_err, start_report, write_json  # noqa: E402
 
 N_TEST = 500
 N_FEATURES = 8
 WIDTH = 256
-_MiB = 2**20
 
 
 # --------------------------------------------------------------------------- setup
@@ -319,7 +318,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['n']} | {r['ntkgp']['time_median']:.2f} | {r['peer']['time_median']:.2f} | {r['ratio']:.2f} "
-            f"| {r['ntkgp']['peak_rss_median'] / _MiB:.0f} | {r['peer']['peak_rss_median'] / _MiB:.0f} "
+            f"| {r['ntkgp']['peak_rss_median'] / MiB:.0f} | {r['peer']['peak_rss_median'] / MiB:.0f} "
             f"| {r['ntkgp']['var_err']:.1e} | {r['peer']['var_err']:.1e} | {r['truth']['lml']:.2f} "
             f"| {r['ntkgp']['lml_err']:.1e} | {r['peer']['lml_raw']:.2f} | {r['peer']['lml_err']:.1e} |"
         )
@@ -445,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"  repeat {rep + 1}/{args.repeats} {library:>5}: {out['time']['total']:.2f} s "
                         f"(build {out['time']['build']:.2f}, lml {out['time']['lml']:.2f}, "
-                        f"predict {out['time']['predict']:.2f}), peak RSS +{out['peak_rss_bytes'] / _MiB:.0f} MiB",
+                        f"predict {out['time']['predict']:.2f}), peak RSS +{out['peak_rss_bytes'] / MiB:.0f} MiB",
                         flush=True,
                     )
             row = {

@@ -51,10 +51,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import resource
 import statistics
 import sys
 import time
@@ -73,7 +71,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
-from benchmarks.harness import machine_summary, write_json  # noqa: E402
+from benchmarks.harness import GiB, available_bytes, machine_summary, peak_rss_gb, write_json  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import SubsetEvidenceBound, class_partition, random_partition  # noqa: E402
 
@@ -136,19 +134,6 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def available_bytes() -> int | None:
-    """``MemAvailable`` from ``/proc/meminfo``, or None."""
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 #: measured peak of one evaluation with gradient, in (BC x BC) float64 matrices (4 Grams + 6 temporaries)
 MATRICES_AT_PEAK = 10
 
@@ -209,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         need, free = MATRICES_AT_PEAK * (size * NUM_CLASSES) ** 2 * 8, available_bytes()
         if free is not None and need > 0.6 * free and not args.force:
             skipped.append(
-                f"B = {size}: estimated peak {need / 2**30:.1f} GiB > 60% of the {free / 2**30:.1f} GiB "
+                f"B = {size}: estimated peak {need / GiB:.1f} GiB > 60% of the {free / GiB:.1f} GiB "
                 "available (--force runs it)"
             )
             print("  skipped " + skipped[-1], flush=True)

@@ -11,8 +11,9 @@ Modules
   :func:`gemm_rate`;
 * :mod:`~benchmarks.harness.timing`: :class:`PhaseTimer`, :func:`time_calls`, :func:`timed_with_peak`,
   :func:`timed_route`;
-* :mod:`~benchmarks.harness.memory`: :func:`status_kib`, :func:`reset_peak_rss`, :class:`PeakRSS`,
-  :func:`peak_memory`;
+* :mod:`~benchmarks.harness.memory`: :data:`KiB`, :data:`MiB`, :data:`GiB`, :func:`status_kib`,
+  :func:`reset_peak_rss`, :class:`PeakRSS`, :func:`peak_memory`, :func:`peak_rss_gb`,
+  :func:`available_bytes`;
 * :mod:`~benchmarks.harness.evidence`: :func:`fit_evidence`;
 * :mod:`~benchmarks.harness.report`: :func:`max_rel_err`, :func:`fmt_mib`, :func:`fmt_load`,
   :func:`write_json`, :func:`print_and_save`, :func:`start_report`, :func:`finish_report`;
@@ -33,7 +34,17 @@ from benchmarks.harness.gram_checks import (
     start_gram_run,
 )
 from benchmarks.harness.machine import LIBRARIES, cpu_model, gemm_rate, machine_info, machine_summary
-from benchmarks.harness.memory import PeakRSS, peak_memory, reset_peak_rss, status_kib
+from benchmarks.harness.memory import (
+    GiB,
+    KiB,
+    MiB,
+    PeakRSS,
+    available_bytes,
+    peak_memory,
+    peak_rss_gb,
+    reset_peak_rss,
+    status_kib,
+)
 from benchmarks.harness.report import (
     finish_report,
     fmt_load,
@@ -47,10 +58,14 @@ from benchmarks.harness.timing import PhaseTimer, time_calls, timed_route, timed
 
 __all__ = [
     "LIBRARIES",
+    "GiB",
+    "KiB",
+    "MiB",
     "PeakRSS",
     "PhaseTimer",
     "add_gram_run_arguments",
     "agreement_table",
+    "available_bytes",
     "cpu_model",
     "finish_report",
     "fit_evidence",
@@ -62,6 +77,7 @@ __all__ = [
     "machine_summary",
     "max_rel_err",
     "peak_memory",
+    "peak_rss_gb",
     "print_and_save",
     "reset_peak_rss",
     "route_table",

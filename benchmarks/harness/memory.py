@@ -1,13 +1,15 @@
-"""Memory probes: the peak resident memory a piece of work adds (Linux ``/proc``)."""
+"""Memory probes: the peak resident memory a piece of work adds (Linux ``/proc``), free memory."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import resource
 from collections.abc import Callable
 
-_KiB = 1024
+#: bytes per KiB, MiB and GiB
+KiB, MiB, GiB = 2**10, 2**20, 2**30
 
 
 def status_kib(field: str) -> int:
@@ -79,7 +81,7 @@ class PeakRSS:
             peak_kib = status_kib("VmHWM")
         else:  # ru_maxrss is the lifetime peak, in KiB on Linux: an upper bound
             peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.peak_delta = max(0, peak_kib - self.baseline_kib) * _KiB
+        self.peak_delta = max(0, peak_kib - self.baseline_kib) * KiB
 
 
 def peak_memory(fn: Callable[[], object]) -> tuple[object, float | None]:
@@ -104,3 +106,17 @@ def peak_memory(fn: Callable[[], object]) -> tuple[object, float | None]:
     base = status_kib("VmRSS")
     result = fn()
     return result, (status_kib("VmHWM") - base) / 1024
+
+
+def peak_rss_gb() -> float:
+    """The process's lifetime peak RSS (``ru_maxrss``, which cannot be reset), in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def available_bytes() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo``, or None."""
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
