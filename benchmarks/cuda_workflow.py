@@ -55,74 +55,18 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.approximate_regression import gaussian_nll  # noqa: E402
-from benchmarks.harness import GiB, PeakRSS, fit_evidence, machine_info  # noqa: E402
+from benchmarks.harness import DeviceClock, GiB, PeakMemory, fit_evidence, gemm_rate, machine_info  # noqa: E402
 from benchmarks.regression_workflow import make_data, make_net, train_net  # noqa: E402
 
 
 # ------------------------------------------------------------------------ timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Clock:
-    """Phase timer that synchronizes the device at each mark."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, {}
-        sync(device)
-        self.start = self.last = time.perf_counter()
-
-    def mark(self, name: str) -> None:
-        sync(self.device)
-        now = time.perf_counter()
-        self.times[name] = now - self.last
-        self.times["total"] = now - self.start
-        self.last = now
-
-
-class PeakMemory:
-    """Peak device memory (CUDA) or added peak RSS (CPU) of the body, in bytes."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()  # earlier models (GPyTorch modules hold reference cycles) release their device memory
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.rss = PeakRSS().__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.rss.__exit__(*exc)
-            self.peak = self.rss.peak_delta
-
-
-def gemm_rate(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 5) -> float:
-    """Median FLOP/s of ``size``-square ``torch.mm`` in ``dtype`` (TF32 off)."""
+def device_gemm_rate(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 5) -> float:
+    """Median FLOP/s of ``size``-square ``torch.mm`` in ``dtype`` (TF32 off), after 2 warm-ups."""
     from benchmarks.harness.internals import ieee_float32
 
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    times = []
     with ieee_float32():
-        for i in range(repeats + 2):
-            sync(device)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            sync(device)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-    return 2 * size**3 / statistics.median(times)
+        rate = gemm_rate(size, repeats, dtype, device=device, warmups=2)
+    return 2 * size**3 / rate["seconds_median"]
 
 
 # ------------------------------------------------------------------- workflows
@@ -149,7 +93,7 @@ def exact_workflow(net: nn.Module, data: dict, noise: float, device: torch.devic
 
     import ntkgp
 
-    clock = Clock(device)
+    clock = DeviceClock(device)
     likelihood = gpytorch.likelihoods.GaussianLikelihood().to(device=device, dtype=data["x"].dtype)
     likelihood.noise = noise
     model = ntkgp.LinearizedGP(net, likelihood, data["x"], data["y"], prior_precision=1.0, solver="kernel")
@@ -169,7 +113,7 @@ def peer_workflow(net: nn.Module, data: dict, noise: float, device: torch.device
     from torch.utils.data import DataLoader, TensorDataset
 
     n = data["x"].shape[0]
-    clock = Clock(device)
+    clock = DeviceClock(device)
     la = Laplace(
         net,
         "regression",
@@ -207,7 +151,7 @@ def time_gram(net: nn.Module, x: Tensor, device: torch.device) -> float:
     gc.collect()
     network = FunctionalNetwork(net, x.shape[1:])
     groups = parameter_groups(network.names, 1.0)
-    clock = Clock(device)
+    clock = DeviceClock(device)
     gram = ntk_gram(network, groups, x, budget=2**30)
     clock.mark("gram")
     del gram
@@ -278,7 +222,7 @@ def fitted_workflow(
 
     import ntkgp
 
-    clock = Clock(device)
+    clock = DeviceClock(device)
     likelihood = gpytorch.likelihoods.GaussianLikelihood().to(device=device, dtype=data["x"].dtype)
     likelihood.noise = noise
     model = ntkgp.LinearizedGP(net, likelihood, data["x"], data["y"], prior_precision=1.0, solver=spec)
@@ -388,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         result["machine"].update(gpu=props.name, gpu_memory_gib=props.total_memory / GiB, cuda=torch.version.cuda)
     rates = {"float64": float("nan"), "float32_ieee": float("nan")}
     if "peak" in args.parts:
-        rates = {"float64": gemm_rate(device, torch.float64), "float32_ieee": gemm_rate(device, torch.float32)}
+        rates = {
+            "float64": device_gemm_rate(device, torch.float64),
+            "float32_ieee": device_gemm_rate(device, torch.float32),
+        }
         print(json.dumps({"gemm_tflops": {k: v / 1e12 for k, v in rates.items()}}), flush=True)
     result["gemm_rates"] = rates
     if "exact" in args.parts:

@@ -9,11 +9,11 @@ Modules
 -------
 * :mod:`~benchmarks.harness.machine`: :func:`cpu_model`, :func:`machine_info`, :func:`machine_summary`,
   :func:`gemm_rate`;
-* :mod:`~benchmarks.harness.timing`: :class:`PhaseTimer`, :func:`time_calls`, :func:`timed_with_peak`,
-  :func:`timed_route`;
+* :mod:`~benchmarks.harness.timing`: :func:`sync`, :class:`PhaseTimer`, :class:`DeviceClock`,
+  :func:`time_calls`, :func:`timed_with_peak`, :func:`timed_route`;
 * :mod:`~benchmarks.harness.memory`: :data:`KiB`, :data:`MiB`, :data:`GiB`, :func:`status_kib`,
-  :func:`reset_peak_rss`, :class:`PeakRSS`, :func:`peak_memory`, :func:`peak_rss_gb`,
-  :func:`available_bytes`;
+  :func:`reset_peak_rss`, :class:`PeakRSS`, :class:`PeakMemory`, :func:`peak_memory`,
+  :func:`peak_rss_gb`, :func:`available_bytes`;
 * :mod:`~benchmarks.harness.evidence`: :func:`fit_evidence`;
 * :mod:`~benchmarks.harness.report`: :func:`max_rel_err`, :func:`fmt_mib`, :func:`fmt_load`,
   :func:`write_json`, :func:`print_and_save`, :func:`start_report`, :func:`finish_report`;
@@ -38,6 +38,7 @@ from benchmarks.harness.memory import (
     GiB,
     KiB,
     MiB,
+    PeakMemory,
     PeakRSS,
     available_bytes,
     peak_memory,
@@ -54,13 +55,15 @@ from benchmarks.harness.report import (
     start_report,
     write_json,
 )
-from benchmarks.harness.timing import PhaseTimer, time_calls, timed_route, timed_with_peak
+from benchmarks.harness.timing import DeviceClock, PhaseTimer, sync, time_calls, timed_route, timed_with_peak
 
 __all__ = [
     "LIBRARIES",
+    "DeviceClock",
     "GiB",
     "KiB",
     "MiB",
+    "PeakMemory",
     "PeakRSS",
     "PhaseTimer",
     "add_gram_run_arguments",
@@ -84,6 +87,7 @@ __all__ = [
     "start_gram_run",
     "start_report",
     "status_kib",
+    "sync",
     "time_calls",
     "timed_route",
     "timed_with_peak",

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness.timing import time_calls
+from benchmarks.harness.timing import sync, time_calls
 
 #: libraries whose versions :func:`machine_info` records by default
 LIBRARIES = ("ntkgp", "laplace", "gpytorch", "linear_operator")
@@ -106,7 +106,14 @@ def machine_summary(threads: int, versions: dict[str, str] | None = None) -> dic
     }
 
 
-def gemm_rate(size: int = 4096, repeats: int = 5, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def gemm_rate(
+    size: int = 4096,
+    repeats: int = 5,
+    dtype: torch.dtype = torch.float32,
+    *,
+    device: torch.device | str | None = None,
+    warmups: int = 1,
+) -> dict[str, float]:
     """The machine's matmul rate: median over ``repeats`` of ``torch.mm`` on ``size x size`` in ``dtype``.
 
     Parameters
@@ -114,18 +121,30 @@ def gemm_rate(size: int = 4096, repeats: int = 5, dtype: torch.dtype = torch.flo
     size : int, default 4096
         Side of the two square matrices.
     repeats : int, default 5
-        Timed products, after one untimed warm-up.
+        Timed products, after ``warmups`` untimed ones.
     dtype : torch.dtype, default torch.float32
         Their dtype.
+    device : torch.device or str, optional
+        Where the matrices live (default: torch's default device). On CUDA every product is
+        followed by a synchronization (:func:`~benchmarks.harness.timing.sync`), inside its time.
+    warmups : int, default 1
+        Untimed products first.
 
     Returns
     -------
     dict
         ``size``, ``seconds_median``, ``gflops`` (at the median) and ``gflops_best`` (at the fastest).
     """
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)  # warm-up
-    times = time_calls(lambda: torch.mm(a, b), repeats)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+
+    def product() -> None:
+        torch.mm(a, b)
+        sync(device)
+
+    for _ in range(warmups):
+        product()
+    times = time_calls(product, repeats)
     median = statistics.median(times)
     return {
         "size": size,

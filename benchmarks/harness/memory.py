@@ -1,4 +1,4 @@
-"""Memory probes: the peak resident memory a piece of work adds (Linux ``/proc``), free memory."""
+"""Memory probes: the peak resident memory a piece of work adds (Linux ``/proc``), device memory, free memory."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import gc
 import re
 import resource
 from collections.abc import Callable
+
+import torch
 
 #: bytes per KiB, MiB and GiB
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -82,6 +84,47 @@ class PeakRSS:
         else:  # ru_maxrss is the lifetime peak, in KiB on Linux: an upper bound
             peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.peak_delta = max(0, peak_kib - self.baseline_kib) * KiB
+
+
+class PeakMemory:
+    """Peak device memory (CUDA) or added peak RSS (CPU, by :class:`PeakRSS`) of the body, in bytes.
+
+    On CUDA, entry collects garbage, synchronizes, empties the allocator's cache, resets its peak
+    statistics and reads the allocated bytes; on exit :attr:`peak` is
+    ``torch.cuda.max_memory_allocated`` minus those.
+
+    Parameters
+    ----------
+    device : torch.device
+        The device the body runs on.
+
+    Attributes
+    ----------
+    peak : int
+        Peak memory added by the body, in bytes; set on exit.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()  # earlier models (GPyTorch modules hold reference cycles) release their device memory
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.rss = PeakRSS().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.rss.__exit__(*exc)
+            self.peak = self.rss.peak_delta
 
 
 def peak_memory(fn: Callable[[], object]) -> tuple[object, float | None]:

@@ -7,7 +7,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from benchmarks.harness.memory import peak_memory
+
+
+def sync(device: torch.device | str | None) -> None:
+    """Wait until the work queued on ``device`` is done (CUDA); nothing on the CPU or for None.
+
+    Parameters
+    ----------
+    device : torch.device or str or None
+        The device.
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class PhaseTimer:
@@ -59,6 +73,38 @@ class PhaseTimer:
         self.mark(phase)
         self.times["total"] = self._lap - self.start
         return self.times
+
+
+class DeviceClock(PhaseTimer):
+    """A :class:`PhaseTimer` for work queued on a device, whose ``"total"`` is current after every mark.
+
+    The device is synchronized (:func:`sync`) before the clock starts and before every mark, so a
+    phase includes its queued GPU work. ``"total"``, the seconds since the start, is recorded at
+    the first mark (after that phase) and updated at every later one; there is no :meth:`stop`
+    to call.
+
+    Parameters
+    ----------
+    device : torch.device
+        The device the timed work runs on.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        sync(device)
+        super().__init__()
+
+    def mark(self, phase: str) -> None:
+        """Synchronize the device, record ``phase`` (see :meth:`PhaseTimer.mark`) and update ``"total"``.
+
+        Parameters
+        ----------
+        phase : str
+            Name of the phase just ended.
+        """
+        sync(self.device)
+        super().mark(phase)
+        self.times["total"] = self._lap - self.start
 
 
 def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
