@@ -66,13 +66,11 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +80,8 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import MiB, PeakRSS, PhaseTimer, finish_report, fit_evidence, start_report  # noqa: E402
-from benchmarks.regression_workflow import load_setup, make_data, make_net, train_net  # noqa: E402
+from benchmarks.harness import MiB, PeakRSS, PhaseTimer, finish_report, fit_evidence, run_spawned, start_report  # noqa: E402
+from benchmarks.regression_workflow import load_setup, make_data, make_net, rmse, save_setup, train_net  # noqa: E402
 
 
 def gaussian_nll(mean: Tensor, latent_var: Tensor, noise: float, y: Tensor) -> float:
@@ -317,8 +315,7 @@ def measure(method: str, param: int | None, path: str, threads: int, warmup: boo
 
 def run_in_subprocess(method: str, param: int | None, path: str, threads: int, warmup: bool = True) -> dict:
     """:func:`measure` in a fresh ``spawn`` process."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(measure, method, param, path, threads, warmup).result()
+    return run_spawned(measure, method, param, path, threads, warmup)
 
 
 # --------------------------------------------------------------------------- driver
@@ -329,8 +326,7 @@ def prepare(n: int, n_test: int, args: argparse.Namespace, workdir: Path) -> tup
     net = make_net()
     t0 = time.perf_counter()
     train_rmse = train_net(net, data["x"], data["y"], args.prior_precision, args.train_steps)
-    with torch.no_grad():
-        test_rmse = float((data["y_test"] - net(data["x_test"]).squeeze(-1)).pow(2).mean().sqrt())
+    test_rmse = rmse(net, data["x_test"], data["y_test"])
     num_params = sum(p.numel() for p in net.parameters())
     settings = {
         "n": n,
@@ -349,8 +345,7 @@ def prepare(n: int, n_test: int, args: argparse.Namespace, workdir: Path) -> tup
         "fit_lr": args.fit_lr,
         "ref_iters": args.ref_iters,
     }
-    path = str(workdir / f"setup_{n}.pt")
-    torch.save({"state": net.state_dict(), "data": data, "settings": settings}, path)
+    path = save_setup(workdir, net, data, settings)
     print(
         f"N={n}: P={num_params}, train RMSE {train_rmse:.4f} (σ² = {train_rmse**2:.4f}), test RMSE "
         f"{test_rmse:.4f}, trained in {settings['train_seconds']:.1f} s",

@@ -1,9 +1,9 @@
 """Scaffolding shared by the benchmark scripts of :mod:`benchmarks`.
 
 What lives here is what several scripts do alike and that is not itself measured: describing
-the machine, timing phases and repeated calls, probing peak memory, fitting hyperparameters on
-the evidence, and writing the reports. The problems (data, networks, workflows) stay in the
-scripts.
+the machine, timing phases and repeated calls, probing peak memory, running a measurement in a
+fresh process, fitting hyperparameters on the evidence, and writing the reports. The problems
+(data, networks, workflows) stay in the scripts.
 
 Modules
 -------
@@ -14,6 +14,7 @@ Modules
 * :mod:`~benchmarks.harness.memory`: :data:`KiB`, :data:`MiB`, :data:`GiB`, :func:`status_kib`,
   :func:`reset_peak_rss`, :class:`PeakRSS`, :class:`PeakMemory`, :func:`peak_memory`,
   :func:`peak_rss_gb`, :func:`available_bytes`;
+* :mod:`~benchmarks.harness.processes`: :func:`run_spawned`;
 * :mod:`~benchmarks.harness.evidence`: :func:`fit_evidence`;
 * :mod:`~benchmarks.harness.report`: :func:`max_rel_err`, :func:`fmt_mib`, :func:`fmt_load`,
   :func:`write_json`, :func:`print_and_save`, :func:`start_report`, :func:`finish_report`;
@@ -46,6 +47,7 @@ from benchmarks.harness.memory import (
     reset_peak_rss,
     status_kib,
 )
+from benchmarks.harness.processes import run_spawned
 from benchmarks.harness.report import (
     finish_report,
     fmt_load,
@@ -84,6 +86,7 @@ __all__ = [
     "print_and_save",
     "reset_peak_rss",
     "route_table",
+    "run_spawned",
     "start_gram_run",
     "start_report",
     "status_kib",
