@@ -54,7 +54,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -70,6 +69,7 @@ from benchmarks.harness import (  # noqa: E402
     MiB,
     add_gram_run_arguments,
     agreement_table,
+    finish_gram_run,
     fmt_load,
     gemm_rate,
     gram_agreement,
@@ -215,8 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.check_n:
         result["agreement"] = agreement(net, args.d_in, args.check_n, args.budget, args.seed)
         print(f"agreement at N = {args.check_n}: {result['agreement']}", flush=True)
-    result["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return result
+    return finish_gram_run(result)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -7,8 +7,8 @@ fresh process, fitting hyperparameters on the evidence, and writing the reports.
 
 Modules
 -------
-* :mod:`~benchmarks.harness.machine`: :func:`cpu_model`, :func:`machine_info`, :func:`machine_summary`,
-  :func:`gemm_rate`;
+* :mod:`~benchmarks.harness.machine`: :func:`cpu_model`, :func:`loadavg`, :func:`machine_info`,
+  :func:`machine_summary`, :func:`gemm_rate`;
 * :mod:`~benchmarks.harness.timing`: :func:`sync`, :class:`PhaseTimer`, :class:`DeviceClock`,
   :func:`time_calls`, :func:`timed_with_peak`, :func:`timed_route`;
 * :mod:`~benchmarks.harness.memory`: :data:`KiB`, :data:`MiB`, :data:`GiB`, :func:`status_kib`,
@@ -19,8 +19,8 @@ Modules
 * :mod:`~benchmarks.harness.report`: :func:`max_rel_err`, :func:`fmt_mib`, :func:`fmt_load`,
   :func:`write_json`, :func:`print_and_save`, :func:`start_report`, :func:`finish_report`;
 * :mod:`~benchmarks.harness.gram_checks` (``kernel_build.py``, ``cnn_digits.py``):
-  :func:`start_gram_run`, :func:`gram_agreement`, :func:`route_table`, :func:`agreement_table`,
-  :func:`add_gram_run_arguments`;
+  :func:`start_gram_run`, :func:`finish_gram_run`, :func:`gram_agreement`, :func:`route_table`,
+  :func:`agreement_table`, :func:`add_gram_run_arguments`;
 * :mod:`~benchmarks.harness.internals`: the only module that imports ntkgp's internals
   (``ntkgp.gram``, ``ntkgp.functional``, ``ntkgp.parameter_groups``, ``ntkgp.precision``). It is
   not imported here: importing this package does not import ntkgp.
@@ -30,11 +30,12 @@ from benchmarks.harness.evidence import fit_evidence
 from benchmarks.harness.gram_checks import (
     add_gram_run_arguments,
     agreement_table,
+    finish_gram_run,
     gram_agreement,
     route_table,
     start_gram_run,
 )
-from benchmarks.harness.machine import LIBRARIES, cpu_model, gemm_rate, machine_info, machine_summary
+from benchmarks.harness.machine import LIBRARIES, cpu_model, gemm_rate, loadavg, machine_info, machine_summary
 from benchmarks.harness.memory import (
     GiB,
     KiB,
@@ -72,12 +73,14 @@ __all__ = [
     "agreement_table",
     "available_bytes",
     "cpu_model",
+    "finish_gram_run",
     "finish_report",
     "fit_evidence",
     "fmt_load",
     "fmt_mib",
     "gemm_rate",
     "gram_agreement",
+    "loadavg",
     "machine_info",
     "machine_summary",
     "max_rel_err",

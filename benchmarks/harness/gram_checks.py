@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.harness.machine import machine_info
+from benchmarks.harness.machine import loadavg, machine_info
 from benchmarks.harness.report import fmt_mib, max_rel_err
 
 
@@ -39,6 +39,23 @@ def start_gram_run(threads: int) -> dict[str, Any]:
         flush=True,
     )
     return info
+
+
+def finish_gram_run(result: dict[str, Any]) -> dict[str, Any]:
+    """Record the load average at the end as ``result["machine"]["loadavg_at_end"]``.
+
+    Parameters
+    ----------
+    result : dict
+        With ``machine`` (from :func:`start_gram_run`).
+
+    Returns
+    -------
+    dict
+        ``result``.
+    """
+    result["machine"]["loadavg_at_end"] = loadavg()
+    return result
 
 
 def gram_agreement(net: nn.Module, input_shape: tuple[int, ...], x: Tensor, budget: int) -> dict[str, float]:

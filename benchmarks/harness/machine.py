@@ -44,6 +44,11 @@ def _library_version(name: str) -> str | None:
         return None
 
 
+def loadavg() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15-minute load averages, or None where the platform has none."""
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
 def machine_info(*, interop_threads: bool = True, versions: Sequence[str] = LIBRARIES) -> dict[str, Any]:
     """CPU model, core counts, library versions and thread settings.
 
@@ -72,7 +77,7 @@ def machine_info(*, interop_threads: bool = True, versions: Sequence[str] = LIBR
     }
     if interop_threads:
         info["torch_interop_threads"] = torch.get_num_interop_threads()
-    info["loadavg_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["loadavg_at_start"] = loadavg()
     for name in versions:
         info[name] = _library_version(name)
     return info
