@@ -55,7 +55,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.approximate_regression import gaussian_nll  # noqa: E402
-from benchmarks.harness import DeviceClock, GiB, PeakMemory, fit_evidence, gemm_rate, machine_info  # noqa: E402
+from benchmarks.harness import DeviceClock, GiB, PeakMemory, fit_evidence, gemm_rate, machine_info, write_json  # noqa: E402
 from benchmarks.regression_workflow import make_data, make_net, train_net  # noqa: E402
 
 
@@ -344,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         result["large"] = part_large(args, device)
         result["large"]["reference"]["subset"] = args.ref_subset
     print(tables(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+    write_json(result, args.json, indent=1, default=float, announce=False)
     return 0
 
 

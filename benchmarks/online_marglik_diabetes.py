@@ -61,7 +61,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
-from benchmarks.harness import fit_evidence, machine_summary, write_json  # noqa: E402
+from benchmarks.harness import args_record, command_line, fit_evidence, machine_summary, write_json  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
 
@@ -288,9 +288,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report |= {
         "machine": machine,
         "load_average_after": list(os.getloadavg()),
-        "args": vars(args) | {"json": str(args.json)},
+        "args": args_record(args),
         "total_seconds": time.perf_counter() - start,
-        "command": " ".join(sys.argv),
+        "command": command_line(),
     }
     print(
         f"\nTotal {report['total_seconds']:.0f} s; load average before {machine['load_average_1_5_15']}, "

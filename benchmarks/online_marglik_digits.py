@@ -86,10 +86,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
-
-# imported as machine_info, the name online_marglik_seeds.py calls (digits.machine_info)
-from benchmarks.harness import machine_summary as machine_info  # noqa: E402
-from benchmarks.harness import write_json  # noqa: E402
+from benchmarks.harness import args_record, command_line, machine_summary, write_json  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
@@ -315,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.subset_size == 0:
         args.subset_size = None
     torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
+    machine = machine_summary(args.threads)
     data = load_data(args.seed)
     net0 = make_net(args.width, args.depth, args.activation, args.seed)
     num_params = sum(p.numel() for p in net0.parameters())
@@ -413,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "machine": machine,
         "load_average_after": list(os.getloadavg()),
-        "args": vars(args) | {"json": str(args.json)},
+        "args": args_record(args),
         "num_parameters": num_params,
         "parameter_names": names,
         "data_sizes": {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test)},
@@ -424,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "library_loop_seconds": library_loop_seconds,
         "online": onlines,
         "total_seconds": total,
-        "command": " ".join(sys.argv),
+        "command": command_line(),
     }
     write_json(report, args.json)
     return report

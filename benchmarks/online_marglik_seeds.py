@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,6 +43,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
 
 import ntkgp  # noqa: E402
 from benchmarks import online_marglik_digits as digits  # noqa: E402
+from benchmarks.harness import args_record, machine_summary, write_json  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
@@ -227,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if args.json is not None:  # after every seed, so that a cut-off run leaves its seeds
-            args.json.write_text(
-                json.dumps({"args": vars(args) | {"json": str(args.json)}, "per_seed": per_seed}, indent=2)
-            )
+            write_json({"args": args_record(args), "per_seed": per_seed}, args.json, announce=False)
     plain = {k: statistics.median(s["_plain"][k] for s in per_seed) for k in ("train", "train+val")}
     print(
         f"\nOne plain run, median over seeds: {plain['train']:.2f} s on 1077 points, "
@@ -266,16 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {seed} | {name} | {delta} | - | {r['acc']:.4f} | {r['nll']:.4f} | {r['log_evidence']:.1f} |")
     print(f"\nLoad average before {load_before}, after {list(os.getloadavg())}.")
     if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "args": vars(args) | {"json": str(args.json)},
-                    "per_seed": per_seed,
-                    "plain": plain,
-                    "machine": digits.machine_info(1),
-                },
-                indent=2,
-            )
+        write_json(
+            {"args": args_record(args), "per_seed": per_seed, "plain": plain, "machine": machine_summary(1)},
+            args.json,
+            announce=False,
         )
     return 0
 

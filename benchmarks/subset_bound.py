@@ -71,7 +71,15 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
-from benchmarks.harness import GiB, available_bytes, machine_summary, peak_rss_gb, write_json  # noqa: E402
+from benchmarks.harness import (
+    GiB,
+    args_record,
+    available_bytes,
+    command_line,
+    machine_summary,
+    peak_rss_gb,
+    write_json,
+)  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import SubsetEvidenceBound, class_partition, random_partition  # noqa: E402
 
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "machine": machine,
         "load_average_after": list(os.getloadavg()),
-        "args": vars(args) | {"json": str(args.json)},
+        "args": args_record(args),
         "num_data": n,
         "num_parameters": num_params,
         "parameter_names": names,
@@ -296,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "skipped": skipped,
         "peak_rss_gb": peak_rss_gb(),
-        "command": " ".join(sys.argv),
+        "command": command_line(),
     }
     if not all(math.isfinite(r["bound"]) for r in rows):
         print("warning: a non-finite bound")

@@ -17,7 +17,8 @@ Modules
 * :mod:`~benchmarks.harness.processes`: :func:`run_spawned`;
 * :mod:`~benchmarks.harness.evidence`: :func:`fit_evidence`;
 * :mod:`~benchmarks.harness.report`: :func:`max_rel_err`, :func:`fmt_mib`, :func:`fmt_load`,
-  :func:`write_json`, :func:`print_and_save`, :func:`start_report`, :func:`finish_report`;
+  :func:`args_record`, :func:`command_line`, :func:`write_json`, :func:`print_and_save`,
+  :func:`start_report`, :func:`finish_report`;
 * :mod:`~benchmarks.harness.gram_checks` (``kernel_build.py``, ``cnn_digits.py``):
   :func:`start_gram_run`, :func:`finish_gram_run`, :func:`gram_agreement`, :func:`route_table`,
   :func:`agreement_table`, :func:`add_gram_run_arguments`;
@@ -50,6 +51,8 @@ from benchmarks.harness.memory import (
 )
 from benchmarks.harness.processes import run_spawned
 from benchmarks.harness.report import (
+    args_record,
+    command_line,
     finish_report,
     fmt_load,
     fmt_mib,
@@ -71,7 +74,9 @@ __all__ = [
     "PhaseTimer",
     "add_gram_run_arguments",
     "agreement_table",
+    "args_record",
     "available_bytes",
+    "command_line",
     "cpu_model",
     "finish_gram_run",
     "finish_report",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +68,56 @@ def fmt_load(machine: dict[str, Any]) -> str:
     return f"{start[0]:.1f} (start) / {end[0]:.1f} (end)" if start and end else "n/a"
 
 
-def write_json(data: Any, path: str | Path | None) -> None:
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments for a JSON report, with ``json`` (a path or None) as a string.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The script's arguments, with ``json``.
+
+    Returns
+    -------
+    dict
+        ``vars(args)`` with ``json`` replaced by ``str(args.json)``.
+    """
+    return vars(args) | {"json": str(args.json)}
+
+
+def command_line() -> str:
+    """The command line of this process (``sys.argv`` joined by spaces), for a JSON report."""
+    return " ".join(sys.argv)
+
+
+def write_json(
+    data: Any,
+    path: str | Path | None,
+    *,
+    indent: int = 2,
+    default: Callable[[Any], Any] | None = None,
+    announce: bool = True,
+) -> None:
     """Write ``data`` as indented JSON to ``path`` (creating its folder) and print ``wrote <path>``.
 
     Parameters
     ----------
     data : object
-        JSON-serializable.
+        JSON-serializable (or made so by ``default``).
     path : str or Path, optional
         The file; nothing is written if it is None or empty.
+    indent : int, default 2
+        Indentation of :func:`json.dumps`.
+    default : callable, optional
+        :func:`json.dumps`'s ``default``: what objects it cannot serialize become.
+    announce : bool, default True
+        Print ``wrote <path>``.
     """
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2))
-    print(f"wrote {path}")
+    Path(path).write_text(json.dumps(data, indent=indent, default=default))
+    if announce:
+        print(f"wrote {path}")
 
 
 def print_and_save(text: str, result: dict[str, Any], path: str | Path | None) -> None:
