@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -61,7 +60,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
-from benchmarks.harness import args_record, command_line, fit_evidence, machine_summary, write_json  # noqa: E402
+from benchmarks.harness import command_line, fit_evidence, machine_summary, run_record, write_json  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
 
@@ -286,9 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     report = run(args)
     report |= {
-        "machine": machine,
-        "load_average_after": list(os.getloadavg()),
-        "args": args_record(args),
+        **run_record(machine, args),
         "total_seconds": time.perf_counter() - start,
         "command": command_line(),
     }

@@ -86,7 +86,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
-from benchmarks.harness import args_record, command_line, machine_summary, write_json  # noqa: E402
+from benchmarks.harness import command_line, machine_summary, run_record, write_json  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
@@ -408,9 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     report = {
-        "machine": machine,
-        "load_average_after": list(os.getloadavg()),
-        "args": args_record(args),
+        **run_record(machine, args),
         "num_parameters": num_params,
         "parameter_names": names,
         "data_sizes": {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test)},

@@ -73,11 +73,11 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
 import ntkgp  # noqa: E402
 from benchmarks.harness import (
     GiB,
-    args_record,
     available_bytes,
     command_line,
     machine_summary,
     peak_rss_gb,
+    run_record,
     write_json,
 )  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
@@ -287,9 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"after {list(os.getloadavg())}."
     )
     report = {
-        "machine": machine,
-        "load_average_after": list(os.getloadavg()),
-        "args": args_record(args),
+        **run_record(machine, args),
         "num_data": n,
         "num_parameters": num_params,
         "parameter_names": names,

@@ -17,7 +17,7 @@ Modules
 * :mod:`~benchmarks.harness.processes`: :func:`run_spawned`;
 * :mod:`~benchmarks.harness.evidence`: :func:`fit_evidence`;
 * :mod:`~benchmarks.harness.report`: :func:`max_rel_err`, :func:`fmt_mib`, :func:`fmt_load`,
-  :func:`args_record`, :func:`command_line`, :func:`write_json`, :func:`print_and_save`,
+  :func:`args_record`, :func:`run_record`, :func:`command_line`, :func:`write_json`, :func:`print_and_save`,
   :func:`start_report`, :func:`finish_report`;
 * :mod:`~benchmarks.harness.gram_checks` (``kernel_build.py``, ``cnn_digits.py``):
   :func:`start_gram_run`, :func:`finish_gram_run`, :func:`gram_agreement`, :func:`route_table`,
@@ -58,6 +58,7 @@ from benchmarks.harness.report import (
     fmt_mib,
     max_rel_err,
     print_and_save,
+    run_record,
     start_report,
     write_json,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "print_and_save",
     "reset_peak_rss",
     "route_table",
+    "run_record",
     "run_spawned",
     "start_gram_run",
     "start_report",

@@ -84,6 +84,25 @@ def args_record(args: argparse.Namespace) -> dict[str, Any]:
     return vars(args) | {"json": str(args.json)}
 
 
+def run_record(machine: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The first entries of a JSON report: the machine, the load average now and the arguments.
+
+    Parameters
+    ----------
+    machine : dict
+        The machine, e.g. :func:`~benchmarks.harness.machine.machine_summary` at the start.
+    args : argparse.Namespace
+        The script's arguments, with ``json``.
+
+    Returns
+    -------
+    dict
+        ``machine``, ``load_average_after`` (1, 5 and 15-minute load averages, as a list) and
+        ``args`` (:func:`args_record`), in this order.
+    """
+    return {"machine": machine, "load_average_after": list(os.getloadavg()), "args": args_record(args)}
+
+
 def command_line() -> str:
     """The command line of this process (``sys.argv`` joined by spaces), for a JSON report."""
     return " ".join(sys.argv)
