@@ -41,14 +41,14 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, PhaseTimer, finish_report, start_report  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
+from benchmarks.harness import MiB, PeakRSS, PhaseTimer, finish_report, start_report  # noqa: E402
 
 NUM_CLASSES = 10
 ECE_BINS = 15
-_MiB = 2**20
 
 
 def load(n_train: int, seed: int) -> dict[str, Tensor]:
@@ -63,8 +63,9 @@ def load(n_train: int, seed: int) -> dict[str, Tensor]:
 
 
 def make_net(width: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                         nn.Linear(width, NUM_CLASSES)).double()
+    return nn.Sequential(
+        nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, NUM_CLASSES)
+    ).double()
 
 
 def nll(probs: Tensor, y: Tensor) -> float:
@@ -93,7 +94,9 @@ def workflow(net: nn.Module, data: dict[str, Tensor], delta: float, solver: Any,
     model.eval()
     lik.eval()
     with torch.no_grad():
-        probs = torch.cat([lik(model(data["x_test"][i:i + chunk])).probs for i in range(0, len(data["x_test"]), chunk)])
+        probs = torch.cat(
+            [lik(model(data["x_test"][i : i + chunk])).probs for i in range(0, len(data["x_test"]), chunk)]
+        )
     times = timer.stop("predict")
     return {"time": times, "lml": lml, "probs": probs.detach().double(), "solver": model.solver.name}
 
@@ -117,14 +120,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     net = make_net(args.width)
     t0 = time.perf_counter()
-    grad = ntkgp.marglik.train_map(net, ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES), data["x"],
-                                   data["y"], args.prior_precision, adam_steps=800, lbfgs_steps=300)
+    grad = ntkgp.marglik.train_map(
+        net,
+        ntkgp.likelihoods.SoftmaxLikelihood(num_classes=NUM_CLASSES),
+        data["x"],
+        data["y"],
+        args.prior_precision,
+        adam_steps=800,
+        lbfgs_steps=300,
+    )
     net.eval()
     with torch.no_grad():
         map_probs = torch.softmax(net(data["x_test"]), -1)
     p = sum(q.numel() for q in net.parameters())
-    print(f"digits: {len(data['y'])} train / {len(data['y_test'])} test, MLP 64-{args.width}-{args.width}-10, P = {p}; "
-          f"MAP |grad| {grad:.1e} in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"digits: {len(data['y'])} train / {len(data['y_test'])} test, MLP 64-{args.width}-{args.width}-10, P = {p}; "
+        f"MAP |grad| {grad:.1e} in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
 
     # warm-up, untimed: both routes on 40 points (first-call costs out of the clock)
     small = {"x": data["x"][:40], "y": data["y"][:40], "x_test": data["x_test"][:5], "y_test": data["y_test"][:5]}
@@ -134,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     def spec(kind: str) -> Any:
         if kind == "exact":
             return "kernel"
-        return ntkgp.solvers.Inducing(num_inducing=args.num_inducing, selection=args.selection,
-                                      generator=torch.Generator().manual_seed(args.seed))
+        return ntkgp.solvers.Inducing(
+            num_inducing=args.num_inducing, selection=args.selection, generator=torch.Generator().manual_seed(args.seed)
+        )
 
     runs: dict[str, list[dict]] = {"exact": [], "inducing": []}
     for rep in range(max(args.repeats, args.exact_repeats)):
@@ -147,20 +161,31 @@ def main(argv: list[str] | None = None) -> int:
             out["peak_rss_bytes"] = probe.peak_delta
             runs[kind].append(out)
             t = out["time"]
-            print(f"  {kind:>8} rep {rep + 1}: {t['total']:.2f} s (build {t['build']:.2f}, lml {t['lml']:.2f}, "
-                  f"predict {t['predict']:.2f}), peak RSS +{probe.peak_delta / _MiB:.0f} MiB, lml {out['lml']:.2f}",
-                  flush=True)
+            print(
+                f"  {kind:>8} rep {rep + 1}: {t['total']:.2f} s (build {t['build']:.2f}, lml {t['lml']:.2f}, "
+                f"predict {t['predict']:.2f}), peak RSS +{probe.peak_delta / MiB:.0f} MiB, lml {out['lml']:.2f}",
+                flush=True,
+            )
 
     rows = {}
     for kind, rs in runs.items():
         probs = rs[0]["probs"]
-        rows[kind] = {"time_median": statistics.median(r["time"]["total"] for r in rs), "repeats": len(rs),
-                      "phase_median": {k: statistics.median(r["time"][k] for r in rs) for k in rs[0]["time"]},
-                      "peak_rss_median": statistics.median(r["peak_rss_bytes"] for r in rs),
-                      "lml": rs[0]["lml"], "nll": nll(probs, data["y_test"]), "ece": ece(probs, data["y_test"]),
-                      "acc": float((probs.argmax(1) == data["y_test"]).double().mean()), "solver": rs[0]["solver"]}
-    rows["map"] = {"nll": nll(map_probs, data["y_test"]), "ece": ece(map_probs, data["y_test"]),
-                   "acc": float((map_probs.argmax(1) == data["y_test"]).double().mean())}
+        rows[kind] = {
+            "time_median": statistics.median(r["time"]["total"] for r in rs),
+            "repeats": len(rs),
+            "phase_median": {k: statistics.median(r["time"][k] for r in rs) for k in rs[0]["time"]},
+            "peak_rss_median": statistics.median(r["peak_rss_bytes"] for r in rs),
+            "lml": rs[0]["lml"],
+            "nll": nll(probs, data["y_test"]),
+            "ece": ece(probs, data["y_test"]),
+            "acc": float((probs.argmax(1) == data["y_test"]).double().mean()),
+            "solver": rs[0]["solver"],
+        }
+    rows["map"] = {
+        "nll": nll(map_probs, data["y_test"]),
+        "ece": ece(map_probs, data["y_test"]),
+        "acc": float((map_probs.argmax(1) == data["y_test"]).double().mean()),
+    }
     pe, pi = runs["exact"][0]["probs"], runs["inducing"][0]["probs"]
     ex, ind = rows["exact"], rows["inducing"]
     report["comparison"] = {
@@ -171,21 +196,30 @@ def main(argv: list[str] | None = None) -> int:
         "lml_diff": ind["lml"] - ex["lml"],
     }
     report["rows"] = rows
-    lines = ["| method | time (s) | repeats | peak RSS (MiB) | log evidence | test NLL | ECE (15 bins) | accuracy |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in ((f"exact (kernel, N·C = {len(data['y']) * NUM_CLASSES})", ex),
-                    (f"inducing M = {args.num_inducing} ({args.selection})", ind)):
-        lines.append(f"| {name} | {r['time_median']:.2f} | {r['repeats']} | {r['peak_rss_median'] / _MiB:.0f} "
-                     f"| {r['lml']:.2f} | {r['nll']:.4f} | {r['ece']:.4f} | {r['acc']:.4f} |")
+    lines = [
+        "| method | time (s) | repeats | peak RSS (MiB) | log evidence | test NLL | ECE (15 bins) | accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in (
+        (f"exact (kernel, N·C = {len(data['y']) * NUM_CLASSES})", ex),
+        (f"inducing M = {args.num_inducing} ({args.selection})", ind),
+    ):
+        lines.append(
+            f"| {name} | {r['time_median']:.2f} | {r['repeats']} | {r['peak_rss_median'] / MiB:.0f} "
+            f"| {r['lml']:.2f} | {r['nll']:.4f} | {r['ece']:.4f} | {r['acc']:.4f} |"
+        )
     m = rows["map"]
-    lines.append(f"| MAP plug-in softmax (context) | — | — | — | — | {m['nll']:.4f} | {m['ece']:.4f} "
-                 f"| {m['acc']:.4f} |")
+    lines.append(
+        f"| MAP plug-in softmax (context) | — | — | — | — | {m['nll']:.4f} | {m['ece']:.4f} | {m['acc']:.4f} |"
+    )
     report["table"] = "\n".join(lines)
     c = report["comparison"]
     print("\n" + report["table"])
-    print(f"\ninducing vs exact: NLL {c['nll_rel_diff']:+.2%}, ECE {c['ece_rel_diff']:+.2%} "
-          f"({c['ece_abs_diff']:+.4f} absolute), max |Δp| {c['max_abs_prob_diff']:.2e}, "
-          f"log evidence {c['lml_diff']:+.2f}")
+    print(
+        f"\ninducing vs exact: NLL {c['nll_rel_diff']:+.2%}, ECE {c['ece_rel_diff']:+.2%} "
+        f"({c['ece_abs_diff']:+.4f} absolute), max |Δp| {c['max_abs_prob_diff']:.2e}, "
+        f"log evidence {c['lml_diff']:+.2f}"
+    )
     finish_report(report, started, args.json)
     return 0
 

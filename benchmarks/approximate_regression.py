@@ -42,7 +42,7 @@ and its difference to the exact one; wall time (median over ``--repeats``; a con
 whose first run exceeds ``--long-seconds`` runs once); peak RSS added by the workflow. Every
 measurement runs in a fresh ``spawn`` process (imports, data and network loading, and one
 untimed warm-up of the same method on a few points are outside the clock), with the peak-RSS
-probe ``regression_workflow.py`` uses (``_common.PeakRSS``: ``/proc/self/clear_refs`` + ``VmHWM``).
+probe ``regression_workflow.py`` uses (``benchmarks.harness.PeakRSS``: ``/proc/self/clear_refs`` + ``VmHWM``).
 
 Part 2: large N (``--large-n``, default 50,000; 1,000 test points)
 ------------------------------------------------------------------
@@ -66,24 +66,22 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, PhaseTimer, finish_report, fit_evidence, start_report  # noqa: E402
-from regression_workflow import load_setup, make_data, make_net, train_net  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-_MiB = 2**20
+from benchmarks.harness import MiB, PeakRSS, PhaseTimer, finish_report, fit_evidence, run_spawned, start_report  # noqa: E402
+from benchmarks.regression_workflow import load_setup, make_data, make_net, rmse, save_setup, train_net  # noqa: E402
 
 
 def gaussian_nll(mean: Tensor, latent_var: Tensor, noise: float, y: Tensor) -> float:
@@ -115,19 +113,22 @@ def ella_subset(num_data: int, size: int, seed: int) -> Tensor:
     return torch.randperm(num_data, generator=torch.Generator().manual_seed(seed))[:size]
 
 
-def _spec(method: str, param: int | None, selection: str, seed: int, mean: str = "posterior",
-          num_data: int | None = None):
+def _spec(
+    method: str, param: int | None, selection: str, seed: int, mean: str = "posterior", num_data: int | None = None
+):
     import ntkgp
 
     if method == "exact":
         return "kernel"
     if method == "inducing":
-        return ntkgp.solvers.Inducing(num_inducing=param, selection=selection, mean=mean,
-                                      generator=torch.Generator().manual_seed(seed))
+        return ntkgp.solvers.Inducing(
+            num_inducing=param, selection=selection, mean=mean, generator=torch.Generator().manual_seed(seed)
+        )
     if method == "sor":  # subset of regressors on ELLA's own basis points: the approximation ELLA computes
         assert param is not None and num_data is not None
-        return ntkgp.solvers.Inducing(num_inducing=param, selection=ella_subset(num_data, param, seed), mean=mean,
-                                      prior_residual=False)
+        return ntkgp.solvers.Inducing(
+            num_inducing=param, selection=ella_subset(num_data, param, seed), mean=mean, prior_residual=False
+        )
     if method == "lanczos":
         return ntkgp.solvers.Lanczos(rank=param, seed=seed, mean="network" if mean == "network" else "projected")
     if method == "cg":
@@ -149,9 +150,14 @@ def _predict(model, likelihood, x_test: Tensor) -> tuple[Tensor, Tensor]:
 def workflow_ntkgp(net, data, s: dict, method: str, param: int | None) -> dict:
     """ntkgp: build, log evidence, latent mean and variance at the test points (fixed δ, σ²)."""
     timer = PhaseTimer()
-    model, likelihood = _ntkgp_model(net, data["x"], data["y"], s["delta"], s["noise"],
-                                     _spec(method, param, s["selection"], s["seed"], s.get("mean", "posterior"),
-                                           data["x"].shape[0]))
+    model, likelihood = _ntkgp_model(
+        net,
+        data["x"],
+        data["y"],
+        s["delta"],
+        s["noise"],
+        _spec(method, param, s["selection"], s["seed"], s.get("mean", "posterior"), data["x"].shape[0]),
+    )
     _ = model.solver  # build the solver (it is lazy) inside the "build" phase
     timer.mark("build")
     with torch.no_grad():
@@ -160,8 +166,15 @@ def workflow_ntkgp(net, data, s: dict, method: str, param: int | None) -> dict:
     mean, var = _predict(model, likelihood, data["x_test"])
     times = timer.stop("predict")
     noise = float(likelihood.noise.detach())
-    return {"time": times, "lml": lml, "mean": mean, "var": var, "noise": noise, "delta": s["delta"],
-            "solver": model.solver.name}
+    return {
+        "time": times,
+        "lml": lml,
+        "mean": mean,
+        "var": var,
+        "noise": noise,
+        "delta": s["delta"],
+        "solver": model.solver.name,
+    }
 
 
 def workflow_ntkgp_fitted(net, data, s: dict, method: str, param: int | None) -> dict:
@@ -174,8 +187,11 @@ def workflow_ntkgp_fitted(net, data, s: dict, method: str, param: int | None) ->
         idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(s["seed"]))[:param]
         x, y = x[idx], y[idx]
     timer = PhaseTimer()
-    spec = ("kernel" if method == "reference"
-            else _spec("inducing", param, s["selection"], s["seed"], s.get("mean", "posterior")))
+    spec = (
+        "kernel"
+        if method == "reference"
+        else _spec("inducing", param, s["selection"], s["seed"], s.get("mean", "posterior"))
+    )
     model, likelihood = _ntkgp_model(net, x, y, s["delta"], s["noise"], spec)
     _ = model.solver
     timer.mark("build")
@@ -193,9 +209,18 @@ def workflow_ntkgp_fitted(net, data, s: dict, method: str, param: int | None) ->
     mean, var = _predict(model, likelihood, data["x_test"])
     times = timer.stop("predict")
     times["total_without_fit"] = times["total"] - times["fit"]
-    return {"time": times, "lml": lml, "lml_start": lml_start, "mean": mean, "var": var,
-            "noise": float(likelihood.noise.detach()), "delta": float(model.prior_precision.detach().reshape(-1)[0]),
-            "evaluations": evaluations, "solver": model.solver.name, "n_train_used": int(x.shape[0])}
+    return {
+        "time": times,
+        "lml": lml,
+        "lml_start": lml_start,
+        "mean": mean,
+        "var": var,
+        "noise": float(likelihood.noise.detach()),
+        "delta": float(model.prior_precision.detach().reshape(-1)[0]),
+        "evaluations": evaluations,
+        "solver": model.solver.name,
+        "n_train_used": int(x.shape[0]),
+    }
 
 
 def workflow_peer(net, data, s: dict, method: str, param: int) -> dict:
@@ -207,11 +232,25 @@ def workflow_peer(net, data, s: dict, method: str, param: int) -> dict:
     loader = DataLoader(TensorDataset(data["x"], data["y"][:, None]), batch_size=s["peer_batch_size"])
     timer = PhaseTimer()
     if method == "functional_laplace":
-        la = Laplace(net, "regression", subset_of_weights="all", hessian_structure="gp", n_subset=param,
-                     sigma_noise=sigma, prior_precision=s["delta"])
+        la = Laplace(
+            net,
+            "regression",
+            subset_of_weights="all",
+            hessian_structure="gp",
+            n_subset=param,
+            sigma_noise=sigma,
+            prior_precision=s["delta"],
+        )
     else:
-        la = ELLA(net, "regression", subsample_size=param, n_eigenvalues=param, sigma_noise=sigma,
-                  prior_precision=s["delta"], seed=s["seed"])
+        la = ELLA(
+            net,
+            "regression",
+            subsample_size=param,
+            n_eigenvalues=param,
+            sigma_noise=sigma,
+            prior_precision=s["delta"],
+            seed=s["seed"],
+        )
     la.fit(loader)
     timer.mark("build")
     lml = None
@@ -222,12 +261,27 @@ def workflow_peer(net, data, s: dict, method: str, param: int) -> dict:
     mean, var = la(data["x_test"], pred_type="gp") if method == "functional_laplace" else la(data["x_test"])
     mean, var = mean.detach().reshape(-1).double().clone(), var.detach().reshape(-1).double().clone()
     times = timer.stop("predict")
-    return {"time": times, "lml": lml, "mean": mean, "var": var, "noise": s["noise"], "delta": s["delta"],
-            "subset_evidence": method == "functional_laplace"}
+    return {
+        "time": times,
+        "lml": lml,
+        "mean": mean,
+        "var": var,
+        "noise": s["noise"],
+        "delta": s["delta"],
+        "subset_evidence": method == "functional_laplace",
+    }
 
 
-_SMALL = {"inducing": 8, "sod": 16, "sor": 8, "lanczos": 4, "functional_laplace": 16, "ella": 8, "reference": 64,
-          "inducing_fit": 8}
+_SMALL = {
+    "inducing": 8,
+    "sod": 16,
+    "sor": 8,
+    "lanczos": 4,
+    "functional_laplace": 16,
+    "ella": 8,
+    "reference": 64,
+    "inducing_fit": 8,
+}
 
 
 def measure(method: str, param: int | None, path: str, threads: int, warmup: bool = True) -> dict[str, Any]:
@@ -261,8 +315,7 @@ def measure(method: str, param: int | None, path: str, threads: int, warmup: boo
 
 def run_in_subprocess(method: str, param: int | None, path: str, threads: int, warmup: bool = True) -> dict:
     """:func:`measure` in a fresh ``spawn`` process."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(measure, method, param, path, threads, warmup).result()
+    return run_spawned(measure, method, param, path, threads, warmup)
 
 
 # --------------------------------------------------------------------------- driver
@@ -273,19 +326,31 @@ def prepare(n: int, n_test: int, args: argparse.Namespace, workdir: Path) -> tup
     net = make_net()
     t0 = time.perf_counter()
     train_rmse = train_net(net, data["x"], data["y"], args.prior_precision, args.train_steps)
-    with torch.no_grad():
-        test_rmse = float((data["y_test"] - net(data["x_test"]).squeeze(-1)).pow(2).mean().sqrt())
+    test_rmse = rmse(net, data["x_test"], data["y_test"])
     num_params = sum(p.numel() for p in net.parameters())
-    settings = {"n": n, "n_test": n_test, "delta": args.prior_precision, "noise": train_rmse**2,
-                "train_rmse": train_rmse, "test_rmse": test_rmse, "num_parameters": num_params,
-                "train_seconds": time.perf_counter() - t0, "selection": args.selection, "mean": args.mean,
-                "seed": args.seed,
-                "peer_batch_size": max(1, 2**25 // num_params), "fit_steps": args.fit_steps,
-                "fit_lr": args.fit_lr, "ref_iters": args.ref_iters}
-    path = str(workdir / f"setup_{n}.pt")
-    torch.save({"state": net.state_dict(), "data": data, "settings": settings}, path)
-    print(f"N={n}: P={num_params}, train RMSE {train_rmse:.4f} (σ² = {train_rmse**2:.4f}), test RMSE "
-          f"{test_rmse:.4f}, trained in {settings['train_seconds']:.1f} s", flush=True)
+    settings = {
+        "n": n,
+        "n_test": n_test,
+        "delta": args.prior_precision,
+        "noise": train_rmse**2,
+        "train_rmse": train_rmse,
+        "test_rmse": test_rmse,
+        "num_parameters": num_params,
+        "train_seconds": time.perf_counter() - t0,
+        "selection": args.selection,
+        "mean": args.mean,
+        "seed": args.seed,
+        "peer_batch_size": max(1, 2**25 // num_params),
+        "fit_steps": args.fit_steps,
+        "fit_lr": args.fit_lr,
+        "ref_iters": args.ref_iters,
+    }
+    path = save_setup(workdir, net, data, settings)
+    print(
+        f"N={n}: P={num_params}, train RMSE {train_rmse:.4f} (σ² = {train_rmse**2:.4f}), test RMSE "
+        f"{test_rmse:.4f}, trained in {settings['train_seconds']:.1f} s",
+        flush=True,
+    )
     return path, settings
 
 
@@ -300,9 +365,12 @@ def repeat(method: str, param: int | None, path: str, args: argparse.Namespace) 
             return runs or [{"error": f"{type(exc).__name__}: {exc}"}]
         runs.append(out)
         t = out["time"]
-        print(f"  {method:>18} {param!s:>6} rep {rep + 1}: {t['total']:.2f} s ("
-              + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k != "total")
-              + f"), peak RSS +{out['peak_rss_bytes'] / _MiB:.0f} MiB", flush=True)
+        print(
+            f"  {method:>18} {param!s:>6} rep {rep + 1}: {t['total']:.2f} s ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k != "total")
+            + f"), peak RSS +{out['peak_rss_bytes'] / MiB:.0f} MiB",
+            flush=True,
+        )
         if t["total"] > args.long_seconds:
             break
     return runs
@@ -340,8 +408,10 @@ def summarize(runs: list[dict], truth: dict | None, y_test: Tensor) -> dict[str,
 
 
 def table_part1(rows: list[dict]) -> str:
-    head = ("| method | M / k | time (s) | repeats | peak RSS (MiB) | test NLL | NLL − exact | var err "
-            "| median var / exact var | log evidence | − exact |")
+    head = (
+        "| method | M / k | time (s) | repeats | peak RSS (MiB) | test NLL | NLL − exact | var err "
+        "| median var / exact var | log evidence | − exact |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     exact_nll = next(r["nll"] for r in rows if r["method"] == "exact")
     for r in rows:
@@ -352,14 +422,17 @@ def table_part1(rows: list[dict]) -> str:
         diff = f"{r['lml_diff']:+.1f}" if "lml_diff" in r else "—"
         lines.append(
             f"| {r['method']} | {r['param'] if r['param'] is not None else '—'} | {r['time_median']:.2f} "
-            f"| {r['repeats']} | {r['peak_rss_median'] / _MiB:.0f} | {r['nll']:.4f} | {r['nll'] - exact_nll:+.4f} "
-            f"| {r.get('var_err', 0.0):.2e} | {r.get('var_ratio_median', 1.0):.3f} | {lml} | {diff} |")
+            f"| {r['repeats']} | {r['peak_rss_median'] / MiB:.0f} | {r['nll']:.4f} | {r['nll'] - exact_nll:+.4f} "
+            f"| {r.get('var_err', 0.0):.2e} | {r.get('var_ratio_median', 1.0):.3f} | {lml} | {diff} |"
+        )
     return "\n".join(lines)
 
 
 def table_part2(rows: list[dict]) -> str:
-    head = ("| method | M | time total (s) | time w/o fit (s) | repeats | peak RSS (MiB) | δ | σ² | log evidence "
-            "| test NLL | NLL − ref | (NLL − ref) / abs(ref) |")
+    head = (
+        "| method | M | time total (s) | time w/o fit (s) | repeats | peak RSS (MiB) | δ | σ² | log evidence "
+        "| test NLL | NLL − ref | (NLL − ref) / abs(ref) |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ref = next(r["nll"] for r in rows if r["method"].startswith("reference"))
     for r in rows:
@@ -369,8 +442,9 @@ def table_part2(rows: list[dict]) -> str:
         wo = r["phase_median"].get("total_without_fit", r["time_median"])
         lines.append(
             f"| {r['method']} | {r['param']} | {r['time_median']:.2f} | {wo:.2f} | {r['repeats']} "
-            f"| {r['peak_rss_median'] / _MiB:.0f} | {r['delta']:.4g} | {r['noise']:.4g} | {r['lml']:.1f} "
-            f"| {r['nll']:.4f} | {r['nll'] - ref:+.4f} | {(r['nll'] - ref) / abs(ref):+.2%} |")
+            f"| {r['peak_rss_median'] / MiB:.0f} | {r['delta']:.4g} | {r['noise']:.4g} | {r['lml']:.1f} "
+            f"| {r['nll']:.4f} | {r['nll'] - ref:+.4f} | {(r['nll'] - ref) / abs(ref):+.2%} |"
+        )
     return "\n".join(lines)
 
 
@@ -378,19 +452,43 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10000, help="part 1 training-set size")
     parser.add_argument("--inducing", type=int, nargs="*", default=[100, 300, 1000, 2000], help="part 1 M list")
-    parser.add_argument("--sod", type=int, nargs="*", default=[100, 300, 1000, 2000],
-                        help="part 1 M list of SubsetOfData (rescaled prior, as the peer)")
-    parser.add_argument("--sor", type=int, nargs="*", default=[100, 300, 1000, 2000],
-                        help="part 1 M list of the subset-of-regressors (ELLA's approximation) rows")
+    parser.add_argument(
+        "--sod",
+        type=int,
+        nargs="*",
+        default=[100, 300, 1000, 2000],
+        help="part 1 M list of SubsetOfData (rescaled prior, as the peer)",
+    )
+    parser.add_argument(
+        "--sor",
+        type=int,
+        nargs="*",
+        default=[100, 300, 1000, 2000],
+        help="part 1 M list of the subset-of-regressors (ELLA's approximation) rows",
+    )
     parser.add_argument("--ranks", type=int, nargs="*", default=[50, 100, 300], help="part 1 Lanczos ranks")
     parser.add_argument("--no-cg", action="store_true", help="skip the CG row")
-    parser.add_argument("--peer-m", type=int, nargs="*", default=None,
-                        help="M list for FunctionalLaplace and ELLA (default: --inducing)")
-    parser.add_argument("--ella-m", type=int, nargs="*", default=None,
-                        help="M list for ELLA (default: the FunctionalLaplace list; empty: skip ELLA)")
+    parser.add_argument(
+        "--peer-m",
+        type=int,
+        nargs="*",
+        default=None,
+        help="M list for FunctionalLaplace and ELLA (default: --inducing)",
+    )
+    parser.add_argument(
+        "--ella-m",
+        type=int,
+        nargs="*",
+        default=None,
+        help="M list for ELLA (default: the FunctionalLaplace list; empty: skip ELLA)",
+    )
     parser.add_argument("--selection", default="kmeans", help="inducing-point selection")
-    parser.add_argument("--mean", default="network", choices=["posterior", "network"],
-                        help="predictive mean of the inducing and Lanczos routes (network: f(x*), as the peer)")
+    parser.add_argument(
+        "--mean",
+        default="network",
+        choices=["posterior", "network"],
+        help="predictive mean of the inducing and Lanczos routes (network: f(x*), as the peer)",
+    )
     parser.add_argument("--large-n", type=int, default=50000, help="part 2 training-set size")
     parser.add_argument("--large-m", type=int, nargs="*", default=[1000, 2000], help="part 2 M list")
     parser.add_argument("--ref-subset", type=int, default=10000, help="part 2 exact reference subset size")
@@ -426,20 +524,36 @@ def main(argv: list[str] | None = None) -> int:
             configs += [("ella", m) for m in (peer_m if args.ella_m is None else args.ella_m)]
             rows = [dict(method="exact", param=None, **summarize(truth_runs, truth, y_test))]
             for method, param in configs:
-                rows.append(dict(method=method, param=param, **summarize(repeat(method, param, path, args),
-                                                                         truth, y_test)))
+                rows.append(
+                    dict(method=method, param=param, **summarize(repeat(method, param, path, args), truth, y_test))
+                )
             report["part1"] = {"settings": settings, "rows": rows, "table": table_part1(rows)}
             print("\n" + report["part1"]["table"] + "\n", flush=True)
         if not args.skip_large:
             path, settings = prepare(args.large_n, 1000, args, workdir)
             y_test = torch.load(path, weights_only=False)["data"]["y_test"]
-            rows = [dict(method=f"reference (exact, subset {args.ref_subset}, L-BFGS fit)", param=args.ref_subset,
-                         **summarize(repeat("reference", args.ref_subset, path, args), None, y_test))]
+            rows = [
+                dict(
+                    method=f"reference (exact, subset {args.ref_subset}, L-BFGS fit)",
+                    param=args.ref_subset,
+                    **summarize(repeat("reference", args.ref_subset, path, args), None, y_test),
+                )
+            ]
             for m in args.large_m:
-                rows.append(dict(method="inducing, fixed δ=1, σ²=train MSE", param=m,
-                                 **summarize(repeat("inducing", m, path, args), None, y_test)))
-                rows.append(dict(method=f"inducing, fitted ({args.fit_steps} Adam steps)", param=m,
-                                 **summarize(repeat("inducing_fit", m, path, args), None, y_test)))
+                rows.append(
+                    dict(
+                        method="inducing, fixed δ=1, σ²=train MSE",
+                        param=m,
+                        **summarize(repeat("inducing", m, path, args), None, y_test),
+                    )
+                )
+                rows.append(
+                    dict(
+                        method=f"inducing, fitted ({args.fit_steps} Adam steps)",
+                        param=m,
+                        **summarize(repeat("inducing_fit", m, path, args), None, y_test),
+                    )
+                )
             report["part2"] = {"settings": settings, "rows": rows, "table": table_part2(rows)}
             print("\n" + report["part2"]["table"] + "\n", flush=True)
 

@@ -40,20 +40,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    MiB,
     add_gram_run_arguments,
     agreement_table,
+    finish_gram_run,
     fmt_load,
     gemm_rate,
     gram_agreement,
@@ -63,11 +65,8 @@ from _common import (  # noqa: E402
     time_calls,
     timed_route,
 )
-
+from benchmarks.harness.internals import conv_patches, conv_route_costs, ntk_gram, parameter_groups  # noqa: E402
 from ntkgp import FunctionalNetwork  # noqa: E402
-from ntkgp.functional import conv_patches  # noqa: E402
-from ntkgp.gram import conv_route_costs, ntk_gram  # noqa: E402
-from ntkgp.parameter_groups import parameter_groups  # noqa: E402
 
 SHAPE = (1, 8, 8)
 
@@ -86,9 +85,12 @@ def load_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
 def make_cnn(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 48, 3, padding=1), nn.Tanh(),
-        nn.Conv2d(48, 96, 3, padding=1), nn.Tanh(),
-        nn.Flatten(), nn.Linear(96 * 8 * 8, 10),
+        nn.Conv2d(1, 48, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(48, 96, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(96 * 8 * 8, 10),
     )
 
 
@@ -126,8 +128,17 @@ def layer_table(network: FunctionalNetwork, net: nn.Module, x: Tensor) -> list[d
             route = min(costs, key=costs.__getitem__)
             structured = costs[route] + float((n * C) ** 2 * m.out_channels)  # + the bias Gram
             shape = f"L = {L}, d_in k = {t}, d_out = {m.out_channels}"
-        rows.append({"layer": layer.name, "kind": layer.kind, "shape": shape, "params": p, "route": route,
-                     "structured_gflop_est": structured / 1e9, "generic_gflop_est": generic / 1e9})
+        rows.append(
+            {
+                "layer": layer.name,
+                "kind": layer.kind,
+                "shape": shape,
+                "params": p,
+                "route": route,
+                "structured_gflop_est": structured / 1e9,
+                "generic_gflop_est": generic / 1e9,
+            }
+        )
     return rows
 
 
@@ -156,8 +167,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     slow = FunctionalNetwork(net, SHAPE, structured=False)
     groups = parameter_groups(fast.names, 1.0)
     C, P = fast.num_outputs, fast.num_parameters
-    print(f"# CNN P = {P:,}, N = {args.n}, C = {C}, train accuracy {accuracy:.3f}, "
-          f"budget {args.budget / 2**20:.0f} MiB", flush=True)
+    print(
+        f"# CNN P = {P:,}, N = {args.n}, C = {C}, train accuracy {accuracy:.3f}, budget {args.budget / MiB:.0f} MiB",
+        flush=True,
+    )
     table = layer_table(fast, net, x)
 
     def build(network: FunctionalNetwork, points: Tensor) -> Tensor:
@@ -167,10 +180,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     structured = timed_route("structured", lambda: build(fast, x), args.repeats)
     factor_times = time_calls(lambda: fast.structured_factors(x), args.repeats)
     result: dict[str, Any] = {
-        "benchmark": "cnn_digits", "machine": info, "gemm_rate": rate, "args": vars(args),
-        "problem": {"network": "Conv2d(1,48,3,p=1)-tanh-Conv2d(48,96,3,p=1)-tanh-Linear(6144,10)",
-                    "P": P, "C": C, "N": args.n, "dtype": "float32", "budget_bytes": args.budget,
-                    "train_accuracy": accuracy},
+        "benchmark": "cnn_digits",
+        "machine": info,
+        "gemm_rate": rate,
+        "args": vars(args),
+        "problem": {
+            "network": "Conv2d(1,48,3,p=1)-tanh-Conv2d(48,96,3,p=1)-tanh-Linear(6144,10)",
+            "P": P,
+            "C": C,
+            "N": args.n,
+            "dtype": "float32",
+            "budget_bytes": args.budget,
+            "train_accuracy": accuracy,
+        },
         "layers": table,
         "structured": {**structured, "factor_pass_median": statistics.median(factor_times)},
     }
@@ -181,15 +203,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.check_n:
         result["agreement"] = gram_agreement(net, SHAPE, x[: args.check_n], args.budget)
         print(f"agreement at N = {args.check_n}: {result['agreement']}", flush=True)
-    result["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return result
+    return finish_gram_run(result)
 
 
 def markdown(result: dict[str, Any]) -> str:
     prob, s, rate = result["problem"], result["structured"], result["gemm_rate"]
     lines = [
         f"**NTK Gram build, CNN on 8x8 digits**: {prob['network']}, P = {prob['P']:,}, N = {prob['N']}, "
-        f"C = {prob['C']}, float32, budget {prob['budget_bytes'] / 2**20:.0f} MiB; "
+        f"C = {prob['C']}, float32, budget {prob['budget_bytes'] / MiB:.0f} MiB; "
         f"{result['machine']['cpu_model']}, {result['machine']['torch_threads']} threads; "
         f"float32 GEMM rate {rate['gflops']:.1f} GFLOP/s; load average {fmt_load(result['machine'])}",
         "",
@@ -201,8 +222,10 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---:|---|---:|---:|",
     ]
     for r in result["layers"]:
-        lines.append(f"| {r['layer']} | {r['kind']} | {r['shape']} | {r['params']:,} | {r['route']} | "
-                     f"{r['structured_gflop_est']:.1f} | {r['generic_gflop_est']:.1f} |")
+        lines.append(
+            f"| {r['layer']} | {r['kind']} | {r['shape']} | {r['params']:,} | {r['route']} | "
+            f"{r['structured_gflop_est']:.1f} | {r['generic_gflop_est']:.1f} |"
+        )
     lines += agreement_table(result)
     return "\n".join(lines)
 

@@ -51,78 +51,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, fit_evidence, machine_info  # noqa: E402
-from approximate_regression import gaussian_nll  # noqa: E402
-from regression_workflow import make_data, make_net, train_net  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-_GiB = 2**30
+from benchmarks.approximate_regression import gaussian_nll  # noqa: E402
+from benchmarks.harness import DeviceClock, GiB, PeakMemory, fit_evidence, gemm_rate, machine_info, write_json  # noqa: E402
+from benchmarks.regression_workflow import make_data, make_net, train_net  # noqa: E402
 
 
 # ------------------------------------------------------------------------ timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def device_gemm_rate(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 5) -> float:
+    """Median FLOP/s of ``size``-square ``torch.mm`` in ``dtype`` (TF32 off), after 2 warm-ups."""
+    from benchmarks.harness.internals import ieee_float32
 
-
-class Clock:
-    """Phase timer that synchronizes the device at each mark."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, {}
-        sync(device)
-        self.start = self.last = time.perf_counter()
-
-    def mark(self, name: str) -> None:
-        sync(self.device)
-        now = time.perf_counter()
-        self.times[name] = now - self.last
-        self.times["total"] = now - self.start
-        self.last = now
-
-
-class PeakMemory:
-    """Peak device memory (CUDA) or added peak RSS (CPU) of the body, in bytes."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()  # earlier models (GPyTorch modules hold reference cycles) release their device memory
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.rss = PeakRSS().__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.rss.__exit__(*exc)
-            self.peak = self.rss.peak_delta
-
-
-def gemm_rate(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 5) -> float:
-    """Median FLOP/s of ``size``-square ``torch.mm`` in ``dtype`` (TF32 off)."""
-    from ntkgp.precision import ieee_float32
-
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    times = []
     with ieee_float32():
-        for i in range(repeats + 2):
-            sync(device)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            sync(device)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-    return 2 * size**3 / statistics.median(times)
+        rate = gemm_rate(size, repeats, dtype, device=device, warmups=2)
+    return 2 * size**3 / rate["seconds_median"]
 
 
 # ------------------------------------------------------------------- workflows
@@ -149,7 +93,7 @@ def exact_workflow(net: nn.Module, data: dict, noise: float, device: torch.devic
 
     import ntkgp
 
-    clock = Clock(device)
+    clock = DeviceClock(device)
     likelihood = gpytorch.likelihoods.GaussianLikelihood().to(device=device, dtype=data["x"].dtype)
     likelihood.noise = noise
     model = ntkgp.LinearizedGP(net, likelihood, data["x"], data["y"], prior_precision=1.0, solver="kernel")
@@ -169,9 +113,16 @@ def peer_workflow(net: nn.Module, data: dict, noise: float, device: torch.device
     from torch.utils.data import DataLoader, TensorDataset
 
     n = data["x"].shape[0]
-    clock = Clock(device)
-    la = Laplace(net, "regression", subset_of_weights="all", hessian_structure="gp", n_subset=n,
-                 sigma_noise=math.sqrt(noise), prior_precision=1.0)
+    clock = DeviceClock(device)
+    la = Laplace(
+        net,
+        "regression",
+        subset_of_weights="all",
+        hessian_structure="gp",
+        n_subset=n,
+        sigma_noise=math.sqrt(noise),
+        prior_precision=1.0,
+    )
     num_params = sum(p.numel() for p in net.parameters())
     la.fit(DataLoader(TensorDataset(data["x"], data["y"][:, None]), batch_size=max(1, 2**25 // num_params)))
     clock.mark("build")
@@ -185,10 +136,9 @@ def peer_workflow(net: nn.Module, data: dict, noise: float, device: torch.device
 
 def gram_flops(net: nn.Module, n: int) -> float:
     """GEMM flops of the symmetric structured Gram of the MLP's linear layers (see the docstring)."""
-    from ntkgp.gram import _block_rows, _pair_blocks
+    from benchmarks.harness.internals import symmetric_gram_blocks
 
-    rows = _block_rows(n, 1)
-    blocks = _pair_blocks(n, n, rows, True)
+    blocks = symmetric_gram_blocks(n, 1)
     computed = sum((e1 - s1) * (e2 - s2) for s1, e1, s2, e2 in blocks) / (n * n)
     per_pair = sum(2 * (m.in_features + 1 + m.out_features) for m in net.modules() if isinstance(m, nn.Linear))
     return per_pair * n * n * computed
@@ -196,14 +146,12 @@ def gram_flops(net: nn.Module, n: int) -> float:
 
 def time_gram(net: nn.Module, x: Tensor, device: torch.device) -> float:
     """Seconds for the structured NTK Gram (factors and GEMMs, float64 accumulation)."""
-    from ntkgp.functional import FunctionalNetwork
-    from ntkgp.gram import ntk_gram
-    from ntkgp.parameter_groups import parameter_groups
+    from benchmarks.harness.internals import FunctionalNetwork, ntk_gram, parameter_groups
 
     gc.collect()
     network = FunctionalNetwork(net, x.shape[1:])
     groups = parameter_groups(network.names, 1.0)
-    clock = Clock(device)
+    clock = DeviceClock(device)
     gram = ntk_gram(network, groups, x, budget=2**30)
     clock.mark("gram")
     del gram
@@ -266,14 +214,15 @@ def part_exact(args: argparse.Namespace, device: torch.device, rates: dict) -> l
     return rows
 
 
-def fitted_workflow(net: nn.Module, data: dict, noise: float, device: torch.device, spec: Any,
-                    optimizer: str, steps: int, lr: float) -> dict[str, Any]:
+def fitted_workflow(
+    net: nn.Module, data: dict, noise: float, device: torch.device, spec: Any, optimizer: str, steps: int, lr: float
+) -> dict[str, Any]:
     """Build with ``spec``, evidence, fit δ and σ² (Adam or L-BFGS), predict; NLL on the test set."""
     import gpytorch
 
     import ntkgp
 
-    clock = Clock(device)
+    clock = DeviceClock(device)
     likelihood = gpytorch.likelihoods.GaussianLikelihood().to(device=device, dtype=data["x"].dtype)
     likelihood.noise = noise
     model = ntkgp.LinearizedGP(net, likelihood, data["x"], data["y"], prior_precision=1.0, solver=spec)
@@ -287,9 +236,13 @@ def fitted_workflow(net: nn.Module, data: dict, noise: float, device: torch.devi
     mean, var = latent_predictive(model, data["x_test"])
     clock.mark("predict")
     noise_fit = float(likelihood.noise.detach())
-    return {"time": clock.times, "lml_start": lml_start, "noise": noise_fit,
-            "delta": float(model.prior_precision.detach().reshape(-1)[0]),
-            "nll": gaussian_nll(mean.cpu(), var.cpu(), noise_fit, data["y_test"].cpu())}
+    return {
+        "time": clock.times,
+        "lml_start": lml_start,
+        "noise": noise_fit,
+        "delta": float(model.prior_precision.detach().reshape(-1)[0]),
+        "nll": gaussian_nll(mean.cpu(), var.cpu(), noise_fit, data["y_test"].cpu()),
+    }
 
 
 def part_large(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -306,8 +259,9 @@ def part_large(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     out["reference"] = ref
     print(json.dumps({"reference": ref}, default=float), flush=True)
     for m in args.large_m:
-        spec = ntkgp.solvers.Inducing(num_inducing=m, selection="kmeans", mean="network",
-                                      generator=torch.Generator().manual_seed(args.seed))
+        spec = ntkgp.solvers.Inducing(
+            num_inducing=m, selection="kmeans", mean="network", generator=torch.Generator().manual_seed(args.seed)
+        )
         with PeakMemory(device) as mem:
             row = fitted_workflow(net, data, noise, device, spec, "adam", args.fit_steps, args.fit_lr)
         row.update(m=m, peak_bytes=mem.peak, nll_gap=row["nll"] - ref["nll"])
@@ -320,28 +274,37 @@ def part_large(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
 def tables(result: dict[str, Any]) -> str:
     lines = []
     if result.get("exact"):
-        lines += ["| N | ntkgp time (s) | build / lml / predict (s) | peak mem (GiB) | var err vs f64 "
-                  "| Gram (s) | Gram fraction of fp64 GEMM | Cholesky fraction of fp64 GEMM | peer time (s) "
-                  "| ntkgp/peer | peer var err |", "|" + "---|" * 11]
+        lines += [
+            "| N | ntkgp time (s) | build / lml / predict (s) | peak mem (GiB) | var err vs f64 "
+            "| Gram (s) | Gram fraction of fp64 GEMM | Cholesky fraction of fp64 GEMM | peer time (s) "
+            "| ntkgp/peer | peer var err |",
+            "|" + "---|" * 11,
+        ]
         for r in result["exact"]:
             p = r["phase_median"]
             lines.append(
                 f"| {r['n']} | {r['time_median']:.2f} | {p['build']:.2f} / {p['lml']:.2f} / {p['predict']:.2f} "
-                f"| {r['peak_bytes'] / _GiB:.2f} | {r['var_err']:.1e} | {r['gram_seconds']:.3f} "
+                f"| {r['peak_bytes'] / GiB:.2f} | {r['var_err']:.1e} | {r['gram_seconds']:.3f} "
                 f"| {r['gram_fraction_fp64']:.2f} | {r['cholesky_fraction_fp64']:.2f} "
                 f"| {r.get('peer_time', float('nan')):.2f} | {r.get('ratio', float('nan')):.3f} "
-                f"| {r.get('peer_var_err', float('nan')):.1e} |")
+                f"| {r.get('peer_var_err', float('nan')):.1e} |"
+            )
     if result.get("large"):
         big = result["large"]
         ref = big["reference"]
-        lines += ["", f"N = {big['n']}: reference exact GP on {ref.get('subset', '')} subset: NLL {ref['nll']:.4f}, "
-                  f"{ref['time']['total']:.1f} s",
-                  "| M | total (s) | build / lml / fit / predict (s) | peak mem (GiB) | NLL | NLL - ref |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"N = {big['n']}: reference exact GP on {ref.get('subset', '')} subset: NLL {ref['nll']:.4f}, "
+            f"{ref['time']['total']:.1f} s",
+            "| M | total (s) | build / lml / fit / predict (s) | peak mem (GiB) | NLL | NLL - ref |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in big["rows"]:
             t = r["time"]
-            lines.append(f"| {r['m']} | {t['total']:.1f} | {t['build']:.1f} / {t['lml']:.2f} / {t['fit']:.1f} / "
-                         f"{t['predict']:.2f} | {r['peak_bytes'] / _GiB:.2f} | {r['nll']:.4f} | {r['nll_gap']:+.4f} |")
+            lines.append(
+                f"| {r['m']} | {t['total']:.1f} | {t['build']:.1f} / {t['lml']:.2f} / {t['fit']:.1f} / "
+                f"{t['predict']:.2f} | {r['peak_bytes'] / GiB:.2f} | {r['nll']:.4f} | {r['nll_gap']:+.4f} |"
+            )
     return "\n".join(lines)
 
 
@@ -366,11 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        result["machine"].update(gpu=props.name, gpu_memory_gib=props.total_memory / _GiB,
-                                 cuda=torch.version.cuda)
+        result["machine"].update(gpu=props.name, gpu_memory_gib=props.total_memory / GiB, cuda=torch.version.cuda)
     rates = {"float64": float("nan"), "float32_ieee": float("nan")}
     if "peak" in args.parts:
-        rates = {"float64": gemm_rate(device, torch.float64), "float32_ieee": gemm_rate(device, torch.float32)}
+        rates = {
+            "float64": device_gemm_rate(device, torch.float64),
+            "float32_ieee": device_gemm_rate(device, torch.float32),
+        }
         print(json.dumps({"gemm_tflops": {k: v / 1e12 for k, v in rates.items()}}), flush=True)
     result["gemm_rates"] = rates
     if "exact" in args.parts:
@@ -379,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         result["large"] = part_large(args, device)
         result["large"]["reference"]["subset"] = args.ref_subset
     print(tables(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+    write_json(result, args.json, indent=1, default=float, announce=False)
     return 0
 
 

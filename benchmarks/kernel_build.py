@@ -54,20 +54,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    MiB,
     add_gram_run_arguments,
     agreement_table,
+    finish_gram_run,
     fmt_load,
     gemm_rate,
     gram_agreement,
@@ -77,10 +79,8 @@ from _common import (  # noqa: E402
     time_calls,
     timed_route,
 )
-
+from benchmarks.harness.internals import ntk_gram, parameter_groups, symmetric_gram_blocks  # noqa: E402
 from ntkgp import FunctionalNetwork  # noqa: E402
-from ntkgp.gram import ntk_gram  # noqa: E402
-from ntkgp.parameter_groups import parameter_groups  # noqa: E402
 
 
 # ---------------------------------------------------------------------- problem
@@ -97,24 +97,26 @@ def make_net(d_in: int, width: int, depth: int, seed: int) -> nn.Sequential:
 
 def structured_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
     """Analytic GEMM flops of the structured Gram: per Linear, 2 N^2 d_in + 2 (N C)^2 d_out."""
-    return float(sum(2 * n * n * m.in_features + 2 * (n * outputs) ** 2 * m.out_features
-                     for m in net.modules() if isinstance(m, nn.Linear)))
+    return float(
+        sum(
+            2 * n * n * m.in_features + 2 * (n * outputs) ** 2 * m.out_features
+            for m in net.modules()
+            if isinstance(m, nn.Linear)
+        )
+    )
 
 
 def executed_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
     """GEMM flops the structured build actually runs for a symmetric Gram (x2 = x1).
 
-    ntkgp forms only the lower block triangle (``gram._pair_blocks`` with ``gram._block_rows``)
-    and mirrors it, and fuses each bias into its weight's input Gram (``A~ = [A, 1]``: ``d_in + 1``).
+    ntkgp forms only the lower block triangle (``symmetric_gram_blocks``) and mirrors it, and
+    fuses each bias into its weight's input Gram (``A~ = [A, 1]``: ``d_in + 1``).
     """
-    from ntkgp import gram
-
-    rows = gram._block_rows(n, outputs)
     total = 0.0
     for m in net.modules():
         if isinstance(m, nn.Linear):
             k_in = m.in_features + (m.bias is not None)
-            for s1, e1, s2, e2 in gram._pair_blocks(n, n, rows, True):
+            for s1, e1, s2, e2 in symmetric_gram_blocks(n, outputs):
                 r1, r2 = e1 - s1, e2 - s2
                 total += 2.0 * r1 * r2 * k_in + 2.0 * (r1 * outputs) * (r2 * outputs) * m.out_features
     return total
@@ -146,8 +148,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = start_gram_run(args.threads)
     rate = gemm_rate()
     rate64 = gemm_rate(dtype=torch.float64)
-    print(f"# GEMM rate (torch.mm 4096^2, median of 5): float32 {rate['gflops']:.1f} GFLOP/s, "
-          f"float64 {rate64['gflops']:.1f} GFLOP/s", flush=True)
+    print(
+        f"# GEMM rate (torch.mm 4096^2, median of 5): float32 {rate['gflops']:.1f} GFLOP/s, "
+        f"float64 {rate64['gflops']:.1f} GFLOP/s",
+        flush=True,
+    )
 
     net = make_net(args.d_in, args.width, args.depth, args.seed)
     x = torch.randn(args.n, args.d_in, generator=torch.Generator().manual_seed(args.seed))
@@ -155,8 +160,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     slow = FunctionalNetwork(net, (args.d_in,), structured=False)
     groups = parameter_groups(fast.names, 1.0)
     C, P = fast.num_outputs, fast.num_parameters
-    print(f"# MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh, float32, P = {P:,}, "
-          f"N = {args.n}, C = {C}, budget = {args.budget / 2**20:.0f} MiB", flush=True)
+    print(
+        f"# MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh, float32, P = {P:,}, "
+        f"N = {args.n}, C = {C}, budget = {args.budget / MiB:.0f} MiB",
+        flush=True,
+    )
 
     def build(network: FunctionalNetwork, points: Tensor) -> Tensor:
         return ntk_gram(network, groups, points, budget=args.budget)
@@ -171,10 +179,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fast_median = structured["median"]
     gemm_median = statistics.median(gemm_times)
     result: dict[str, Any] = {
-        "benchmark": "kernel_build", "machine": info, "gemm_rate": rate, "gemm_rate_float64": rate64,
+        "benchmark": "kernel_build",
+        "machine": info,
+        "gemm_rate": rate,
+        "gemm_rate_float64": rate64,
         "args": vars(args),
-        "problem": {"network": f"MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh",
-                    "P": P, "C": C, "N": args.n, "dtype": "float32", "budget_bytes": args.budget},
+        "problem": {
+            "network": f"MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh",
+            "P": P,
+            "C": C,
+            "N": args.n,
+            "dtype": "float32",
+            "budget_bytes": args.budget,
+        },
         "structured": {
             **structured,
             "factor_pass_median": statistics.median(factor_times),
@@ -198,8 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.check_n:
         result["agreement"] = agreement(net, args.d_in, args.check_n, args.budget, args.seed)
         print(f"agreement at N = {args.check_n}: {result['agreement']}", flush=True)
-    result["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return result
+    return finish_gram_run(result)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -207,7 +223,7 @@ def markdown(result: dict[str, Any]) -> str:
     prob, s, rate = result["problem"], result["structured"], result["gemm_rate"]
     lines = [
         f"**NTK Gram build**, {prob['network']}, P = {prob['P']:,}, N = {prob['N']}, C = {prob['C']}, float32, "
-        f"budget {prob['budget_bytes'] / 2**20:.0f} MiB; {result['machine']['cpu_model']}, "
+        f"budget {prob['budget_bytes'] / MiB:.0f} MiB; {result['machine']['cpu_model']}, "
         f"{result['machine']['torch_threads']} threads; GEMM rate float32 {rate['gflops']:.1f}, float64 "
         f"{result['gemm_rate_float64']['gflops']:.1f} GFLOP/s; "
         f"load average {fmt_load(result['machine'])}",

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -57,10 +56,11 @@ from sklearn.datasets import load_diabetes
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fit_evidence, machine_summary, write_json  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
+from benchmarks.harness import command_line, fit_evidence, machine_summary, run_record, write_json  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
 
@@ -73,15 +73,21 @@ def load_data(seed: int) -> dict[str, Any]:
     def t(a: Any) -> Tensor:
         return torch.as_tensor(a, dtype=torch.float64)
 
-    return {"x": t((x_tr - mx) / sx), "y": t((y_tr - my) / sy), "x_test": t((x_te - mx) / sx),
-            "y_test": t((y_te - my) / sy), "y_sd": float(sy)}
+    return {
+        "x": t((x_tr - mx) / sx),
+        "y": t((y_tr - my) / sy),
+        "x_test": t((x_te - mx) / sx),
+        "y_test": t((y_te - my) / sy),
+        "y_sd": float(sy),
+    }
 
 
 def make_net(width: int, seed: int) -> nn.Sequential:
     """``10-width-width-1`` tanh MLP in float64."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(10, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                         nn.Linear(width, 1)).double()
+    return nn.Sequential(
+        nn.Linear(10, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+    ).double()
 
 
 def gaussian_likelihood(noise: float | Tensor) -> gpytorch.likelihoods.GaussianLikelihood:
@@ -110,24 +116,36 @@ def gp_predictive(model: ntkgp.LinearizedGP, data: dict[str, Any]) -> dict[str, 
 
 
 def hypers(model: ntkgp.LinearizedGP) -> dict[str, Any]:
-    return {"prior_precision": model.prior_precision.detach().tolist(),
-            "noise_sd": float(model.likelihood.noise.detach().sqrt())}
+    return {
+        "prior_precision": model.prior_precision.detach().tolist(),
+        "noise_sd": float(model.likelihood.noise.detach().sqrt()),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     data = load_data(args.seed)
     n, num_params = data["x"].shape[0], sum(p.numel() for p in make_net(args.width, args.seed).parameters())
     names = [name for name, _ in make_net(args.width, args.seed).named_parameters()]
-    print(f"diabetes: N train/test = {n}/{data['x_test'].shape[0]}, MLP 10-{args.width}-{args.width}-1 tanh, "
-          f"P = {num_params}, {args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}", flush=True)
+    print(
+        f"diabetes: N train/test = {n}/{data['x_test'].shape[0]}, MLP 10-{args.width}-{args.width}-1 tanh, "
+        f"P = {num_params}, {args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}",
+        flush=True,
+    )
     common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, progress=False)
 
     plain_times = []
     for _ in range(args.repeats):
         net = make_net(args.width, args.seed)
-        result = fit_online_marglik(net, gaussian_likelihood(1.0), data["x"], data["y"],
-                                    prior_precision=torch.ones(len(names)), burnin=args.epochs,
-                                    generator=torch.Generator().manual_seed(args.seed), **common)
+        result = fit_online_marglik(
+            net,
+            gaussian_likelihood(1.0),
+            data["x"],
+            data["y"],
+            prior_precision=torch.ones(len(names)),
+            burnin=args.epochs,
+            generator=torch.Generator().manual_seed(args.seed),
+            **common,
+        )
         plain_times.append(result.seconds)
     with torch.no_grad():
         plain_rmse = float((net(data["x_test"]).squeeze(-1) - data["y_test"]).square().mean().sqrt())
@@ -137,11 +155,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         net = make_net(args.width, args.seed)
         likelihood = gaussian_likelihood(1.0)
         result = fit_online_marglik(
-            net, likelihood, data["x"], data["y"], prior_precision=torch.ones(len(names)),
-            marglik_every=args.marglik_every, burnin=args.burnin, steps=args.hyper_steps, hyper_lr=args.hyper_lr,
-            subset_size=args.subset_size, generator=torch.Generator().manual_seed(args.seed),
-            prior_precision_constraint=Positive(transform=torch.exp, inv_transform=torch.log) if args.log_precision
-            else None, **common,
+            net,
+            likelihood,
+            data["x"],
+            data["y"],
+            prior_precision=torch.ones(len(names)),
+            marglik_every=args.marglik_every,
+            burnin=args.burnin,
+            steps=args.hyper_steps,
+            hyper_lr=args.hyper_lr,
+            subset_size=args.subset_size,
+            generator=torch.Generator().manual_seed(args.seed),
+            prior_precision_constraint=Positive(transform=torch.exp, inv_transform=torch.log)
+            if args.log_precision
+            else None,
+            **common,
         )
         online_times.append(result.seconds)
         marglik_times.append(result.marglik_seconds)
@@ -152,8 +180,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     map_plugin = predictive_metrics(f_test, noise.expand_as(f_test), data["y_test"], data["y_sd"])
 
     # post hoc: the exact evidence of the final network, at the online values and at its optimum
-    model = ntkgp.LinearizedGP(net, gaussian_likelihood(noise), data["x"], data["y"],
-                               prior_precision=result.prior_precision.clone())
+    model = ntkgp.LinearizedGP(
+        net, gaussian_likelihood(noise), data["x"], data["y"], prior_precision=result.prior_precision.clone()
+    )
     at_online = {"log_evidence": float(model.log_evidence()), **hypers(model), **gp_predictive(model, data)}
     model.train()
     start = time.perf_counter()
@@ -163,12 +192,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     grad_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None))
 
     report = {
-        "num_train": n, "num_parameters": num_params, "parameter_names": names,
-        "plain_seconds_median": statistics.median(plain_times), "plain_seconds_all": plain_times,
-        "plain_test_rmse": plain_rmse, "y_sd": data["y_sd"],
-        "online_seconds_median": statistics.median(online_times), "online_seconds_all": online_times,
+        "num_train": n,
+        "num_parameters": num_params,
+        "parameter_names": names,
+        "plain_seconds_median": statistics.median(plain_times),
+        "plain_seconds_all": plain_times,
+        "plain_test_rmse": plain_rmse,
+        "y_sd": data["y_sd"],
+        "online_seconds_median": statistics.median(online_times),
+        "online_seconds_all": online_times,
         "online_marglik_seconds_median": statistics.median(marglik_times),
-        "map_plugin": map_plugin, "at_online": at_online, "at_optimum": at_optimum,
+        "map_plugin": map_plugin,
+        "at_online": at_online,
+        "at_optimum": at_optimum,
         "lbfgs": {"seconds": lbfgs_seconds, "evaluations": evaluations, "final_grad_norm": grad_norm},
         "tuner_history": result.tuner.history,
     }
@@ -185,8 +221,10 @@ def print_tables(r: dict[str, Any]) -> None:
         a, b = on["prior_precision"][i], opt["prior_precision"][i]
         print(f"| delta[{name}] | {a:.4g} | {b:.4g} | {a / b:.3f} |")
     print(f"| noise sd sigma | {on['noise_sd']:.4f} | {opt['noise_sd']:.4f} | {on['noise_sd'] / opt['noise_sd']:.3f} |")
-    print(f"| **log evidence** | {on['log_evidence']:.3f} | {opt['log_evidence']:.3f} | "
-          f"gap {opt['log_evidence'] - on['log_evidence']:.3f} nats |")
+    print(
+        f"| **log evidence** | {on['log_evidence']:.3f} | {opt['log_evidence']:.3f} | "
+        f"gap {opt['log_evidence'] - on['log_evidence']:.3f} nats |"
+    )
 
     print("\n### Test set (89 points; RMSE in standardized units and in the target's units, NLL standardized)\n")
     print("| predictive | RMSE | RMSE (orig.) | NLL |")
@@ -195,24 +233,29 @@ def print_tables(r: dict[str, Any]) -> None:
     print(f"| MAP plug-in N(f, sigma_online^2) | {m['rmse']:.4f} | {m['rmse_original_units']:.2f} | {m['nll']:.4f} |")
     for label, d in [("GP, online hyperparameters", on), ("GP, evidence optimum", opt)]:
         print(f"| {label} | {d['rmse']:.4f} | {d['rmse_original_units']:.2f} | {d['nll']:.4f} |")
-    print(f"| (plain run, delta = 1 and sigma = 1 fixed: MAP, RMSE only) | {r['plain_test_rmse']:.4f} | "
-          f"{r['plain_test_rmse'] * r['y_sd']:.2f} | - |")
+    print(
+        f"| (plain run, delta = 1 and sigma = 1 fixed: MAP, RMSE only) | {r['plain_test_rmse']:.4f} | "
+        f"{r['plain_test_rmse'] * r['y_sd']:.2f} | - |"
+    )
 
     hist = r["tuner_history"]
-    print(f"\n### Online tuner trajectory ({len(hist)} marglik steps; every "
-          f"{max(1, len(hist) // 10)}th shown)\n")
+    print(f"\n### Online tuner trajectory ({len(hist)} marglik steps; every {max(1, len(hist) // 10)}th shown)\n")
     print("| step | log evidence before | after | noise sd | delta (per tensor) |")
     print("|---:|---:|---:|---:|---|")
     stride = max(1, len(hist) // 10)
     for i, h in enumerate(hist):
         if i % stride == 0 or i == len(hist) - 1:
-            print(f"| {i} | {h['log_evidence_before']:.2f} | {h['log_evidence_after']:.2f} | "
-                  f"{math.sqrt(h['noise'][0]):.4f} | {', '.join(f'{d:.3g}' for d in h['prior_precision'])} |")
-    print(f"\nTime: online marglik {r['online_seconds_median']:.2f} s (marglik steps "
-          f"{r['online_marglik_seconds_median']:.2f} s) vs one plain run {r['plain_seconds_median']:.2f} s "
-          f"({r['online_seconds_median'] / r['plain_seconds_median']:.2f}x; medians); post-hoc L-BFGS "
-          f"{r['lbfgs']['seconds']:.2f} s, {r['lbfgs']['evaluations']} evidence evaluations, final gradient norm "
-          f"{r['lbfgs']['final_grad_norm']:.2e}.")
+            print(
+                f"| {i} | {h['log_evidence_before']:.2f} | {h['log_evidence_after']:.2f} | "
+                f"{math.sqrt(h['noise'][0]):.4f} | {', '.join(f'{d:.3g}' for d in h['prior_precision'])} |"
+            )
+    print(
+        f"\nTime: online marglik {r['online_seconds_median']:.2f} s (marglik steps "
+        f"{r['online_marglik_seconds_median']:.2f} s) vs one plain run {r['plain_seconds_median']:.2f} s "
+        f"({r['online_seconds_median'] / r['plain_seconds_median']:.2f}x; medians); post-hoc L-BFGS "
+        f"{r['lbfgs']['seconds']:.2f} s, {r['lbfgs']['evaluations']} evidence evaluations, final gradient norm "
+        f"{r['lbfgs']['final_grad_norm']:.2e}."
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -227,8 +270,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hyper-steps", type=int, default=10)
     parser.add_argument("--hyper-lr", type=float, default=0.1)
     parser.add_argument("--subset-size", type=int, default=None, help="subset bound instead of the exact evidence")
-    parser.add_argument("--log-precision", action="store_true",
-                        help="the tuner steps on log(delta) (an exp/log constraint) instead of softplus-raw values")
+    parser.add_argument(
+        "--log-precision",
+        action="store_true",
+        help="the tuner steps on log(delta) (an exp/log constraint) instead of softplus-raw values",
+    )
     parser.add_argument("--lbfgs-iters", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="runs for the median times")
     parser.add_argument("--threads", type=int, default=1)
@@ -238,11 +284,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_summary(args.threads, {"gpytorch": gpytorch.__version__})
     start = time.perf_counter()
     report = run(args)
-    report |= {"machine": machine, "load_average_after": list(os.getloadavg()),
-               "args": vars(args) | {"json": str(args.json)}, "total_seconds": time.perf_counter() - start,
-               "command": " ".join(sys.argv)}
-    print(f"\nTotal {report['total_seconds']:.0f} s; load average before {machine['load_average_1_5_15']}, "
-          f"after {report['load_average_after']}.")
+    report |= {
+        **run_record(machine, args),
+        "total_seconds": time.perf_counter() - start,
+        "command": command_line(),
+    }
+    print(
+        f"\nTotal {report['total_seconds']:.0f} s; load average before {machine['load_average_1_5_15']}, "
+        f"after {report['load_average_after']}."
+    )
     write_json(report, args.json)
     return report
 

@@ -82,12 +82,11 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-# imported as machine_info, the name online_marglik_seeds.py calls (digits.machine_info)
-from _common import machine_summary as machine_info  # noqa: E402
-from _common import write_json  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
+from benchmarks.harness import command_line, machine_summary, run_record, write_json  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import fit_online_marglik  # noqa: E402
 
@@ -143,16 +142,16 @@ def map_metrics(net: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
     """Accuracy and mean NLL of the network's own softmax."""
     net.eval()
     logits = net(x)
-    return {"acc": float((logits.argmax(-1) == y).float().mean()),
-            "nll": float(F.cross_entropy(logits.double(), y))}
+    return {"acc": float((logits.argmax(-1) == y).float().mean()), "nll": float(F.cross_entropy(logits.double(), y))}
 
 
 def gp_metrics(net: nn.Module, data: Split, prior_precision: Tensor) -> dict[str, Any]:
     """Post-hoc LinearizedGP (probit predictive): test accuracy and NLL, log evidence, seconds."""
     start = time.perf_counter()
     likelihood = SoftmaxLikelihood(num_classes=NUM_CLASSES)
-    model = ntkgp.LinearizedGP(net.eval(), likelihood, data.x_train, data.y_train,
-                               prior_precision=prior_precision.detach().clone())
+    model = ntkgp.LinearizedGP(
+        net.eval(), likelihood, data.x_train, data.y_train, prior_precision=prior_precision.detach().clone()
+    )
     with torch.no_grad():
         log_evidence = float(model.log_evidence())
         model.eval()
@@ -174,10 +173,22 @@ def train_online(args: argparse.Namespace, data: Split, minibatch: bool = False)
     likelihood = SoftmaxLikelihood(num_classes=NUM_CLASSES)
     groups = len(list(net.parameters()))
     result = fit_online_marglik(
-        net, likelihood, data.x_train, data.y_train, prior_precision=torch.ones(groups), epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, progress=False, generator=torch.Generator().manual_seed(args.seed),
-        marglik_every=args.marglik_every, burnin=args.burnin, steps=args.hyper_steps, hyper_lr=args.hyper_lr,
-        subset_size=args.subset_size, minibatch=minibatch,
+        net,
+        likelihood,
+        data.x_train,
+        data.y_train,
+        prior_precision=torch.ones(groups),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        progress=False,
+        generator=torch.Generator().manual_seed(args.seed),
+        marglik_every=args.marglik_every,
+        burnin=args.burnin,
+        steps=args.hyper_steps,
+        hyper_lr=args.hyper_lr,
+        subset_size=args.subset_size,
+        minibatch=minibatch,
     )
     return net.eval(), result
 
@@ -186,9 +197,17 @@ def time_library_loop(args: argparse.Namespace, data: Split) -> float:
     """Seconds of ``fit_online_marglik`` with no marglik step (``burnin = epochs``), delta = 1: its loop's cost."""
     net = make_net(args.width, args.depth, args.activation, args.seed)
     result = fit_online_marglik(
-        net, SoftmaxLikelihood(num_classes=NUM_CLASSES), data.x_train, data.y_train,
-        prior_precision=torch.ones(len(list(net.parameters()))), epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, progress=False, generator=torch.Generator().manual_seed(args.seed), burnin=args.epochs,
+        net,
+        SoftmaxLikelihood(num_classes=NUM_CLASSES),
+        data.x_train,
+        data.y_train,
+        prior_precision=torch.ones(len(list(net.parameters()))),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        progress=False,
+        generator=torch.Generator().manual_seed(args.seed),
+        burnin=args.epochs,
     )
     return result.seconds
 
@@ -249,14 +268,16 @@ def run_grid(args: argparse.Namespace, data: Split) -> list[dict[str, Any]]:
     rows = []
     for delta in args.grid:
         net, seconds, final_loss = train_plain(args, data, float(delta))
-        rows.append({
-            "delta": float(delta),
-            "seconds": seconds,
-            "val": map_metrics(net, data.x_val, data.y_val),
-            "test": map_metrics(net, data.x_test, data.y_test),
-            "final_loss": final_loss,
-            "_net": net,
-        })
+        rows.append(
+            {
+                "delta": float(delta),
+                "seconds": seconds,
+                "val": map_metrics(net, data.x_val, data.y_val),
+                "test": map_metrics(net, data.x_test, data.y_test),
+                "final_loss": final_loss,
+                "_net": net,
+            }
+        )
         print(f"  grid delta={delta:g}: val nll {rows[-1]['val']['nll']:.4f}, {seconds:.1f} s", flush=True)
     return rows
 
@@ -291,13 +312,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.subset_size == 0:
         args.subset_size = None
     torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
+    machine = machine_summary(args.threads)
     data = load_data(args.seed)
     net0 = make_net(args.width, args.depth, args.activation, args.seed)
     num_params = sum(p.numel() for p in net0.parameters())
-    print(f"digits: N train/val/test = {len(data.y_train)}/{len(data.y_val)}/{len(data.y_test)}, "
-          f"MLP 64-{'-'.join([str(args.width)] * args.depth)}-10 {args.activation}, P = {num_params}, "
-          f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}", flush=True)
+    print(
+        f"digits: N train/val/test = {len(data.y_train)}/{len(data.y_val)}/{len(data.y_test)}, "
+        f"MLP 64-{'-'.join([str(args.width)] * args.depth)}-10 {args.activation}, P = {num_params}, "
+        f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}",
+        flush=True,
+    )
     start = time.perf_counter()
 
     print("grid search (plain runs):", flush=True)
@@ -322,55 +346,80 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("|---:|---:|---:|---:|---:|---:|")
     for r in grid:
         mark = " **(selected)**" if r is best else ""
-        print(f"| {r['delta']:.4g}{mark} | {fmt(r['val']['acc'])} | {fmt(r['val']['nll'])} | "
-              f"{fmt(r['test']['acc'])} | {fmt(r['test']['nll'])} | {r['seconds']:.1f} |")
+        print(
+            f"| {r['delta']:.4g}{mark} | {fmt(r['val']['acc'])} | {fmt(r['val']['nll'])} | "
+            f"{fmt(r['test']['acc'])} | {fmt(r['test']['nll'])} | {r['seconds']:.1f} |"
+        )
 
     print("\n### Test set: grid winner versus online marglik\n")
     print("| method | predictive | test acc | test NLL | log evidence (exact Laplace) | time (s) | time / plain run |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    print(f"| grid (delta = {best['delta']:.4g}) | MAP plug-in | {fmt(best['test']['acc'])} | "
-          f"{fmt(best['test']['nll'])} | - | {sum(r['seconds'] for r in grid):.1f} (all {len(grid)}) | "
-          f"{sum(r['seconds'] for r in grid) / plain_seconds:.2f} |")
+    print(
+        f"| grid (delta = {best['delta']:.4g}) | MAP plug-in | {fmt(best['test']['acc'])} | "
+        f"{fmt(best['test']['nll'])} | - | {sum(r['seconds'] for r in grid):.1f} (all {len(grid)}) | "
+        f"{sum(r['seconds'] for r in grid) / plain_seconds:.2f} |"
+    )
     if grid_gp is not None:
-        print(f"| grid (delta = {best['delta']:.4g}) | LinearizedGP probit | {fmt(grid_gp['acc'])} | "
-              f"{fmt(grid_gp['nll'])} | {grid_gp['log_evidence']:.1f} | - | - |")
+        print(
+            f"| grid (delta = {best['delta']:.4g}) | LinearizedGP probit | {fmt(grid_gp['acc'])} | "
+            f"{fmt(grid_gp['nll'])} | {grid_gp['log_evidence']:.1f} | - | - |"
+        )
     for o in onlines:
-        print(f"| {o['name']} | MAP plug-in | {fmt(o['map']['test']['acc'])} | {fmt(o['map']['test']['nll'])} | - | "
-              f"{o['seconds']:.1f} (marglik {o['marglik_seconds']:.1f}) | {o['seconds'] / plain_seconds:.2f} |")
+        print(
+            f"| {o['name']} | MAP plug-in | {fmt(o['map']['test']['acc'])} | {fmt(o['map']['test']['nll'])} | - | "
+            f"{o['seconds']:.1f} (marglik {o['marglik_seconds']:.1f}) | {o['seconds'] / plain_seconds:.2f} |"
+        )
         if "gp" in o:
-            print(f"| {o['name']} | LinearizedGP probit | {fmt(o['gp']['acc'])} | {fmt(o['gp']['nll'])} | "
-                  f"{o['gp']['log_evidence']:.1f} | - | - |")
-    print(f"\nOne plain run (median of the grid's {len(grid)}): {plain_seconds:.1f} s; fit_online_marglik's loop "
-          f"with no marglik step: {library_loop_seconds:.1f} s.")
+            print(
+                f"| {o['name']} | LinearizedGP probit | {fmt(o['gp']['acc'])} | {fmt(o['gp']['nll'])} | "
+                f"{o['gp']['log_evidence']:.1f} | - | - |"
+            )
+    print(
+        f"\nOne plain run (median of the grid's {len(grid)}): {plain_seconds:.1f} s; fit_online_marglik's loop "
+        f"with no marglik step: {library_loop_seconds:.1f} s."
+    )
     names = [n for n, _ in net0.named_parameters()]
     print("\n### Learned per-tensor prior precisions (online) and the grid's scalar\n")
     print("| tensor | " + " | ".join(o["name"] for o in onlines) + " | grid |")
     print("|---|" + "---:|" * (len(onlines) + 1))
     for i, name in enumerate(names):
-        print(f"| {name} | " + " | ".join(f"{o['prior_precision'][i]:.4g}" for o in onlines)
-              + f" | {best['delta']:.4g} |")
+        print(
+            f"| {name} | " + " | ".join(f"{o['prior_precision'][i]:.4g}" for o in onlines) + f" | {best['delta']:.4g} |"
+        )
     for o in onlines:
         ratio = o["seconds"] / plain_seconds
         met_time = ratio <= 2.0
         met_acc = o["map"]["test"]["acc"] >= best["test"]["acc"]
         met_nll = o["map"]["test"]["nll"] <= best["test"]["nll"]
-        print(f"\nTargets, {o['name']}: time <= 2x plain: {'met' if met_time else 'MISSED'} ({ratio:.2f}x); "
-              f"MAP test acc >= grid: {'met' if met_acc else 'MISSED'}; "
-              f"MAP test NLL <= grid: {'met' if met_nll else 'MISSED'}"
-              + (f"; GP test NLL <= grid MAP: {'met' if o['gp']['nll'] <= best['test']['nll'] else 'MISSED'}"
-                 if "gp" in o else ""))
+        print(
+            f"\nTargets, {o['name']}: time <= 2x plain: {'met' if met_time else 'MISSED'} ({ratio:.2f}x); "
+            f"MAP test acc >= grid: {'met' if met_acc else 'MISSED'}; "
+            f"MAP test NLL <= grid: {'met' if met_nll else 'MISSED'}"
+            + (
+                f"; GP test NLL <= grid MAP: {'met' if o['gp']['nll'] <= best['test']['nll'] else 'MISSED'}"
+                if "gp" in o
+                else ""
+            )
+        )
     total = time.perf_counter() - start
-    print(f"\nTotal benchmark time {total:.0f} s; load average before {machine['load_average_1_5_15']}, "
-          f"after {list(os.getloadavg())}.")
+    print(
+        f"\nTotal benchmark time {total:.0f} s; load average before {machine['load_average_1_5_15']}, "
+        f"after {list(os.getloadavg())}."
+    )
 
     report = {
-        "machine": machine, "load_average_after": list(os.getloadavg()), "args": vars(args) | {"json": str(args.json)},
-        "num_parameters": num_params, "parameter_names": names,
+        **run_record(machine, args),
+        "num_parameters": num_params,
+        "parameter_names": names,
         "data_sizes": {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test)},
-        "grid": grid, "grid_selected_delta": best["delta"], "grid_gp": grid_gp,
-        "plain_run_seconds_median": plain_seconds, "library_loop_seconds": library_loop_seconds,
-        "online": onlines, "total_seconds": total,
-        "command": " ".join(sys.argv),
+        "grid": grid,
+        "grid_selected_delta": best["delta"],
+        "grid_gp": grid_gp,
+        "plain_run_seconds_median": plain_seconds,
+        "library_loop_seconds": library_loop_seconds,
+        "online": onlines,
+        "total_seconds": total,
+        "command": command_line(),
     }
     write_json(report, args.json)
     return report

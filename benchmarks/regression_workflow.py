@@ -76,13 +76,11 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +89,14 @@ import torch
 from sklearn.datasets import make_friedman1
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, PhaseTimer, max_rel_err, start_report, write_json  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import MiB, PeakRSS, PhaseTimer, max_rel_err, run_spawned, start_report, write_json  # noqa: E402
 
 N_TEST = 500
 N_FEATURES = 8
 WIDTH = 256
-_MiB = 2**20
 
 
 # --------------------------------------------------------------------------- setup
@@ -142,11 +141,26 @@ def train_net(net: nn.Module, x: Tensor, y: Tensor, delta: float, steps: int, lr
         loss.backward()
         opt.step()
     net.eval()
+    return rmse(net, x, y)
+
+
+def rmse(net: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Root mean squared error of the network's outputs (last dimension squeezed) against ``y``."""
     with torch.no_grad():
         return float((y - net(x).squeeze(-1)).pow(2).mean().sqrt())
 
 
 # ---------------------------------------------------------------- child processes
+def save_setup(workdir: Path, net: nn.Module, data: dict[str, Tensor], settings: dict[str, Any]) -> str:
+    """Save the trained network's weights, the data and the settings for the child processes.
+
+    Returns the file's path, ``<workdir>/setup_<settings["n"]>.pt``, which :func:`load_setup` reads.
+    """
+    path = str(workdir / f"setup_{settings['n']}.pt")
+    torch.save({"state": net.state_dict(), "data": data, "settings": settings}, path)
+    return path
+
+
 def load_setup(path: str, double: bool) -> tuple[nn.Module, dict[str, Tensor], dict[str, Any]]:
     """Load the trained network, the data and the settings saved by the parent."""
     blob = torch.load(path, weights_only=False)
@@ -263,8 +277,7 @@ def measure(library: str, path: str, threads: int, warmup: bool = True) -> dict[
 
 def run_in_subprocess(library: str, path: str, threads: int, warmup: bool = True) -> dict[str, Any]:
     """:func:`measure` in a fresh ``spawn`` process (one task per process)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(measure, library, path, threads, warmup).result()
+    return run_spawned(measure, library, path, threads, warmup)
 
 
 # ---------------------------------------------------------------------- selfcheck
@@ -317,7 +330,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['n']} | {r['ntkgp']['time_median']:.2f} | {r['peer']['time_median']:.2f} | {r['ratio']:.2f} "
-            f"| {r['ntkgp']['peak_rss_median'] / _MiB:.0f} | {r['peer']['peak_rss_median'] / _MiB:.0f} "
+            f"| {r['ntkgp']['peak_rss_median'] / MiB:.0f} | {r['peer']['peak_rss_median'] / MiB:.0f} "
             f"| {r['ntkgp']['var_err']:.1e} | {r['peer']['var_err']:.1e} | {r['truth']['lml']:.2f} "
             f"| {r['ntkgp']['lml_err']:.1e} | {r['peer']['lml_raw']:.2f} | {r['peer']['lml_err']:.1e} |"
         )
@@ -355,8 +368,7 @@ def prepare(n: int, args: argparse.Namespace, workdir: Path) -> tuple[str, nn.Mo
     t0 = time.perf_counter()
     train_rmse = train_net(net, data["x"], data["y"], args.prior_precision, args.train_steps)
     num_params = sum(p.numel() for p in net.parameters())
-    with torch.no_grad():
-        test_rmse = float((data["y_test"] - net(data["x_test"]).squeeze(-1)).pow(2).mean().sqrt())
+    test_rmse = rmse(net, data["x_test"], data["y_test"])
     settings = {
         "n": n,
         "delta": args.prior_precision,
@@ -367,8 +379,7 @@ def prepare(n: int, args: argparse.Namespace, workdir: Path) -> tuple[str, nn.Mo
         "test_rmse": test_rmse,
         "train_seconds": time.perf_counter() - t0,
     }
-    path = str(workdir / f"setup_{n}.pt")
-    torch.save({"state": net.state_dict(), "data": data, "settings": settings}, path)
+    path = save_setup(workdir, net, data, settings)
     return path, net, data, settings
 
 
@@ -443,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"  repeat {rep + 1}/{args.repeats} {library:>5}: {out['time']['total']:.2f} s "
                         f"(build {out['time']['build']:.2f}, lml {out['time']['lml']:.2f}, "
-                        f"predict {out['time']['predict']:.2f}), peak RSS +{out['peak_rss_bytes'] / _MiB:.0f} MiB",
+                        f"predict {out['time']['predict']:.2f}), peak RSS +{out['peak_rss_bytes'] / MiB:.0f} MiB",
                         flush=True,
                     )
             row = {

@@ -51,10 +51,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import resource
 import statistics
 import sys
 import time
@@ -69,10 +67,19 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_summary, write_json  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
+from benchmarks.harness import (
+    GiB,
+    available_bytes,
+    command_line,
+    machine_summary,
+    peak_rss_gb,
+    run_record,
+    write_json,
+)  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 from ntkgp.marglik import SubsetEvidenceBound, class_partition, random_partition  # noqa: E402
 
@@ -103,8 +110,9 @@ def train_map(width: int, x: Tensor, y: Tensor, seed: int, adam_steps: int, lbfg
         adam.zero_grad()
         loss_fn().backward()
         adam.step()
-    lbfgs = torch.optim.LBFGS(params, max_iter=lbfgs_iters, line_search_fn="strong_wolfe",
-                              tolerance_grad=1e-10, tolerance_change=1e-14)
+    lbfgs = torch.optim.LBFGS(
+        params, max_iter=lbfgs_iters, line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14
+    )
 
     def closure() -> Tensor:
         lbfgs.zero_grad()
@@ -132,19 +140,6 @@ def cosine(a: Tensor, b: Tensor) -> float:
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def available_bytes() -> int | None:
-    """``MemAvailable`` from ``/proc/meminfo``, or None."""
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 #: measured peak of one evaluation with gradient, in (BC x BC) float64 matrices (4 Grams + 6 temporaries)
@@ -181,35 +176,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_acc = float((net(x).argmax(-1) == y).double().mean())
     num_params = sum(p.numel() for p in net.parameters())
     names = [name for name, _ in net.named_parameters()]
-    print(f"digits N = {n}, C = {NUM_CLASSES}, MLP 64-{args.width}-10 tanh, P = {num_params}, "
-          f"trained to a MAP in {train_seconds:.1f} s (train acc {train_acc:.4f})", flush=True)
+    print(
+        f"digits N = {n}, C = {NUM_CLASSES}, MLP 64-{args.width}-10 tanh, P = {num_params}, "
+        f"trained to a MAP in {train_seconds:.1f} s (train acc {train_acc:.4f})",
+        flush=True,
+    )
 
     start = time.perf_counter()
-    model = ntkgp.LinearizedGP(net, SoftmaxLikelihood(num_classes=NUM_CLASSES), x, y,
-                               prior_precision=torch.ones(len(names)))
+    model = ntkgp.LinearizedGP(
+        net, SoftmaxLikelihood(num_classes=NUM_CLASSES), x, y, prior_precision=torch.ones(len(names))
+    )
     exact_build = time.perf_counter() - start
     exact_runs = [value_and_grad(model, model.log_evidence) for _ in range(args.repeats)]
     exact, g_exact, _ = exact_runs[0]
     exact_eval = statistics.median(r[2] for r in exact_runs)
-    print(f"exact evidence ({model.solver.name} solver): {exact:.3f}, build {exact_build:.2f} s, "
-          f"evaluation + gradient {exact_eval:.3f} s; d/d delta = {[round(v, 3) for v in g_exact.tolist()]}",
-          flush=True)
+    print(
+        f"exact evidence ({model.solver.name} solver): {exact:.3f}, build {exact_build:.2f} s, "
+        f"evaluation + gradient {exact_eval:.3f} s; d/d delta = {[round(v, 3) for v in g_exact.tolist()]}",
+        flush=True,
+    )
 
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     for size in sizes:
         need, free = MATRICES_AT_PEAK * (size * NUM_CLASSES) ** 2 * 8, available_bytes()
         if free is not None and need > 0.6 * free and not args.force:
-            skipped.append(f"B = {size}: estimated peak {need / 2**30:.1f} GiB > 60% of the {free / 2**30:.1f} GiB "
-                           "available (--force runs it)")
+            skipped.append(
+                f"B = {size}: estimated peak {need / GiB:.1f} GiB > 60% of the {free / GiB:.1f} GiB "
+                "available (--force runs it)"
+            )
             print("  skipped " + skipped[-1], flush=True)
             continue
         for kind in ("random", "class-grouped"):
             if size == n and kind == "class-grouped":
                 continue  # with B = N both partitions are the same single subset
             generator = torch.Generator().manual_seed(args.seed)
-            parts = (random_partition(n, size, generator=generator) if kind == "random"
-                     else class_partition(y, size, generator=generator))
+            parts = (
+                random_partition(n, size, generator=generator)
+                if kind == "random"
+                else class_partition(y, size, generator=generator)
+            )
             t0 = time.perf_counter()
             bound = SubsetEvidenceBound(model, parts)
             build = time.perf_counter() - t0
@@ -225,47 +231,78 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mb_err = [rel_err(g, g_exact) for _, g, _ in mb]
             classes = [len(torch.unique(y[p])) for p in parts]
             row = {
-                "partition": kind if size < n else "(one subset)", "subset_size": size,
-                "num_subsets": bound.num_subsets, "mean_classes_per_subset": statistics.mean(classes),
-                "bound": value, "gap": exact - value, "gap_per_point": (exact - value) / n,
-                "grad": g_bound.tolist(), "grad_cosine": cosine(g_bound, g_exact),
+                "partition": kind if size < n else "(one subset)",
+                "subset_size": size,
+                "num_subsets": bound.num_subsets,
+                "mean_classes_per_subset": statistics.mean(classes),
+                "bound": value,
+                "gap": exact - value,
+                "gap_per_point": (exact - value) / n,
+                "grad": g_bound.tolist(),
+                "grad_cosine": cosine(g_bound, g_exact),
                 "grad_rel_err": rel_err(g_bound, g_exact),
-                "minibatch_grad_cosine_mean": statistics.mean(mb_cos), "minibatch_grad_cosine_min": min(mb_cos),
+                "minibatch_grad_cosine_mean": statistics.mean(mb_cos),
+                "minibatch_grad_cosine_min": min(mb_cos),
                 "minibatch_grad_rel_err_mean": statistics.mean(mb_err),
-                "build_seconds": build, "eval_seconds": statistics.median(r[2] for r in runs),
+                "build_seconds": build,
+                "eval_seconds": statistics.median(r[2] for r in runs),
                 "eval_repeats": len(runs),
                 "minibatch_eval_seconds": statistics.median(r[2] for r in mb),
                 "peak_rss_gb_so_far": peak_rss_gb(),
             }
             rows.append(row)
-            print(f"  {row['partition']:>13} B={size:5d}: bound {value:.3f}, gap {row['gap']:.3f}, "
-                  f"cos {row['grad_cosine']:.5f}, build {build:.2f} s, eval {row['eval_seconds']:.3f} s", flush=True)
+            print(
+                f"  {row['partition']:>13} B={size:5d}: bound {value:.3f}, gap {row['gap']:.3f}, "
+                f"cos {row['grad_cosine']:.5f}, build {build:.2f} s, eval {row['eval_seconds']:.3f} s",
+                flush=True,
+            )
             del bound
 
-    print(f"\n### Subset bound vs exact Laplace evidence (digits N = {n}, P = {num_params}, "
-          f"exact = {exact:.3f}; gradients w.r.t. the {len(names)} per-tensor prior precisions)\n")
-    print("| partition | B | subsets | classes / subset | bound | gap (nats) | gap / N | grad cos | grad rel. err "
-          "| minibatch grad cos / rel. err (mean) | build (s) | eval+grad (s) | minibatch eval+grad (s) |")
+    print(
+        f"\n### Subset bound vs exact Laplace evidence (digits N = {n}, P = {num_params}, "
+        f"exact = {exact:.3f}; gradients w.r.t. the {len(names)} per-tensor prior precisions)\n"
+    )
+    print(
+        "| partition | B | subsets | classes / subset | bound | gap (nats) | gap / N | grad cos | grad rel. err "
+        "| minibatch grad cos / rel. err (mean) | build (s) | eval+grad (s) | minibatch eval+grad (s) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| exact ({model.solver.name} space) | - | - | - | {exact:.3f} | 0 | 0 | 1 | 0 | - | {exact_build:.2f} | "
-          f"{exact_eval:.3f} | - |")
+    print(
+        f"| exact ({model.solver.name} space) | - | - | - | {exact:.3f} | 0 | 0 | 1 | 0 | - | {exact_build:.2f} | "
+        f"{exact_eval:.3f} | - |"
+    )
     for r in rows:
-        print(f"| {r['partition']} | {r['subset_size']} | {r['num_subsets']} | {r['mean_classes_per_subset']:.1f} | "
-              f"{r['bound']:.3f} | {r['gap']:.3f} | {r['gap_per_point']:.4f} | {r['grad_cosine']:.5f} | "
-              f"{r['grad_rel_err']:.4f} | {r['minibatch_grad_cosine_mean']:.4f} / "
-              f"{r['minibatch_grad_rel_err_mean']:.3f} | {r['build_seconds']:.2f} | "
-              f"{r['eval_seconds']:.3f} | {r['minibatch_eval_seconds']:.3f} |")
+        print(
+            f"| {r['partition']} | {r['subset_size']} | {r['num_subsets']} | {r['mean_classes_per_subset']:.1f} | "
+            f"{r['bound']:.3f} | {r['gap']:.3f} | {r['gap_per_point']:.4f} | {r['grad_cosine']:.5f} | "
+            f"{r['grad_rel_err']:.4f} | {r['minibatch_grad_cosine_mean']:.4f} / "
+            f"{r['minibatch_grad_rel_err_mean']:.3f} | {r['build_seconds']:.2f} | "
+            f"{r['eval_seconds']:.3f} | {r['minibatch_eval_seconds']:.3f} |"
+        )
     for line in skipped:
         print(f"\nNot measured: {line}.")
     print("\nd(exact)/d delta = " + ", ".join(f"{name}: {g:.4g}" for name, g in zip(names, g_exact.tolist())))
-    print(f"Peak RSS {peak_rss_gb():.2f} GB; load average before {machine['load_average_1_5_15']}, "
-          f"after {list(os.getloadavg())}.")
+    print(
+        f"Peak RSS {peak_rss_gb():.2f} GB; load average before {machine['load_average_1_5_15']}, "
+        f"after {list(os.getloadavg())}."
+    )
     report = {
-        "machine": machine, "load_average_after": list(os.getloadavg()), "args": vars(args) | {"json": str(args.json)},
-        "num_data": n, "num_parameters": num_params, "parameter_names": names, "train_accuracy": train_acc,
-        "exact": {"log_evidence": exact, "grad": g_exact.tolist(), "solver": model.solver.name,
-                  "build_seconds": exact_build, "eval_seconds": exact_eval},
-        "rows": rows, "skipped": skipped, "peak_rss_gb": peak_rss_gb(), "command": " ".join(sys.argv),
+        **run_record(machine, args),
+        "num_data": n,
+        "num_parameters": num_params,
+        "parameter_names": names,
+        "train_accuracy": train_acc,
+        "exact": {
+            "log_evidence": exact,
+            "grad": g_exact.tolist(),
+            "solver": model.solver.name,
+            "build_seconds": exact_build,
+            "eval_seconds": exact_eval,
+        },
+        "rows": rows,
+        "skipped": skipped,
+        "peak_rss_gb": peak_rss_gb(),
+        "command": command_line(),
     }
     if not all(math.isfinite(r["bound"]) for r in rows):
         print("warning: a non-finite bound")
