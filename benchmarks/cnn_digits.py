@@ -13,12 +13,12 @@ N images) so that its cotangents are those of a fitted network. What is measured
 
 What is timed
 -------------
-The ``(N*C) x (N*C)`` NTK Gram (one parameter group, float64 output) by ``ntkgp.gram.ntk_gram``:
+The ``(N*C) x (N*C)`` NTK Gram (one parameter group, float64 output) by ``ntkgp.ntk.gram``:
 
-* **structured**: ``FunctionalNetwork(net, (1, 8, 8))``: both convs and the linear layer from
+* **structured**: ``Implementation.STRUCTURED``: both convs and the linear layer from
   their factors (conv: unfolded patches and per-position cotangents; the route per conv layer,
   per-example weight gradients or the spatial double sum, is picked by ``conv_route_costs``);
-* **generic**: ``FunctionalNetwork(net, (1, 8, 8), structured=False)``: ``vmap(jacrev)``
+* **generic**: ``Implementation.GENERIC``: ``vmap(jacrev)``
   per-example Jacobians in blocks, contracted block by block.
 
 Same ``--budget`` for both; one warm-up on 32 images each, then ``--repeats`` /
@@ -65,8 +65,15 @@ from benchmarks.harness import (  # noqa: E402
     time_calls,
     timed_route,
 )
-from benchmarks.harness.internals import conv_patches, conv_route_costs, ntk_gram, parameter_groups  # noqa: E402
-from ntkgp import FunctionalNetwork  # noqa: E402
+from benchmarks.harness.internals import (  # noqa: E402
+    EmpiricalNTK,
+    conv_route_costs,
+    make_ntk,
+    module_patches,
+    ntk_gram,
+    structured_factors,
+    structured_layers,
+)
 
 SHAPE = (1, 8, 8)
 
@@ -108,21 +115,21 @@ def train(net: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float = 2e-3) ->
         return float((net(images).argmax(-1) == y).float().mean())
 
 
-def layer_table(network: FunctionalNetwork, net: nn.Module, x: Tensor) -> list[dict[str, Any]]:
+def layer_table(ntk: EmpiricalNTK, net: nn.Module, x: Tensor) -> list[dict[str, Any]]:
     """Per structured layer: parameters, route and estimated Gram flops (structured vs generic, symmetric)."""
-    n, C = x.shape[0], network.num_outputs
+    n, C = x.shape[0], ntk.num_outputs
     modules = dict(net.named_modules())
     rows = []
-    for layer in network.structured_layers:
-        m = modules[layer.name]
+    for name, kind in structured_layers(ntk):
+        m = modules[name]
         p = sum(t.numel() for t in m.parameters())
         generic = float(n * n * C * C * p)  # half of 2 N^2 C^2 p, by symmetry
-        if layer.kind == "linear":
+        if kind == "linear":
             d_in, d_out = m.in_features, m.out_features
             structured = float(2 * n * n * d_in + 2 * (n * C) ** 2 * d_out)
             route, shape = "linear factors", f"{d_in} -> {d_out}"
         else:
-            patches = conv_patches(m, torch.zeros(1, m.in_channels, *_input_hw(net, layer.name)))
+            patches = module_patches(m, torch.zeros(1, m.in_channels, *_input_hw(net, name)))
             L, t = patches.shape[1], patches.shape[2]
             costs = conv_route_costs(L, t, m.out_channels, C, n, n, symmetric=True)
             route = min(costs, key=costs.__getitem__)
@@ -130,8 +137,8 @@ def layer_table(network: FunctionalNetwork, net: nn.Module, x: Tensor) -> list[d
             shape = f"L = {L}, d_in k = {t}, d_out = {m.out_channels}"
         rows.append(
             {
-                "layer": layer.name,
-                "kind": layer.kind,
+                "layer": name,
+                "kind": kind,
                 "shape": shape,
                 "params": p,
                 "route": route,
@@ -163,22 +170,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     x, y = load_data(args.n, args.seed)
     net = make_cnn(args.seed)
     accuracy = train(net, x, y, args.train_steps)
-    fast = FunctionalNetwork(net, SHAPE)
-    slow = FunctionalNetwork(net, SHAPE, structured=False)
-    groups = parameter_groups(fast.names, 1.0)
-    C, P = fast.num_outputs, fast.num_parameters
+    fast = make_ntk(net, SHAPE, x, budget=args.budget)
+    slow = make_ntk(net, SHAPE, x, structured=False, budget=args.budget)
+    C, P = fast.num_outputs, fast.network.num_parameters
     print(
         f"# CNN P = {P:,}, N = {args.n}, C = {C}, train accuracy {accuracy:.3f}, budget {args.budget / MiB:.0f} MiB",
         flush=True,
     )
     table = layer_table(fast, net, x)
 
-    def build(network: FunctionalNetwork, points: Tensor) -> Tensor:
-        return ntk_gram(network, groups, points, budget=args.budget)
+    def build(ntk: EmpiricalNTK, points: Tensor) -> Tensor:
+        return ntk_gram(ntk, points)
 
     build(fast, x[:32])
     structured = timed_route("structured", lambda: build(fast, x), args.repeats)
-    factor_times = time_calls(lambda: fast.structured_factors(x), args.repeats)
+    factor_times = time_calls(lambda: structured_factors(fast, x), args.repeats)
     result: dict[str, Any] = {
         "benchmark": "cnn_digits",
         "machine": info,

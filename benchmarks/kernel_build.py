@@ -5,12 +5,12 @@ What is timed
 The ``(N*C) x (N*C)`` NTK Gram :math:`K = J(X) J(X)^\top` (one parameter group, float64 output) of
 an MLP ``d_in -> width -> ... -> width -> 1`` with ``depth`` tanh hidden layers, in float32
 (defaults: ``d_in = 8``, ``width = 512``, ``depth = 3``, ``P = 530,433``; ``N = 4000`` inputs drawn
-from a standard normal), built by ``ntkgp.gram.ntk_gram`` on
+from a standard normal), built by ``ntkgp.ntk.gram`` on
 
-* **structured**: ``FunctionalNetwork(net, (d_in,))``: every ``nn.Linear`` by its factors,
+* **structured**: ``Implementation.STRUCTURED``: every ``nn.Linear`` by its factors,
   :math:`K_W = (A A^\top) \circ (G G^\top)`, :math:`K_b = G G^\top` (one forward pass with zero
   probes and one backward pass per output, then two GEMMs per layer);
-* **generic**: ``FunctionalNetwork(net, (d_in,), structured=False)``: per-example Jacobians by
+* **generic**: ``Implementation.GENERIC``: per-example Jacobians by
   ``vmap(jacrev)`` in blocks, contracted block by block (exploiting symmetry).
 
 Both get the same ``--budget`` (bytes for Jacobian blocks; the generic route holds two blocks of
@@ -79,8 +79,13 @@ from benchmarks.harness import (  # noqa: E402
     time_calls,
     timed_route,
 )
-from benchmarks.harness.internals import ntk_gram, parameter_groups, symmetric_gram_blocks  # noqa: E402
-from ntkgp import FunctionalNetwork  # noqa: E402
+from benchmarks.harness.internals import (  # noqa: E402
+    EmpiricalNTK,
+    make_ntk,
+    ntk_gram,
+    structured_factors,
+    symmetric_gram_blocks,
+)
 
 
 # ---------------------------------------------------------------------- problem
@@ -122,10 +127,10 @@ def executed_gemm_flops(net: nn.Module, n: int, outputs: int) -> float:
     return total
 
 
-def gemms_only(network: FunctionalNetwork, x: Tensor, repeats: int) -> list[float]:
-    """Time just the structured route's GEMMs (A A^T and G G^T per layer) on precomputed factors,
-    in float64 as ntkgp runs them (``gram._linear_grams`` casts the Linear factors to float64)."""
-    factors = [(a.double(), g.double()) for a, g in network.structured_factors(x)]
+def gemms_only(ntk: EmpiricalNTK, x: Tensor, repeats: int) -> list[float]:
+    """Time just the structured route's GEMMs (A A^T and G G^T per layer) on precomputed captures,
+    in float64 as ntkgp runs them (``structured.linear.linear_grams`` casts them to float64)."""
+    factors = [(c.inputs[:, 0].double(), c.cotangents[:, :, 0].double()) for c in structured_factors(ntk, x)]
 
     def run() -> None:
         for a, g in factors:
@@ -156,23 +161,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     net = make_net(args.d_in, args.width, args.depth, args.seed)
     x = torch.randn(args.n, args.d_in, generator=torch.Generator().manual_seed(args.seed))
-    fast = FunctionalNetwork(net, (args.d_in,))
-    slow = FunctionalNetwork(net, (args.d_in,), structured=False)
-    groups = parameter_groups(fast.names, 1.0)
-    C, P = fast.num_outputs, fast.num_parameters
+    fast = make_ntk(net, (args.d_in,), x, budget=args.budget)
+    slow = make_ntk(net, (args.d_in,), x, structured=False, budget=args.budget)
+    C, P = fast.num_outputs, fast.network.num_parameters
     print(
         f"# MLP {args.d_in}-{'-'.join([str(args.width)] * args.depth)}-1 tanh, float32, P = {P:,}, "
         f"N = {args.n}, C = {C}, budget = {args.budget / MiB:.0f} MiB",
         flush=True,
     )
 
-    def build(network: FunctionalNetwork, points: Tensor) -> Tensor:
-        return ntk_gram(network, groups, points, budget=args.budget)
+    def build(ntk: EmpiricalNTK, points: Tensor) -> Tensor:
+        return ntk_gram(ntk, points)
 
     warm = x[:64]
     build(fast, warm)
     structured = timed_route("structured", lambda: build(fast, x), args.repeats)
-    factor_times = time_calls(lambda: fast.structured_factors(x), args.repeats)
+    factor_times = time_calls(lambda: structured_factors(fast, x), args.repeats)
     gemm_times = gemms_only(fast, x, args.repeats)
     flops = structured_gemm_flops(net, args.n, C)
     executed = executed_gemm_flops(net, args.n, C)

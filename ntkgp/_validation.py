@@ -18,8 +18,10 @@ def check_module_device(module: torch.nn.Module, name: str, device: torch.device
     """Every parameter and buffer of ``module`` must be on ``device`` (the network's)."""
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device != device:
-            raise ValueError(f"the {name} is on {tensor.device} but the network is on {device}; "
-                             f"move it with {name}.to({str(device)!r})")
+            raise ValueError(
+                f"the {name} is on {tensor.device} but the network is on {device}; "
+                f"move it with {name}.to({str(device)!r})"
+            )
 
 
 def check_targets(y: Tensor, num_data: int, num_outputs: int, device: torch.device) -> Tensor:

@@ -11,8 +11,14 @@ from ntkgp.ntk import EmpiricalNTK, Implementation, NTKProblem, PriorLayout
 
 
 def make_ntk(
-    net: nn.Module, x: Any, prior_precision: Any = 1.0, *, budget: int = 2**26, chunk_size: int | None = None,
-    implementation: str = "structured", conv_route: str = "auto",
+    net: nn.Module,
+    x: Any,
+    prior_precision: Any = 1.0,
+    *,
+    budget: int = 2**26,
+    chunk_size: int | None = None,
+    implementation: str = "structured",
+    conv_route: str = "auto",
 ) -> tuple[EmpiricalNTK, Inputs]:
     """The products engine of ``net`` on inputs ``x`` (probed on them), and ``x`` as :class:`Inputs`."""
     inputs = Inputs.wrap(x)

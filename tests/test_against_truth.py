@@ -66,8 +66,15 @@ def make_likelihood(noise: torch.Tensor) -> gpytorch.likelihoods.Likelihood:
 def fit_laplace(case: Case) -> Laplace:
     # backend=AsdlGGN: laplace-torch 0.3's default CurvlinopsGGN loses precision even in float64
     # (its GGN differs from J^T J by ~3e-8 relative here, the evidence by ~1.7e-7); ASDL's is exact.
-    la = Laplace(case.net, "regression", subset_of_weights="all", hessian_structure="full",
-                 sigma_noise=case.noise[0].sqrt(), prior_precision=_laplace_prior(case), backend=AsdlGGN)
+    la = Laplace(
+        case.net,
+        "regression",
+        subset_of_weights="all",
+        hessian_structure="full",
+        sigma_noise=case.noise[0].sqrt(),
+        prior_precision=_laplace_prior(case),
+        backend=AsdlGGN,
+    )
     y = case.y.reshape(case.x.shape[0], -1)
     la.fit(DataLoader(TensorDataset(case.x, y), batch_size=len(case.x)))
     return la
@@ -187,10 +194,12 @@ def test_evidence_gradients_are_exact(solver: str) -> None:
     brute = truth.log_evidence(case.net, case.x, case.y, prior, noise.expand(case.x.shape[0]))
     g_delta, g_noise = torch.autograd.grad(brute, (delta, noise))
     # chain rule through the positivity transforms
-    d_delta = torch.autograd.functional.jacobian(model.covar_module.raw_prior_precision_constraint.transform,
-                                                 raw_delta.detach()).diagonal()
-    d_noise = torch.autograd.functional.jacobian(lik.noise_covar.raw_noise_constraint.transform,
-                                                 raw_noise.detach()).reshape(-1)
+    d_delta = torch.autograd.functional.jacobian(
+        model.covar_module.raw_prior_precision_constraint.transform, raw_delta.detach()
+    ).diagonal()
+    d_noise = torch.autograd.functional.jacobian(
+        lik.noise_covar.raw_noise_constraint.transform, raw_noise.detach()
+    ).reshape(-1)
     assert rel_err(raw_delta.grad, g_delta * d_delta) <= 1e-8
     assert rel_err(raw_noise.grad.reshape(-1), (g_noise * d_noise).reshape(-1)) <= 1e-8
 

@@ -67,16 +67,24 @@ def test_output_width_must_match_likelihood(setup) -> None:
     with pytest.raises(ValueError, match="MultitaskGaussianLikelihood"):
         ntkgp.LinearizedGP(two, lik, x, torch.stack([y, y], -1))
     with pytest.raises(ValueError, match="num_tasks=3"):
-        ntkgp.LinearizedGP(two, gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=3).double(), x,
-                           torch.stack([y, y], -1))
+        ntkgp.LinearizedGP(
+            two, gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=3).double(), x, torch.stack([y, y], -1)
+        )
     with pytest.raises(TypeError, match="Gaussian likelihoods"):
         ntkgp.LinearizedGP(truth.mlp(3, 5, 1).eval(), gpytorch.likelihoods.BernoulliLikelihood(), x, y)
 
 
 @pytest.mark.parametrize(
     "prior,match",
-    [(0.0, "positive"), (-1.0, "positive"), (float("nan"), "positive"), (torch.ones(3), "4 parameter tensors"),
-     ({"0": 1.0}, "does not cover"), ({"0": 1.0, "2": 1.0, "9": 1.0}, "no parameters"), ("big", "must be a number")],
+    [
+        (0.0, "positive"),
+        (-1.0, "positive"),
+        (float("nan"), "positive"),
+        (torch.ones(3), "4 parameter tensors"),
+        ({"0": 1.0}, "does not cover"),
+        ({"0": 1.0, "2": 1.0, "9": 1.0}, "no parameters"),
+        ("big", "must be a number"),
+    ],
 )
 def test_bad_prior_precision(setup, prior, match) -> None:
     net, lik, x, y = setup

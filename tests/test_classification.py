@@ -70,8 +70,14 @@ def test_softmax_matches_full_laplace(name: str, prior_kind: str, solver: str) -
     mll = ntkgp.mlls.LaplaceMarginalLogLikelihood(lik, model)
     evidence = float(mll(model(x), y)) * x.shape[0]
 
-    la = Laplace(net, "classification", subset_of_weights="all", hessian_structure="full",
-                 prior_precision=torch.as_tensor(PRIORS[prior_kind], dtype=torch.float64).reshape(-1), backend=AsdlGGN)
+    la = Laplace(
+        net,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision=torch.as_tensor(PRIORS[prior_kind], dtype=torch.float64).reshape(-1),
+        backend=AsdlGGN,
+    )
     la.fit(DataLoader(TensorDataset(x, y), batch_size=len(y)))
     peer = float(la.log_marginal_likelihood())
     assert abs(evidence - peer) <= 1e-7 * abs(peer)
@@ -105,8 +111,9 @@ def test_softmax_matches_full_laplace(name: str, prior_kind: str, solver: str) -
 def test_laplace_evidence_gradients_are_exact(solver: str) -> None:
     """d evidence / d delta (per tensor) against autograd through the brute-force GGN Laplace evidence."""
     net, x, y, x_test, _, _ = softmax_case("wine", "per_tensor")
-    model = ntkgp.LinearizedGP(net, SoftmaxLikelihood(num_classes=3), x, y, prior_precision=_spec("per_tensor"),
-                               solver=solver)
+    model = ntkgp.LinearizedGP(
+        net, SoftmaxLikelihood(num_classes=3), x, y, prior_precision=_spec("per_tensor"), solver=solver
+    )
     model.log_evidence().backward()
     raw = model.covar_module.raw_prior_precision
     delta = model.prior_precision.detach().clone().requires_grad_(True)
@@ -117,8 +124,9 @@ def test_laplace_evidence_gradients_are_exact(solver: str) -> None:
     log_lik = -F.cross_entropy(out, y, reduction="sum")
     brute, _ = truth.ggn_laplace(net, x, x_test, hessians, prior, log_lik)
     (g_delta,) = torch.autograd.grad(brute, delta)
-    d_delta = torch.autograd.functional.jacobian(model.covar_module.raw_prior_precision_constraint.transform,
-                                                 raw.detach()).diagonal()
+    d_delta = torch.autograd.functional.jacobian(
+        model.covar_module.raw_prior_precision_constraint.transform, raw.detach()
+    ).diagonal()
     assert ((raw.grad - g_delta * d_delta).abs().max() / (g_delta * d_delta).abs().max()) <= 1e-8
 
 
@@ -141,8 +149,7 @@ def test_bernoulli_matches_brute_force(prior_kind: str, solver: str) -> None:
     with torch.no_grad():
         out = net(x)
     yf = y.to(torch.float64)
-    hessians = truth.nll_hessians(
-        lambda v, n: F.binary_cross_entropy_with_logits(v[0], yf[n]), out)
+    hessians = truth.nll_hessians(lambda v, n: F.binary_cross_entropy_with_logits(v[0], yf[n]), out)
     log_lik = -F.binary_cross_entropy_with_logits(out[:, 0], yf, reduction="sum")
     brute_evidence, brute_cov = truth.ggn_laplace(net, x, x_test, hessians, prior, log_lik)
     assert abs(float(model.log_evidence()) - float(brute_evidence)) <= 1e-9 * abs(float(brute_evidence))
@@ -233,8 +240,9 @@ def test_delta_moments_against_monte_carlo(cv: float) -> None:
     corr = torch.tensor([[1.0, 0.3], [0.3, 1.0]], dtype=torch.float64)
     cov = sd.unsqueeze(-1) * corr * sd.unsqueeze(-2)
     delta = NaturalGaussianLikelihood().predictive(mean, cov)
-    mc = NaturalGaussianLikelihood(link_approx="mc", n_samples=2_000_000,
-                                   generator=torch.Generator().manual_seed(0)).predictive(mean, cov)
+    mc = NaturalGaussianLikelihood(
+        link_approx="mc", n_samples=2_000_000, generator=torch.Generator().manual_seed(0)
+    ).predictive(mean, cov)
     for part in ("mean", "aleatoric_variance", "epistemic_variance"):
         a, b = getattr(delta, part), getattr(mc, part)
         scale = b.abs() if part != "mean" else mc.variance.sqrt()
@@ -320,8 +328,12 @@ def test_bad_classification_input() -> None:
     with pytest.raises(ValueError, match="0 or 1"):
         ntkgp.LinearizedGP(truth.mlp(x.shape[1], 3, 1).eval(), BernoulliLikelihood(), x, y)
     with pytest.raises(ValueError, match="eta2"):
-        ntkgp.LinearizedGP(truth.mlp(x.shape[1], 3, 2, seed=1).eval(), NaturalGaussianLikelihood(), x,
-                           torch.randn(len(y), dtype=torch.float64))
+        ntkgp.LinearizedGP(
+            truth.mlp(x.shape[1], 3, 2, seed=1).eval(),
+            NaturalGaussianLikelihood(),
+            x,
+            torch.randn(len(y), dtype=torch.float64),
+        )
     with pytest.raises(ValueError, match="training targets"):
         model = ntkgp.LinearizedGP(net, SoftmaxLikelihood(num_classes=3), x, y)
         ntkgp.mlls.LaplaceMarginalLogLikelihood(model.likelihood, model)(model(x), y.flip(0))

@@ -36,15 +36,16 @@ def spd(m: int, seed: int = 0, decay: float = 0.7) -> torch.Tensor:
     return (q * decay ** torch.arange(m, dtype=F64) * 10) @ q.T + 1e-3 * torch.eye(m, dtype=F64)
 
 
-def make_solvers(n: int = 50, hidden: int = 16, c: int = 1, spec: ConjugateGradients | None = None,
-                 seed: int = 0) -> tuple[CGSolver, KernelSpaceSolver, torch.Tensor, torch.Tensor]:
+def make_solvers(
+    n: int = 50, hidden: int = 16, c: int = 1, spec: ConjugateGradients | None = None, seed: int = 0
+) -> tuple[CGSolver, KernelSpaceSolver, torch.Tensor, torch.Tensor]:
     """CG and exact solvers on one net (P > N C), two prior groups per layer; a residual ``(M,)``."""
     x, y = truth.toy_regression(n, 3, c, seed=seed)
     net = truth.mlp(3, hidden, c, seed=seed + 1).eval()
     problem = make_problem(net, x, torch.tensor([1.0, 2.0, 0.5, 3.0]), budget=default_budget(x.device))
     cg = (spec or ConjugateGradients()).gaussian(problem)
     exact = KernelSpaceSolver(problem)
-    residual = (y.reshape(-1).to(F64) - problem.network.forward(problem.x).reshape(-1).to(F64))
+    residual = y.reshape(-1).to(F64) - problem.network.forward(problem.x).reshape(-1).to(F64)
     return cg, exact, problem.layout.initial_precision.clone(), residual
 
 
@@ -101,13 +102,15 @@ def test_cg_lanczos_coefficients_give_the_spectrum_and_exact_quadrature() -> Non
 def test_lanczos_decomposition_full_basis_inverts_and_restarts_on_breakdown() -> None:
     low = torch.randn(30, 5, dtype=F64)
     A = low @ low.T + 0.1 * torch.eye(30, dtype=F64)  # Krylov space of a vector has dimension <= 6
-    Q, T = lanczos_decomposition(lambda v: A @ v, torch.randn(30, dtype=F64), 30,
-                                 generator=torch.Generator().manual_seed(0))
+    Q, T = lanczos_decomposition(
+        lambda v: A @ v, torch.randn(30, dtype=F64), 30, generator=torch.Generator().manual_seed(0)
+    )
     assert rel_err(Q.T @ Q, torch.eye(30, dtype=F64)) < 1e-12
     assert rel_err(Q @ torch.linalg.solve(T, Q.T), torch.linalg.inv(A)) < 1e-10
     # a zero start vector is replaced by a random one
-    Q, T = lanczos_decomposition(lambda v: A @ v, torch.zeros(30, dtype=F64), 30,
-                                 generator=torch.Generator().manual_seed(1))
+    Q, T = lanczos_decomposition(
+        lambda v: A @ v, torch.zeros(30, dtype=F64), 30, generator=torch.Generator().manual_seed(1)
+    )
     assert rel_err(Q.T @ Q, torch.eye(30, dtype=F64)) < 1e-12
     assert rel_err(Q @ torch.linalg.solve(T, Q.T), torch.linalg.inv(A)) < 1e-10
 

@@ -74,8 +74,9 @@ def _noise_rows(lik: gpytorch.likelihoods.Likelihood, c: int, n: int) -> Tensor:
     return lik.noise.detach().cpu().reshape(-1).to(F64).expand(c).repeat(n)
 
 
-def _gp_posterior(net: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, prior: Tensor,
-                  noise_rows: Tensor) -> tuple[Tensor, Tensor]:
+def _gp_posterior(
+    net: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, prior: Tensor, noise_rows: Tensor
+) -> tuple[Tensor, Tensor]:
     """Dense GP posterior mean ``(N*C,)`` and covariance of the linearized model, at any weights."""
     j, jt = truth.jacobian(net, x), truth.jacobian(net, x_test)
     theta = truth.flat_params(net)
@@ -158,8 +159,7 @@ def test_gaussian_regression_matches_brute_force(device: torch.device, c: int, s
     assert grad < 1e-8, "the MAP must be tight for the identities to hold"
     lik = _gaussian_likelihood(c, NOISE, device)
     xd, yd = x.to(device), y.to(device)
-    model = ntkgp.LinearizedGP(_to(net, device), lik, xd, yd, prior_precision=torch.tensor(PER_TENSOR),
-                               solver=solver)
+    model = ntkgp.LinearizedGP(_to(net, device), lik, xd, yd, prior_precision=torch.tensor(PER_TENSOR), solver=solver)
     assert model.solver.name == solver
     noise_rows = _noise_rows(lik, c, x.shape[0])
     brute = float(truth.log_evidence(net, x, y, prior, noise_rows))
@@ -193,8 +193,7 @@ def test_evidence_gradients_are_exact(device: torch.device, solver: str) -> None
     net, x, y, _, _, _ = _regression_case(1)
     lik = _gaussian_likelihood(1, NOISE, device)
     xd, yd = x.to(device), y.to(device)
-    model = ntkgp.LinearizedGP(_to(net, device), lik, xd, yd, prior_precision=torch.tensor(PER_TENSOR),
-                               solver=solver)
+    model = ntkgp.LinearizedGP(_to(net, device), lik, xd, yd, prior_precision=torch.tensor(PER_TENSOR), solver=solver)
     model.train()
     lik.train()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
@@ -292,8 +291,7 @@ def test_softmax_laplace_matches_brute_force(device: torch.device, solver: str) 
 def test_natural_gaussian_laplace_matches_brute_force(device: torch.device, solver: str) -> None:
     net, x, y, x_test, prior, hessians, log_lik = _natural_case()
     lik = NaturalGaussianLikelihood()
-    model = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device), prior_precision=1.0,
-                               solver=solver)
+    model = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device), prior_precision=1.0, solver=solver)
     assert model.solver.name == solver
     brute_evidence, brute_cov = truth.ggn_laplace(net, x, x_test, hessians, prior, log_lik)
     brute = float(brute_evidence)
@@ -304,8 +302,9 @@ def test_natural_gaussian_laplace_matches_brute_force(device: torch.device, solv
         cov = _on(f.covariance_matrix, device)
         pred = lik(f)
     assert torch.allclose(cov, brute_cov, rtol=1e-9, atol=1e-12 * brute_cov.abs().max())
-    variance, aleatoric, epistemic = (_on(t, device) for t in (pred.variance, pred.aleatoric_variance,
-                                                                pred.epistemic_variance))
+    variance, aleatoric, epistemic = (
+        _on(t, device) for t in (pred.variance, pred.aleatoric_variance, pred.epistemic_variance)
+    )
     assert torch.allclose(variance, aleatoric + epistemic)
     # the delta-method epistemic variance, written out from the brute-force latent blocks
     with torch.no_grad():
@@ -330,8 +329,10 @@ def _inducing_truth(net, x, y, x_test, prior, idx, noise):
     return truth.sgpr(net, x, y, x_test, prior, idx, noise, JITTER)
 
 
-@pytest.mark.parametrize(("c", "spec", "selection"), [
-    (1, PER_TENSOR, "indices"), (2, 2.0, "indices"), (1, 2.0, "kmeans"), (1, 2.0, "random")])
+@pytest.mark.parametrize(
+    ("c", "spec", "selection"),
+    [(1, PER_TENSOR, "indices"), (2, 2.0, "indices"), (1, 2.0, "kmeans"), (1, 2.0, "random")],
+)
 def test_inducing_matches_dense_truth(device: torch.device, c: int, spec, selection: str) -> None:
     """SGPR bound, mean and covariance, and ``prior_residual=False`` (subset of regressors), with
     given indices or points chosen by a seeded CPU generator (the same points on every device)."""
@@ -346,11 +347,17 @@ def test_inducing_matches_dense_truth(device: torch.device, c: int, spec, select
         expected = make(x if selection == "kmeans" else 50, 9, torch.Generator().manual_seed(0))
     models = []
     for residual in (True, False):
-        solver = Inducing(num_inducing=9, selection=chosen, jitter=JITTER, prior_residual=residual,
-                          generator=torch.Generator().manual_seed(0))
+        solver = Inducing(
+            num_inducing=9,
+            selection=chosen,
+            jitter=JITTER,
+            prior_residual=residual,
+            generator=torch.Generator().manual_seed(0),
+        )
         lik = _gaussian_likelihood(c, NOISE, device)
-        models.append(ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device), prior_precision=spec_t,
-                                         solver=solver))
+        models.append(
+            ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device), prior_precision=spec_t, solver=solver)
+        )
     sgpr, sor = models
     idx = sgpr.solver.indices.cpu()
     if expected is not None:
@@ -380,8 +387,14 @@ def test_inducing_softmax_laplace_matches_dense_truth(device: torch.device) -> N
     net, x, y, x_test, prior, _, hessians, log_lik = _softmax_case()
     idx = torch.tensor([2, 5, 11, 17, 23, 29])
     lik = SoftmaxLikelihood(num_classes=3)
-    model = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device),
-                               prior_precision=torch.tensor(PER_TENSOR), solver=Inducing(selection=idx, jitter=JITTER))
+    model = ntkgp.LinearizedGP(
+        _to(net, device),
+        lik,
+        x.to(device),
+        y.to(device),
+        prior_precision=torch.tensor(PER_TENSOR),
+        solver=Inducing(selection=idx, jitter=JITTER),
+    )
     j, js = truth.jacobian(net, x), truth.jacobian(net, x_test)
     with torch.no_grad():
         f = net(x)
@@ -395,8 +408,9 @@ def test_inducing_softmax_laplace_matches_dense_truth(device: torch.device) -> N
     kzz = kxz[rows] + JITTER * kxz[rows].diagonal().mean() * torch.eye(len(rows), dtype=F64)
     k = j @ (var[:, None] * j.T)
     q = kxz @ torch.linalg.solve(kzz, kxz.T)
-    log_det = (torch.logdet(torch.eye(k.shape[0], dtype=F64) + bdiag.T @ q @ bdiag)
-               + torch.trace(bdiag.T @ (k - q) @ bdiag))
+    log_det = torch.logdet(torch.eye(k.shape[0], dtype=F64) + bdiag.T @ q @ bdiag) + torch.trace(
+        bdiag.T @ (k - q) @ bdiag
+    )
     expected = log_lik - 0.5 * (prior * truth.flat_params(net).square()).sum() - 0.5 * log_det
     assert torch.allclose(_on(model.log_evidence(), device), expected, rtol=1e-8, atol=0)
     d = kzz + kxz.T @ lam @ kxz
@@ -421,8 +435,9 @@ def test_subset_of_data_matches_the_dense_subset_gp(device: torch.device, rescal
         idx = random_points(n, 9, torch.Generator().manual_seed(0))
     m = idx.numel()
     lik = _gaussian_likelihood(1, NOISE, device)
-    model = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device),
-                               prior_precision=torch.tensor(PER_TENSOR), solver=spec)
+    model = ntkgp.LinearizedGP(
+        _to(net, device), lik, x.to(device), y.to(device), prior_precision=torch.tensor(PER_TENSOR), solver=spec
+    )
     assert torch.equal(model.solver.indices.cpu(), idx)
     scale = n / m if rescale else 1.0
     noise_rows = _noise_rows(lik, 1, m)
@@ -442,8 +457,14 @@ def test_subset_of_data_softmax_matches_brute_force(device: torch.device) -> Non
     net, x, y, x_test, prior, _, hessians, log_lik = _softmax_case()
     idx = torch.arange(0, 30, 3)
     n, m = 30, idx.numel()
-    model = ntkgp.LinearizedGP(_to(net, device), SoftmaxLikelihood(num_classes=3), x.to(device), y.to(device),
-                               prior_precision=torch.tensor(PER_TENSOR), solver=SubsetOfData(indices=idx))
+    model = ntkgp.LinearizedGP(
+        _to(net, device),
+        SoftmaxLikelihood(num_classes=3),
+        x.to(device),
+        y.to(device),
+        prior_precision=torch.tensor(PER_TENSOR),
+        solver=SubsetOfData(indices=idx),
+    )
     scaled = prior * n / m
     j = truth.jacobian(net, x[idx])
     log_det = torch.logdet(j.T @ torch.block_diag(*hessians[idx]) @ j + torch.diag(scaled)) - scaled.log().sum()
@@ -469,8 +490,9 @@ def test_conjugate_gradients_match_dense_truth(device: torch.device, probes: str
     net, x, y, x_test = _cg_problem()
     lik = _gaussian_likelihood(1, 0.05, device)
     spec = ConjugateGradients(probes=probes, preconditioner_rank=5)
-    model = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device),
-                               prior_precision=torch.tensor(PER_TENSOR), solver=spec)
+    model = ntkgp.LinearizedGP(
+        _to(net, device), lik, x.to(device), y.to(device), prior_precision=torch.tensor(PER_TENSOR), solver=spec
+    )
     prior = truth.prior_vector(net, PER_TENSOR)
     noise_rows = _noise_rows(lik, 1, x.shape[0])
     brute = float(truth.log_evidence(net, x, y, prior, noise_rows))
@@ -495,9 +517,14 @@ def test_conjugate_gradients_evidence_gradients(device: torch.device) -> None:
     """Basis probes: the gradients of inv_quad and log-det equal autograd through the dense truth."""
     net, x, y, _ = _cg_problem()
     lik = _gaussian_likelihood(1, 0.05, device)
-    model = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device),
-                               prior_precision=torch.tensor(PER_TENSOR),
-                               solver=ConjugateGradients(probes="basis", preconditioner_rank=5))
+    model = ntkgp.LinearizedGP(
+        _to(net, device),
+        lik,
+        x.to(device),
+        y.to(device),
+        prior_precision=torch.tensor(PER_TENSOR),
+        solver=ConjugateGradients(probes="basis", preconditioner_rank=5),
+    )
     model.log_evidence().backward()
     got_delta = _on(model.covar_module.raw_prior_precision.grad, device)
     got_noise = _on(lik.noise_covar.raw_noise.grad, device).reshape(-1)
@@ -527,8 +554,9 @@ def test_lanczos_matches_dense_truth(device: torch.device) -> None:
     models = {}
     for name, spec in [("full", Lanczos(rank=30, block_size=8)), ("low", Lanczos(rank=10, block_size=3, num_steps=8))]:
         lik = _gaussian_likelihood(1, 0.05, device)
-        models[name] = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device),
-                                          prior_precision=torch.tensor(PER_TENSOR), solver=spec)
+        models[name] = ntkgp.LinearizedGP(
+            _to(net, device), lik, x.to(device), y.to(device), prior_precision=torch.tensor(PER_TENSOR), solver=spec
+        )
     noise_rows = _noise_rows(models["full"].likelihood, 1, x.shape[0])
     # full rank (k = N C): the exact GP
     full = models["full"]
@@ -551,8 +579,14 @@ def test_lanczos_matches_dense_truth(device: torch.device) -> None:
 def test_lanczos_softmax_full_rank_is_exact(device: torch.device) -> None:
     net, x, y, x_test, prior, _, hessians, log_lik = _softmax_case()
     evidence, covariance = truth.ggn_laplace(net, x, x_test, hessians, prior, log_lik)
-    model = ntkgp.LinearizedGP(_to(net, device), SoftmaxLikelihood(num_classes=3), x.to(device), y.to(device),
-                               prior_precision=torch.tensor(PER_TENSOR), solver=Lanczos(rank=90, block_size=16))
+    model = ntkgp.LinearizedGP(
+        _to(net, device),
+        SoftmaxLikelihood(num_classes=3),
+        x.to(device),
+        y.to(device),
+        prior_precision=torch.tensor(PER_TENSOR),
+        solver=Lanczos(rank=90, block_size=16),
+    )
     assert abs(float(_on(model.log_evidence(), device)) - float(evidence)) <= REL * abs(float(evidence))
     post = model.eval().posterior()
     scale = float(covariance.diagonal().max())
@@ -562,16 +596,25 @@ def test_lanczos_softmax_full_rank_is_exact(device: torch.device) -> None:
 # ------------------------------------------------------------------- 6. structured Grams
 def _structured_nets() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 6),
-                        nn.Tanh(), nn.Linear(6, 2))
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 6),
+        nn.Tanh(),
+        nn.Linear(6, 2),
+    )
     cnn(torch.randn(16, 1, 6, 6))  # BatchNorm running statistics, then eval
     mlp_bn = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
     mlp_bn(torch.randn(16, 4))
     return {"cnn_batchnorm": (cnn.double().eval(), (1, 6, 6)), "mlp_batchnorm": (mlp_bn.double().eval(), (4,))}
 
 
-@pytest.mark.parametrize(("name", "route"), [
-    ("cnn_batchnorm", "auto"), ("cnn_batchnorm", "gradient"), ("cnn_batchnorm", "spatial"), ("mlp_batchnorm", "auto")])
+@pytest.mark.parametrize(
+    ("name", "route"),
+    [("cnn_batchnorm", "auto"), ("cnn_batchnorm", "gradient"), ("cnn_batchnorm", "spatial"), ("mlp_batchnorm", "auto")],
+)
 def test_structured_gram_equals_generic_and_brute_force(device: torch.device, name: str, route: str) -> None:
     """Structured (captured inputs and cotangents) and generic (per-example Jacobians) Grams, both
     contraction orders at many positions, BatchNorm in eval mode (its affine parameters structured too)."""
@@ -584,8 +627,11 @@ def test_structured_gram_equals_generic_and_brute_force(device: torch.device, na
     fast, a1 = make_ntk(net_d, x1.to(device), spec, budget=2**20, conv_route=route)
     slow, _ = make_ntk(net_d, x1.to(device), spec, budget=2**20, implementation="generic")
     kinds = {(unit.kind, unit.positions > 1) for unit in fast.plan().units}
-    assert kinds == ({("dense", True), ("affine", True), ("dense", False)} if name == "cnn_batchnorm"
-                     else {("dense", False), ("affine", False)})
+    assert kinds == (
+        {("dense", True), ("affine", True), ("dense", False)}
+        if name == "cnn_batchnorm"
+        else {("dense", False), ("affine", False)}
+    )
     assert fast.plan().generic == ()
     a2 = fast.network.inputs(x2.to(device))
     layout = fast.layout
@@ -610,8 +656,7 @@ def test_cnn_gp_evidence_matches_brute_force(device: torch.device) -> None:
     x = torch.randn(15, *shape, generator=gen, dtype=F64)
     y = torch.randn(15, 2, generator=gen, dtype=F64)
     lik = _gaussian_likelihood(2, NOISE, device)
-    model = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device), prior_precision=2.0,
-                               solver="kernel")
+    model = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device), prior_precision=2.0, solver="kernel")
     noise_rows = _noise_rows(lik, 2, 15)
     brute = float(truth.log_evidence(net, x, y, truth.prior_vector(net, 2.0), noise_rows))
     assert abs(float(_on(model.log_evidence(), device)) - brute) <= REL * abs(brute)
@@ -627,8 +672,9 @@ def _marglik_regression():
     return net.eval(), x, y, prior
 
 
-def _subset_bound_truth(net: nn.Module, x: Tensor, parts: list[Tensor], prior: Tensor, base: Tensor,
-                        curvature) -> Tensor:
+def _subset_bound_truth(
+    net: nn.Module, x: Tensor, parts: list[Tensor], prior: Tensor, base: Tensor, curvature
+) -> Tensor:
     """``base`` - 1/2 sum_s [log|J_s^T Lambda_s J_s + P0| - log|P0|]: block-diagonal Laplace log-dets."""
     out = base
     for p in parts:
@@ -640,16 +686,19 @@ def _subset_bound_truth(net: nn.Module, x: Tensor, parts: list[Tensor], prior: T
 def test_subset_bound_random_partition_matches_brute_force(device: torch.device) -> None:
     net, x, y, prior = _marglik_regression()
     lik = _gaussian_likelihood(1, 0.04, device)
-    model = ntkgp.LinearizedGP(_to(net, device), lik, x.to(device), y.to(device),
-                               prior_precision=torch.tensor(PER_TENSOR))
+    model = ntkgp.LinearizedGP(
+        _to(net, device), lik, x.to(device), y.to(device), prior_precision=torch.tensor(PER_TENSOR)
+    )
     parts = random_partition(40, 12, generator=torch.Generator().manual_seed(1))
     bound = SubsetEvidenceBound(model, parts)
     value = _on(bound(), device)
     noise = float(lik.noise.detach().cpu())
     with torch.no_grad():
         r = y - net(x)[:, 0]
-    base = (-0.5 * (r.square() / noise + math.log(2 * math.pi * noise)).sum()
-            - 0.5 * (prior * truth.flat_params(net).square()).sum())
+    base = (
+        -0.5 * (r.square() / noise + math.log(2 * math.pi * noise)).sum()
+        - 0.5 * (prior * truth.flat_params(net).square()).sum()
+    )
     expected = _subset_bound_truth(net, x, parts, prior, base, lambda p: torch.eye(len(p), dtype=F64) / noise)
     assert abs(float(value - expected)) <= REL * abs(float(expected))
     one = _on(SubsetEvidenceBound(model, [torch.arange(40)])(), device)  # one subset: the Laplace evidence
@@ -663,8 +712,13 @@ def test_subset_bound_random_partition_matches_brute_force(device: torch.device)
 
 def test_subset_bound_class_partition_matches_brute_force(device: torch.device) -> None:
     net, x, y, _, prior, _, hessians, log_lik = _softmax_case()
-    model = ntkgp.LinearizedGP(_to(net, device), SoftmaxLikelihood(num_classes=3), x.to(device), y.to(device),
-                               prior_precision=torch.tensor(PER_TENSOR))
+    model = ntkgp.LinearizedGP(
+        _to(net, device),
+        SoftmaxLikelihood(num_classes=3),
+        x.to(device),
+        y.to(device),
+        prior_precision=torch.tensor(PER_TENSOR),
+    )
     parts = class_partition(model.train_targets, 9, generator=torch.Generator().manual_seed(2))
     cpu_parts = class_partition(y, 9, generator=torch.Generator().manual_seed(2))
     assert len(parts) == len(cpu_parts) and all(torch.equal(a.cpu(), b) for a, b in zip(parts, cpu_parts))
@@ -681,8 +735,16 @@ def test_marglik_tuner_step_matches_brute_force(device: torch.device, subset_siz
     net, x, y, _ = _marglik_regression()
     net_d = _to(net, device)
     lik = _gaussian_likelihood(1, 0.04, device)
-    tuner = ntkgp.marglik.MarglikTuner(net_d, lik, x.to(device), y.to(device), prior_precision=torch.tensor(PER_TENSOR),
-                                       steps=3, subset_size=subset_size, generator=torch.Generator().manual_seed(0))
+    tuner = ntkgp.marglik.MarglikTuner(
+        net_d,
+        lik,
+        x.to(device),
+        y.to(device),
+        prior_precision=torch.tensor(PER_TENSOR),
+        steps=3,
+        subset_size=subset_size,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert tuner.raw_prior_precision.device.type == device.type
     start = (tuner.prior_precision.detach().cpu().clone(), lik.noise.detach().cpu().reshape(()).clone())
     record = tuner.step(net_d)
@@ -699,8 +761,10 @@ def test_marglik_tuner_step_matches_brute_force(device: torch.device, subset_siz
             return float(truth.log_evidence(net, x, y, prior, noise.expand(40)))
         with torch.no_grad():
             r = y - net(x)[:, 0]
-        base = (-0.5 * (r.square() / noise + torch.log(2 * math.pi * noise)).sum()
-                - 0.5 * (prior * truth.flat_params(net).square()).sum())
+        base = (
+            -0.5 * (r.square() / noise + torch.log(2 * math.pi * noise)).sum()
+            - 0.5 * (prior * truth.flat_params(net).square()).sum()
+        )
         return float(_subset_bound_truth(net, x, parts, prior, base, lambda p: torch.eye(len(p), dtype=F64) / noise))
 
     for key, (delta, noise) in [("log_evidence_before", start), ("log_evidence_after", end)]:
@@ -716,9 +780,22 @@ def test_fit_online_marglik_runs_on_the_device(device: torch.device, subset_size
     net = truth.mlp(3, 8, 1, seed=52).to(device)
     lik = _gaussian_likelihood(1, 0.5, device)
     result = ntkgp.marglik.fit_online_marglik(
-        net, lik, x.to(device), y.to(device), prior_precision=1.0, epochs=7, lr=1e-2, batch_size=16, marglik_every=2,
-        burnin=2, steps=3, hyper_lr=0.2, progress=False, subset_size=subset_size,
-        generator=torch.Generator().manual_seed(0))
+        net,
+        lik,
+        x.to(device),
+        y.to(device),
+        prior_precision=1.0,
+        epochs=7,
+        lr=1e-2,
+        batch_size=16,
+        marglik_every=2,
+        burnin=2,
+        steps=3,
+        hyper_lr=0.2,
+        progress=False,
+        subset_size=subset_size,
+        generator=torch.Generator().manual_seed(0),
+    )
     marglik = [r for r in result.history if "log_evidence_after" in r]
     assert len(result.history) == 7 and len(marglik) == 3  # epochs 2, 4, 6
     assert all(p.device.type == device.type for p in net.parameters())
@@ -739,9 +816,17 @@ def test_marglik_tuner_softmax_subsets(device: torch.device) -> None:
     x = torch.randn(60, 2, generator=g, dtype=F64)
     y = (x[:, 0] + 0.3 * torch.randn(60, generator=g, dtype=F64) > 0).long()
     net = truth.mlp(2, 6, 2, seed=10).to(device)
-    tuner = ntkgp.marglik.MarglikTuner(net, SoftmaxLikelihood(num_classes=2), x.to(device), y.to(device),
-                                       prior_precision=torch.ones(4), steps=3, subset_size=15, minibatch=True,
-                                       generator=torch.Generator().manual_seed(0))
+    tuner = ntkgp.marglik.MarglikTuner(
+        net,
+        SoftmaxLikelihood(num_classes=2),
+        x.to(device),
+        y.to(device),
+        prior_precision=torch.ones(4),
+        steps=3,
+        subset_size=15,
+        minibatch=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     for epoch in range(20):
         opt.zero_grad()
@@ -810,7 +895,18 @@ def test_random_draws_take_a_generator_on_either_device(device: torch.device, ge
     assert p1.device == mean.device
     # online marglik with the generator shuffling and drawing subsets
     net, x, y, *_ = _softmax_case()
-    result = fit_online_marglik(_to(net, device), SoftmaxLikelihood(num_classes=3), x.to(device),
-                                y.to(device), epochs=3, burnin=1, marglik_every=1, steps=1, subset_size=10,
-                                minibatch=True, progress=False, generator=gen())
+    result = fit_online_marglik(
+        _to(net, device),
+        SoftmaxLikelihood(num_classes=3),
+        x.to(device),
+        y.to(device),
+        epochs=3,
+        burnin=1,
+        marglik_every=1,
+        steps=1,
+        subset_size=10,
+        minibatch=True,
+        progress=False,
+        generator=gen(),
+    )
     assert len(result.tuner.history) == 2

@@ -91,8 +91,13 @@ def test_state_dict_round_trip() -> None:
     model.likelihood.task_noises = torch.tensor([0.02, 0.07], dtype=torch.float64)
     state = model.state_dict()
     assert not any(k.startswith("network") for k in state)
-    other = ntkgp.LinearizedGP(net, gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2).double(), x, y,
-                               prior_precision={"0": 1.0, "2": 1.0})
+    other = ntkgp.LinearizedGP(
+        net,
+        gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2).double(),
+        x,
+        y,
+        prior_precision={"0": 1.0, "2": 1.0},
+    )
     other.load_state_dict(state)
     assert torch.equal(other.prior_precision, model.prior_precision)
     assert torch.allclose(other.log_evidence(), model.log_evidence(), rtol=1e-14)
@@ -230,15 +235,19 @@ def test_set_train_data_is_refused() -> None:
 def test_mixed_network_predictive_with_streamed_jacobians(budget: int) -> None:
     """Conv (generic) + Linear (structured) layers; a tiny budget streams every Jacobian block."""
     torch.manual_seed(1)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 4), nn.Tanh(),
-                        nn.Linear(4, 2)).double().eval()
+    net = (
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 4), nn.Tanh(), nn.Linear(4, 2))
+        .double()
+        .eval()
+    )
     x = torch.randn(30, 1, 5, 5, dtype=torch.float64)
     y = torch.randn(30, 2, dtype=torch.float64)
     x_test = torch.randn(6, 1, 5, 5, dtype=torch.float64)
     lik = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, has_task_noise=False).double()
     lik.noise = torch.tensor(0.05, dtype=torch.float64)
-    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=torch.linspace(0.5, 3.0, 6), solver="kernel",
-                               memory_budget=budget, chunk_size=7).eval()
+    model = ntkgp.LinearizedGP(
+        net, lik, x, y, prior_precision=torch.linspace(0.5, 3.0, 6), solver="kernel", memory_budget=budget, chunk_size=7
+    ).eval()
     with torch.no_grad():
         f = model(x_test)
         cov, var = f.covariance_matrix, f.variance.reshape(-1)

@@ -64,8 +64,14 @@ def test_gaussian_bound_and_predictive_match_dense_truth(c: int, prior_spec) -> 
     noise = 0.09
     idx = torch.tensor([1, 4, 9, 15, 22, 30, 31, 40, 47])
     spec = torch.tensor(prior_spec, dtype=torch.float64) if isinstance(prior_spec, list) else prior_spec
-    model = ntkgp.LinearizedGP(net, _likelihood(c, noise), x, y if c > 1 else y.reshape(-1), prior_precision=spec,
-                               solver=Inducing(selection=idx, jitter=JITTER))
+    model = ntkgp.LinearizedGP(
+        net,
+        _likelihood(c, noise),
+        x,
+        y if c > 1 else y.reshape(-1),
+        prior_precision=spec,
+        solver=Inducing(selection=idx, jitter=JITTER),
+    )
     bound, mean, cov = _dense_truth(net, x, y, x_test, prior, idx, _noise_of(model.likelihood))
     assert torch.allclose(model.log_evidence().detach(), bound, rtol=REL, atol=0)
     model.eval()
@@ -77,8 +83,9 @@ def test_gaussian_bound_and_predictive_match_dense_truth(c: int, prior_spec) -> 
 
 def test_network_mean_and_single_factorization(monkeypatch) -> None:
     net, x, y, x_test, _ = _regression(1, 2.0)
-    model = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0,
-                               solver=Inducing(8, mean="network"))
+    model = ntkgp.LinearizedGP(
+        net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0, solver=Inducing(8, mean="network")
+    )
     factorizations = []
     factors = type(model.solver)._factors
     monkeypatch.setattr(type(model.solver), "_factors", lambda self, *a: factorizations.append(1) or factors(self, *a))
@@ -95,8 +102,14 @@ def test_network_mean_and_single_factorization(monkeypatch) -> None:
 def test_all_points_inducing_equals_exact() -> None:
     net, x, y, x_test, _ = _regression(1, 2.0, n=40)
     exact = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0, solver="kernel")
-    full = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0,
-                              solver=Inducing(selection=torch.arange(40), jitter=1e-12))
+    full = ntkgp.LinearizedGP(
+        net,
+        _likelihood(1, 0.09),
+        x,
+        y.reshape(-1),
+        prior_precision=2.0,
+        solver=Inducing(selection=torch.arange(40), jitter=1e-12),
+    )
     # the jitter shrinks Q: the gap is ~700 * jitter nats here (6.7e-6 at the default 1e-8)
     assert torch.allclose(full.log_evidence().detach(), exact.log_evidence().detach(), rtol=1e-9, atol=0)
     exact.eval(), full.eval()
@@ -111,8 +124,14 @@ def test_bound_is_below_exact_and_tightens_with_more_points() -> None:
     target = float(exact.log_evidence())
     bounds = []
     for m in (2, 5, 10, 20, 40):
-        model = ntkgp.LinearizedGP(net, _likelihood(1, 0.09), x, y.reshape(-1), prior_precision=2.0,
-                                   solver=Inducing(num_inducing=m, selection="pivoted_cholesky"))  # nested
+        model = ntkgp.LinearizedGP(
+            net,
+            _likelihood(1, 0.09),
+            x,
+            y.reshape(-1),
+            prior_precision=2.0,
+            solver=Inducing(num_inducing=m, selection="pivoted_cholesky"),
+        )  # nested
         bounds.append(float(model.log_evidence()))
     assert all(b <= target + 1e-8 for b in bounds)
     assert all(b2 > b1 for b1, b2 in zip(bounds, bounds[1:]))
@@ -124,8 +143,14 @@ def test_gradients_match_dense_truth() -> None:
     net, x, y, _, _ = _regression(1, spec)
     idx = torch.tensor([0, 3, 8, 13, 21, 34])
     lik = _likelihood(1, 0.09)
-    model = ntkgp.LinearizedGP(net, lik, x, y.reshape(-1), prior_precision=torch.tensor(spec, dtype=torch.float64),
-                               solver=Inducing(selection=idx, jitter=JITTER))
+    model = ntkgp.LinearizedGP(
+        net,
+        lik,
+        x,
+        y.reshape(-1),
+        prior_precision=torch.tensor(spec, dtype=torch.float64),
+        solver=Inducing(selection=idx, jitter=JITTER),
+    )
     model.log_evidence().backward()
     raw_delta = model.covar_module.raw_prior_precision.grad.clone()
     raw_noise = lik.raw_noise.grad.clone()
@@ -177,10 +202,17 @@ def test_subset_of_regressors_predictive_matches_dense_truth(c: int, prior_spec)
     idx = torch.tensor([1, 4, 9, 15, 22, 30, 31, 40, 47])
     spec = torch.tensor(prior_spec, dtype=torch.float64) if isinstance(prior_spec, list) else prior_spec
     targets = y if c > 1 else y.reshape(-1)
-    sgpr = ntkgp.LinearizedGP(net, _likelihood(c, 0.09), x, targets, prior_precision=spec,
-                              solver=Inducing(selection=idx, jitter=JITTER))
-    sor = ntkgp.LinearizedGP(net, _likelihood(c, 0.09), x, targets, prior_precision=spec,
-                             solver=Inducing(selection=idx, jitter=JITTER, prior_residual=False))
+    sgpr = ntkgp.LinearizedGP(
+        net, _likelihood(c, 0.09), x, targets, prior_precision=spec, solver=Inducing(selection=idx, jitter=JITTER)
+    )
+    sor = ntkgp.LinearizedGP(
+        net,
+        _likelihood(c, 0.09),
+        x,
+        targets,
+        prior_precision=spec,
+        solver=Inducing(selection=idx, jitter=JITTER, prior_residual=False),
+    )
     noise = _noise_of(sor.likelihood).repeat(x.shape[0])
     var = 1 / prior
     j, js = truth.jacobian(net, x), truth.jacobian(net, x_test)
@@ -202,12 +234,20 @@ def test_subset_of_regressors_predictive_matches_dense_truth(c: int, prior_spec)
     product = sor.posterior().covariance_matmul(x_test, probe)  # the lazy operator's route
     assert torch.allclose(product, cov @ probe, rtol=1e-6, atol=1e-9 * cov.diagonal().max())
     # test blocks of one or two points (a small memory budget): the same covariance
-    chunked = ntkgp.LinearizedGP(net, _likelihood(c, 0.09), x, targets, prior_precision=spec, memory_budget=2500,
-                                 solver=Inducing(selection=idx, jitter=JITTER, prior_residual=False))
+    chunked = ntkgp.LinearizedGP(
+        net,
+        _likelihood(c, 0.09),
+        x,
+        targets,
+        prior_precision=spec,
+        memory_budget=2500,
+        solver=Inducing(selection=idx, jitter=JITTER, prior_residual=False),
+    )
     chunked.eval()
     assert torch.allclose(chunked(x_test).variance.reshape(-1), cov.diagonal(), rtol=1e-6, atol=0)
-    assert torch.allclose(chunked.posterior().covariance_matmul(x_test, probe), cov @ probe, rtol=1e-6,
-                          atol=1e-9 * cov.diagonal().max())
+    assert torch.allclose(
+        chunked.posterior().covariance_matmul(x_test, probe), cov @ probe, rtol=1e-6, atol=1e-9 * cov.diagonal().max()
+    )
 
 
 def test_subset_of_regressors_equals_laplace_torch_ella() -> None:
@@ -219,22 +259,34 @@ def test_subset_of_regressors_equals_laplace_torch_ella() -> None:
     n, m, delta, seed = 60, 12, 2.0, 7
     lik = _likelihood(1, 0.09)
     sigma = math.sqrt(float(_noise_of(lik)[0]))  # the noise as stored, for both libraries
-    ella = laplace.ELLA(net, "regression", subsample_size=m, n_eigenvalues=m, sigma_noise=sigma,
-                        prior_precision=delta, seed=seed)
+    ella = laplace.ELLA(
+        net, "regression", subsample_size=m, n_eigenvalues=m, sigma_noise=sigma, prior_precision=delta, seed=seed
+    )
     ella.fit(DataLoader(TensorDataset(x, y), batch_size=16))
     peer_mean, peer_var = ella(x_test)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m]  # ELLA's basis points
-    model = ntkgp.LinearizedGP(net, lik, x, y.reshape(-1), prior_precision=delta,
-                               solver=Inducing(selection=idx, jitter=0.0, mean="network", prior_residual=False))
+    model = ntkgp.LinearizedGP(
+        net,
+        lik,
+        x,
+        y.reshape(-1),
+        prior_precision=delta,
+        solver=Inducing(selection=idx, jitter=0.0, mean="network", prior_residual=False),
+    )
     model.eval()
     with torch.no_grad():
         latent = model(x_test)
     assert torch.allclose(latent.mean, peer_mean.reshape(-1), rtol=1e-12, atol=1e-12)
     assert torch.allclose(latent.variance, peer_var.reshape(-1), rtol=1e-8, atol=1e-12)
     # a different subset gives a different answer: the comparison can fail
-    other = ntkgp.LinearizedGP(net, lik, x, y.reshape(-1), prior_precision=delta,
-                               solver=Inducing(selection=torch.arange(m), jitter=0.0, mean="network",
-                                               prior_residual=False))
+    other = ntkgp.LinearizedGP(
+        net,
+        lik,
+        x,
+        y.reshape(-1),
+        prior_precision=delta,
+        solver=Inducing(selection=torch.arange(m), jitter=0.0, mean="network", prior_residual=False),
+    )
     other.eval()
     with torch.no_grad():
         assert not torch.allclose(other(x_test).variance, peer_var.reshape(-1), rtol=1e-3)
@@ -289,8 +341,9 @@ def test_softmax_laplace_bound_matches_dense_truth() -> None:
     probs = lik(latent).probs
     assert torch.allclose(probs.sum(-1), torch.ones(8, dtype=probs.dtype))
     # subset of regressors: the same Laplace bound, covariance K_*Z D^-1 K_Z*
-    sor = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=1.5,
-                             solver=Inducing(selection=idx, jitter=JITTER, prior_residual=False))
+    sor = ntkgp.LinearizedGP(
+        net, lik, x, y, prior_precision=1.5, solver=Inducing(selection=idx, jitter=JITTER, prior_residual=False)
+    )
     assert torch.allclose(sor.log_evidence().detach(), expected, rtol=REL, atol=0)
     sor.eval()
     sor_cov = ksz @ torch.linalg.solve(d, ksz.T)
@@ -315,7 +368,7 @@ def test_kmeans_blocks_clusters_and_duplicates(monkeypatch: pytest.MonkeyPatch) 
 
     gen = torch.Generator().manual_seed(1)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=torch.float64)
-    x = (centres.repeat_interleave(30, 0) + 0.1 * torch.randn(120, 2, generator=gen, dtype=torch.float64))
+    x = centres.repeat_interleave(30, 0) + 0.1 * torch.randn(120, 2, generator=gen, dtype=torch.float64)
     whole = kmeans_points(x, 4, torch.Generator().manual_seed(0))
     assert sorted(int(i) // 30 for i in whole) == [0, 1, 2, 3]  # one point from each cluster
     monkeypatch.setattr(selection, "_KMEANS_BLOCK_ELEMENTS", 7)  # distances in blocks of one or two rows
@@ -376,8 +429,14 @@ def test_ill_conditioned_kzz_gets_more_jitter_with_a_warning() -> None:
     kzz_jittered = kzz + 1e-8 * kzz.diagonal().mean() * torch.eye(m, dtype=torch.float64)
     with pytest.warns(UserWarning, match="too ill-conditioned"):
         lz, a, lb = InducingSolver._factors(fake, kzz_jittered, phi)
-    extra = [e for e in _EXTRA_JITTER if e and torch.allclose(
-        lz @ lz.T, kzz_jittered + e * kzz.diagonal().mean() * torch.eye(m, dtype=torch.float64), rtol=0, atol=1e-12)]
+    extra = [
+        e
+        for e in _EXTRA_JITTER
+        if e
+        and torch.allclose(
+            lz @ lz.T, kzz_jittered + e * kzz.diagonal().mean() * torch.eye(m, dtype=torch.float64), rtol=0, atol=1e-12
+        )
+    ]
     assert len(extra) == 1  # L_Z factors K_ZZ plus one rung of the ladder
     assert torch.allclose(lb @ lb.T, a + torch.eye(m, dtype=torch.float64), rtol=1e-10)
     expected = torch.linalg.solve_triangular(lz, torch.linalg.solve_triangular(lz, phi, upper=False).T, upper=False)

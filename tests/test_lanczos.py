@@ -82,8 +82,7 @@ def gaussian_model(solver, kind: str = "per_tensor", noise: float = NOISE) -> nt
 
 def laplace_model(solver, kind: str = "per_tensor") -> ntkgp.LinearizedGP:
     net, x, y, *_ = classification()
-    return ntkgp.LinearizedGP(net, SoftmaxLikelihood(num_classes=3), x, y, prior_precision=_spec(kind),
-                              solver=solver)
+    return ntkgp.LinearizedGP(net, SoftmaxLikelihood(num_classes=3), x, y, prior_precision=_spec(kind), solver=solver)
 
 
 def gaussian_truth(kind: str) -> dict[str, Tensor]:
@@ -202,8 +201,9 @@ def test_full_rank_laplace_is_exact(kind: str) -> None:
     scale = float(covariance.diagonal().max())
     assert torch.allclose(post.covariance(x_test), covariance, rtol=0, atol=1e-9 * scale)
     blocks = post.covariance_blocks(x_test)
-    assert torch.allclose(torch.block_diag(*blocks), covariance * torch.block_diag(*torch.ones(6, 3, 3)),
-                          rtol=0, atol=1e-9 * scale)
+    assert torch.allclose(
+        torch.block_diag(*blocks), covariance * torch.block_diag(*torch.ones(6, 3, 3)), rtol=0, atol=1e-9 * scale
+    )
     with torch.no_grad():
         assert torch.allclose(post.mean(x_test), net(x_test), rtol=0, atol=1e-12)
 
@@ -361,8 +361,15 @@ def test_laplace_log_det_gradient(kind: str, rank: int) -> None:
 def test_gpytorch_training_loop_and_prediction() -> None:
     net, x, y, x_test, *_ = regression()
     lik = gpytorch.likelihoods.GaussianLikelihood().double()
-    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=torch.ones(4, dtype=torch.float64),
-                               solver=Lanczos(rank=12, block_size=4), progress=True)
+    model = ntkgp.LinearizedGP(
+        net,
+        lik,
+        x,
+        y,
+        prior_precision=torch.ones(4, dtype=torch.float64),
+        solver=Lanczos(rank=12, block_size=4),
+        progress=True,
+    )
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     model.train()

@@ -101,8 +101,19 @@ def test_online_marglik_regression_reaches_the_post_hoc_evidence_optimum() -> No
     lik.noise = torch.tensor(1.0, dtype=torch.float64)
     seen = []
     result = ntkgp.marglik.fit_online_marglik(
-        net, lik, x, y, prior_precision=1.0, epochs=300, lr=1e-2, marglik_every=20, burnin=20, steps=20,
-        hyper_lr=0.2, progress=False, callback=lambda epoch, record: seen.append(epoch),
+        net,
+        lik,
+        x,
+        y,
+        prior_precision=1.0,
+        epochs=300,
+        lr=1e-2,
+        marglik_every=20,
+        burnin=20,
+        steps=20,
+        hyper_lr=0.2,
+        progress=False,
+        callback=lambda epoch, record: seen.append(epoch),
     )
     assert seen == list(range(300))
     assert len([r for r in result.history if "log_evidence_after" in r]) == 14  # epochs 20, 40, ..., 280
@@ -136,17 +147,21 @@ def test_log_space_tuner_switches_groups_off_and_matches_the_evidence_truth() ->
     for name, constraint in [("softplus", None), ("log", log_space)]:
         lik = gpytorch.likelihoods.GaussianLikelihood().double()
         lik.noise = torch.tensor(0.05, dtype=torch.float64)
-        tuner = ntkgp.marglik.MarglikTuner(net, lik, x, y, prior_precision=torch.ones(4), steps=40, lr=0.3,
-                                           prior_precision_constraint=constraint)
+        tuner = ntkgp.marglik.MarglikTuner(
+            net, lik, x, y, prior_precision=torch.ones(4), steps=40, lr=0.3, prior_precision_constraint=constraint
+        )
         record = tuner.step(net)
         finals[name] = tuner.prior_precision.detach()
         noise_rows = torch.full((60,), float(lik.noise), dtype=torch.float64)
         prior = truth.prior_vector(net, finals[name].tolist())
         brute = float(truth.log_evidence(net, x, y, prior, noise_rows))
         assert abs(record["log_evidence_after"] - brute) <= 1e-8 * abs(brute)
-    assert torch.allclose(ntkgp.marglik.MarglikTuner(net, lik, x, y, prior_precision=torch.full((4,), 3.0),
-                                                     prior_precision_constraint=log_space).raw_prior_precision,
-                          torch.full((4,), math.log(3.0), dtype=torch.float64))
+    assert torch.allclose(
+        ntkgp.marglik.MarglikTuner(
+            net, lik, x, y, prior_precision=torch.full((4,), 3.0), prior_precision_constraint=log_space
+        ).raw_prior_precision,
+        torch.full((4,), math.log(3.0), dtype=torch.float64),
+    )
     # 40 steps of 0.3: softplus moves a large delta by at most ~12, log space by a factor up to e^12
     assert finals["log"].max() > 10 * finals["softplus"].max()
 
@@ -155,8 +170,14 @@ def test_prior_penalty_follows_the_precisions() -> None:
     """prior_penalty caches delta as numbers; it must see every change (a step, or an in-place edit)."""
     x, y = truth.toy_regression(40, 3, seed=1)
     net = truth.mlp(3, 6, 1, seed=2)
-    tuner = ntkgp.marglik.MarglikTuner(net, gpytorch.likelihoods.GaussianLikelihood().double(), x, y,
-                                       prior_precision=torch.tensor([1.0, 2.0, 3.0, 4.0]), steps=2)
+    tuner = ntkgp.marglik.MarglikTuner(
+        net,
+        gpytorch.likelihoods.GaussianLikelihood().double(),
+        x,
+        y,
+        prior_precision=torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        steps=2,
+    )
 
     def penalty() -> torch.Tensor:
         delta = tuner.prior_precision.detach()
@@ -179,8 +200,16 @@ def test_tuner_in_a_custom_loop_with_the_subset_bound() -> None:
     y = (x[:, 0] + 0.3 * torch.randn(120, generator=g, dtype=torch.float64) > 0).long()
     net = truth.mlp(2, 8, 2, seed=10)
     lik = SoftmaxLikelihood(num_classes=2)
-    tuner = ntkgp.marglik.MarglikTuner(net, lik, x, y, prior_precision=torch.ones(4), steps=5, subset_size=30,
-                                       generator=torch.Generator().manual_seed(0))
+    tuner = ntkgp.marglik.MarglikTuner(
+        net,
+        lik,
+        x,
+        y,
+        prior_precision=torch.ones(4),
+        steps=5,
+        subset_size=30,
+        generator=torch.Generator().manual_seed(0),
+    )
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     for epoch in range(60):
         opt.zero_grad()
@@ -201,10 +230,12 @@ def test_gaussian_subset_tuner_needs_no_training_mean(monkeypatch) -> None:
     lik = gpytorch.likelihoods.GaussianLikelihood().double()
     means = []
     real_mean = ntkgp.means.linearized_mean.LinearizedMean.forward
-    monkeypatch.setattr(ntkgp.means.linearized_mean.LinearizedMean, "forward",
-                        lambda *a, **k: means.append(1) or real_mean(*a, **k))
-    tuner = ntkgp.marglik.MarglikTuner(net, lik, x, y, steps=2, subset_size=10, minibatch=True,
-                                       generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(
+        ntkgp.means.linearized_mean.LinearizedMean, "forward", lambda *a, **k: means.append(1) or real_mean(*a, **k)
+    )
+    tuner = ntkgp.marglik.MarglikTuner(
+        net, lik, x, y, steps=2, subset_size=10, minibatch=True, generator=torch.Generator().manual_seed(0)
+    )
     record = tuner.step(net)
     assert means == [] and math.isfinite(record["log_evidence_after"])
 
@@ -233,18 +264,28 @@ def test_tuner_subset_mode_never_builds_the_exact_solver_and_handles_large_preci
     net = truth.mlp(2, 5, 2, seed=12)
     built = []
     real = ntkgp.models.linearized_gp.make_laplace_solver
-    monkeypatch.setattr(ntkgp.models.linearized_gp, "make_laplace_solver",
-                        lambda *a, **k: built.append(1) or real(*a, **k))
-    tuner = ntkgp.marglik.MarglikTuner(net, SoftmaxLikelihood(num_classes=2), x, y, prior_precision=1000.0,
-                                       steps=3, subset_size=20, minibatch=True,
-                                       generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(
+        ntkgp.models.linearized_gp, "make_laplace_solver", lambda *a, **k: built.append(1) or real(*a, **k)
+    )
+    tuner = ntkgp.marglik.MarglikTuner(
+        net,
+        SoftmaxLikelihood(num_classes=2),
+        x,
+        y,
+        prior_precision=1000.0,
+        steps=3,
+        subset_size=20,
+        minibatch=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.isclose(tuner.prior_precision, torch.tensor(1000.0, dtype=torch.float64), rtol=1e-12)
     grams, means = [], []
     real_gram = ntkgp.marglik.subset_bound.ntk_gram
     monkeypatch.setattr(ntkgp.marglik.subset_bound, "ntk_gram", lambda *a, **k: grams.append(1) or real_gram(*a, **k))
     real_mean = ntkgp.means.linearized_mean.LinearizedMean.forward
-    monkeypatch.setattr(ntkgp.means.linearized_mean.LinearizedMean, "forward",
-                        lambda *a, **k: means.append(1) or real_mean(*a, **k))
+    monkeypatch.setattr(
+        ntkgp.means.linearized_mean.LinearizedMean, "forward", lambda *a, **k: means.append(1) or real_mean(*a, **k)
+    )
     record = tuner.step(net)
     assert built == [] and len(tuner.history) == 1
     assert record["log_evidence_before"] < 0 and torch.isfinite(tuner.prior_precision).all()

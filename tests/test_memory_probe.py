@@ -59,8 +59,13 @@ def _clear_refs_writable() -> bool:
 @pytest.mark.skipif(not _clear_refs_writable(), reason="needs a writable /proc/self/clear_refs (Linux)")
 @pytest.mark.parametrize("route", ["inducing", "lanczos", "cg"])
 def test_approximate_routes_stay_within_memory(route: str) -> None:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, route], capture_output=True, text=True, timeout=600,
-                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, route],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     peak = int(out.stdout.strip().splitlines()[-1])
     assert peak < 200 * 2**20, f"{route}: peak memory grew by {peak / 2**20:.0f} MiB"

@@ -134,8 +134,10 @@ def test_chunking_does_not_change_results() -> None:
     x = torch.randn(11, D, dtype=torch.float64)
     delta = torch.ones(1, dtype=torch.float64)
     inputs = Inputs.wrap(x)
-    ops = [NTKLinearOperator(delta, ntk=make_ntk(net, x, chunk_size=cs, budget=b)[0], x1=inputs, x2=inputs)
-           for cs, b in [(None, 2**26), (3, 600), (1, 1)]]
+    ops = [
+        NTKLinearOperator(delta, ntk=make_ntk(net, x, chunk_size=cs, budget=b)[0], x1=inputs, x2=inputs)
+        for cs, b in [(None, 2**26), (3, 600), (1, 1)]
+    ]
     dense = [op.to_dense() for op in ops]
     diag = [op.diagonal() for op in ops]
     v = torch.randn(11 * C, 2, dtype=torch.float64)

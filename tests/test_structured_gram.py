@@ -84,8 +84,13 @@ def _cnn2() -> nn.Module:
     """Two convs (stride 2 + padding 1; dilation 2, no padding), BatchNorm (eval) between, a 3-output head."""
     torch.manual_seed(3)
     net = nn.Sequential(
-        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
-        nn.Conv2d(4, 5, 3, dilation=2, stride=(1, 2)), nn.Tanh(), nn.Flatten(), nn.Linear(5 * 1 * 1, 3),
+        nn.Conv2d(2, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Tanh(),
+        nn.Conv2d(4, 5, 3, dilation=2, stride=(1, 2)),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(5 * 1 * 1, 3),
     )
     net(torch.randn(16, 2, 9, 9))  # BatchNorm running statistics, then eval
     return net
@@ -114,8 +119,15 @@ def _conv_variants() -> nn.Module:
 
 def _nets() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 8),
-                        nn.Tanh(), nn.Linear(8, 3))
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
     cnn(torch.randn(16, 1, 6, 6))  # BatchNorm running statistics, then eval
     frozen = truth.mlp(4, 6, 2, depth=2, seed=1)
     frozen[2].weight.requires_grad_(False)
@@ -131,7 +143,6 @@ def _nets() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
         "shared_conv": (SharedConv(), (1, 5, 5)),
         "tied_weight": (Tied(), (4,)),
     }
-
 
 
 def _inputs(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
@@ -196,8 +207,12 @@ def test_units_of_a_plan() -> None:
     ntk, _ = make_ntk(net.double().eval(), _inputs(shape, 4, 2))
     kinds = [(unit.kind, unit.positions, unit.weight is not None, unit.bias is not None) for unit in ntk.plan().units]
     # conv (25 output pixels), BatchNorm affine (25 positions), conv (one output pixel), linear
-    assert kinds == [("dense", 25, True, True), ("affine", 25, True, True), ("dense", 1, True, True),
-                     ("dense", 1, True, True)]
+    assert kinds == [
+        ("dense", 25, True, True),
+        ("affine", 25, True, True),
+        ("dense", 1, True, True),
+        ("dense", 1, True, True),
+    ]
     net, shape = _nets()["conv_variants"]
     ntk, _ = make_ntk(net.double().eval(), _inputs(shape, 4, 2))
     second = ntk.plan().units[1]
@@ -205,8 +220,10 @@ def test_units_of_a_plan() -> None:
 
 
 @pytest.mark.parametrize("route", ["gradient", "spatial"])
-@pytest.mark.parametrize("name", ["cnn_two_convs", "conv_variants", "cnn_batchnorm", "mlp", "frozen_weight",
-                                  "sequence_linear", "shared_conv"])
+@pytest.mark.parametrize(
+    "name",
+    ["cnn_two_convs", "conv_variants", "cnn_batchnorm", "mlp", "frozen_weight", "sequence_linear", "shared_conv"],
+)
 def test_blocked_routes(name: str, route: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both contraction orders for units at many positions, in many small blocks (tiny budget, symmetric
     Grams from the lower block triangle of 3 blocks, captures of 3 points), equal brute force."""
@@ -261,8 +278,9 @@ def test_structured_jacobian_equals_autograd(name: str) -> None:
     assert torch.allclose(jacobian(fast, inputs), jacobian(slow, inputs), rtol=1e-12, atol=1e-13)
     picked = list(reversed(range(len(fast.network.names))))[::2]
     assert torch.allclose(jacobian(fast, inputs, picked), jacobian(slow, inputs, picked), rtol=1e-12, atol=1e-13)
-    assert torch.allclose(jacobian(fast, inputs).reshape(-1, fast.network.num_parameters), truth.jacobian(net, x),
-                          rtol=1e-12, atol=1e-13)
+    assert torch.allclose(
+        jacobian(fast, inputs).reshape(-1, fast.network.num_parameters), truth.jacobian(net, x), rtol=1e-12, atol=1e-13
+    )
 
 
 def test_factor_kernel_matmul_matches_dense_gram_and_cache_follows_inputs() -> None:

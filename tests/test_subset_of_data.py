@@ -37,8 +37,9 @@ def test_gaussian_equals_the_subset_gp(rescale: bool, prior_spec) -> None:
     idx = torch.tensor([0, 3, 4, 10, 17, 22, 29, 31, 38])
     n, m = x.shape[0], idx.numel()
     prior = torch.as_tensor(prior_spec, dtype=torch.float64)
-    model = ntkgp.LinearizedGP(net, _gaussian(), x, y, prior_precision=prior,
-                               solver=SubsetOfData(indices=idx, rescale_prior=rescale))
+    model = ntkgp.LinearizedGP(
+        net, _gaussian(), x, y, prior_precision=prior, solver=SubsetOfData(indices=idx, rescale_prior=rescale)
+    )
     scale = n / m if rescale else 1.0
     reference = ntkgp.LinearizedGP(net, _gaussian(), x[idx], y[idx], prior_precision=prior * scale, solver="kernel")
     evidence, ref_evidence = model.log_evidence(), reference.log_evidence()
@@ -61,11 +62,13 @@ def test_network_mean_and_rescaling_shrinks_variance() -> None:
     x_test, _ = truth.toy_regression(5, 3, seed=5)
     net = truth.mlp(3, 16, 1, seed=6).eval()
     gen = torch.Generator().manual_seed(0)
-    plain = ntkgp.LinearizedGP(net, _gaussian(), x, y, solver=SubsetOfData(num_points=10, rescale_prior=False,
-                                                                             generator=gen, mean="network"))
+    plain = ntkgp.LinearizedGP(
+        net, _gaussian(), x, y, solver=SubsetOfData(num_points=10, rescale_prior=False, generator=gen, mean="network")
+    )
     gen = torch.Generator().manual_seed(0)
-    scaled = ntkgp.LinearizedGP(net, _gaussian(), x, y, solver=SubsetOfData(num_points=10, generator=gen,
-                                                                              mean="network"))
+    scaled = ntkgp.LinearizedGP(
+        net, _gaussian(), x, y, solver=SubsetOfData(num_points=10, generator=gen, mean="network")
+    )
     mean_plain, cov_plain = _predict(plain, x_test)
     mean_scaled, cov_scaled = _predict(scaled, x_test)
     with torch.no_grad():
@@ -81,12 +84,17 @@ def test_softmax_laplace_equals_the_subset_gp() -> None:
     net = truth.mlp(2, 8, 3, seed=9).eval()
     idx = torch.arange(0, 30, 3)
     n, m = 30, idx.numel()
-    model = ntkgp.LinearizedGP(net, SoftmaxLikelihood(num_classes=3), x, y, prior_precision=1.5,
-                               solver=SubsetOfData(indices=idx))
-    reference = ntkgp.LinearizedGP(net, SoftmaxLikelihood(num_classes=3), x[idx], y[idx],
-                                   prior_precision=1.5 * n / m, solver="kernel")
-    assert torch.allclose(model.solver.log_det(model.prior_precision),
-                          (n / m) * reference.solver.log_det(reference.prior_precision), rtol=1e-11)
+    model = ntkgp.LinearizedGP(
+        net, SoftmaxLikelihood(num_classes=3), x, y, prior_precision=1.5, solver=SubsetOfData(indices=idx)
+    )
+    reference = ntkgp.LinearizedGP(
+        net, SoftmaxLikelihood(num_classes=3), x[idx], y[idx], prior_precision=1.5 * n / m, solver="kernel"
+    )
+    assert torch.allclose(
+        model.solver.log_det(model.prior_precision),
+        (n / m) * reference.solver.log_det(reference.prior_precision),
+        rtol=1e-11,
+    )
     mean, cov = _predict(model, x_test)
     ref_mean, ref_cov = _predict(reference, x_test)
     assert torch.allclose(mean, ref_mean, atol=1e-12)
@@ -117,8 +125,15 @@ def test_rescaled_subset_equals_laplace_torch_functional_laplace() -> None:
     n, m, delta = 60, 20, 2.0
     lik = _gaussian(0.09)
     sigma = math.sqrt(float(lik.noise.detach()))  # the noise as stored (softplus round trip), for both libraries
-    la = laplace.Laplace(net, "regression", subset_of_weights="all", hessian_structure="gp", n_subset=m,
-                         sigma_noise=sigma, prior_precision=delta)
+    la = laplace.Laplace(
+        net,
+        "regression",
+        subset_of_weights="all",
+        hessian_structure="gp",
+        n_subset=m,
+        sigma_noise=sigma,
+        prior_precision=delta,
+    )
     la.fit(DataLoader(TensorDataset(x, y[:, None]), batch_size=16))
     peer_mean, peer_var = la(x_test, pred_type="gp")
     idx = torch.as_tensor(np.random.default_rng(0).choice(list(range(n)), m, replace=False))  # its SoDSampler
@@ -140,8 +155,9 @@ def test_two_outputs_with_per_output_noise() -> None:
         lik.task_noises = torch.tensor([0.05, 0.2], dtype=torch.float64)
         return lik
 
-    model = ntkgp.LinearizedGP(net, likelihood(), x, y, prior_precision=3.0,
-                               solver=SubsetOfData(indices=idx, rescale_prior=False))
+    model = ntkgp.LinearizedGP(
+        net, likelihood(), x, y, prior_precision=3.0, solver=SubsetOfData(indices=idx, rescale_prior=False)
+    )
     reference = ntkgp.LinearizedGP(net, likelihood(), x[idx], y[idx], prior_precision=3.0, solver="kernel")
     assert torch.allclose(model.log_evidence(), (30 / idx.numel()) * reference.log_evidence(), rtol=1e-11)
     mean, cov = _predict(model, x_test)

@@ -50,8 +50,9 @@ def train_map(net: nn.Module, x: Tensor, y: Tensor, prior: Tensor, noise: Tensor
     params = [p for p in net.parameters() if p.requires_grad]
     y2 = y.reshape(x.shape[0], -1)
     noise = torch.as_tensor(noise, dtype=x.dtype)
-    opt = torch.optim.LBFGS(params, max_iter=1000, tolerance_grad=1e-13, tolerance_change=0,
-                            history_size=100, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params, max_iter=1000, tolerance_grad=1e-13, tolerance_change=0, history_size=100, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -69,8 +70,9 @@ def train_map(net: nn.Module, x: Tensor, y: Tensor, prior: Tensor, noise: Tensor
     return float(torch.cat([p.grad.reshape(-1) for p in params]).norm())
 
 
-def _newton_refine(net: nn.Module, params: list[nn.Parameter], x: Tensor, y2: Tensor, prior: Tensor,
-                   noise: Tensor, steps: int = 4) -> None:
+def _newton_refine(
+    net: nn.Module, params: list[nn.Parameter], x: Tensor, y2: Tensor, prior: Tensor, noise: Tensor, steps: int = 4
+) -> None:
     """Exact Newton steps on the MAP objective: quadratic convergence to round-off."""
     names = [n for n, p in net.named_parameters() if p.requires_grad]
     shapes = [p.shape for p in params]
@@ -141,8 +143,9 @@ def train_map_loss(net: nn.Module, x: Tensor, nll, prior: Tensor, *, iters: int 
     params = [p for p in net.parameters() if p.requires_grad]
     names = [n for n, p in net.named_parameters() if p.requires_grad]
     shapes = [p.shape for p in params]
-    opt = torch.optim.LBFGS(params, max_iter=500, tolerance_grad=1e-13, tolerance_change=0, history_size=100,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params, max_iter=500, tolerance_grad=1e-13, tolerance_change=0, history_size=100, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -171,12 +174,17 @@ def train_map_loss(net: nn.Module, x: Tensor, nll, prior: Tensor, *, iters: int 
 
 def nll_hessians(per_point_nll, f: Tensor) -> Tensor:
     """Per-point Hessians ``(N, C, C)`` of ``per_point_nll(f_n, n)`` w.r.t. ``f_n``, by autograd."""
-    return torch.stack([torch.autograd.functional.hessian(lambda v, n=n: per_point_nll(v, n), f[n].detach())
-                        for n in range(f.shape[0])])
+    return torch.stack(
+        [
+            torch.autograd.functional.hessian(lambda v, n=n: per_point_nll(v, n), f[n].detach())
+            for n in range(f.shape[0])
+        ]
+    )
 
 
-def ggn_laplace(net: nn.Module, x: Tensor, x_test: Tensor, hessians: Tensor, prior: Tensor,
-                log_lik: Tensor) -> tuple[Tensor, Tensor]:
+def ggn_laplace(
+    net: nn.Module, x: Tensor, x_test: Tensor, hessians: Tensor, prior: Tensor, log_lik: Tensor
+) -> tuple[Tensor, Tensor]:
     """Weight-space GGN Laplace: (log evidence, latent predictive covariance ``(N*C, N*C)``)."""
     j, jt = jacobian(net, x), jacobian(net, x_test)
     lam = torch.block_diag(*hessians)
@@ -192,8 +200,9 @@ def point_rows(idx: Tensor, c: int) -> Tensor:
     return (idx[:, None] * c + torch.arange(c)).reshape(-1)
 
 
-def sgpr(net: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, prior: Tensor, idx: Tensor, noise: Tensor,
-         jitter: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sgpr(
+    net: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, prior: Tensor, idx: Tensor, noise: Tensor, jitter: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Dense SGPR (Titsias) with the points ``idx`` as inducing inputs, noise ``(C,)`` per output.
 
     Returns the collapsed bound, the predictive mean and covariance at ``x_test``, and the
@@ -214,8 +223,10 @@ def sgpr(net: nn.Module, x: Tensor, y: Tensor, x_test: Tensor, prior: Tensor, id
     kxz = j @ (var[:, None] * jz.T)
     q = kxz @ torch.linalg.solve(kzz, kxz.T)
     s = noise.repeat(x.shape[0])
-    bound = (torch.distributions.MultivariateNormal(torch.zeros_like(r), q + torch.diag(s)).log_prob(r)
-             - 0.5 * ((k - q).diagonal() / s).sum())
+    bound = (
+        torch.distributions.MultivariateNormal(torch.zeros_like(r), q + torch.diag(s)).log_prob(r)
+        - 0.5 * ((k - q).diagonal() / s).sum()
+    )
     d = kzz + kxz.T @ (kxz / s[:, None])
     ksz = js @ (var[:, None] * jz.T)
     mean = fs - js @ theta + ksz @ torch.linalg.solve(d, kxz.T @ (r / s))

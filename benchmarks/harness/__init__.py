@@ -23,7 +23,7 @@ Modules
   :func:`start_gram_run`, :func:`finish_gram_run`, :func:`gram_agreement`, :func:`route_table`,
   :func:`agreement_table`, :func:`add_gram_run_arguments`;
 * :mod:`~benchmarks.harness.internals`: the only module that imports ntkgp's internals
-  (``ntkgp.gram``, ``ntkgp.functional``, ``ntkgp.parameter_groups``, ``ntkgp.precision``). It is
+  (``ntkgp.ntk``, ``ntkgp.structured``, ``ntkgp.network``, ``ntkgp.precision``). It is
   not imported here: importing this package does not import ntkgp.
 """
 

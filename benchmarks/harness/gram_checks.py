@@ -78,14 +78,13 @@ def gram_agreement(net: nn.Module, input_shape: tuple[int, ...], x: Tensor, budg
         ``n`` and :func:`~benchmarks.harness.report.max_rel_err` of structured vs generic (float32,
         float64) and of each float32 Gram against the float64 generic one.
     """
-    from benchmarks.harness.internals import FunctionalNetwork, ntk_gram, parameter_groups
+    from benchmarks.harness.internals import make_ntk, ntk_gram
 
-    groups = parameter_groups(FunctionalNetwork(net, input_shape).names, 1.0)
-    k_fast = ntk_gram(FunctionalNetwork(net, input_shape), groups, x, budget=budget)
-    k_slow = ntk_gram(FunctionalNetwork(net, input_shape, structured=False), groups, x, budget=budget)
-    net64 = copy.deepcopy(net).double()
-    k64_slow = ntk_gram(FunctionalNetwork(net64, input_shape, structured=False), groups, x.double(), budget=budget)
-    k64_fast = ntk_gram(FunctionalNetwork(net64, input_shape), groups, x.double(), budget=budget)
+    k_fast = ntk_gram(make_ntk(net, input_shape, x, budget=budget), x)
+    k_slow = ntk_gram(make_ntk(net, input_shape, x, structured=False, budget=budget), x)
+    net64, x64 = copy.deepcopy(net).double(), x.double()
+    k64_slow = ntk_gram(make_ntk(net64, input_shape, x64, structured=False, budget=budget), x64)
+    k64_fast = ntk_gram(make_ntk(net64, input_shape, x64, budget=budget), x64)
     return {
         "n": x.shape[0],
         "structured_vs_generic_float32": max_rel_err(k_fast, k_slow),

@@ -51,6 +51,7 @@ class BernoulliLikelihood(LaplaceLikelihood):
         return (p * (1 - p)).sqrt().unsqueeze(-1)
 
     def predictive(self, mean: Tensor, covariance: Tensor) -> Bernoulli:
-        probs = expected_sigmoid(mean[:, 0], covariance[:, 0, 0], self.link_approx, n_samples=self.n_samples,
-                                 generator=self.generator)
+        probs = expected_sigmoid(
+            mean[:, 0], covariance[:, 0, 0], self.link_approx, n_samples=self.n_samples, generator=self.generator
+        )
         return Bernoulli(probs=probs)

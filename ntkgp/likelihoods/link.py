@@ -37,13 +37,18 @@ def _gaussian_samples(mean: Tensor, covariance: Tensor, n_samples: int, generato
     # shape: mean (N, C), covariance (N, C, C) -> samples (S, N, C)
     evals, evecs = torch.linalg.eigh(covariance)
     root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)  # PSD square root, robust to singular blocks
-    noise = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=draw_device(generator, mean.device),
-                        generator=generator).to(mean.device)
+    noise = torch.randn(
+        n_samples, *mean.shape, dtype=mean.dtype, device=draw_device(generator, mean.device), generator=generator
+    ).to(mean.device)
     return mean + torch.einsum("nij,snj->sni", root, noise)
 
 
 def expected_softmax(
-    mean: Tensor, covariance: Tensor, link_approx: str, *, n_samples: int = 1000,
+    mean: Tensor,
+    covariance: Tensor,
+    link_approx: str,
+    *,
+    n_samples: int = 1000,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Class probabilities ``(N, C)`` from latent means ``(N, C)`` and covariance blocks ``(N, C, C)``."""
@@ -63,13 +68,18 @@ def expected_softmax(
 
 
 def expected_sigmoid(
-    mean: Tensor, variance: Tensor, link_approx: str, *, n_samples: int = 1000,
+    mean: Tensor,
+    variance: Tensor,
+    link_approx: str,
+    *,
+    n_samples: int = 1000,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Probabilities of class 1 ``(N,)`` from latent means and variances ``(N,)``."""
     check_link(link_approx, ("probit", "mc"))
     if link_approx == "probit":
         return torch.sigmoid(mean / torch.sqrt(1 + math.pi / 8 * variance))
-    noise = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=draw_device(generator, mean.device),
-                        generator=generator).to(mean.device)
+    noise = torch.randn(
+        n_samples, *mean.shape, dtype=mean.dtype, device=draw_device(generator, mean.device), generator=generator
+    ).to(mean.device)
     return torch.sigmoid(mean + variance.clamp_min(0).sqrt() * noise).mean(0)

@@ -93,8 +93,13 @@ class NaturalGaussianLikelihood(LaplaceLikelihood):
     def log_likelihood(self, f: Tensor, y: Tensor) -> Tensor:
         eta1, eta2 = f[:, 0], f[:, 1]
         y = y.to(f.dtype)
-        return (eta1 * y + eta2 * y.square() + eta1.square() / (4 * eta2) + 0.5 * torch.log(-2 * eta2)
-                - 0.5 * math.log(2 * math.pi)).sum()
+        return (
+            eta1 * y
+            + eta2 * y.square()
+            + eta1.square() / (4 * eta2)
+            + 0.5 * torch.log(-2 * eta2)
+            - 0.5 * math.log(2 * math.pi)
+        ).sum()
 
     def hessian_root(self, f: Tensor) -> Tensor:
         mu, var = self.moments(f)

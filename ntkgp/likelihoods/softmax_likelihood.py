@@ -34,7 +34,11 @@ class SoftmaxLikelihood(LaplaceLikelihood):
     """
 
     def __init__(
-        self, num_classes: int, *, link_approx: str = "probit", n_samples: int = 1000,
+        self,
+        num_classes: int,
+        *,
+        link_approx: str = "probit",
+        n_samples: int = 1000,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -69,6 +73,5 @@ class SoftmaxLikelihood(LaplaceLikelihood):
         return torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2)
 
     def predictive(self, mean: Tensor, covariance: Tensor) -> Categorical:
-        probs = expected_softmax(mean, covariance, self.link_approx, n_samples=self.n_samples,
-                                 generator=self.generator)
+        probs = expected_softmax(mean, covariance, self.link_approx, n_samples=self.n_samples, generator=self.generator)
         return Categorical(probs=probs)

@@ -51,9 +51,7 @@ def _random_orthonormal(size: int, count: int, rows: Tensor, generator: torch.Ge
     return _project_out(q, rows)
 
 
-def _next_block(
-    block: Tensor, rows: Tensor, width: int, scale: float, generator: torch.Generator | None
-) -> Tensor:
+def _next_block(block: Tensor, rows: Tensor, width: int, scale: float, generator: torch.Generator | None) -> Tensor:
     r"""An orthonormal ``(n, width)`` block spanning ``block`` minus its part in the basis ``rows``.
 
     Directions of the orthogonalized ``block`` with singular value below
@@ -69,8 +67,7 @@ def _next_block(
         kept = _project_out(left[:, sing > tol][:, :width], rows)  # orthogonality lost to rounding in the SVD
     missing = width - kept.shape[1]
     if missing > 0:
-        kept = torch.cat([kept, _random_orthonormal(block.shape[0], missing, torch.cat([rows, kept.T]),
-                                                    generator)], 1)
+        kept = torch.cat([kept, _random_orthonormal(block.shape[0], missing, torch.cat([rows, kept.T]), generator)], 1)
     return kept
 
 
@@ -175,8 +172,9 @@ def block_lanczos(
     if not 1 <= rank <= basis_size:
         raise ValueError(f"rank must be between 1 and the basis size {basis_size}, got {rank}")
     start = torch.randn(size, min(block_size, basis_size), generator=generator, dtype=torch.float64)
-    q, projected = krylov_basis(matmul, start.to(torch.device(device)), basis_size, generator=generator,
-                                progress=progress)
+    q, projected = krylov_basis(
+        matmul, start.to(torch.device(device)), basis_size, generator=generator, progress=progress
+    )
     values, vectors = torch.linalg.eigh(projected)
     top = torch.argsort(values, descending=True)[:rank]
     return values[top], q @ vectors[:, top]

@@ -132,7 +132,8 @@ def factored_inv_quad_logdet(factor: Tensor, rhs: Tensor | None, matrix: Tensor 
     factor = factor.detach()
     zero = torch.zeros((), dtype=factor.dtype, device=factor.device)
     needs_grad = torch.is_grad_enabled() and (
-        (matrix is not None and matrix.requires_grad) or (rhs is not None and rhs.requires_grad))
+        (matrix is not None and matrix.requires_grad) or (rhs is not None and rhs.requires_grad)
+    )
     if not needs_grad:
         inv_quad = zero if rhs is None else torch.linalg.solve_triangular(factor, rhs, upper=False).square().sum(-2)
         return inv_quad, 2.0 * factor.diagonal().log().sum()

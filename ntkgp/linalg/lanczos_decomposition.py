@@ -56,5 +56,6 @@ def lanczos_decomposition(
     (Q, T)
         ``(M, k)`` orthonormal and ``(k, k)`` symmetric, float64.
     """
-    return krylov_basis(matmul, start.reshape(-1, 1), steps, generator=generator, progress=progress,
-                        desc="Lanczos (LOVE)")
+    return krylov_basis(
+        matmul, start.reshape(-1, 1), steps, generator=generator, progress=progress, desc="Lanczos (LOVE)"
+    )

@@ -24,7 +24,12 @@ __all__ = ["LowRankPlusDiagonal", "pivoted_cholesky"]
 
 
 def pivoted_cholesky(
-    diagonal: Tensor, columns: Callable[[Tensor], Tensor], rank: int, *, block: int = 32, rel_tol: float = 1e-12,
+    diagonal: Tensor,
+    columns: Callable[[Tensor], Tensor],
+    rank: int,
+    *,
+    block: int = 32,
+    rel_tol: float = 1e-12,
     trace_tol: float = 0.0,
 ) -> Tensor:
     r"""Partial pivoted Cholesky :math:`K \approx L L^\top` of a PSD matrix given by columns.

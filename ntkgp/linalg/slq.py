@@ -59,11 +59,17 @@ def slq_log_det(cg: CGResult, columns: slice, probe_norms_sq: Tensor) -> tuple[T
     """
     steps = cg.iterations[columns]
     a, b = cg.step_sizes[:, columns], cg.updates[:, columns]
-    per_probe = torch.stack([
-        gauss_quadrature_log(lanczos_tridiagonal(a[:, i], b[:, i], int(k))) if int(k) > 0
-        else torch.zeros((), dtype=torch.float64, device=a.device)
-        for i, k in enumerate(steps.tolist())
-    ]) * probe_norms_sq  # shape: (s,)
+    per_probe = (
+        torch.stack(
+            [
+                gauss_quadrature_log(lanczos_tridiagonal(a[:, i], b[:, i], int(k)))
+                if int(k) > 0
+                else torch.zeros((), dtype=torch.float64, device=a.device)
+                for i, k in enumerate(steps.tolist())
+            ]
+        )
+        * probe_norms_sq
+    )  # shape: (s,)
     s = per_probe.numel()
     error = per_probe.std() / s**0.5 if s > 1 else torch.zeros((), dtype=torch.float64)
     return per_probe.mean(), error

@@ -66,8 +66,14 @@ def train_map(
         adam.zero_grad()
         objective().backward()
         adam.step()
-    lbfgs = torch.optim.LBFGS(tensors, max_iter=lbfgs_steps, tolerance_grad=tolerance_grad,
-                              tolerance_change=0.0, history_size=50, line_search_fn="strong_wolfe")
+    lbfgs = torch.optim.LBFGS(
+        tensors,
+        max_iter=lbfgs_steps,
+        tolerance_grad=tolerance_grad,
+        tolerance_change=0.0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         lbfgs.zero_grad()
@@ -101,8 +107,10 @@ def _newton_polish(objective: Callable[[], Tensor], tensors: list[Tensor], norm:
             break
         grads = torch.autograd.grad(objective(), tensors, create_graph=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
-        rows = [torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat[i], tensors, retain_graph=True)])
-                for i in range(flat.numel())]
+        rows = [
+            torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat[i], tensors, retain_graph=True)])
+            for i in range(flat.numel())
+        ]
         hessian = torch.stack(rows).to(torch.float64)
         step = torch.linalg.lstsq(hessian, flat.detach().to(torch.float64)[:, None]).solution[:, 0]
         saved = [t.detach().clone() for t in tensors]

@@ -190,8 +190,11 @@ class MarglikTuner:
         """(what each Adam step maximizes, the value reported)."""
         if self.subset_size is None:
             return model.log_evidence, model.log_evidence
-        labels = model.train_targets if isinstance(self.likelihood, LaplaceLikelihood) and \
-            not model.train_targets.is_floating_point() else None
+        labels = (
+            model.train_targets
+            if isinstance(self.likelihood, LaplaceLikelihood) and not model.train_targets.is_floating_point()
+            else None
+        )
         if labels is not None:
             parts = class_partition(labels, self.subset_size, generator=self.generator)
         else:
@@ -200,8 +203,9 @@ class MarglikTuner:
         if self.minibatch:
             # one subset per call of step(): its Gram is built once, and the Adam steps and the
             # before/after reports all use its unbiased estimate
-            drawn = int(torch.randint(bound.num_subsets, (1,), generator=self.generator,
-                                      device=draw_device(self.generator)))
+            drawn = int(
+                torch.randint(bound.num_subsets, (1,), generator=self.generator, device=draw_device(self.generator))
+            )
             return (lambda: bound.minibatch(drawn)), (lambda: bound.minibatch(drawn))
         return bound, bound
 
@@ -215,9 +219,15 @@ class MarglikTuner:
 
         start = time.perf_counter()
         with _eval(net):
-            model = LinearizedGP(net, self.likelihood, self.train_x, self.train_y,
-                                 prior_precision=self.prior_precision.detach(),
-                                 prior_precision_constraint=self.constraint, **self.model_kwargs)
+            model = LinearizedGP(
+                net,
+                self.likelihood,
+                self.train_x,
+                self.train_y,
+                prior_precision=self.prior_precision.detach(),
+                prior_precision_constraint=self.constraint,
+                **self.model_kwargs,
+            )
         model.covar_module.raw_prior_precision = self.raw_prior_precision  # share the persistent tensor
         objective, report = self._objective(model)
         model.train()
@@ -245,8 +255,14 @@ def _noise_values(likelihood: Likelihood) -> list[float] | None:
     if isinstance(likelihood, LaplaceLikelihood):
         return None
     if getattr(likelihood, "has_task_noise", False):
-        return (likelihood.task_noises.detach().reshape(-1) + (likelihood.noise.detach().reshape(-1)
-                if likelihood.has_global_noise else 0)).cpu().tolist()
+        return (
+            (
+                likelihood.task_noises.detach().reshape(-1)
+                + (likelihood.noise.detach().reshape(-1) if likelihood.has_global_noise else 0)
+            )
+            .cpu()
+            .tolist()
+        )
     return likelihood.noise.detach().reshape(-1).cpu().tolist()
 
 
@@ -300,8 +316,9 @@ def fit_online_marglik(
         history; ``callback(epoch, record)`` is called after each epoch.
     """
     hyper_lr = tuner_kwargs.pop("hyper_lr", 0.1)
-    tuner = MarglikTuner(net, likelihood, train_x, train_y, prior_precision, lr=hyper_lr, generator=generator,
-                         **tuner_kwargs)
+    tuner = MarglikTuner(
+        net, likelihood, train_x, train_y, prior_precision, lr=hyper_lr, generator=generator, **tuner_kwargs
+    )
     optimizer = optimizer or torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
     n = train_x.shape[0]
     size = n if batch_size is None else batch_size

@@ -135,8 +135,15 @@ class LinearizedGP(ExactGP):
         x = Inputs.wrap(train_x, "train_x")
         x.check("train_x")
         shape = x.data.shape[1:] if x.form == "tensor" else None
-        network = FunctionalNetwork(net, shape, chunk_size=chunk_size, progress=progress, subnetwork=subnetwork,
-                                    output_fn=output_fn, probe_inputs=x[:3])
+        network = FunctionalNetwork(
+            net,
+            shape,
+            chunk_size=chunk_size,
+            progress=progress,
+            subnetwork=subnetwork,
+            output_fn=output_fn,
+            probe_inputs=x[:3],
+        )
         x.check("train_x", device=network.device)
         if x.float_dtype is not None and x.float_dtype != network.dtype:
             raise TypeError(f"train_x has dtype {x.float_dtype} but the network's parameters are {network.dtype}")
@@ -145,8 +152,10 @@ class LinearizedGP(ExactGP):
         check_module_device(likelihood, "likelihood", network.device)
         if isinstance(likelihood, LaplaceLikelihood):
             if likelihood.num_outputs != network.num_outputs:
-                raise ValueError(f"the network has {network.num_outputs} outputs but {type(likelihood).__name__} "
-                                 f"expects {likelihood.num_outputs}")
+                raise ValueError(
+                    f"the network has {network.num_outputs} outputs but {type(likelihood).__name__} "
+                    f"expects {likelihood.num_outputs}"
+                )
             train_y = likelihood.check_targets(train_y, x.num)
             Inputs.wrap(train_y.to(torch.float64), "train_y").check("train_y", device=network.device)
         else:
@@ -156,8 +165,14 @@ class LinearizedGP(ExactGP):
         GP.__init__(self)
         self.train_inputs = (x.flat(),) if x.form == "tensor" else tuple(t for _, t in x.tensors())
         self.train_targets, self.likelihood, self.prediction_strategy = train_y, likelihood, None
-        self.covar_module = NTKKernel(network, prior_precision, prior_precision_constraint=prior_precision_constraint,
-                                      memory_budget=memory_budget, implementation=implementation, probe_inputs=x[:3])
+        self.covar_module = NTKKernel(
+            network,
+            prior_precision,
+            prior_precision_constraint=prior_precision_constraint,
+            memory_budget=memory_budget,
+            implementation=implementation,
+            probe_inputs=x[:3],
+        )
         self.mean_module = LinearizedMean(self.covar_module.ntk)
         #: the training problem the solver is built on (the NTK and the training inputs)
         self.problem = NTKProblem(self.covar_module.ntk, x)
@@ -232,8 +247,11 @@ class LinearizedGP(ExactGP):
         if self._solver is None:
             choice, root = self._solver_choice, self._hessian_root
             if root is not None:
-                self._solver = (choice.laplace(self.problem, root) if isinstance(choice, SolverSpec)
-                                else make_laplace_solver(self.problem, choice, root))
+                self._solver = (
+                    choice.laplace(self.problem, root)
+                    if isinstance(choice, SolverSpec)
+                    else make_laplace_solver(self.problem, choice, root)
+                )
             elif isinstance(choice, SolverSpec):
                 self._solver = choice.gaussian(self.problem)
             else:
@@ -312,8 +330,9 @@ class LinearizedGP(ExactGP):
                     _CorrectionTerm(lambda: self.solver.correction(delta, self.noise_diagonal())),
                 )
             zeros = torch.zeros(self.solver.size, dtype=torch.float64, device=self.network.device)
-            return self._distribution(self.train_mean, TrainingCovariance(self.prior_precision, zeros,
-                                                                          solver=self.solver))
+            return self._distribution(
+                self.train_mean, TrainingCovariance(self.prior_precision, zeros, solver=self.solver)
+            )
         posterior = self.posterior()
         return self._distribution(posterior.mean(x), PosteriorCovariance(x=x, posterior=posterior))
 

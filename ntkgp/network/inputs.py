@@ -74,7 +74,8 @@ class Inputs:
         for key, size in sizes.items():
             if size is None:
                 raise ValueError(
-                    f"{name}[{key!r}] is a 0-d tensor; every tensor needs a leading dimension of N examples")
+                    f"{name}[{key!r}] is a 0-d tensor; every tensor needs a leading dimension of N examples"
+                )
             if size != num:
                 raise ValueError(
                     f"the tensors of {name} have different numbers of examples: {name}[{first_key!r}] has "
@@ -111,8 +112,10 @@ class Inputs:
         return self.num
 
     def __repr__(self) -> str:
-        shapes = [f"{'' if k is None else f'{k}: '}{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-                  for k, t in self.tensors()]
+        shapes = [
+            f"{'' if k is None else f'{k}: '}{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+            for k, t in self.tensors()
+        ]
         return f"Inputs({self.form}, N={self.num}, {', '.join(shapes)})"
 
     # ------------------------------------------------------------ transforms
@@ -195,8 +198,10 @@ class Inputs:
         for key, t in mine.items():
             if tuple(theirs[key].shape[1:]) != tuple(t.shape[1:]):
                 label = "the input" if key is None else f"input {key!r}"
-                return (f"{label} has examples of shape {tuple(theirs[key].shape[1:])} where the training examples "
-                        f"have shape {tuple(t.shape[1:])}")
+                return (
+                    f"{label} has examples of shape {tuple(theirs[key].shape[1:])} where the training examples "
+                    f"have shape {tuple(t.shape[1:])}"
+                )
         return None
 
     # --------------------------------------------------------------- calling

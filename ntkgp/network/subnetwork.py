@@ -56,8 +56,10 @@ def select_parameters(
     if spec is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
         if not chosen:
-            raise ValueError("the network has no parameters with requires_grad=True to linearize "
-                             "(or pass subnetwork= to choose them)")
+            raise ValueError(
+                "the network has no parameters with requires_grad=True to linearize "
+                "(or pass subnetwork= to choose them)"
+            )
         return chosen
     if isinstance(spec, str):
         if spec != "last_layer":
@@ -83,7 +85,8 @@ def select_parameters(
             keep |= matches
     else:
         raise TypeError(
-            f"subnetwork must be None, 'last_layer', a list of names or a callable; got {type(spec).__name__}")
+            f"subnetwork must be None, 'last_layer', a list of names or a callable; got {type(spec).__name__}"
+        )
     chosen = [(n, p) for n, p in named if n in keep]
     if not chosen:
         raise ValueError("subnetwork selects no parameters")

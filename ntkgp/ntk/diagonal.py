@@ -44,7 +44,11 @@ def gram_diagonal(ntk: EmpiricalNTK, x: Inputs) -> Tensor:
 
 
 def point_blocks(
-    ntk: EmpiricalNTK, x: Inputs, weights: Tensor, *, captured: list[UnitCapture] | None = None,
+    ntk: EmpiricalNTK,
+    x: Inputs,
+    weights: Tensor,
+    *,
+    captured: list[UnitCapture] | None = None,
     generic_jacobian_cols: Tensor | None = None,
 ) -> Tensor:
     r"""Per-point ``C x C`` blocks of :math:`\sum_g w_g K_g(x, x)`, ``(N, C, C)``, float64.

@@ -103,8 +103,14 @@ class EmpiricalNTK:
 
     def replace(self, **changes: Any) -> EmpiricalNTK:
         """A copy with other settings (a new plan and cache where the routes change)."""
-        values = {"network": self.network, "layout": self.layout, "budget": self.budget,
-                  "implementation": self.implementation, "conv_route": self.conv_route, "probe": self.probe}
+        values = {
+            "network": self.network,
+            "layout": self.layout,
+            "budget": self.budget,
+            "implementation": self.implementation,
+            "conv_route": self.conv_route,
+            "probe": self.probe,
+        }
         values.update(changes)
         keep_plan = all(values[k] == getattr(self, k) for k in ("network", "implementation"))
         new = EmpiricalNTK(**values)

@@ -35,7 +35,11 @@ def generic_rows(ntk: EmpiricalNTK, tensors: Sequence[int]) -> int:
 
 
 def generic_gram(
-    ntk: EmpiricalNTK, x1: Inputs, x2: Inputs | None, out: Tensor, tensors: Sequence[int],
+    ntk: EmpiricalNTK,
+    x1: Inputs,
+    x2: Inputs | None,
+    out: Tensor,
+    tensors: Sequence[int],
     weights: Tensor | None = None,
 ) -> None:
     r"""Add :math:`J_g(X_1) J_g(X_2)^\top` of ``tensors`` to ``out`` ``(G, N1 C, N2 C)``, or

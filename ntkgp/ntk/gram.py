@@ -36,8 +36,14 @@ _DEFAULT_STRUCTURED_BUDGET = 2**28
 
 
 def structured_gram(
-    ntk: EmpiricalNTK, captures1: list[UnitCapture], captures2: list[UnitCapture], out: Tensor, *,
-    weights: Tensor | None = None, budget: int | None = None, units: Sequence[Unit] | None = None,
+    ntk: EmpiricalNTK,
+    captures1: list[UnitCapture],
+    captures2: list[UnitCapture],
+    out: Tensor,
+    *,
+    weights: Tensor | None = None,
+    budget: int | None = None,
+    units: Sequence[Unit] | None = None,
 ) -> None:
     r"""Add the structured units' NTK contributions to ``out``.
 
@@ -59,15 +65,30 @@ def structured_gram(
             else:
                 linear_gram_weighted(unit, tensor_group, c1, c2, out, weights)
         else:
-            positions_gram(unit, tensor_group, c1, c2, out, weights, workspace, symmetric=symmetric, budget=budget,
-                           route=ntk.conv_route)
+            positions_gram(
+                unit,
+                tensor_group,
+                c1,
+                c2,
+                out,
+                weights,
+                workspace,
+                symmetric=symmetric,
+                budget=budget,
+                route=ntk.conv_route,
+            )
     if linear:
         linear_grams(linear, tensor_group, out, workspace, symmetric=symmetric)
 
 
 def gram(
-    ntk: EmpiricalNTK, x1: Inputs, x2: Inputs | None = None, *, weights: Tensor | None = None,
-    captures1: list[UnitCapture] | None = None, captures2: list[UnitCapture] | None = None,
+    ntk: EmpiricalNTK,
+    x1: Inputs,
+    x2: Inputs | None = None,
+    *,
+    weights: Tensor | None = None,
+    captures1: list[UnitCapture] | None = None,
+    captures2: list[UnitCapture] | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     r"""NTK Grams between ``x1`` and ``x2`` (``None``: ``x2 = x1``, using symmetry).

@@ -156,8 +156,10 @@ def _values(spec: object) -> Tensor:
         return torch.tensor([float(spec)], dtype=torch.float64)
     if isinstance(spec, Tensor):
         if spec.dim() > 1:
-            raise ValueError(f"prior_precision must be a number, a 1-D tensor or a mapping, got a tensor of shape "
-                             f"{tuple(spec.shape)}")
+            raise ValueError(
+                f"prior_precision must be a number, a 1-D tensor or a mapping, got a tensor of shape "
+                f"{tuple(spec.shape)}"
+            )
         return spec.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         return torch.tensor([float(v) for v in spec], dtype=torch.float64)
@@ -184,8 +186,9 @@ def _from_mapping(names: tuple[str, ...], spec: Mapping[str, float]) -> tuple[tu
             continue
         tensor_group.append(max(owners, key=lambda i: len(modules[i])))
     if uncovered:
-        raise ValueError(f"prior_precision mapping does not cover parameter tensors {uncovered}; "
-                         f"its module names are {modules}")
+        raise ValueError(
+            f"prior_precision mapping does not cover parameter tensors {uncovered}; its module names are {modules}"
+        )
     unused = [m for i, m in enumerate(modules) if i not in tensor_group]
     if unused:
         raise ValueError(f"prior_precision mapping names modules with no parameters: {unused}")

@@ -51,8 +51,10 @@ def pushforward(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> Tensor:
     if not _through_jacobian(ntk, tangents.shape[0]):
         return network.jvp(x, tangents)
     flat = tangents.to(network.dtype)
-    parts = [torch.einsum("ncp,tp->tnc", jacobian(ntk, xc), flat)
-             for _, xc in network.chunks(x, network.chunk_size(), desc="jvp")]
+    parts = [
+        torch.einsum("ncp,tp->tnc", jacobian(ntk, xc), flat)
+        for _, xc in network.chunks(x, network.chunk_size(), desc="jvp")
+    ]
     return torch.cat(parts, dim=1)
 
 
@@ -121,8 +123,9 @@ def kernel_matmul(ntk: EmpiricalNTK, x1: Inputs, x2: Inputs, weights: Tensor, co
                 pulled[i] = part if i not in pulled else pulled[i] + part
     scaled = {i: w[group[i]] * p for i, p in pulled.items()}
     outs = []
-    for _, xc, caps in capture_chunks(ntk, x1, _factor_rows(ntk, x1, t), ntk.budget // 2,
-                                      "factor matvec (push forward)"):
+    for _, xc, caps in capture_chunks(
+        ntk, x1, _factor_rows(ntk, x1, t), ntk.budget // 2, "factor matvec (push forward)"
+    ):
         out = torch.zeros(t, xc.num, ntk.num_outputs, dtype=dtype, device=device)
         for unit, cap in zip(units, caps):
             part = unit_pushforward(unit, cap, scaled)
@@ -173,9 +176,7 @@ def jacobian(ntk: EmpiricalNTK, x: Inputs, tensors: Sequence[int] | None = None)
     return out
 
 
-def jacobian_outer(
-    ntk: EmpiricalNTK, x: Inputs, *, per_output: bool, hessian_root: Tensor | None = None
-) -> Tensor:
+def jacobian_outer(ntk: EmpiricalNTK, x: Inputs, *, per_output: bool, hessian_root: Tensor | None = None) -> Tensor:
     r""":math:`J^\top J` accumulated over data in float64.
 
     Returns ``(C, P, P)`` with :math:`J_c^\top J_c` per output ``c`` if ``per_output``, else

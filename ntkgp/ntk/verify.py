@@ -35,7 +35,8 @@ def verify_plan(ntk: EmpiricalNTK, plan: StructuredPlan, probe: Inputs) -> Struc
     failed: set[int] = set()
     errors = []
     cotangent = torch.randn(1, probe.num, network.num_outputs, generator=generator, dtype=torch.float64).to(
-        device=network.device, dtype=network.dtype)
+        device=network.device, dtype=network.dtype
+    )
     for unit, cap in zip(plan.units, caps):
         tensors = list(unit.tensors)
         pulled = unit_pullback(unit, cap, cotangent)

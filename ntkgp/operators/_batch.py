@@ -29,6 +29,8 @@ def to_same_device(op: LinearOperator, *args: Any, **kwargs: Any) -> LinearOpera
     """``op.to(...)`` for ntkgp's operators: they stay on the network's device; a dtype goes to ``op.type``."""
     device, dtype = _to_helper(*args, **kwargs)
     if device is not None and torch.device(device) != op.device:
-        raise ValueError(f"ntkgp's operators live on the network's device ({op.device}); move the network and "
-                         "build the model again instead")
+        raise ValueError(
+            f"ntkgp's operators live on the network's device ({op.device}); move the network and "
+            "build the model again instead"
+        )
     return op if dtype is None or dtype == op.dtype else op.type(dtype)

@@ -88,8 +88,10 @@ class JacobianLinearOperator(LinearOperator):
         n_rows, n_cols = self.shape
         check_fits(n_rows * n_cols * self.dtype.itemsize, f"the dense Jacobian ({n_rows} x {n_cols})", self.device)
         network = self.ntk.network
-        rows = [jacobian(self.ntk, xc).reshape(-1, network.num_parameters)
-                for _, xc in network.chunks(self.x, network.chunk_size())]
+        rows = [
+            jacobian(self.ntk, xc).reshape(-1, network.num_parameters)
+            for _, xc in network.chunks(self.x, network.chunk_size())
+        ]
         dense = torch.cat(rows, 0)
         return dense.T if self.transposed else dense
 

@@ -150,8 +150,9 @@ class NTKLinearOperator(LinearOperator):
         """Exact (Cholesky) when the dense kernel fits in memory; else linear_operator's CG/SLQ."""
         if not self._exact_or_warn():
             return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
-        return dense_inv_quad_logdet(self.to_dense(), inv_quad_rhs, logdet, what="the NTK",
-                                     reduce_inv_quad=reduce_inv_quad)
+        return dense_inv_quad_logdet(
+            self.to_dense(), inv_quad_rhs, logdet, what="the NTK", reduce_inv_quad=reduce_inv_quad
+        )
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         """Exact (Cholesky) when the dense kernel fits in memory; else linear_operator's CG."""

@@ -61,8 +61,9 @@ class PosteriorCovariance(LinearOperator):
 
     def _diagonal(self) -> Tensor:
         if self._diag is None:
-            self._diag = (self._dense.diagonal() if self._dense is not None
-                          else self.posterior.covariance_diagonal(self.x))
+            self._diag = (
+                self._dense.diagonal() if self._dense is not None else self.posterior.covariance_diagonal(self.x)
+            )
         return self._diag
 
     def point_blocks(self) -> Tensor:

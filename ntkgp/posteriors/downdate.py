@@ -38,7 +38,13 @@ class DowndatePosterior(Posterior):
     """
 
     def __init__(
-        self, ntk: EmpiricalNTK, weights: Tensor, delta: Tensor, reference: Inputs | None, rank: int, *,
+        self,
+        ntk: EmpiricalNTK,
+        weights: Tensor,
+        delta: Tensor,
+        reference: Inputs | None,
+        rank: int,
+        *,
         prior_residual: bool = True,
     ) -> None:
         super().__init__(ntk, weights)

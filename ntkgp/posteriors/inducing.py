@@ -35,11 +35,19 @@ class InducingPosterior(DowndatePosterior):
     """
 
     def __init__(
-        self, ntk: EmpiricalNTK, weights: Tensor, delta: Tensor, inducing: Inputs, lz: Tensor, ld: Tensor, *,
+        self,
+        ntk: EmpiricalNTK,
+        weights: Tensor,
+        delta: Tensor,
+        inducing: Inputs,
+        lz: Tensor,
+        ld: Tensor,
+        *,
         prior_residual: bool = True,
     ) -> None:
-        super().__init__(ntk, weights, delta, inducing, (2 if prior_residual else 1) * lz.shape[-1],
-                         prior_residual=prior_residual)
+        super().__init__(
+            ntk, weights, delta, inducing, (2 if prior_residual else 1) * lz.shape[-1], prior_residual=prior_residual
+        )
         self.lz, self.ld = lz, ld
 
     def downdate(self, x: Inputs, cross: Tensor | None) -> Tensor:

@@ -37,7 +37,11 @@ class KernelSpacePosterior(DowndatePosterior):
     """
 
     def __init__(
-        self, problem: NTKProblem, delta: Tensor, cholesky_factor: Tensor, weights: Tensor,
+        self,
+        problem: NTKProblem,
+        delta: Tensor,
+        cholesky_factor: Tensor,
+        weights: Tensor,
         hessian_root: Tensor | None = None,
     ) -> None:
         super().__init__(problem.ntk, weights, delta, problem.x, problem.size)

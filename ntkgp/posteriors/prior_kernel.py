@@ -50,14 +50,21 @@ class PriorKernel:
         self.rest = plan.generic
         self.rest_width = layout.width(self.rest)
         #: :math:`P_0^{-1}` on the generically handled columns, ``(P_rest,)``
-        self.rest_prior_variance = torch.cat(
-            [self.group_weights[g].expand(stop - start) for g, start, stop in layout.column_ranges(self.rest)]
-        ).to(network.dtype) if self.rest else torch.zeros(0, dtype=network.dtype, device=network.device)
+        self.rest_prior_variance = (
+            torch.cat(
+                [self.group_weights[g].expand(stop - start) for g, start, stop in layout.column_ranges(self.rest)]
+            ).to(network.dtype)
+            if self.rest
+            else torch.zeros(0, dtype=network.dtype, device=network.device)
+        )
         self.reference_size = 0 if reference is None else reference.num * ntk.num_outputs
         self.reference_captures = captures(ntk, reference) if reference is not None and plan.units else []
         self._reference_rest_jacobian: Tensor | None = None
-        if (reference is not None and self.rest
-                and self.reference_size * self.rest_width * network.dtype.itemsize <= ntk.budget // 2):
+        if (
+            reference is not None
+            and self.rest
+            and self.reference_size * self.rest_width * network.dtype.itemsize <= ntk.budget // 2
+        ):
             self._reference_rest_jacobian = generic_jacobian(ntk, reference, self.rest).reshape(-1, self.rest_width)
 
     def parts(self, x: Inputs, full: bool, *, prior: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -95,9 +102,10 @@ class PriorKernel:
         if self._reference_rest_jacobian is not None:
             return (self._reference_rest_jacobian @ scaled.T).to(torch.float64)
         assert self.reference is not None
-        parts = [generic_jacobian(self.ntk, xr, self.rest).reshape(-1, self.rest_width) @ scaled.T
-                 for _, xr in self.ntk.network.chunks(self.reference, generic_rows(self.ntk, self.rest),
-                                                      desc="cross-kernel")]
+        parts = [
+            generic_jacobian(self.ntk, xr, self.rest).reshape(-1, self.rest_width) @ scaled.T
+            for _, xr in self.ntk.network.chunks(self.reference, generic_rows(self.ntk, self.rest), desc="cross-kernel")
+        ]
         return torch.cat(parts).to(torch.float64)
 
     def rows(self, downdate_rank: int) -> int:

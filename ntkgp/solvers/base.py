@@ -47,8 +47,11 @@ def output_noise(noise: Tensor, num_outputs: int, solver: str, *, per_output: bo
     """
     per_point = noise.reshape(-1, num_outputs if per_output else 1)
     if not torch.equal(per_point.detach(), per_point[:1].detach().expand_as(per_point)):
-        needs = ("noise that is the same for every data point (per-output noise is fine)" if per_output
-                 else "one noise variance for every training output (e.g. GaussianLikelihood)")
+        needs = (
+            "noise that is the same for every data point (per-output noise is fine)"
+            if per_output
+            else "one noise variance for every training output (e.g. GaussianLikelihood)"
+        )
         raise NoiseVariesError(
             f"the {solver} solver needs {needs}; this likelihood's noise varies over the data: use an exact "
             "solver ('kernel') for it"
@@ -138,9 +141,7 @@ class GaussianSolver(SolverBase, ABC):
     points) and every method refers to that approximation."""
 
     @abstractmethod
-    def inv_quad_logdet(
-        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
-    ) -> tuple[Tensor, Tensor]:
+    def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
         r"""Per-column :math:`r^\top (K + S)^{-1} r` (``(t,)``) and :math:`\log|K + S|`, differentiable."""
 
     @abstractmethod
@@ -163,9 +164,7 @@ class GaussianSolver(SolverBase, ABC):
     def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> Posterior:
         """The posterior given targets minus prior mean, ``residual`` ``(M,)``; no gradients."""
 
-    def bilinear_derivative(
-        self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def bilinear_derivative(self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
         r"""Gradients of :math:`\sum_t l_t^\top (K + S) r_t` w.r.t. ``delta`` and ``noise``:
         :math:`-\sum_t (J_g^\top l_t)\cdot(J_g^\top r_t)/\delta_g^2` (two pullbacks) and :math:`l \odot r`."""
         x, C = self.problem.x, self.problem.num_outputs
@@ -189,7 +188,8 @@ class EvidenceOnlyGaussianSolver(GaussianSolver, ABC):
     def _refuse(self, what: str) -> NotImplementedError:
         return NotImplementedError(
             f"the {self.name!r} solver does not {what} the N x N training covariance; use log_evidence() "
-            "or the posterior, or solver='kernel' for the exact covariance")
+            "or the posterior, or solver='kernel' for the exact covariance"
+        )
 
     def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
         raise self._refuse("solve with")

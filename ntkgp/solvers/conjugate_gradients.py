@@ -125,9 +125,7 @@ class ConjugateGradients(SolverSpec):
     def gaussian(self, problem: NTKProblem) -> CGSolver:
         return CGSolver(problem, self)
 
-    def laplace(
-        self, problem: NTKProblem, hessian_root: Tensor
-    ) -> LaplaceSolver:
+    def laplace(self, problem: NTKProblem, hessian_root: Tensor) -> LaplaceSolver:
         raise NotImplementedError(
             "ConjugateGradients supports Gaussian likelihoods only; for the Laplace GP of a "
             "non-Gaussian likelihood at large N use the inducing-point or Lanczos routes "
@@ -170,9 +168,7 @@ class CGSolver(GaussianSolver):
     name = "cg"
     exact = False
 
-    def __init__(
-        self, problem: NTKProblem, spec: ConjugateGradients
-    ) -> None:
+    def __init__(self, problem: NTKProblem, spec: ConjugateGradients) -> None:
         super().__init__(problem)
         self.spec = spec
         #: per-group NTK diagonals, ``(G, M)``, float64
@@ -215,8 +211,7 @@ class CGSolver(GaussianSolver):
             check_fits(8 * 3 * self.size * rank, f"the rank-{rank} preconditioner", self.network.device)
             diagonal = delta.detach().to(torch.float64).reciprocal() @ self.group_diagonals
             trace_tol = self.spec.preconditioner_tolerance * float(key[-1])
-            factor = pivoted_cholesky(diagonal, lambda idx: self._pivot_columns(delta, idx), rank,
-                                      trace_tol=trace_tol)
+            factor = pivoted_cholesky(diagonal, lambda idx: self._pivot_columns(delta, idx), rank, trace_tol=trace_tol)
         self._factor_cache = (key, factor)
         return factor
 
@@ -224,19 +219,28 @@ class CGSolver(GaussianSolver):
         """:math:`P = LL^\\top + S` at these hyperparameters."""
         return LowRankPlusDiagonal(self._low_rank_factor(delta, noise), noise.detach())
 
-    def run_cg(self, delta: Tensor, noise: Tensor, rhs: Tensor, purpose: str,
-               precond: LowRankPlusDiagonal | None = None) -> CGResult:
+    def run_cg(
+        self, delta: Tensor, noise: Tensor, rhs: Tensor, purpose: str, precond: LowRankPlusDiagonal | None = None
+    ) -> CGResult:
         """Preconditioned CG on :math:`A X = \\text{rhs}` ``(M, t)``; records :attr:`last_info`, warns
         when the tolerance is not reached."""
         precond = precond or self.preconditioner(delta, noise)
         spec = self.spec
         result = conjugate_gradients(
-            self._operator(delta, noise), rhs.detach().to(torch.float64), precondition=precond.solve,
-            tolerance=spec.tolerance, max_iterations=spec.max_iterations, progress=self.network.progress,
+            self._operator(delta, noise),
+            rhs.detach().to(torch.float64),
+            precondition=precond.solve,
+            tolerance=spec.tolerance,
+            max_iterations=spec.max_iterations,
+            progress=self.network.progress,
         )
         self.last_info = CGInfo(
-            purpose=purpose, tolerance=spec.tolerance, iterations=int(result.iterations.max()),
-            max_residual=result.max_residual, residuals=result.residuals, converged=result.converged,
+            purpose=purpose,
+            tolerance=spec.tolerance,
+            iterations=int(result.iterations.max()),
+            max_residual=result.max_residual,
+            residuals=result.residuals,
+            converged=result.converged,
             preconditioner_rank=precond.v.shape[-1],
         )
         if not result.converged:
@@ -256,9 +260,7 @@ class CGSolver(GaussianSolver):
         return rademacher(self.size, self.spec.num_probes, generator, self.network.device), 1.0 / self.spec.num_probes
 
     # ------------------------------------------------------- GaussianSolver
-    def inv_quad_logdet(
-        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
-    ) -> tuple[Tensor, Tensor]:
+    def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
         noise = noise.to(torch.float64).expand(self.size)
         return _InvQuadLogDet.apply(delta, noise, rhs, self, logdet)
 
@@ -286,8 +288,13 @@ class CGSolver(GaussianSolver):
         info = self.last_info
         weights = self._pull_back(delta, alpha)[0]  # theta_bar = P0^{-1} J^T alpha, shape: (P,)
         generator = torch.Generator().manual_seed(self.spec.seed)
-        q, t = lanczos_decomposition(self._operator(delta, noise), residual, self.spec.variance_rank,
-                                     generator=generator, progress=self.network.progress)
+        q, t = lanczos_decomposition(
+            self._operator(delta, noise),
+            residual,
+            self.spec.variance_rank,
+            generator=generator,
+            progress=self.network.progress,
+        )
         factor = cholesky(t, what="the Lanczos tridiagonal of K + S")  # T = L_T L_T^T
         pulled = self._pull_back(delta, q)  # (P0^{-1} J^T Q)^T, shape: (k, P)
         directions = torch.linalg.solve_triangular(factor, pulled, upper=False).T  # W, shape: (P, k)
@@ -307,8 +314,9 @@ class _InvQuadLogDet(torch.autograd.Function):
     """Per-column :math:`r^\\top A^{-1} r` and :math:`\\log|A|` by CG + SLQ, with estimated gradients."""
 
     @staticmethod
-    def forward(ctx: Any, delta: Tensor, noise: Tensor, rhs: Tensor | None, solver: CGSolver,
-                logdet: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, delta: Tensor, noise: Tensor, rhs: Tensor | None, solver: CGSolver, logdet: bool
+    ) -> tuple[Tensor, Tensor]:
         precond = solver.preconditioner(delta, noise)
         t = 0 if rhs is None else rhs.shape[-1]
         parts = [] if rhs is None else [rhs.detach().to(torch.float64)]
@@ -351,8 +359,9 @@ class _InvQuadLogDet(torch.autograd.Function):
             right.append(right_probes)
         grad_delta = grad_noise = grad_rhs = None
         if left and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            grad_delta, grad_noise = ctx.solver.bilinear_derivative(delta, noise, torch.cat(left, -1),
-                                                                    torch.cat(right, -1))
+            grad_delta, grad_noise = ctx.solver.bilinear_derivative(
+                delta, noise, torch.cat(left, -1), torch.cat(right, -1)
+            )
         if t and ctx.needs_input_grad[2]:
             grad_rhs = 2.0 * alpha * grad_quad.to(torch.float64).reshape(1, -1)
         return grad_delta, grad_noise, grad_rhs, None, None

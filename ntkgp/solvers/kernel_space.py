@@ -28,8 +28,9 @@ class KernelSpaceSolver(GaussianSolver):
     def __init__(self, problem: NTKProblem) -> None:
         super().__init__(problem)
         M, G = self.size, self.layout.num_groups
-        check_fits(8 * (G + 2) * M * M, f"the kernel-space solver ({G} Gram matrices of {M} x {M})",
-                   self.network.device)
+        check_fits(
+            8 * (G + 2) * M * M, f"the kernel-space solver ({G} Gram matrices of {M} x {M})", self.network.device
+        )
         #: per-group Gram matrices, ``(G, M, M)``, float64
         self.grams = gram(self.ntk, problem.x)
 
@@ -50,9 +51,7 @@ class KernelSpaceSolver(GaussianSolver):
         inv = delta.to(torch.float64).reciprocal()
         return inv @ self.grams.diagonal(dim1=-2, dim2=-1) + noise.to(torch.float64)
 
-    def inv_quad_logdet(
-        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
-    ) -> tuple[Tensor, Tensor]:
+    def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
         factor, matrix = self.factor_and_matrix(lambda: self.dense(delta, noise), self._WHAT, delta, noise)
         inv_quad, log_det = factored_inv_quad_logdet(factor, None if rhs is None else rhs.to(torch.float64), matrix)
         return inv_quad, log_det if logdet else torch.zeros_like(log_det)
@@ -60,9 +59,7 @@ class KernelSpaceSolver(GaussianSolver):
     def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
         return cholesky_solve(rhs.to(torch.float64), self.factor(delta, noise))
 
-    def bilinear_derivative(
-        self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def bilinear_derivative(self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
         left, right = left.to(torch.float64), right.to(torch.float64)
         quad = torch.einsum("it,gij,jt->g", left, self.grams, right)
         grad_delta = (-quad / delta.detach().to(torch.float64).square()).to(delta.dtype)
@@ -74,4 +71,3 @@ class KernelSpaceSolver(GaussianSolver):
         factor = self.factor(delta, noise)
         alpha = cholesky_solve(residual.to(torch.float64).reshape(-1, 1), factor)
         return KernelSpacePosterior(self.problem, delta, factor, self.posterior_weights(delta, alpha[:, 0]))
-

@@ -91,9 +91,7 @@ class Lanczos(SolverSpec):
     def gaussian(self, problem: NTKProblem) -> LanczosSolver:
         return LanczosSolver(problem, self)
 
-    def laplace(
-        self, problem: NTKProblem, hessian_root: Tensor
-    ) -> LanczosLaplaceSolver:
+    def laplace(self, problem: NTKProblem, hessian_root: Tensor) -> LanczosLaplaceSolver:
         return LanczosLaplaceSolver(problem, self, hessian_root)
 
 
@@ -142,7 +140,10 @@ class _LanczosBase(SolverBase):
     exact = False
 
     def __init__(
-        self, problem: NTKProblem, spec: Lanczos, hessian_root: Tensor | None,
+        self,
+        problem: NTKProblem,
+        spec: Lanczos,
+        hessian_root: Tensor | None,
     ) -> None:
         SolverBase.__init__(self, problem)
         self.spec = spec
@@ -168,16 +169,21 @@ class _LanczosBase(SolverBase):
     def _decompose(self, delta: Tensor, direction: Tensor) -> LanczosDecomposition:
         generator = torch.Generator().manual_seed(self.spec.seed)
         ritz, vectors = block_lanczos(
-            lambda v: self.operator_matmul(delta, v), self.size, self.rank, block_size=self.block_size,
-            num_steps=self.num_steps, generator=generator, device=self.network.device, progress=self.network.progress,
+            lambda v: self.operator_matmul(delta, v),
+            self.size,
+            self.rank,
+            block_size=self.block_size,
+            num_steps=self.num_steps,
+            generator=generator,
+            device=self.network.device,
+            progress=self.network.progress,
         )
         norms = _group_norms(self, vectors)
         return LanczosDecomposition(direction.clone(), vectors, norms, ritz, delta.clone())
 
     def directions(self, delta: Tensor, columns: Tensor, scale: Tensor) -> Tensor:
         r""":math:`P_0^{-1} J^\top B V \operatorname{diag}(\text{scale})`, ``(P, t)``, float64."""
-        out = torch.zeros(self.network.num_parameters, columns.shape[1], dtype=torch.float64,
-                          device=columns.device)
+        out = torch.zeros(self.network.num_parameters, columns.shape[1], dtype=torch.float64, device=columns.device)
         inv_delta = delta.to(torch.float64).reciprocal()
         for start in range(0, columns.shape[1], self.block_size):
             sl = slice(start, start + self.block_size)
@@ -207,9 +213,7 @@ class LanczosSolver(_LanczosBase, GaussianSolver):
     and the dense matrix are those of :math:`U\Lambda U^\top + \sigma^2 I`. See the module docstring.
     """
 
-    def __init__(
-        self, problem: NTKProblem, spec: Lanczos
-    ) -> None:
+    def __init__(self, problem: NTKProblem, spec: Lanczos) -> None:
         super().__init__(problem, spec, None)
 
     # ------------------------------------------------------------------ pieces
@@ -233,9 +237,7 @@ class LanczosSolver(_LanczosBase, GaussianSolver):
         return vectors @ (proj / (eig + sigma2)[:, None]) + rest / sigma2
 
     # ------------------------------------------------------------ the contract
-    def inv_quad_logdet(
-        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
-    ) -> tuple[Tensor, Tensor]:
+    def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
         vectors, eig, sigma2 = self._spectrum(delta, noise)
         zero = torch.zeros((), dtype=torch.float64, device=vectors.device)
         inv_quad, log_det = zero, zero
@@ -290,9 +292,7 @@ class LanczosSolver(_LanczosBase, GaussianSolver):
         vectors, eig, _ = self._spectrum(delta, noise)
         return vectors.square() @ eig + noise.to(torch.float64)
 
-    def bilinear_derivative(
-        self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def bilinear_derivative(self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
         r"""Gradients of :math:`\sum_t l_t^\top (U T(\delta) U^\top + S) r_t` (see
         :meth:`_rotation_gradient`): :math:`-\sum_t (J_g^\top UU^\top l_t)\cdot(J_g^\top UU^\top r_t)/\delta_g^2`
         (two vjps) and :math:`l \odot r`."""
@@ -327,7 +327,10 @@ class LanczosLaplaceSolver(_LanczosBase, LaplaceSolver):
     conservative low-rank posterior centred at the MAP. See the module docstring."""
 
     def __init__(
-        self, problem: NTKProblem, spec: Lanczos, hessian_root: Tensor,
+        self,
+        problem: NTKProblem,
+        spec: Lanczos,
+        hessian_root: Tensor,
     ) -> None:
         super().__init__(problem, spec, hessian_root)
 
@@ -343,4 +346,3 @@ class LanczosLaplaceSolver(_LanczosBase, LaplaceSolver):
         directions = self.directions(delta, dec.vectors, scale)
         weights = self.network.flat_params.to(torch.float64)
         return LowRankPosterior(self.ntk, delta, weights, directions)
-

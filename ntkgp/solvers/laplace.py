@@ -39,8 +39,9 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
     def __init__(self, problem: NTKProblem, hessian_root: Tensor) -> None:
         super().__init__(problem, hessian_root)
         M, G = self.size, self.layout.num_groups
-        check_fits(8 * (G + 2) * M * M, f"the kernel-space Laplace solver ({G} matrices of {M} x {M})",
-                   self.network.device)
+        check_fits(
+            8 * (G + 2) * M * M, f"the kernel-space Laplace solver ({G} matrices of {M} x {M})", self.network.device
+        )
         #: per-group :math:`B^\top K_g B`, ``(G, M, M)``, float64
         self.grams = gram(self.ntk, problem.x)
         for g in range(G):  # in place, one group at a time

@@ -102,7 +102,12 @@ class SubsetOfDataSolver(_Subset, EvidenceOnlyGaussianSolver):
     name = "subset"
 
     def __init__(
-        self, problem: NTKProblem, indices: Tensor, rescale_prior: bool, *, mean: str = "posterior",
+        self,
+        problem: NTKProblem,
+        indices: Tensor,
+        rescale_prior: bool,
+        *,
+        mean: str = "posterior",
     ) -> None:
         SolverBase.__init__(self, problem)
         #: the exact solver of the subset
@@ -112,12 +117,11 @@ class SubsetOfDataSolver(_Subset, EvidenceOnlyGaussianSolver):
     def _noise(self, noise: Tensor) -> Tensor:
         return noise[self.rows] if noise.dim() and noise.numel() > 1 else noise
 
-    def inv_quad_logdet(
-        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
-    ) -> tuple[Tensor, Tensor]:
+    def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
         """The subset's terms at :math:`\\delta N/M` (if rescaled), times :math:`N/M`."""
         inv_quad, log_det = self.inner.inv_quad_logdet(
-            delta * self.prior_scale, self._noise(noise), None if rhs is None else rhs[self.rows], logdet)
+            delta * self.prior_scale, self._noise(noise), None if rhs is None else rhs[self.rows], logdet
+        )
         return self.ratio * inv_quad, self.ratio * log_det
 
     @torch.no_grad()

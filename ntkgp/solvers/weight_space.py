@@ -56,9 +56,7 @@ class WeightSpaceSolver(GaussianSolver):
         scaled = rhs.to(torch.float64).reshape(N, C, -1) / noise_c.reshape(1, C, 1)  # shape: (N, C, t)
         return pullback(self.ntk, self.problem.x, scaled.permute(2, 0, 1)).T
 
-    def inv_quad_logdet(
-        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
-    ) -> tuple[Tensor, Tensor]:
+    def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
         noise_c = output_noise(noise, self.problem.num_outputs, "weight-space")
         factor, matrix = self.factor_and_matrix(lambda: self._precision(delta, noise_c), self._WHAT, delta, noise_c)
         zero = torch.zeros((), dtype=torch.float64, device=factor.device)

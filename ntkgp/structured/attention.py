@@ -36,14 +36,46 @@ if TYPE_CHECKING:
 __all__ = ["multi_head_attention"]
 
 _NAMES = (
-    "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
-    "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training", "key_padding_mask",
-    "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-    "static_k", "static_v", "average_attn_weights", "is_causal",
+    "query",
+    "key",
+    "value",
+    "embed_dim_to_check",
+    "num_heads",
+    "in_proj_weight",
+    "in_proj_bias",
+    "bias_k",
+    "bias_v",
+    "add_zero_attn",
+    "dropout_p",
+    "out_proj_weight",
+    "out_proj_bias",
+    "training",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "use_separate_proj_weight",
+    "q_proj_weight",
+    "k_proj_weight",
+    "v_proj_weight",
+    "static_k",
+    "static_v",
+    "average_attn_weights",
+    "is_causal",
 )
-_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
-             "use_separate_proj_weight": False, "q_proj_weight": None, "k_proj_weight": None, "v_proj_weight": None,
-             "static_k": None, "static_v": None, "average_attn_weights": True, "is_causal": False}
+_DEFAULTS = {
+    "training": True,
+    "key_padding_mask": None,
+    "need_weights": True,
+    "attn_mask": None,
+    "use_separate_proj_weight": False,
+    "q_proj_weight": None,
+    "k_proj_weight": None,
+    "v_proj_weight": None,
+    "static_k": None,
+    "static_v": None,
+    "average_attn_weights": True,
+    "is_causal": False,
+}
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -57,9 +89,16 @@ def multi_head_attention(mode: CaptureMode, func: Any, args: tuple[Any, ...], kw
     """``F.multi_head_attention_forward(*args, **kwargs)`` with batch-first ``F.linear`` projections."""
     a = {**_DEFAULTS, **dict(zip(_NAMES, args)), **kwargs}
     query, key, value = a["query"], a["key"], a["value"]
-    unsupported = (a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]
-                   or a["static_k"] is not None or a["static_v"] is not None or query.dim() != 3
-                   or (a["training"] and a["dropout_p"] > 0) or a["use_separate_proj_weight"])
+    unsupported = (
+        a["bias_k"] is not None
+        or a["bias_v"] is not None
+        or a["add_zero_attn"]
+        or a["static_k"] is not None
+        or a["static_v"] is not None
+        or query.dim() != 3
+        or (a["training"] and a["dropout_p"] > 0)
+        or a["use_separate_proj_weight"]
+    )
     if unsupported:
         return mode.plain(func, args, kwargs, mode._uses(args, kwargs))
     heads, w, b = a["num_heads"], a["in_proj_weight"], a["in_proj_bias"]

@@ -62,8 +62,12 @@ def linear_gram_weighted(
 
 
 def linear_grams(
-    pairs: list[tuple[Unit, UnitCapture, UnitCapture]], tensor_group: Sequence[int], out: Tensor,
-    workspace: Workspace, *, symmetric: bool,
+    pairs: list[tuple[Unit, UnitCapture, UnitCapture]],
+    tensor_group: Sequence[int],
+    out: Tensor,
+    workspace: Workspace,
+    *,
+    symmetric: bool,
 ) -> None:
     r"""All one-position units into the per-group ``out`` ``(G, N1*C, N2*C)``, block by block.
 
@@ -123,8 +127,11 @@ def _emit(
     """Add ``values`` ``(r1, C, r2, C)`` to ``target`` ``(n1, C, n2, C)`` at ``block``, and its mirror if symmetric."""
     s1, e1, s2, e2 = block
     if values.dtype != target.dtype:  # cast once (in place mixed-dtype arithmetic is slow on CPU)
-        values = workspace.get("convert", values.numel(), target.dtype, target.device)[: values.numel()].view(
-            values.shape).copy_(values)
+        values = (
+            workspace.get("convert", values.numel(), target.dtype, target.device)[: values.numel()]
+            .view(values.shape)
+            .copy_(values)
+        )
     target[s1:e1, :, s2:e2].add_(values)
     if symmetric and s1 != s2:
         target[s2:e2, :, s1:e1].add_(values.permute(2, 3, 0, 1))

@@ -140,8 +140,17 @@ def _spatial_block(unit: Unit, c1: UnitCapture, c2: UnitCapture) -> Tensor:
 
 
 def positions_gram(
-    unit: Unit, tensor_group: Sequence[int], c1: UnitCapture, c2: UnitCapture, out: Tensor,
-    weights: Tensor | None, workspace: Workspace, *, symmetric: bool, budget: int, route: Route = "auto",
+    unit: Unit,
+    tensor_group: Sequence[int],
+    c1: UnitCapture,
+    c2: UnitCapture,
+    out: Tensor,
+    weights: Tensor | None,
+    workspace: Workspace,
+    *,
+    symmetric: bool,
+    budget: int,
+    route: Route = "auto",
 ) -> None:
     """One unit into ``out``: bias block from position-summed cotangents, weight block by a route, in blocks."""
     g1 = c1.cotangents

@@ -131,8 +131,11 @@ class CaptureMode(TorchFunctionMode):
         self.produced = 0
 
     def _uses(self, args: Any, kwargs: Any) -> set[int]:
-        return {self.index[id(leaf)] for leaf in tree_flatten((args, kwargs))[0]
-                if isinstance(leaf, Tensor) and id(leaf) in self.index}
+        return {
+            self.index[id(leaf)]
+            for leaf in tree_flatten((args, kwargs))[0]
+            if isinstance(leaf, Tensor) and id(leaf) in self.index
+        }
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -221,8 +224,14 @@ def _embedding(mode: CaptureMode, func: Any, args: tuple[Any, ...], kwargs: dict
         flat = ids.reshape(ids.shape[0], -1).long()
         return flat if padding_idx is None else flat.masked_fill(flat == padding_idx, -1)
 
-    site = Site("embedding", w, None, ids.shape[0], ("embedding", tuple(ids.shape[1:]), tuple(weight.shape)),
-                to_positions=_last_dim(d))
+    site = Site(
+        "embedding",
+        w,
+        None,
+        ids.shape[0],
+        ("embedding", tuple(ids.shape[1:]), tuple(weight.shape)),
+        to_positions=_last_dim(d),
+    )
     site.extra["vocabulary"] = weight.shape[0]
     return mode.add(site, ids, inputs, func(*args, **kwargs))
 
@@ -242,8 +251,14 @@ def _affine(name: str, normalize: Callable[..., Tensor], weight_at: int, last: b
         if id(x) in mode.index or x.dim() < 2:
             return mode.plain(func, args, kwargs, {i for i in (w, b) if i is not None})
         d = (weight if weight is not None else bias).numel()
-        site = Site("affine", w, b, x.shape[0], (name, tuple(x.shape[1:]), d),
-                    to_positions=_last_dim(d) if last else _channel_dim)
+        site = Site(
+            "affine",
+            w,
+            b,
+            x.shape[0],
+            (name, tuple(x.shape[1:]), d),
+            to_positions=_last_dim(d) if last else _channel_dim,
+        )
 
         def inputs() -> Tensor:
             xhat = normalize(args, kwargs)

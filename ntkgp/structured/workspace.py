@@ -76,5 +76,9 @@ def block_rows(n: int, outputs: int) -> int:
 
 def pair_blocks(n1: int, n2: int, rows: int, symmetric: bool) -> list[tuple[int, int, int, int]]:
     """Blocks ``(s1, e1, s2, e2)`` of ``rows`` points covering ``(n1, n2)``; symmetric: only ``s2 <= s1``."""
-    return [(s1, min(s1 + rows, n1), s2, min(s2 + rows, n2))
-            for s1 in range(0, n1, rows) for s2 in range(0, n2, rows) if not (symmetric and s2 > s1)]
+    return [
+        (s1, min(s1 + rows, n1), s2, min(s2 + rows, n2))
+        for s1 in range(0, n1, rows)
+        for s2 in range(0, n2, rows)
+        if not (symmetric and s2 > s1)
+    ]

@@ -22,14 +22,18 @@ __all__ = ["InducingCaches"]
 _EXTRA_JITTER = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
-
 class InducingCaches(SolverBase):
     r"""What both inducing solvers cache: :math:`K^g_{ZZ}`, :math:`\Phi_{gh}` and traces."""
 
     exact = False
 
     def __init__(
-        self, problem: NTKProblem, indices: Tensor, jitter: float, blocks: int, prior_residual: bool,
+        self,
+        problem: NTKProblem,
+        indices: Tensor,
+        jitter: float,
+        blocks: int,
+        prior_residual: bool,
     ) -> None:
         SolverBase.__init__(self, problem)
         C, G = problem.num_outputs, self.layout.num_groups
@@ -42,9 +46,12 @@ class InducingCaches(SolverBase):
         self.z = problem.x[self.indices]
         self.jitter = jitter
         mc = self.z.num * C
-        check_fits(8 * (blocks * G * G + G + 4) * mc * mc,
-                   f"the inducing-point caches ({blocks} x {G}^2 + {G} matrices of {mc} x {mc}); use fewer "
-                   "inducing points or fewer prior groups", network.device)
+        check_fits(
+            8 * (blocks * G * G + G + 4) * mc * mc,
+            f"the inducing-point caches ({blocks} x {G}^2 + {G} matrices of {mc} x {mc}); use fewer "
+            "inducing points or fewer prior groups",
+            network.device,
+        )
         #: per-group :math:`K^g_{ZZ}` ``(G, MC, MC)``, float64
         self.kzz = gram(self.ntk, self.z)
         #: :math:`\Phi` ``(blocks, G, G, MC, MC)``, float64

@@ -20,7 +20,12 @@ class InducingSolver(InducingCaches, EvidenceOnlyGaussianSolver):
     name = "inducing"
 
     def __init__(
-        self, problem: NTKProblem, indices: Tensor, jitter: float = 1e-8, *, mean: str = "posterior",
+        self,
+        problem: NTKProblem,
+        indices: Tensor,
+        jitter: float = 1e-8,
+        *,
+        mean: str = "posterior",
         prior_residual: bool = True,
     ) -> None:
         C, G = problem.num_outputs, problem.layout.num_groups
@@ -75,9 +80,7 @@ class InducingSolver(InducingCaches, EvidenceOnlyGaussianSolver):
         return torch.einsum("c,g,cgmt->mt", precision, inv, projected), precision @ square
 
     # -------------------------------------------------------------- interface
-    def inv_quad_logdet(
-        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
-    ) -> tuple[Tensor, Tensor]:
+    def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
         r""":math:`r^\top (Q + S)^{-1} r` and :math:`\log|Q + S|` (Woodbury / determinant lemma)."""
         if rhs is not None:
             self._projections(rhs)  # first call: one data pass for Phi and the projection together
@@ -112,8 +115,11 @@ class InducingSolver(InducingCaches, EvidenceOnlyGaussianSolver):
         stash, self._stash = self._stash, None
         if stash is not None:  # computed by the inv_quad_logdet of this same evaluation: reuse it
             (old_delta, old_precision, grad), term = stash
-            if (grad == torch.is_grad_enabled() and torch.equal(old_delta, delta.detach())
-                    and torch.equal(old_precision, precision.detach())):
+            if (
+                grad == torch.is_grad_enabled()
+                and torch.equal(old_delta, delta.detach())
+                and torch.equal(old_precision, precision.detach())
+            ):
                 return term
         kzz, phi, precision = self._pieces(delta, noise)
         return self._trace_term(delta, precision, self._factors(kzz, phi)[1])

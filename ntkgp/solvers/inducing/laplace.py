@@ -20,7 +20,12 @@ class InducingLaplaceSolver(InducingCaches, LaplaceSolver):
     name = "inducing"
 
     def __init__(
-        self, problem: NTKProblem, indices: Tensor, jitter: float, hessian_root: Tensor, *,
+        self,
+        problem: NTKProblem,
+        indices: Tensor,
+        jitter: float,
+        hessian_root: Tensor,
+        *,
         prior_residual: bool = True,
     ) -> None:
         super().__init__(problem, indices, jitter, blocks=1, prior_residual=prior_residual)
@@ -35,8 +40,7 @@ class InducingLaplaceSolver(InducingCaches, LaplaceSolver):
         self.traces = self._laplace_traces()
 
     def _laplace_traces(self) -> Tensor:
-        r"""Per-group :math:`\operatorname{tr}(B^\top K^g B) = \sum_n \operatorname{tr}(B_n^\top K^g_{nn} B_n)`, (G,).
-        """
+        r"""Per-group :math:`\operatorname{tr}(B^\top K^g B) = \sum_n \operatorname{tr}(B_n^\top K^g_{nn} B_n)`, (G,)."""
         G, ntk, x = self.layout.num_groups, self.ntk, self.problem.x
         out = torch.zeros(G, dtype=torch.float64, device=self.network.device)
         C = self.problem.num_outputs

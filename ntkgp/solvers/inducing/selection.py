@@ -217,11 +217,19 @@ def select_inducing_points(
         return random_points(n, num_inducing, generator)
     if selection == "kmeans":
         if features is None:
-            raise ValueError("selection='kmeans' needs floating-point inputs; these have none (token ids?): use "
-                             "selection='random' or 'pivoted_cholesky'")
+            raise ValueError(
+                "selection='kmeans' needs floating-point inputs; these have none (token ids?): use "
+                "selection='random' or 'pivoted_cholesky'"
+            )
         return kmeans_points(features, num_inducing, generator)
     if selection == "pivoted_cholesky":
-        return pivoted_cholesky_points(problem, num_inducing, problem.layout.initial_precision.to(
-            problem.network.device), pool_size=pool_size, generator=generator)
+        return pivoted_cholesky_points(
+            problem,
+            num_inducing,
+            problem.layout.initial_precision.to(problem.network.device),
+            pool_size=pool_size,
+            generator=generator,
+        )
     raise ValueError(
-        f"selection must be 'auto', 'kmeans', 'pivoted_cholesky', 'random' or an index tensor, got {selection!r}")
+        f"selection must be 'auto', 'kmeans', 'pivoted_cholesky', 'random' or an index tensor, got {selection!r}"
+    )

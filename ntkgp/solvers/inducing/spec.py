@@ -80,13 +80,16 @@ class Inducing(SolverSpec):
         self._check_choice("mean", ("posterior", "network"))
 
     def _indices(self, problem: NTKProblem) -> Tensor:
-        return select_inducing_points(self.selection, problem, self.num_inducing, pool_size=self.pool_size,
-                                      generator=self.generator)
+        return select_inducing_points(
+            self.selection, problem, self.num_inducing, pool_size=self.pool_size, generator=self.generator
+        )
 
     def gaussian(self, problem: NTKProblem) -> InducingSolver:
-        return InducingSolver(problem, self._indices(problem), self.jitter, mean=self.mean,
-                              prior_residual=self.prior_residual)
+        return InducingSolver(
+            problem, self._indices(problem), self.jitter, mean=self.mean, prior_residual=self.prior_residual
+        )
 
     def laplace(self, problem: NTKProblem, hessian_root: Tensor) -> InducingLaplaceSolver:
-        return InducingLaplaceSolver(problem, self._indices(problem), self.jitter, hessian_root,
-                                     prior_residual=self.prior_residual)
+        return InducingLaplaceSolver(
+            problem, self._indices(problem), self.jitter, hessian_root, prior_residual=self.prior_residual
+        )
