@@ -40,7 +40,7 @@ class InducingLaplaceSolver(InducingCaches, LaplaceSolver):
         self.traces = self._laplace_traces()
 
     def _laplace_traces(self) -> Tensor:
-        r"""Per-group traces :math:`\operatorname{tr}(B^\top K^g B) = \sum_n \operatorname{tr}(B_n^\top K^g_{nn} B_n)`."""
+        r""":math:`\operatorname{tr}(B^\top K^g B) = \sum_n \operatorname{tr}(B_n^\top K^g_{nn} B_n)` per group."""
         G, ntk, x = self.layout.num_groups, self.ntk, self.problem.x
         out = torch.zeros(G, dtype=torch.float64, device=self.network.device)
         C = self.problem.num_outputs
