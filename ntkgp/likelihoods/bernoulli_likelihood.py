@@ -21,7 +21,8 @@ class BernoulliLikelihood(LaplaceLikelihood):
     link_approx:
         ``"probit"`` (default) or ``"mc"``.
     n_samples, generator:
-        Samples and random generator for ``"mc"``.
+        Samples and random generator for ``"mc"`` (default: a generator seeded with ``0`` on every
+        call, so predictions are reproducible and the global RNG is never used).
     """
 
     num_outputs = 1

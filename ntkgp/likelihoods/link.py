@@ -10,7 +10,8 @@ under a Gaussian latent :math:`f \sim \mathcal N(\mu, \Sigma)`.
   sum-zero subspace, :math:`\mu \to \Pi\mu`, :math:`\Sigma \to \Pi\Sigma\Pi` with
   :math:`\Pi = I - \mathbf 1\mathbf 1^\top / K`;
 * ``"mc"``: the average of ``softmax`` over samples of :math:`f`, reproducible with a
-  ``torch.Generator``.
+  ``torch.Generator``; without one, a generator seeded with ``0`` on every call (the same draws
+  each time, and the global RNG untouched).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from ntkgp._random import draw_device
+from ntkgp._random import default_generator, draw_device
 
 __all__ = ["LINK_APPROXIMATIONS", "expected_sigmoid", "expected_softmax"]
 
@@ -35,6 +36,7 @@ def check_link(link_approx: str, allowed: tuple[str, ...] = LINK_APPROXIMATIONS)
 
 def _gaussian_samples(mean: Tensor, covariance: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
     # shape: mean (N, C), covariance (N, C, C) -> samples (S, N, C)
+    generator = default_generator(generator)
     evals, evecs = torch.linalg.eigh(covariance)
     root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)  # PSD square root, robust to singular blocks
     noise = torch.randn(
@@ -79,6 +81,7 @@ def expected_sigmoid(
     check_link(link_approx, ("probit", "mc"))
     if link_approx == "probit":
         return torch.sigmoid(mean / torch.sqrt(1 + math.pi / 8 * variance))
+    generator = default_generator(generator)
     noise = torch.randn(
         n_samples, *mean.shape, dtype=mean.dtype, device=draw_device(generator, mean.device), generator=generator
     ).to(mean.device)

@@ -53,7 +53,8 @@ class NaturalGaussianLikelihood(LaplaceLikelihood):
         :math:`\mathrm{Var}[\mu]`) or ``"mc"`` (Monte Carlo over :math:`\eta`, discarding samples
         with :math:`\eta_2 \ge 0`).
     n_samples, generator:
-        Samples and random generator for ``"mc"``.
+        Samples and random generator for ``"mc"`` (default: a generator seeded with ``0`` on every
+        call, so predictions are reproducible and the global RNG is never used).
     """
 
     num_outputs = 2

@@ -30,7 +30,8 @@ class SoftmaxLikelihood(LaplaceLikelihood):
         ``"probit"`` (default), ``"bridge"`` or ``"mc"``: how ``likelihood(f)`` turns the latent
         Gaussian into class probabilities (see :mod:`ntkgp.likelihoods.link`).
     n_samples, generator:
-        Samples and random generator for ``"mc"``.
+        Samples and random generator for ``"mc"`` (default: a generator seeded with ``0`` on every
+        call, so predictions are reproducible and the global RNG is never used).
     """
 
     def __init__(

@@ -30,7 +30,7 @@ from gpytorch.constraints import Interval, Positive
 from gpytorch.likelihoods import Likelihood
 from torch import Tensor, nn
 
-from ntkgp._random import draw_device
+from ntkgp._random import default_generator, draw_device
 from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.marglik.partitions import class_partition, random_partition
 from ntkgp.marglik.subset_bound import SubsetEvidenceBound
@@ -108,7 +108,8 @@ class MarglikTuner:
         :attr:`history` are then that subset's estimates, not the whole bound, and ``_after``
         is in-sample (the subset the steps were fitted to).
     generator:
-        Random generator for the partitions.
+        Random generator for the partitions (default: one seeded with ``0``, owned by the tuner; the
+        global RNG is never used).
     prior_precision_constraint:
         The positivity constraint whose raw values Adam steps on (default
         ``gpytorch.constraints.Positive()``, softplus). With
@@ -146,7 +147,9 @@ class MarglikTuner:
         self.groups = PriorLayout.from_spec(names, [p.numel() for _, p in named], prior_precision)
         self.names = names
         self.likelihood, self.train_x, self.train_y = likelihood, train_x, train_y
-        self.steps, self.subset_size, self.generator = steps, subset_size, generator
+        #: draws the subsets (default: a generator seeded with 0, owned by the tuner; never the global RNG)
+        self.generator = default_generator(generator)
+        self.steps, self.subset_size = steps, subset_size
         self.minibatch = minibatch
         self.model_kwargs = model_kwargs
         device = next(net.parameters()).device
@@ -326,7 +329,8 @@ def fit_online_marglik(
     start = time.perf_counter()
     for epoch in progress_bar(range(epochs), desc="online marglik", enable=progress):
         net.train()
-        order = torch.randperm(n, generator=generator, device=draw_device(generator)).to(train_x.device)
+        shuffle = tuner.generator  # the caller's generator, or the tuner's own seeded one
+        order = torch.randperm(n, generator=shuffle, device=draw_device(shuffle)).to(train_x.device)
         total = 0.0
         for idx in order.split(size):
             optimizer.zero_grad()

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ntkgp._random import draw_device
+from ntkgp._random import default_generator, draw_device
 from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.linalg.cholesky import cholesky_logdet
 from ntkgp.linalg.hessian_root import sandwich
@@ -57,6 +57,8 @@ class SubsetEvidenceBound:
         if not torch.equal(covered.cpu(), torch.arange(model.num_data)):
             raise ValueError("subsets must partition range(N): every training point exactly once")
         self.model = model
+        #: draws :meth:`minibatch` subsets when no generator is given (seeded with 0; never the global RNG)
+        self.generator = default_generator(None)
         self.subsets = [torch.as_tensor(s).reshape(-1).to(model.network.device) for s in subsets]
         network, x = model.network, model.train_x
         #: per subset, per-group Grams ``(G, b*C, b*C)``, float64; each is computed on first use, so
@@ -126,6 +128,7 @@ class SubsetEvidenceBound:
         Its expectation over the subset, and that of its gradients, equals :meth:`__call__`.
         """
         if index is None:
+            generator = self.generator if generator is None else generator
             index = int(torch.randint(self.num_subsets, (1,), generator=generator, device=draw_device(generator)))
         return self._data_and_prior_terms() - 0.5 * self.num_subsets * self._subset_log_det(index)
 

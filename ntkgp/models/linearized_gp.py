@@ -23,6 +23,7 @@ from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.means.linearized_mean import LinearizedMean
 from ntkgp.network.functional import FunctionalNetwork, OutputFn
 from ntkgp.network.inputs import InputLike, Inputs
+from ntkgp.network.passes import outside_inference_mode
 from ntkgp.network.subnetwork import SubnetworkSpec
 from ntkgp.ntk import EmpiricalNTK, Implementation, NTKProblem, PriorLayout, PriorPrecisionSpec
 from ntkgp.operators.posterior_covariance import PosteriorCovariance
@@ -115,6 +116,7 @@ class LinearizedGP(ExactGP):
         Show tqdm progress bars on long passes.
     """
 
+    @outside_inference_mode
     def __init__(
         self,
         net: nn.Module,
@@ -145,8 +147,10 @@ class LinearizedGP(ExactGP):
             probe_inputs=x[:3],
         )
         x.check("train_x", device=network.device)
-        if x.float_dtype is not None and x.float_dtype != network.dtype:
-            raise TypeError(f"train_x has dtype {x.float_dtype} but the network's parameters are {network.dtype}")
+        if x.float_dtype is not None and x.float_dtype not in (network.dtype, network.source_dtype):
+            raise TypeError(
+                f"train_x has dtype {x.float_dtype} but the network's parameters are {network.source_dtype}"
+            )
         if not isinstance(solver, SolverSpec) and solver not in ("auto", "kernel", "weight"):
             raise ValueError(f"solver must be 'auto', 'kernel', 'weight' or a SolverSpec, got {solver!r}")
         check_module_device(likelihood, "likelihood", network.device)
@@ -240,6 +244,7 @@ class LinearizedGP(ExactGP):
         return self.problem.x
 
     @property
+    @outside_inference_mode
     def solver(self) -> GaussianSolver | LaplaceSolver:
         """The solver, built on first use: it caches what does not depend on the hyperparameters
         (Gram matrices or :math:`J^\\top J` of the training data for the exact solvers; the memory
@@ -259,6 +264,7 @@ class LinearizedGP(ExactGP):
         return self._solver
 
     @property
+    @outside_inference_mode
     def train_mean(self) -> Tensor:
         r"""The prior mean at the training inputs, :math:`m(X) = f(X) - J(X)\hat\theta`, float64.
 
@@ -311,6 +317,7 @@ class LinearizedGP(ExactGP):
         inputs = self.inputs(x)
         return self._distribution(self.mean_module(inputs), self.covar_module.operator(inputs, inputs))
 
+    @outside_inference_mode
     def __call__(self, *args: Any, **kwargs: Any) -> MultivariateNormal:
         x = self.inputs(args[0])
         if gpytorch.settings.prior_mode.on():
@@ -351,6 +358,7 @@ class LinearizedGP(ExactGP):
         """Training targets minus the prior mean, ``(N*C,)``, float64."""
         return (self.train_targets.to(torch.float64) - self.train_mean).reshape(-1)
 
+    @outside_inference_mode
     @torch.no_grad()
     def posterior(self) -> Posterior:
         """The posterior at the current hyperparameters (cached until they change).
@@ -372,6 +380,7 @@ class LinearizedGP(ExactGP):
         self._posterior = (key, post)
         return post
 
+    @outside_inference_mode
     def log_evidence(self) -> Tensor:
         r"""The log marginal likelihood, differentiable in the hyperparameters.
 

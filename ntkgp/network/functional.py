@@ -26,6 +26,8 @@ them, so predictions can be differentiated in their inputs.
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -55,7 +57,15 @@ MODE_DEPENDENT_MODULES: tuple[type[nn.Module], ...] = (
 #: Maps the network's return value to the ``(n, C)`` or ``(n,)`` outputs to linearize.
 OutputFn = Callable[[Any], Tensor]
 
+#: Floating dtypes too coarse for Jacobians: such networks are evaluated in float32.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 _DEFAULT_CHUNK_ELEMENTS = 2**25  # a Jacobian chunk holds at most this many entries (128 MiB in float32)
+
+#: Forward-mode AD keeps its dual levels in process-wide state: two threads in ``torch.func.jvp`` at
+#: once corrupt each other's levels ("forward AD level with an invalid index", or silently wrong
+#: tangents). Every jvp pass of ntkgp holds this lock; reverse-mode passes run concurrently.
+_FORWARD_AD_LOCK = threading.RLock()
 
 
 class FunctionalNetwork:
@@ -127,6 +137,18 @@ class FunctionalNetwork:
             held = {n: p.detach().clone() for n, p in net.named_parameters() if n not in self.params}
             #: frozen copies of the other parameters and the buffers (e.g. BatchNorm statistics)
             self.fixed: dict[str, Tensor] = {**held, **{n: b.detach().clone() for n, b in net.named_buffers()}}
+        first = next(iter(self.params.values()))
+        #: the dtype of the user's network; float16 and bfloat16 networks are evaluated in float32
+        self.source_dtype: torch.dtype = first.dtype
+        if first.dtype in _LOW_PRECISION:
+            warnings.warn(
+                f"the network's parameters are {first.dtype}; ntkgp evaluates it in float32 (a {first.dtype} "
+                "Jacobian would put errors of 1e-2 or more on the predictive mean and variance). The GP is the "
+                "linearization of the same weights in float32.",
+                stacklevel=3,
+            )
+            self.params = {n: _widen(p) for n, p in self.params.items()}
+            self.fixed = {n: _widen(p) for n, p in self.fixed.items()}
         #: names of the parameter tensors in :math:`\theta`
         self.names: tuple[str, ...] = tuple(self.params)
         self.shapes: tuple[torch.Size, ...] = tuple(p.shape for p in self.params.values())
@@ -280,7 +302,7 @@ class FunctionalNetwork:
         tangent = self.unflatten(tangents.to(self.dtype), tensors)
         primal = {n: self.params[n] for n in names}
         outs = []
-        with network_pass(self._grad(x) or tangents.requires_grad):
+        with _FORWARD_AD_LOCK, network_pass(self._grad(x) or tangents.requires_grad):
             for _, xc in self.chunks(x, size, desc="jvp"):
                 xc = self._prepare(xc)
 
@@ -342,6 +364,10 @@ class FunctionalNetwork:
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+
+def _widen(t: Tensor) -> Tensor:
+    return t.to(torch.float32) if t.dtype in _LOW_PRECISION else t
 
 
 def _batch_dims(tree: Any) -> Any:

@@ -17,14 +17,18 @@ r"""The conditions every pass through the network runs under.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from ntkgp.precision import ieee_float32
 
-__all__ = ["network_pass", "usable"]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+__all__ = ["network_pass", "outside_inference_mode", "usable"]
 
 
 @contextlib.contextmanager
@@ -59,3 +63,23 @@ def network_pass(grad: bool) -> Iterator[None]:
 def usable(t: Tensor) -> Tensor:
     """``t``, or a normal copy of it when it was made in inference mode (autograd cannot save those)."""
     return t.clone() if t.is_inference() else t
+
+
+def outside_inference_mode(method: _F) -> _F:
+    """Decorator: run ``method`` out of ``torch.inference_mode()``.
+
+    The model's caches (Grams, factors, posteriors) are built on first use, often inside a
+    prediction the user wraps in ``inference_mode``; made there they would be inference tensors,
+    which a later evidence gradient could not use. Everything the method creates is an ordinary
+    tensor; grad mode is left as the caller set it.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        grad = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
+            return method(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

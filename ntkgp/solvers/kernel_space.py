@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ntkgp.linalg.cholesky import cholesky, cholesky_solve, factored_inv_quad_logdet
-from ntkgp.memory import check_fits
+from ntkgp.memory import KERNEL_SPACE_MATRICES, check_fits
 from ntkgp.ntk import NTKProblem, gram
 from ntkgp.posteriors.kernel_space import KernelSpacePosterior
 from ntkgp.solvers.base import GaussianSolver
@@ -29,7 +29,9 @@ class KernelSpaceSolver(GaussianSolver):
         super().__init__(problem)
         M, G = self.size, self.layout.num_groups
         check_fits(
-            8 * (G + 2) * M * M, f"the kernel-space solver ({G} Gram matrices of {M} x {M})", self.network.device
+            8 * (G + KERNEL_SPACE_MATRICES) * M * M,
+            f"the kernel-space solver ({G} + {KERNEL_SPACE_MATRICES} matrices of {M} x {M}, evidence and gradient)",
+            self.network.device,
         )
         #: per-group Gram matrices, ``(G, M, M)``, float64
         self.grams = gram(self.ntk, problem.x)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ntkgp.linalg.cholesky import factored_inv_quad_logdet
 from ntkgp.linalg.hessian_root import sandwich
-from ntkgp.memory import check_fits
+from ntkgp.memory import KERNEL_SPACE_MATRICES, WEIGHT_SPACE_MATRICES, check_fits
 from ntkgp.ntk import NTKProblem, gram, jacobian_outer
 from ntkgp.posteriors.base import Posterior
 from ntkgp.posteriors.kernel_space import KernelSpacePosterior
@@ -40,7 +40,9 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
         super().__init__(problem, hessian_root)
         M, G = self.size, self.layout.num_groups
         check_fits(
-            8 * (G + 2) * M * M, f"the kernel-space Laplace solver ({G} matrices of {M} x {M})", self.network.device
+            8 * (G + KERNEL_SPACE_MATRICES) * M * M,
+            f"the kernel-space Laplace solver ({G} + {KERNEL_SPACE_MATRICES} matrices of {M} x {M}, with gradient)",
+            self.network.device,
         )
         #: per-group :math:`B^\top K_g B`, ``(G, M, M)``, float64
         self.grams = gram(self.ntk, problem.x)
@@ -75,7 +77,12 @@ class WeightSpaceLaplaceSolver(LaplaceSolver):
     def __init__(self, problem: NTKProblem, hessian_root: Tensor) -> None:
         super().__init__(problem, hessian_root)
         P = self.network.num_parameters
-        check_fits(8 * 3 * P * P, f"the weight-space Laplace solver ({P} x {P})", self.network.device)
+        check_fits(
+            8 * (1 + WEIGHT_SPACE_MATRICES) * P * P + problem.budget,
+            f"the weight-space Laplace solver ({1 + WEIGHT_SPACE_MATRICES} matrices of {P} x {P}, evidence and "
+            "gradient)",
+            self.network.device,
+        )
         #: :math:`J^\top\Lambda J`, ``(1, P, P)``, float64
         self.outer = jacobian_outer(self.ntk, problem.x, per_output=False, hessian_root=hessian_root)
 

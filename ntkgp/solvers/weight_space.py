@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ntkgp.linalg.cholesky import cholesky, cholesky_solve, factored_inv_quad_logdet
-from ntkgp.memory import check_fits
+from ntkgp.memory import WEIGHT_SPACE_MATRICES, check_fits
 from ntkgp.ntk import NTKProblem, gram, jacobian_outer, pullback, pushforward
 from ntkgp.posteriors.weight_space import WeightSpacePosterior
 from ntkgp.solvers.base import GaussianSolver, output_noise
@@ -35,7 +35,11 @@ class WeightSpaceSolver(GaussianSolver):
     def __init__(self, problem: NTKProblem) -> None:
         super().__init__(problem)
         P, C = self.network.num_parameters, problem.num_outputs
-        check_fits(8 * (C + 2) * P * P, f"the weight-space solver ({C} matrices of {P} x {P})", self.network.device)
+        check_fits(
+            8 * (C + WEIGHT_SPACE_MATRICES) * P * P + problem.budget,
+            f"the weight-space solver ({C} + {WEIGHT_SPACE_MATRICES} matrices of {P} x {P}, evidence and gradient)",
+            self.network.device,
+        )
         #: per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64
         self.outer = jacobian_outer(self.ntk, problem.x, per_output=C > 1)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ntkgp.network.passes import network_pass
 from ntkgp.structured.sites import CaptureMode
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class UnitCapture:
 
 def capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs) -> list[UnitCapture]:
     """One capture pass over the chunk ``x`` (all of it at once): one :class:`UnitCapture` per unit."""
-    with torch.enable_grad():
+    with network_pass(True):  # the backward passes too: out of inference mode, with autograd on
         return _capture(network, plan, x)
 
 
