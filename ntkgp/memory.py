@@ -19,12 +19,14 @@ __all__ = [
 
 #: ``M x M`` float64 matrices an exact kernel-space evaluation holds besides the ``G`` cached Grams: the
 #: differentiable kernel, its factor, and in the backward pass :math:`A^{-1}`, the gradient and LAPACK
-#: workspace. Measured peaks of evidence plus backward (M = 3000 and 4000, G = 1, 3, 6, Gaussian and
-#: softmax): 4.1 to 4.3 such matrices; 5 bounds them.
-KERNEL_SPACE_MATRICES = 5
-#: ``P x P`` float64 matrices an exact weight-space evaluation holds besides the cached :math:`J^\top J`
-#: blocks (measured: 4.1 to 6.3 for C = 1, 3, Gaussian and softmax); 7 bounds them.
-WEIGHT_SPACE_MATRICES = 7
+#: workspace. Measured peaks of the first evidence plus backward, the Gram build included (M = 2500 to
+#: 4000, G = 1, 3, 6, Gaussian and softmax): G + 4.8 to G + 5.4 such matrices; G + 6 bounds them.
+KERNEL_SPACE_MATRICES = 6
+#: ``P x P`` float64 matrices an exact weight-space evaluation holds besides the ``C`` cached
+#: :math:`J_c^\top J_c` blocks: the precision, its factor, and in the backward pass :math:`A^{-1}` and the
+#: gradients of the noise and prior terms. Measured peaks of the first evidence plus backward, the
+#: build included (P = 2,000 to 2,900, C = 1 and 3, Gaussian and softmax): C + 5.6 to C + 7.7; C + 9 bounds them.
+WEIGHT_SPACE_MATRICES = 9
 
 _GiB = 2**30
 

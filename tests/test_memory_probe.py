@@ -69,3 +69,47 @@ def test_approximate_routes_stay_within_memory(route: str) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     peak = int(out.stdout.strip().splitlines()[-1])
     assert peak < 200 * 2**20, f"{route}: peak memory grew by {peak / 2**20:.0f} MiB"
+
+
+BOUND_SCRIPT = textwrap.dedent(
+    """
+    import re, sys, torch, gpytorch, ntkgp
+    from ntkgp.memory import KERNEL_SPACE_MATRICES, WEIGHT_SPACE_MATRICES
+    space, groups = sys.argv[1], int(sys.argv[2])
+    torch.manual_seed(0)
+    n = 2500 if space == "kernel" else 3000
+    x = torch.randn(n, 8, dtype=torch.float64)
+    width = 16 if space == "kernel" else 40
+    net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, width),
+                              torch.nn.Tanh(), torch.nn.Linear(width, 1)).double().eval()
+    lik = gpytorch.likelihoods.GaussianLikelihood().double()
+    prior = 1.0 if groups == 1 else torch.ones(6)
+    model = ntkgp.LinearizedGP(net, lik, x, torch.sin(x[:, 0]), prior_precision=prior, solver=space,
+                               memory_budget=2**24)
+    def rss(key):
+        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+    open("/proc/self/clear_refs", "w").write("5")
+    base = rss("VmRSS")
+    model.log_evidence().backward()
+    M, P, G = n, model.network.num_parameters, model.layout.num_groups
+    bound = 8 * (G + KERNEL_SPACE_MATRICES) * M * M + 2**24 if space == "kernel" else (
+        8 * (1 + WEIGHT_SPACE_MATRICES) * P * P + 2**24)
+    print(rss("VmHWM") - base, bound)
+    """
+)
+
+
+@pytest.mark.skipif(not _clear_refs_writable(), reason="needs a writable /proc/self/clear_refs (Linux)")
+@pytest.mark.parametrize(("space", "groups"), [("kernel", 1), ("kernel", 6), ("weight", 1)])
+def test_memory_check_bounds_the_peak_with_the_backward(space: str, groups: int) -> None:
+    """The memory check before an exact solver is built bounds the real peak of evidence plus gradient."""
+    out = subprocess.run(
+        [sys.executable, "-c", BOUND_SCRIPT, space, str(groups)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak, bound = map(int, out.stdout.strip().splitlines()[-1].split())
+    assert peak <= bound, f"{space}, G={groups}: peak {peak / 2**20:.0f} MiB above the estimate {bound / 2**20:.0f} MiB"

@@ -29,7 +29,7 @@ class KernelSpaceSolver(GaussianSolver):
         super().__init__(problem)
         M, G = self.size, self.layout.num_groups
         check_fits(
-            8 * (G + KERNEL_SPACE_MATRICES) * M * M,
+            8 * (G + KERNEL_SPACE_MATRICES) * M * M + problem.budget,
             f"the kernel-space solver ({G} + {KERNEL_SPACE_MATRICES} matrices of {M} x {M}, evidence and gradient)",
             self.network.device,
         )

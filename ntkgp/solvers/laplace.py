@@ -40,7 +40,7 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
         super().__init__(problem, hessian_root)
         M, G = self.size, self.layout.num_groups
         check_fits(
-            8 * (G + KERNEL_SPACE_MATRICES) * M * M,
+            8 * (G + KERNEL_SPACE_MATRICES) * M * M + problem.budget,
             f"the kernel-space Laplace solver ({G} + {KERNEL_SPACE_MATRICES} matrices of {M} x {M}, with gradient)",
             self.network.device,
         )

@@ -44,12 +44,14 @@ class WeightSpaceSolver(GaussianSolver):
         self.outer = jacobian_outer(self.ntk, problem.x, per_output=C > 1)
 
     def _precision(self, delta: Tensor, noise_c: Tensor) -> Tensor:
+        r""":math:`P_0 + \sum_c s_c^{-1} J_c^\top J_c`, ``(P, P)``: one new matrix, the prior added to its diagonal."""
         prior = self.layout.expand(delta.to(torch.float64))
         if self.outer.shape[0] == 1:
-            data = self.outer[0] / noise_c[0]
+            matrix = self.outer[0] / noise_c[0]
         else:
-            data = torch.einsum("c,cpq->pq", noise_c.reciprocal(), self.outer)
-        return data + torch.diag_embed(prior)
+            matrix = torch.einsum("c,cpq->pq", noise_c.reciprocal(), self.outer)
+        matrix.diagonal().add_(prior)
+        return matrix
 
     def _factor(self, delta: Tensor, noise_c: Tensor) -> Tensor:
         return self.cached_factor(lambda: cholesky(self._precision(delta, noise_c), what=self._WHAT), delta, noise_c)
