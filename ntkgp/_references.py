@@ -14,10 +14,14 @@ its construction); a submodule assigned later keeps its own cycle.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 try:  # private in torch; without it the cycles stay and the collector frees the modules
-    from torch.nn.modules.module import _WrappedHook
+    from torch.nn.modules.module import _WrappedHook as _hook_type
+
+    _WrappedHook: Any = _hook_type
 except ImportError:  # pragma: no cover
     _WrappedHook = None
 
@@ -31,7 +35,7 @@ def drop_self_references(module: nn.Module) -> None:
     for sub in module.modules():
         hooks = sub._load_state_dict_pre_hooks
         for key, wrapped in list(hooks.items()):
-            hook = getattr(wrapped, "hook", None)
+            hook: Any = getattr(wrapped, "hook", None)
             if getattr(hook, "__self__", None) is sub and not getattr(wrapped, "with_module", True):
                 # _WrappedHook with a module keeps a weakref and calls hook(module, *args)
                 hooks[key] = _WrappedHook(hook.__func__, sub)

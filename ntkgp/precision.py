@@ -46,7 +46,7 @@ def ieee_float32() -> Iterator[None]:
         yield
         return
     if _new_api():
-        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv  # type: ignore[attr-defined]
         saved = (matmul.fp32_precision, conv.fp32_precision)
         if saved == ("ieee", "ieee"):
             yield

@@ -153,14 +153,14 @@ class _FactoredInvQuadLogDet(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, matrix: Tensor, rhs: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, matrix: Tensor, rhs: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
         # shape: matrix, factor (M, M); rhs (M, t) -> inv_quad (t,), log_det ()
         ctx.save_for_backward(factor, rhs)
         inv_quad = torch.linalg.solve_triangular(factor, rhs, upper=False).square().sum(-2)
         return inv_quad, 2.0 * factor.diagonal().log().sum()
 
     @staticmethod
-    def backward(ctx: Any, grad_quad: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_quad: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         _refuse_second_derivatives()
         factor, rhs = ctx.saved_tensors
         alpha = cholesky_solve(rhs, factor)  # shape: (M, t)

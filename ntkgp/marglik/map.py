@@ -13,7 +13,8 @@ gradient small, and for small networks exact Newton steps to take it to round-of
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from gpytorch.likelihoods import Likelihood
@@ -21,6 +22,9 @@ from torch import Tensor, nn
 
 from ntkgp.marglik.online import negative_log_likelihood
 from ntkgp.ntk.layout import PriorLayout, PriorPrecisionSpec
+
+if TYPE_CHECKING:
+    from ntkgp.models.linearized_gp import LinearizedGP
 
 __all__ = ["fit_hyperparameters", "train_map"]
 
@@ -95,12 +99,12 @@ def train_map(
 _NEWTON_STEPS = 5
 
 
-def _gradient_norm(objective: Callable[[], Tensor], tensors: list[Tensor]) -> float:
+def _gradient_norm(objective: Callable[[], Tensor], tensors: Sequence[Tensor]) -> float:
     grads = torch.autograd.grad(objective(), tensors)
     return float(torch.cat([g.reshape(-1) for g in grads]).norm())
 
 
-def _newton_polish(objective: Callable[[], Tensor], tensors: list[Tensor], norm: float, tolerance: float) -> float:
+def _newton_polish(objective: Callable[[], Tensor], tensors: Sequence[Tensor], norm: float, tolerance: float) -> float:
     """Newton steps with the dense Hessian (double backward), each kept only if it lowers the gradient norm."""
     for _ in range(_NEWTON_STEPS):
         if norm <= tolerance:
@@ -129,7 +133,7 @@ def _newton_polish(objective: Callable[[], Tensor], tensors: list[Tensor], norm:
     return norm
 
 
-def fit_hyperparameters(model: torch.nn.Module, *, steps: int = 200, lr: float = 0.1) -> list[float]:
+def fit_hyperparameters(model: LinearizedGP, *, steps: int = 200, lr: float = 0.1) -> list[float]:
     """Adam on ``model.parameters()`` (prior precisions, noise) maximizing ``model.log_evidence()``.
 
     Returns the log evidence after each step. Works for every likelihood (exact evidence for

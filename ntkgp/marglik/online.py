@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gpytorch
 import torch
@@ -36,6 +36,9 @@ from ntkgp.marglik.partitions import class_partition, random_partition
 from ntkgp.marglik.subset_bound import SubsetEvidenceBound
 from ntkgp.ntk.layout import PriorLayout, PriorPrecisionSpec
 from ntkgp.progress import progress_bar
+
+if TYPE_CHECKING:
+    from ntkgp.models.linearized_gp import LinearizedGP
 
 __all__ = ["MarglikTuner", "OnlineMarglikResult", "fit_online_marglik", "negative_log_likelihood"]
 
@@ -189,7 +192,7 @@ class MarglikTuner:
         terms = (0.5 * delta[g] * t.square().sum() for g, t in zip(self.groups.tensor_group, self._penalty_tensors))
         return sum(terms)  # type: ignore[return-value]
 
-    def _objective(self, model: torch.nn.Module) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+    def _objective(self, model: LinearizedGP) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
         """(what each Adam step maximizes, the value reported)."""
         if self.subset_size is None:
             return model.log_evidence, model.log_evidence

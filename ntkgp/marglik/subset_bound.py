@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.linalg.cholesky import cholesky_logdet
 from ntkgp.linalg.hessian_root import sandwich
 from ntkgp.ntk import gram as ntk_gram
+
+if TYPE_CHECKING:
+    from ntkgp.models.linearized_gp import LinearizedGP
 
 __all__ = ["SubsetEvidenceBound"]
 
@@ -52,7 +56,7 @@ class SubsetEvidenceBound:
         The per-subset, per-group Gram matrices are computed once, on first use.
     """
 
-    def __init__(self, model: torch.nn.Module, subsets: Sequence[Tensor]) -> None:
+    def __init__(self, model: LinearizedGP, subsets: Sequence[Tensor]) -> None:
         covered = torch.cat([torch.as_tensor(s).reshape(-1) for s in subsets]).sort().values
         if not torch.equal(covered.cpu(), torch.arange(model.num_data)):
             raise ValueError("subsets must partition range(N): every training point exactly once")

@@ -36,7 +36,7 @@ class LinearizedMean(Mean):
             return super().__call__(x, *args, **kwargs)
         return self.forward(x)
 
-    def forward(self, x: InputLike) -> Tensor:  # type: ignore[override]
+    def forward(self, x: InputLike) -> Tensor:
         network = self.ntk.network
         inputs = network.inputs(x)
         f = network.forward(inputs).to(torch.float64)

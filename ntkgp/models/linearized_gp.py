@@ -336,10 +336,10 @@ class LinearizedGP(ExactGP):
                     "approximation_correction",
                     _CorrectionTerm(lambda: self.solver.correction(delta, self.noise_diagonal())),
                 )
-            zeros = torch.zeros(self.solver.size, dtype=torch.float64, device=self.network.device)
-            return self._distribution(
-                self.train_mean, TrainingCovariance(self.prior_precision, zeros, solver=self.solver)
-            )
+            solver = self.solver
+            assert isinstance(solver, GaussianSolver)
+            zeros = torch.zeros(solver.size, dtype=torch.float64, device=self.network.device)
+            return self._distribution(self.train_mean, TrainingCovariance(self.prior_precision, zeros, solver=solver))
         posterior = self.posterior()
         return self._distribution(posterior.mean(x), PosteriorCovariance(x=x, posterior=posterior))
 
@@ -367,16 +367,18 @@ class LinearizedGP(ExactGP):
         MAP, with covariance :math:`J_*(J^\\top\\Lambda J + P_0)^{-1}J_*^\\top`.
         """
         delta = self.prior_precision.detach().clone()
-        key = (delta,) if self.is_laplace else (delta, self.noise_diagonal().detach().clone())
+        noise = None if self.is_laplace else self.noise_diagonal().detach().clone()
+        key = (delta,) if noise is None else (delta, noise)
         if self._posterior is not None:
             old, post = self._posterior
-            if all(torch.equal(a, b) for a, b in zip(old, key)):
+            if len(old) == len(key) and all(torch.equal(a, b) for a, b in zip(old, key)):
                 return post
         solver = self.solver
         if isinstance(solver, LaplaceSolver):
             post = solver.laplace_posterior(delta)
         else:
-            post = solver.posterior(delta, key[1], self.residual())
+            assert noise is not None
+            post = solver.posterior(delta, noise, self.residual())
         self._posterior = (key, post)
         return post
 

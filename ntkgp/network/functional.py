@@ -324,7 +324,7 @@ class FunctionalNetwork:
         with network_pass(self._grad(x) or cotangents.requires_grad):
             for start, xc in self.chunks(x, size, desc="vjp"):
                 xc = self._prepare(xc)
-                _, pullback = vjp(lambda p, xc=xc: self.call({**held, **p}, xc), primal)
+                pullback = vjp(lambda p, xc=xc: self.call({**held, **p}, xc), primal)[1]
                 grads = vmap(pullback)(cotangents[:, start : start + xc.num])[0]
                 flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=-1)
                 total = flat if total is None else total + flat

@@ -31,7 +31,8 @@ class _UseOrder(TorchFunctionMode):
 
     def __init__(self, ids: dict[int, str]) -> None:
         super().__init__()
-        self.ids, self.order = ids, []
+        self.ids: dict[int, str] = ids
+        self.order: list[str] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         for leaf in tree_flatten((args, kwargs or {}))[0]:

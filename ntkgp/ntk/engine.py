@@ -103,7 +103,7 @@ class EmpiricalNTK:
 
     def replace(self, **changes: Any) -> EmpiricalNTK:
         """A copy with other settings (a new plan and cache where the routes change)."""
-        values = {
+        values: dict[str, Any] = {
             "network": self.network,
             "layout": self.layout,
             "budget": self.budget,

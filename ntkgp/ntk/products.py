@@ -128,9 +128,9 @@ def kernel_matmul(ntk: EmpiricalNTK, x1: Inputs, x2: Inputs, weights: Tensor, co
     ):
         out = torch.zeros(t, xc.num, ntk.num_outputs, dtype=dtype, device=device)
         for unit, cap in zip(units, caps):
-            part = unit_pushforward(unit, cap, scaled)
-            if part is not None:
-                out += part
+            pushed = unit_pushforward(unit, cap, scaled)
+            if pushed is not None:
+                out += pushed
         outs.append(out)
     return torch.cat(outs, dim=1)
 

@@ -62,7 +62,7 @@ class NTKLinearOperator(LinearOperator):
     def dtype(self) -> torch.dtype:
         return self._dtype
 
-    def type(self, dtype: torch.dtype) -> NTKLinearOperator:  # type: ignore[override]
+    def type(self, dtype: torch.dtype) -> NTKLinearOperator:
         """The same operator with dense results in ``dtype`` (``.float()``, ``.double()``)."""
         return NTKLinearOperator(self.prior_precision, ntk=self.ntk, x1=self.x1, x2=self.x2, dtype=dtype)
 

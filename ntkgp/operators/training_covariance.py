@@ -9,7 +9,7 @@ own CG and stochastic Lanczos quadrature.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from linear_operator.operators import DiagLinearOperator, LinearOperator
@@ -18,10 +18,30 @@ from torch import Tensor
 from ntkgp.operators._batch import expand_dense, unsqueeze_dense
 from ntkgp.operators._columns import as_columns, from_columns
 
-if TYPE_CHECKING:
-    from ntkgp.solvers.base import GaussianSolver
+__all__ = ["CovarianceSolver", "TrainingCovariance"]
 
-__all__ = ["TrainingCovariance"]
+
+class CovarianceSolver(Protocol):
+    """What :class:`TrainingCovariance` needs of a solver (every :class:`~ntkgp.solvers.GaussianSolver` has it)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def inv_quad_logdet(
+        self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor: ...
+
+    def dense(self, delta: Tensor, noise: Tensor) -> Tensor: ...
+
+    def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor: ...
+
+    def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor: ...
+
+    def bilinear_derivative(
+        self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor
+    ) -> tuple[Tensor, Tensor]: ...
 
 
 class TrainingCovariance(LinearOperator):
@@ -37,7 +57,7 @@ class TrainingCovariance(LinearOperator):
         The solver holding what it cached of the training data (Grams, :math:`J^\top J`, a Krylov basis).
     """
 
-    def __init__(self, prior_precision: Tensor, noise: Tensor, *, solver: GaussianSolver) -> None:
+    def __init__(self, prior_precision: Tensor, noise: Tensor, *, solver: CovarianceSolver) -> None:
         super().__init__(prior_precision, noise, solver=solver)
         self.prior_precision, self.noise, self.solver = prior_precision, noise, solver
 
@@ -72,8 +92,9 @@ class TrainingCovariance(LinearOperator):
     def inv_quad_logdet(
         self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
     ) -> tuple[Tensor, Tensor]:
-        vector = inv_quad_rhs is not None and inv_quad_rhs.dim() == 1
-        rhs = inv_quad_rhs.unsqueeze(-1) if vector else inv_quad_rhs
+        rhs = inv_quad_rhs
+        if inv_quad_rhs is not None and inv_quad_rhs.dim() == 1:
+            rhs = inv_quad_rhs.unsqueeze(-1)
         inv_quad, log_det = self.solver.inv_quad_logdet(self.prior_precision, self.noise, rhs, logdet)
         if inv_quad_rhs is not None and reduce_inv_quad:
             inv_quad = inv_quad.sum(-1)

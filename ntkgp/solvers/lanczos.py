@@ -322,7 +322,7 @@ class LanczosSolver(_LanczosBase, GaussianSolver):
         return LowRankPosterior(self.ntk, delta, weights, pulled[:, :-1])
 
 
-class LanczosLaplaceSolver(_LanczosBase, LaplaceSolver):
+class LanczosLaplaceSolver(_LanczosBase, LaplaceSolver):  # type: ignore[misc]  # its root is never None
     r"""Laplace GP: :math:`\log|I + B^\top K B| \approx \sum_{i\le k}\log(1 + s_i(\delta))`, and the
     conservative low-rank posterior centred at the MAP. See the module docstring."""
 

@@ -14,6 +14,8 @@ Each evaluation: one ``P x P`` Cholesky and one batched vjp for ``b``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -128,13 +130,13 @@ class _LinearPull(torch.autograd.Function):
     r""":math:`b = J^\top S^{-1} r` (computed), with gradients in ``r`` and the per-output noise."""
 
     @staticmethod
-    def forward(ctx, r: Tensor, noise_c: Tensor, pulled: Tensor, solver: WeightSpaceSolver) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, r: Tensor, noise_c: Tensor, pulled: Tensor, solver: WeightSpaceSolver) -> Tensor:
         ctx.save_for_backward(r, noise_c)
         ctx.solver = solver
         return pulled
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         r, noise_c = ctx.saved_tensors
         solver: WeightSpaceSolver = ctx.solver
         N, C = solver.problem.num_data, solver.problem.num_outputs

@@ -100,7 +100,7 @@ def multi_head_attention(mode: CaptureMode, func: Any, args: tuple[Any, ...], kw
         or a["use_separate_proj_weight"]
     )
     if unsupported:
-        return mode.plain(func, args, kwargs, mode._uses(args, kwargs))
+        return mode.plain(func, args, kwargs, mode.uses(args, kwargs))
     heads, w, b = a["num_heads"], a["in_proj_weight"], a["in_proj_bias"]
     tgt, n, embed = query.shape
     head = embed // heads
@@ -126,7 +126,9 @@ def multi_head_attention(mode: CaptureMode, func: Any, args: tuple[Any, ...], kw
         mask = padding if mask is None else mask + padding
     if is_causal and mask is None and a["attn_mask"] is None:
         causal = torch.ones(tgt, src, dtype=torch.bool, device=q.device).tril()
-        mask = _additive(~causal, q.dtype).reshape(1, 1, tgt, src)
+        causal_mask = _additive(~causal, q.dtype)
+        assert causal_mask is not None
+        mask = causal_mask.reshape(1, 1, tgt, src)
     scores = (q * (1.0 / math.sqrt(head))) @ k.transpose(-2, -1)  # shape: (n, heads, tgt, src)
     if mask is not None:
         scores = scores + mask

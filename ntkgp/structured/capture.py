@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ntkgp.network.passes import network_pass
-from ntkgp.structured.sites import CaptureMode
+from ntkgp.structured.sites import CaptureMode, Site
 
 if TYPE_CHECKING:
     from ntkgp.network.functional import FunctionalNetwork
@@ -66,7 +66,7 @@ def _capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs) -> lis
             "implementation='generic' for networks whose call sequence depends on the data"
         )
     used = sorted({s for unit in plan.units for s in unit.sites})
-    probes = [mode.sites[s].probe for s in used]
+    probes = [_probe(mode.sites[s]) for s in used]
     C = out.shape[1]
     per_output = []
     for c in range(C):
@@ -87,6 +87,11 @@ def _capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs) -> lis
             inputs = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # type: ignore[arg-type]
         result.append(UnitCapture(inputs, cot.detach()))
     return result
+
+
+def _probe(site: Site) -> Tensor:
+    assert site.probe is not None
+    return site.probe
 
 
 def slice_captures(captures: list[UnitCapture], rows: slice) -> list[UnitCapture]:

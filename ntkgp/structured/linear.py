@@ -104,6 +104,7 @@ def linear_grams(
             if gb is not None:
                 _sum_into(acc, gb, gg, None, workspace)
             if gw is not None:
+                assert a1 is not None and a2 is not None
                 aa = workspace.matmul("aa", a1[s1:e1], a2[s2:e2].T)  # shape: (r1, r2)
                 _sum_into(acc, gw, gg, aa[:, None, :, None], workspace)
         for group, values in acc.items():

@@ -136,7 +136,7 @@ def discover(network: FunctionalNetwork, probe: Inputs) -> StructuredPlan:
     ok = {}
     for t, where in uses.items():
         kinds = {(first.sites[s].kind, role) for s, role in where}
-        ok[t] = t not in opaque and len(kinds) == 1 and all(batched[s] for s, _ in where)
+        ok[t] = bool(t not in opaque and len(kinds) == 1 and all(batched[s] for s, _ in where))
     units: list[Unit] = []
     paired: set[int] = set()
     for t, where in uses.items():
@@ -167,7 +167,11 @@ def _unit(sites: list[Site], weight: int | None, bias: int | None, where: tuple[
         taps = int(first.extra["vocabulary"])
     else:
         taps = first.inputs.shape[-1]
-    positions = sum(sites[s].inputs.shape[1] for s in where)  # type: ignore[union-attr]
+    positions = 0
+    for s in where:
+        site_inputs = sites[s].inputs
+        assert site_inputs is not None
+        positions += int(site_inputs.shape[1])
     assert first.probe is not None and first.to_positions is not None
     width = first.to_positions(first.probe.unsqueeze(1)).shape[-1]  # shape: (n, 1, L, d_out)
     return Unit(first.kind, weight, bias, where, positions, taps, width)

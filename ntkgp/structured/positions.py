@@ -158,9 +158,9 @@ def positions_gram(
     n2 = c2.cotangents.shape[0]
     every = slice(None)
     if unit.bias is not None:
-        s1 = bias_gradients(c1)
-        s2 = s1 if symmetric else bias_gradients(c2)
-        add_block(out, weights, tensor_group[unit.bias], every, every, s1 @ s2.T, workspace)
+        b1 = bias_gradients(c1)
+        b2 = b1 if symmetric else bias_gradients(c2)
+        add_block(out, weights, tensor_group[unit.bias], every, every, b1 @ b2.T, workspace)
     if unit.weight is None:
         return
     gw = tensor_group[unit.weight]

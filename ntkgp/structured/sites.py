@@ -130,7 +130,8 @@ class CaptureMode(TorchFunctionMode):
         #: entries of all tensors the evaluation produced (a bound on what a capture pass holds)
         self.produced = 0
 
-    def _uses(self, args: Any, kwargs: Any) -> set[int]:
+    def uses(self, args: Any, kwargs: Any) -> set[int]:
+        """Positions in θ of the Bayesian tensors among ``args`` and ``kwargs``."""
         return {
             self.index[id(leaf)]
             for leaf in tree_flatten((args, kwargs))[0]
@@ -144,7 +145,7 @@ class CaptureMode(TorchFunctionMode):
             out = handler(self, func, tuple(args), kwargs)
             if out is not NotImplemented:
                 return out
-        used = self._uses(args, kwargs)
+        used = self.uses(args, kwargs)
         out = func(*args, **kwargs)
         leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         self.produced += sum(t.numel() for t in leaves)
@@ -183,7 +184,7 @@ def _linear(mode: CaptureMode, func: Any, args: tuple[Any, ...], kwargs: dict[st
     if w is None and b is None:
         return NotImplemented
     if id(x) in mode.index or x.dim() < 2:  # a parameter as the input, or an unbatched input
-        return mode.plain(func, args, kwargs, {i for i in (w, b) if i is not None} | mode._uses((x,), {}))
+        return mode.plain(func, args, kwargs, {i for i in (w, b) if i is not None} | mode.uses((x,), {}))
     d_in, d_out = x.shape[-1], weight.shape[0]
     site = Site("dense", w, b, x.shape[0], ("linear", tuple(x.shape[1:]), d_out), to_positions=_last_dim(d_out))
     return mode.add(site, x, lambda: x.reshape(x.shape[0], -1, d_in), func(*args, **kwargs))
@@ -250,7 +251,9 @@ def _affine(name: str, normalize: Callable[..., Tensor], weight_at: int, last: b
             return mode.plain(func, args, kwargs, {i for i in (w, b) if i is not None})
         if id(x) in mode.index or x.dim() < 2:
             return mode.plain(func, args, kwargs, {i for i in (w, b) if i is not None})
-        d = (weight if weight is not None else bias).numel()
+        source = weight if weight is not None else bias  # one of them is a Bayesian tensor
+        assert isinstance(source, Tensor)
+        d = source.numel()
         site = Site(
             "affine",
             w,
@@ -293,7 +296,7 @@ def _batch_norm_hat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
 def _attention(mode: CaptureMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     from ntkgp.structured.attention import multi_head_attention
 
-    if not mode._uses(args, kwargs):
+    if not mode.uses(args, kwargs):
         return NotImplemented
     with mode:  # run the decomposition with the mode active: its projections become linear sites
         return multi_head_attention(mode, func, args, kwargs)
