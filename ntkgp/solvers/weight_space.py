@@ -32,12 +32,12 @@ class WeightSpaceSolver(GaussianSolver):
     name = "weight"
     _WHAT = "the posterior precision (P0 + J^T S^-1 J)"
 
-    def __init__(self, problem: NTKProblem) -> None:
+    def __init__(self, problem: NTKProblem, *, outer: Tensor | None = None) -> None:
         super().__init__(problem)
         P, C = self.network.num_parameters, problem.num_outputs
         check_fits(8 * (C + 2) * P * P, f"the weight-space solver ({C} matrices of {P} x {P})", self.network.device)
-        #: per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64
-        self.outer = jacobian_outer(self.ntk, problem.x, per_output=C > 1)
+        #: per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64 (given when extended, :mod:`ntkgp.solvers.update`)
+        self.outer = jacobian_outer(self.ntk, problem.x, per_output=C > 1) if outer is None else outer
 
     def _precision(self, delta: Tensor, noise_c: Tensor) -> Tensor:
         prior = self.layout.expand(delta.to(torch.float64))
