@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
+from linear_operator.operators import DenseLinearOperator
 from torch import Tensor
 
 from ntkgp.network.inputs import InputLike, Inputs
-from ntkgp.posteriors.batched import grouped_covariance, grouped_prior_covariance
+from ntkgp.posteriors.batched import grouped_posterior, grouped_prior_covariance
 
 if TYPE_CHECKING:
     from ntkgp.models.linearized_gp import LinearizedGP
@@ -99,11 +100,10 @@ def batched_distribution(model: LinearizedGP, x: BatchedInputs, *, prior: bool) 
         mean = model.mean_module(inputs).reshape(inputs.num, C)
         cov = grouped_prior_covariance(model.ntk, model.prior_precision, inputs, q)
     else:
-        posterior = model.posterior()
-        mean = posterior.mean(inputs)
-        cov = grouped_covariance(posterior, inputs, q)
+        mean, cov = grouped_posterior(model.posterior(), inputs, q)
     mean = mean.reshape(*x.batch_shape, q, C)
-    cov = cov.reshape(*x.batch_shape, q * C, q * C)
+    # lazily: a dense tensor would be factored at once (and fail where jitter is needed, as at repeated points)
+    cov = DenseLinearOperator(cov.reshape(*x.batch_shape, q * C, q * C))
     if C == 1:
         return MultivariateNormal(mean[..., 0], cov)
     return MultitaskMultivariateNormal(mean, cov, interleaved=True)

@@ -30,8 +30,9 @@ from ntkgp.structured.capture import UnitCapture
 from ntkgp.structured.linear import two_d
 from ntkgp.structured.plan import Unit
 from ntkgp.structured.positions import bias_gradients, weight_gradients
+from ntkgp.structured.products import unit_pushforward
 
-__all__ = ["group_prior", "grouped_covariance", "grouped_prior_covariance"]
+__all__ = ["group_prior", "grouped_covariance", "grouped_posterior", "grouped_prior_covariance"]
 
 
 def _group_gram(rows: Tensor, groups: int) -> Tensor:
@@ -107,13 +108,41 @@ def _blocks_of(x: Inputs, q: int, points: int) -> list[Inputs]:
     return [x[start : start + size] for start in range(0, x.num, size)]
 
 
-def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> Tensor:
+def _shift_vector(posterior: Posterior) -> Tensor | None:
+    r""":math:`\bar\theta - \hat\theta` ``(P,)`` in the network's dtype, ``None`` when zero (Laplace)."""
+    shift = posterior.weights - posterior.network.flat_params.to(torch.float64)
+    return shift.to(posterior.network.dtype) if shift.any() else None
+
+
+def _structured_shift(kernel: PriorKernel, shift: Tensor, caps: list[UnitCapture] | None, jac: Tensor | None) -> Tensor:
+    r""":math:`J(x)(\bar\theta - \hat\theta)` ``(n, C)`` from the block's captures and generic columns (no pass)."""
+    ntk = kernel.ntk
+    offsets = ntk.network.offsets
+    out = None
+    if caps is not None:
+        for unit, cap in zip(ntk.plan().units, caps):
+            tangents = {i: shift[offsets[i] : offsets[i + 1]].unsqueeze(0) for i in unit.tensors}
+            part = unit_pushforward(unit, cap, tangents)
+            if part is not None:
+                out = part[0] if out is None else out + part[0]
+    if jac is not None:
+        rest = torch.cat([shift[offsets[i] : offsets[i + 1]] for i in kernel.rest])
+        part = jac @ rest.to(jac.dtype)  # shape: (n, C)
+        out = part if out is None else out + part
+    assert out is not None
+    return out.to(torch.float64)
+
+
+def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None]:
     kernel = posterior.kernel
     C = posterior.ntk.num_outputs
-    parts = []
+    shift = _shift_vector(posterior)
+    parts, shifts = [], []
     for xb in _blocks_of(x, q, kernel.rows(posterior.rank)):
         groups = xb.num // q
         caps, jac = _test_parts(kernel, xb)
+        if shift is not None:
+            shifts.append(_structured_shift(kernel, shift, caps, jac))
         if posterior.prior_residual:
             cov = group_prior(kernel, xb, q, caps, jac)
         else:
@@ -127,35 +156,49 @@ def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> Tensor:
             v = v.reshape(v.shape[0], groups, q * C)  # shape: (r, B, qC)
             cov = cov + sign * torch.einsum("rbi,rbj->bij", v, v)
         parts.append(cov)
-    return torch.cat(parts)
+    return torch.cat(parts), (torch.cat(shifts) if shifts else None)
 
 
-def _weight_space_groups(posterior: WeightSpacePosterior, x: Inputs, q: int) -> Tensor:
+def _weight_space_groups(posterior: WeightSpacePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None]:
     network, C = posterior.network, posterior.ntk.num_outputs
     P = network.num_parameters
-    parts = []
+    shift = _shift_vector(posterior)
+    parts, shifts = [], []
     for xb in _blocks_of(x, q, posterior.rows_per_block(P)):
         jac = torch.cat([jacobian(posterior.ntk, xc) for _, xc in xb.chunks(network.chunk_size())])
+        if shift is not None:
+            shifts.append((jac @ shift.to(jac.dtype)).to(torch.float64))
         cols = jac.reshape(-1, P).T.to(torch.float64)  # shape: (P, B q C)
         v = torch.linalg.solve_triangular(posterior.cholesky_factor, cols, upper=False)
         v = v.reshape(P, xb.num // q, q * C)  # shape: (P, B, qC)
         parts.append(torch.einsum("pbi,pbj->bij", v, v))
-    return torch.cat(parts)
+    return torch.cat(parts), (torch.cat(shifts) if shifts else None)
 
 
-def grouped_covariance(posterior: Posterior, x: Inputs, q: int) -> Tensor:
-    """Joint predictive covariances of consecutive groups of ``q`` points of ``x``: ``(x.num // q, qC, qC)``.
+def grouped_posterior(posterior: Posterior, x: Inputs, q: int) -> tuple[Tensor, Tensor]:
+    """Predictive mean ``(x.num, C)`` and joint covariances of consecutive groups of ``q`` points,
+    ``(x.num // q, qC, qC)``, both float64.
 
     Rows within a group are point-major (row ``i * C + c`` is output ``c`` of point ``i``), as
-    GPyTorch's interleaved multitask distributions want.
+    GPyTorch's interleaved multitask distributions want. The mean is :math:`f(x)` plus the
+    weight shift pushed forward through the captures (or Jacobian) the covariance is built from:
+    one forward pass more, no jvp.
     """
     if x.num % q:
         raise ValueError(f"{x.num} test points do not split into groups of {q}")
     if isinstance(posterior, WeightSpacePosterior):
-        return _weight_space_groups(posterior, x, q)
-    if isinstance(posterior, DowndatePosterior):
-        return _downdate_groups(posterior, x, q)
-    raise NotImplementedError(f"grouped covariances of a {type(posterior).__name__}")
+        cov, shift = _weight_space_groups(posterior, x, q)
+    elif isinstance(posterior, DowndatePosterior):
+        cov, shift = _downdate_groups(posterior, x, q)
+    else:
+        raise NotImplementedError(f"grouped covariances of a {type(posterior).__name__}")
+    mean = posterior.network.forward(x).to(torch.float64)
+    return (mean if shift is None else mean + shift), cov
+
+
+def grouped_covariance(posterior: Posterior, x: Inputs, q: int) -> Tensor:
+    """The covariances of :func:`grouped_posterior`, ``(x.num // q, qC, qC)``."""
+    return grouped_posterior(posterior, x, q)[1]
 
 
 def grouped_prior_covariance(ntk: EmpiricalNTK, delta: Tensor, x: Inputs, q: int) -> Tensor:
