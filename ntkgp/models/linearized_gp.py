@@ -21,6 +21,8 @@ from ntkgp._validation import check_likelihood, check_module_device, check_targe
 from ntkgp.kernels.ntk_kernel import NTKKernel
 from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.means.linearized_mean import LinearizedMean
+from ntkgp.models.batched import batched_distribution, split_batch
+from ntkgp.models.conditioning import ConditioningMixin
 from ntkgp.network.functional import FunctionalNetwork, OutputFn
 from ntkgp.network.inputs import InputLike, Inputs
 from ntkgp.network.passes import outside_inference_mode
@@ -46,7 +48,7 @@ class _CorrectionTerm(AddedLossTerm):
         return self.compute()
 
 
-class LinearizedGP(ExactGP):
+class LinearizedGP(ConditioningMixin, ExactGP):
     r"""The linearized-Laplace GP of a trained network.
 
     With :math:`f_{\text{lin}}(x;\theta) = f(x;\hat\theta) + J(x)(\theta-\hat\theta)` and
@@ -205,10 +207,11 @@ class LinearizedGP(ExactGP):
         return not torch.equal(per_point, per_point[:1].expand_as(per_point))
 
     def set_train_data(self, inputs: Any = None, targets: Any = None, strict: bool = True) -> None:
-        """Not supported: the solver caches Grams of the training inputs. Build a new LinearizedGP."""
+        """Not supported: the solver caches Grams of the training inputs. Add points with :meth:`add_data`
+        (or :meth:`get_fantasy_model`), or build a new LinearizedGP."""
         raise NotImplementedError(
-            "LinearizedGP caches Jacobian products of its training data; build a new LinearizedGP "
-            "for new training inputs or targets"
+            "LinearizedGP caches Jacobian products of its training data: add observations with add_data(x, y) "
+            "(in place) or get_fantasy_model(x, y) (a new GP), or build a new LinearizedGP for other data"
         )
 
     def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> LinearizedGP:
@@ -319,6 +322,11 @@ class LinearizedGP(ExactGP):
 
     @outside_inference_mode
     def __call__(self, *args: Any, **kwargs: Any) -> MultivariateNormal:
+        batched = split_batch(self.train_x, args[0])  # (*batch, q, ...) inputs: joint over each q
+        if batched is not None:
+            if self.training and not gpytorch.settings.prior_mode.on():
+                raise RuntimeError("batched inputs (*batch, q, ...) are for predictions: call model.eval() first")
+            return batched_distribution(self, batched, prior=gpytorch.settings.prior_mode.on())
         x = self.inputs(args[0])
         if gpytorch.settings.prior_mode.on():
             return self.forward(x)

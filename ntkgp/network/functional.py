@@ -277,7 +277,7 @@ class FunctionalNetwork:
 
     def forward(self, x: Inputs) -> Tensor:
         r""":math:`f(x;\hat\theta)`, ``(N, C)``. Raises :class:`~ntkgp.errors.NonFiniteError` on NaN/inf outputs."""
-        with network_pass(self._grad(x)):
+        with network_pass(self._grad(x), inputs_graph=self._grad(x)):
             outs = [self.call(self.params, self._prepare(xc)) for _, xc in self.chunks(x, self.chunk_size())]
         out = torch.cat(outs, dim=0)
         finite = torch.isfinite(out).all(-1)
@@ -302,7 +302,7 @@ class FunctionalNetwork:
         tangent = self.unflatten(tangents.to(self.dtype), tensors)
         primal = {n: self.params[n] for n in names}
         outs = []
-        with _FORWARD_AD_LOCK, network_pass(self._grad(x) or tangents.requires_grad):
+        with _FORWARD_AD_LOCK, network_pass(self._grad(x) or tangents.requires_grad, inputs_graph=self._grad(x)):
             for _, xc in self.chunks(x, size, desc="jvp"):
                 xc = self._prepare(xc)
 
@@ -321,7 +321,7 @@ class FunctionalNetwork:
         cotangents = cotangents.to(self.dtype)
         primal = {n: self.params[n] for n in names}
         total: Tensor | None = None
-        with network_pass(self._grad(x) or cotangents.requires_grad):
+        with network_pass(self._grad(x) or cotangents.requires_grad, inputs_graph=self._grad(x)):
             for start, xc in self.chunks(x, size, desc="vjp"):
                 xc = self._prepare(xc)
                 pullback = vjp(lambda p, xc=xc: self.call({**held, **p}, xc), primal)[1]
@@ -350,7 +350,7 @@ class FunctionalNetwork:
             one = Inputs(data, x.form, 1).map(lambda t: t.unsqueeze(0))
             return self.call({**held, **params}, one).squeeze(0)
 
-        with network_pass(self._grad(x)):
+        with network_pass(self._grad(x), inputs_graph=self._grad(x)):
             jac = vmap(jacrev(single), in_dims=(None, *dims))(wrt, args, kwargs)
         # shape: jac[name] (n, C, *param_shape) -> (n, C, P)
         return torch.cat([jac[n].reshape(x.num, jac[n].shape[1], -1) for n in names], -1)
@@ -359,7 +359,7 @@ class FunctionalNetwork:
         """One plain evaluation at :math:`\\hat\\theta`, ``(n, C)``.
 
         Autograd is on (captures differentiate it) unless ``grad=False``; ``mode`` is active during the call."""
-        with network_pass(grad):
+        with network_pass(grad, inputs_graph=grad and self._grad(x)):
             return self.call(self.params, self._prepare(x), mode=mode)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -9,6 +9,12 @@ r"""The conditions every pass through the network runs under.
 * **Attention by the math kernel.** ``F.scaled_dot_product_attention`` runs its math backend, the
   one that supports forward-mode AD (jvps) and double backward, so every pass differentiates the
   same function (the flash and memory-efficient kernels support neither).
+* **Layer norm in elementary ops when the inputs carry a graph.** torch.func's transforms
+  (``jvp``, ``jacrev``) differentiate ``F.layer_norm`` through formulas that use its saved mean and
+  inverse deviation as constants, so their results are not differentiable in the inputs: torch
+  2.13 gives input gradients of a jvp off by O(1). A pass that keeps the graph to its inputs
+  (``inputs_graph=True``) evaluates ``F.layer_norm`` as mean, variance and scaling instead (the
+  same function; rounding differs at the level of the dtype's epsilon). Other passes are unchanged.
 * **Out of inference mode.** Jacobians need autograd, which ``torch.inference_mode()`` switches off
   for good: a pass leaves inference mode for its duration, and inputs made in inference mode are
   copied into normal tensors (:func:`usable`). Results are ordinary tensors.
@@ -22,7 +28,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from ntkgp.precision import ieee_float32
 
@@ -52,11 +60,36 @@ def _math_attention() -> contextlib.AbstractContextManager[None]:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def _layer_norm(
+    x: Tensor, normalized_shape: Any, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """``F.layer_norm`` in elementary ops (differentiable to any order under torch.func)."""
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+class _DecomposeLayerNorm(TorchFunctionMode):
+    """Evaluates ``F.layer_norm`` by :func:`_layer_norm` (see the module docstring)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def network_pass(grad: bool) -> Iterator[None]:
-    """Run a pass through the network (see the module docstring); ``grad`` switches autograd on or off."""
+def network_pass(grad: bool, *, inputs_graph: bool = False) -> Iterator[None]:
+    """Run a pass through the network (see the module docstring); ``grad`` switches autograd on or off,
+    ``inputs_graph`` says that the pass keeps the graph to its inputs."""
     leave = torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
-    with leave, ieee_float32(), _attention_slow_path(), _math_attention(), torch.set_grad_enabled(grad):
+    decompose = _DecomposeLayerNorm() if inputs_graph else contextlib.nullcontext()
+    with leave, ieee_float32(), _attention_slow_path(), _math_attention(), torch.set_grad_enabled(grad), decompose:
         yield
 
 

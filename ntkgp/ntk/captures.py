@@ -14,7 +14,7 @@ import torch
 
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk.engine import EmpiricalNTK
-from ntkgp.structured.capture import UnitCapture, capture
+from ntkgp.structured.capture import UnitCapture, capture, differentiable
 
 __all__ = ["cached_captures", "capture_bytes", "capture_chunks", "capture_rows", "captures"]
 
@@ -50,7 +50,10 @@ def captures(ntk: EmpiricalNTK, x: Inputs) -> list[UnitCapture]:
 
 def cached_captures(ntk: EmpiricalNTK, x: Inputs, max_bytes: int) -> list[UnitCapture] | None:
     """:func:`captures` of ``x`` kept for reuse, or ``None`` when they would hold more than ``max_bytes``
-    (then callers capture chunk by chunk)."""
+    (then callers capture chunk by chunk). Differentiable captures (inputs that require grad) are
+    never cached: they hold a graph, and a cached gradient-free capture must not stand in for them."""
+    if differentiable(x):
+        return None
     held = ntk.captures.get(x)
     if held is not None:
         return held

@@ -23,7 +23,8 @@ from torch import Tensor
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk.captures import capture_chunks, capture_rows, captures
 from ntkgp.ntk.engine import EmpiricalNTK
-from ntkgp.structured.products import unit_pullback, unit_pushforward, write_columns
+from ntkgp.structured.capture import differentiable
+from ntkgp.structured.products import unit_columns, unit_pullback, unit_pushforward, write_columns
 
 __all__ = [
     "jacobian",
@@ -160,6 +161,14 @@ def jacobian(ntk: EmpiricalNTK, x: Inputs, tensors: Sequence[int] | None = None)
     offsets = dict(zip(requested, itertools.accumulate((layout.numels[t] for t in requested), initial=0)))
     caps = captures(ntk, x)
     n, C = x.num, ntk.num_outputs
+    if differentiable(x):  # columns as new tensors, concatenated: the graph to x is kept
+        columns: dict[int, Tensor] = {}
+        if generic:
+            jac = network.jacobian(x, generic)
+            columns.update(zip(generic, jac.split([layout.numels[t] for t in generic], -1)))
+        for unit, cap in zip(plan.units, caps):
+            columns.update(unit_columns(unit, cap))
+        return torch.cat([columns[t] for t in requested], -1)
     # every block is written into its columns of one output: the Jacobian is held once, not twice
     out = torch.empty(n, C, layout.width(requested), dtype=network.dtype, device=network.device)
     if generic:

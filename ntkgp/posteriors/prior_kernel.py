@@ -20,6 +20,7 @@ from torch import Tensor
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, captures, point_blocks, structured_gram
 from ntkgp.ntk.generic import generic_jacobian, generic_rows
+from ntkgp.structured.capture import UnitCapture
 
 __all__ = ["PriorKernel"]
 
@@ -58,7 +59,10 @@ class PriorKernel:
             else torch.zeros(0, dtype=network.dtype, device=network.device)
         )
         self.reference_size = 0 if reference is None else reference.num * ntk.num_outputs
-        self.reference_captures = captures(ntk, reference) if reference is not None and plan.units else []
+        self.reference_captures = []
+        if reference is not None and plan.units:  # held by the engine's cache when the caller put them there
+            held = ntk.captures.get(reference)
+            self.reference_captures = held if held is not None else captures(ntk, reference)
         self._reference_rest_jacobian: Tensor | None = None
         if (
             reference is not None
@@ -67,10 +71,19 @@ class PriorKernel:
         ):
             self._reference_rest_jacobian = generic_jacobian(ntk, reference, self.rest).reshape(-1, self.rest_width)
 
-    def parts(self, x: Inputs, full: bool, *, prior: bool = True) -> tuple[Tensor, Tensor | None]:
+    def parts(
+        self,
+        x: Inputs,
+        full: bool,
+        *,
+        prior: bool = True,
+        captured: list[UnitCapture] | None = None,
+        jac: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """For test inputs ``x``: the prior covariance (dense ``(n*C, n*C)`` if ``full``, else per-point
         blocks ``(n, C, C)``; zeros, not computed, if ``prior`` is False) and the cross-kernel
-        ``(M*C, n*C)`` (``None`` without reference inputs). Memory is linear in ``n`` unless ``full``."""
+        ``(M*C, n*C)`` (``None`` without reference inputs). Memory is linear in ``n`` unless ``full``.
+        ``captured`` and ``jac`` (the generic columns ``(n, C, P_rest)``) are ``x``'s, when the caller has them."""
         ntk = self.ntk
         C, n, device = ntk.num_outputs, x.num, ntk.network.device
         cross = None
@@ -78,9 +91,10 @@ class PriorKernel:
             cross = torch.zeros(self.reference_size, n * C, dtype=torch.float64, device=device)
         covariance = torch.zeros(*((n * C, n * C) if full else (n, C, C)), dtype=torch.float64, device=device)
         plan = ntk.plan()
-        test_captures = captures(ntk, x) if plan.units and (prior or cross is not None) else None
-        jac = None
-        if self.rest and (prior or cross is not None):
+        test_captures = captured
+        if test_captures is None and plan.units and (prior or cross is not None):
+            test_captures = captures(ntk, x)
+        if jac is None and self.rest and (prior or cross is not None):
             jac = generic_jacobian(ntk, x, self.rest)  # shape: (n, C, P_rest)
         if test_captures is not None:
             if cross is not None:

@@ -103,6 +103,16 @@ class SolverBase:
         self._last_factor = (tuple(v.clone() for v in values), factor.detach())
         return factor
 
+    @property
+    def last_factor(self) -> tuple[tuple[Tensor, ...], Tensor] | None:
+        """The most recent cached factor with the hyperparameters it was computed at, or ``None``."""
+        return self._last_factor
+
+    def seed_factor(self, factor: Tensor, *key: Tensor) -> None:
+        """Cache ``factor`` as the factor at the hyperparameters ``key`` (a factor updated rather than
+        recomputed, :mod:`ntkgp.solvers.update`)."""
+        self._last_factor = (tuple(k.detach().clone() for k in key), factor.detach())
+
     def factor_and_matrix(self, build: Callable[[], Tensor], what: str, *key: Tensor) -> tuple[Tensor, Tensor | None]:
         """The cached Cholesky factor of ``build()`` at the hyperparameters ``key`` (no gradient), and,
         when gradients are wanted, ``build()`` itself, differentiable, for

@@ -25,7 +25,7 @@ class KernelSpaceSolver(GaussianSolver):
     name = "kernel"
     _WHAT = "the training kernel plus noise (K + S)"
 
-    def __init__(self, problem: NTKProblem) -> None:
+    def __init__(self, problem: NTKProblem, *, grams: Tensor | None = None) -> None:
         super().__init__(problem)
         M, G = self.size, self.layout.num_groups
         check_fits(
@@ -33,8 +33,8 @@ class KernelSpaceSolver(GaussianSolver):
             f"the kernel-space solver ({G} + {KERNEL_SPACE_MATRICES} matrices of {M} x {M}, evidence and gradient)",
             self.network.device,
         )
-        #: per-group Gram matrices, ``(G, M, M)``, float64
-        self.grams = gram(self.ntk, problem.x)
+        #: per-group Gram matrices, ``(G, M, M)``, float64 (given when extended, :mod:`ntkgp.solvers.update`)
+        self.grams = gram(self.ntk, problem.x) if grams is None else grams
 
     def factor(self, delta: Tensor, noise: Tensor) -> Tensor:
         """The cached Cholesky factor of :math:`K + S` at these hyperparameters."""

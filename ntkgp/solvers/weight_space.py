@@ -34,7 +34,7 @@ class WeightSpaceSolver(GaussianSolver):
     name = "weight"
     _WHAT = "the posterior precision (P0 + J^T S^-1 J)"
 
-    def __init__(self, problem: NTKProblem) -> None:
+    def __init__(self, problem: NTKProblem, *, outer: Tensor | None = None) -> None:
         super().__init__(problem)
         P, C = self.network.num_parameters, problem.num_outputs
         check_fits(
@@ -43,7 +43,8 @@ class WeightSpaceSolver(GaussianSolver):
             self.network.device,
         )
         #: per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64
-        self.outer = jacobian_outer(self.ntk, problem.x, per_output=C > 1)
+        #: (given when extended, :mod:`ntkgp.solvers.update`)
+        self.outer = jacobian_outer(self.ntk, problem.x, per_output=C > 1) if outer is None else outer
 
     def _precision(self, delta: Tensor, noise_c: Tensor) -> Tensor:
         r""":math:`P_0 + \sum_c s_c^{-1} J_c^\top J_c`, ``(P, P)``: one new matrix, the prior added to its diagonal."""

@@ -12,6 +12,12 @@ result is a :class:`UnitCapture`:
 Per-example Jacobians of the network are never formed: a capture costs one forward pass and
 ``C`` backward passes for the whole chunk, where ``vmap(jacrev)`` costs ``C`` backward passes per
 example. :class:`CaptureCache` keeps the whole-data captures of the two most recent inputs.
+
+**Differentiable captures.** When the inputs require grad and grad mode is on (test inputs of an
+acquisition function), the pass keeps the graph: site inputs are not detached and the ``C``
+backward passes run with ``create_graph=True``, so :math:`u(x)` and :math:`g(x)` (and every
+structured product built from them) are differentiable in ``x``. Otherwise (every training-side
+capture) the results carry no graph, as before.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ if TYPE_CHECKING:
     from ntkgp.network.inputs import Inputs
     from ntkgp.structured.plan import StructuredPlan
 
-__all__ = ["CaptureCache", "UnitCapture", "capture", "slice_captures"]
+__all__ = ["CaptureCache", "UnitCapture", "capture", "differentiable", "slice_captures"]
 
 
 @dataclass(frozen=True)
@@ -48,15 +54,23 @@ class UnitCapture:
         return self.cotangents.shape[0]
 
 
+def differentiable(x: Inputs) -> bool:
+    """Whether a capture of ``x`` keeps the graph to the inputs (they require grad, grad mode is on)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs) -> list[UnitCapture]:
-    """One capture pass over the chunk ``x`` (all of it at once): one :class:`UnitCapture` per unit."""
+    """One capture pass over the chunk ``x`` (all of it at once): one :class:`UnitCapture` per unit.
+
+    Differentiable in ``x`` when :func:`differentiable` (see the module docstring)."""
+    keep_graph = differentiable(x)
     with network_pass(True):  # the backward passes too: out of inference mode, with autograd on
-        return _capture(network, plan, x)
+        return _capture(network, plan, x, keep_graph)
 
 
-def _capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs) -> list[UnitCapture]:
+def _capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs, keep_graph: bool) -> list[UnitCapture]:
     index = {id(t): i for i, t in enumerate(network.params.values())}
-    mode = CaptureMode(index, capture=True)
+    mode = CaptureMode(index, capture=True, keep_graph=keep_graph)
     out = network.evaluate(x, mode)
     signatures = tuple(site.signature for site in mode.sites)
     if signatures != plan.signatures:
@@ -70,7 +84,9 @@ def _capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs) -> lis
     C = out.shape[1]
     per_output = []
     for c in range(C):
-        grads = torch.autograd.grad(out[:, c].sum(), probes, retain_graph=c < C - 1, allow_unused=True)
+        grads = torch.autograd.grad(
+            out[:, c].sum(), probes, retain_graph=keep_graph or c < C - 1, create_graph=keep_graph, allow_unused=True
+        )
         per_output.append([torch.zeros_like(p) if g is None else g for p, g in zip(probes, grads)])
     cotangents = {}
     for j, s in enumerate(used):
@@ -85,7 +101,7 @@ def _capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs) -> lis
         if unit.weight is not None:
             parts = [mode.sites[s].inputs for s in unit.sites]
             inputs = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # type: ignore[arg-type]
-        result.append(UnitCapture(inputs, cot.detach()))
+        result.append(UnitCapture(inputs, cot if keep_graph else cot.detach()))
     return result
 
 

@@ -136,7 +136,8 @@ def _spatial_block(unit: Unit, c1: UnitCapture, c2: UnitCapture) -> Tensor:
     s = _input_products(unit, c1.inputs, c2.inputs).to(g1.dtype).view(n1, 1, L1, n2, 1, L2)
     # shape: (n1*C*L1, d_out) @ (d_out, n2*C*L2) -> (n1, C, L1, n2, C, L2)
     gg = (g1.reshape(n1 * C * L1, d_out) @ g2.reshape(n2 * C * L2, d_out).T).view(n1, C, L1, n2, C, L2)
-    return gg.mul_(s).sum((2, 5)).reshape(n1 * C, n2 * C)
+    gg = gg * s if torch.is_grad_enabled() and (gg.requires_grad or s.requires_grad) else gg.mul_(s)
+    return gg.sum((2, 5)).reshape(n1 * C, n2 * C)
 
 
 def positions_gram(
@@ -233,4 +234,6 @@ def positions_diagonal(
             uu = _self_products(unit, part.inputs)  # shape: (m, L, L)
             flat = part.cotangents.reshape(m * C, L, d_out)
             gg = torch.bmm(flat, flat.transpose(1, 2)).view(m, C, L, L)  # shape: (m, C, L, L)
-            out[gw, sl] += gg.mul_(uu.to(gg.dtype).unsqueeze(1)).sum((-2, -1)).reshape(-1).to(torch.float64)
+            uu = uu.to(gg.dtype).unsqueeze(1)
+            gg = gg * uu if torch.is_grad_enabled() and (gg.requires_grad or uu.requires_grad) else gg.mul_(uu)
+            out[gw, sl] += gg.sum((-2, -1)).reshape(-1).to(torch.float64)

@@ -27,7 +27,7 @@ from ntkgp.structured.capture import UnitCapture
 from ntkgp.structured.plan import Unit
 from ntkgp.structured.positions import weight_gradients
 
-__all__ = ["unit_pullback", "unit_pushforward", "write_columns"]
+__all__ = ["unit_columns", "unit_pullback", "unit_pushforward", "write_columns"]
 
 
 def _contract_outputs(v: Tensor, g: Tensor) -> Tensor:
@@ -109,3 +109,24 @@ def write_columns(unit: Unit, capture: UnitCapture, targets: dict[int, Tensor]) 
             target.copy_(weight_gradients(unit, capture).reshape(n, C, -1))
     if unit.bias is not None and unit.bias in targets:
         torch.sum(g, 2, out=targets[unit.bias])
+
+
+def unit_columns(unit: Unit, capture: UnitCapture) -> dict[int, Tensor]:
+    """The unit's Jacobian columns per example as new tensors, ``{θ position: (n, C, numel)}``.
+
+    The out-of-place twin of :func:`write_columns`, for differentiable captures (test inputs that
+    require grad): autograd refuses ``out=`` and in-place writes through views made before them.
+    """
+    g = capture.cotangents
+    n, C, L, d = g.shape
+    out = {}
+    if unit.weight is not None:
+        if unit.kind == "dense" and L == 1:
+            assert capture.inputs is not None
+            a = capture.inputs[:, 0].to(g.dtype)
+            out[unit.weight] = (g[:, :, 0, :, None] * a[:, None, None, :]).reshape(n, C, -1)
+        else:
+            out[unit.weight] = weight_gradients(unit, capture).reshape(n, C, -1)
+    if unit.bias is not None:
+        out[unit.bias] = g.sum(2)
+    return out

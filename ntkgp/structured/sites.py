@@ -119,11 +119,14 @@ class CaptureMode(TorchFunctionMode):
         ``id(tensor) -> position in θ`` for the Bayesian tensors as the network receives them.
     capture:
         Keep site inputs and attach probes (a capture pass); ``False`` only records (discovery).
+    keep_graph:
+        Keep the site inputs' graph (a differentiable capture, :mod:`ntkgp.structured.capture`);
+        by default they are detached.
     """
 
-    def __init__(self, index: dict[int, int], *, capture: bool) -> None:
+    def __init__(self, index: dict[int, int], *, capture: bool, keep_graph: bool = False) -> None:
         super().__init__()
-        self.index, self.capture = index, capture
+        self.index, self.capture, self.keep_graph = index, capture, keep_graph
         self.sites: list[Site] = []
         #: θ positions used by calls the structured routes do not cover
         self.opaque: set[int] = set()
@@ -161,7 +164,7 @@ class CaptureMode(TorchFunctionMode):
         if not self.capture:
             site.source = (source, source._version)
             return out
-        site.inputs = inputs().detach()
+        site.inputs = inputs() if self.keep_graph else inputs().detach()
         site.source = (source, source._version)
         site.probe = torch.zeros_like(out, requires_grad=True)
         return out + site.probe
