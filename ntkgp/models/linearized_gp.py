@@ -29,6 +29,7 @@ from ntkgp.operators.posterior_covariance import PosteriorCovariance
 from ntkgp.operators.training_covariance import TrainingCovariance
 from ntkgp.posteriors.base import Posterior
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverSpec
+from ntkgp.solvers.mode import AUTO_DECREMENT, LinearizedMode
 from ntkgp.solvers.select import ExactSolverName, choose_space, make_laplace_solver, make_solver
 
 __all__ = ["LinearizedGP"]
@@ -113,6 +114,15 @@ class LinearizedGP(ExactGP):
         Bytes for Jacobian blocks (default: a quarter of free memory, at most 4 GiB).
     progress:
         Show tqdm progress bars on long passes.
+    mode:
+        Laplace likelihoods only: where the Laplace approximation is taken. ``"map"``: at the
+        network's weights :math:`\hat\theta` for every :math:`\delta` (the classic post-hoc
+        Laplace). ``"linearized"``: at the posterior mode of the linearized model for the current
+        :math:`\delta`, found by Newton's method (:mod:`ntkgp.solvers.mode`); evidence, predictive
+        mean and covariance are taken there and follow :math:`\delta`. ``"auto"`` (default):
+        ``"linearized"`` when the network is not at a MAP of the stated prior (half the squared
+        Newton decrement at :math:`\hat\theta` above 0.01 nats; an early-stopped net, other weight
+        decay, BatchNorm trained on batch statistics), else ``"map"``. Approximate solvers use ``"map"``.
     """
 
     def __init__(
@@ -131,7 +141,10 @@ class LinearizedGP(ExactGP):
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         progress: bool = False,
+        mode: str = "auto",
     ) -> None:
+        if mode not in ("auto", "map", "linearized"):
+            raise ValueError(f"mode must be 'auto', 'map' or 'linearized', got {mode!r}")
         x = Inputs.wrap(train_x, "train_x")
         x.check("train_x")
         shape = x.data.shape[1:] if x.form == "tensor" else None
@@ -191,6 +204,8 @@ class LinearizedGP(ExactGP):
         if isinstance(solver, SolverSpec):
             self.register_added_loss_term("approximation_correction")
         self._posterior: tuple[tuple[Tensor, ...], Posterior] | None = None
+        self._mode_choice, self._mode_finder = mode, None
+        self._linearized: bool | None = None
         # freed as soon as the last reference goes, not at the next garbage collection
         drop_self_references(self)
 
@@ -291,6 +306,32 @@ class LinearizedGP(ExactGP):
         """Whether the likelihood is non-Gaussian (Laplace approximation at the MAP)."""
         return isinstance(self.likelihood, LaplaceLikelihood)
 
+    # ------------------------------------------------- the linearized model's mode (Laplace likelihoods)
+    @property
+    def mode(self) -> str:
+        """``"map"`` or ``"linearized"``: where the Laplace approximation is taken (``"auto"`` resolved once)."""
+        if self._linearized is None:
+            self._linearized = self._resolve_mode()
+        return "linearized" if self._linearized else "map"
+
+    @property
+    def mode_finder(self) -> LinearizedMode | None:
+        """Newton for of the linearized model's mode (:mod:`ntkgp.solvers.mode`); ``None`` in ``"map"`` mode."""
+        return self._mode_finder if self.mode == "linearized" else None
+
+    def _resolve_mode(self) -> bool:
+        choice = self._mode_choice
+        if not self.is_laplace or isinstance(self._solver_choice, SolverSpec) or choice == "map":
+            return False
+        lik, y = self.likelihood, self.train_targets
+        space = choose_space(self.problem, self._solver_choice)
+        self._mode_finder = LinearizedMode(self.problem, lambda f: lik.log_likelihood(f, y), lik.hessian_root, space)
+        if choice == "linearized":
+            return True
+        self._mode_finder.initial_solver = self.solver
+        stated = self.layout.initial_precision.to(self.network.device)
+        return self._mode_finder.map_decrement(stated, self.solver) > AUTO_DECREMENT
+
     # ---------------------------------------------------------- distributions
     def inputs(self, x: InputLike) -> Inputs:
         """``x`` as :class:`Inputs` of the training inputs' form, checked (shapes, finite floats, device)."""
@@ -364,8 +405,10 @@ class LinearizedGP(ExactGP):
             old, post = self._posterior
             if all(torch.equal(a, b) for a, b in zip(old, key)):
                 return post
-        solver = self.solver
-        if isinstance(solver, LaplaceSolver):
+        solver = self.solver if self.mode == "map" else None
+        if solver is None:
+            post = self._mode_finder.posterior(delta)
+        elif isinstance(solver, LaplaceSolver):
             post = solver.laplace_posterior(delta)
         else:
             post = solver.posterior(delta, key[1], self.residual())
@@ -381,6 +424,8 @@ class LinearizedGP(ExactGP):
         :math:`\log p(y\mid\hat f) - \tfrac12\hat\theta^\top P_0\hat\theta - \tfrac12\log|I + B^\top K B|`.
         """
         delta = self.prior_precision
+        if self.mode == "linearized":
+            return self._mode_finder.log_evidence(delta)
         solver = self.solver
         if isinstance(solver, LaplaceSolver):
             theta = self.network.flat_params.to(torch.float64)
