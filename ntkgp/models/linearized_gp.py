@@ -89,7 +89,8 @@ class LinearizedGP(ExactGP):
     train_y:
         Targets ``(N,)`` for ``C = 1`` or ``(N, C)``; integer labels ``(N,)`` for softmax.
     prior_precision:
-        :math:`\delta`: a number, one value per parameter tensor, or ``{module name: value}``.
+        :math:`\delta`: a number, one value per parameter tensor, ``{module name: value}``, or a
+        structure: ``"scalar"``, ``"tensor"`` or ``"module"`` (:mod:`ntkgp.ntk.layout`).
     prior_precision_constraint:
         Positivity constraint of :math:`\delta` (default ``gpytorch.constraints.Positive()``,
         softplus). ``Positive(transform=torch.exp, inv_transform=torch.log)`` makes the raw
