@@ -60,11 +60,16 @@ def _brute_mode(net, x, y, lik, delta):
         return -lik.log_likelihood((m + j @ t).reshape(n, c), y) + 0.5 * delta * t.square().sum()
 
     t = theta.clone()
-    for _ in range(40):
+    for _ in range(20):  # quadratic convergence: round-off in under ten steps
         grad = torch.autograd.functional.jacobian(obj, t)
         t = t - torch.linalg.solve(torch.autograd.functional.hessian(obj, t), grad)
     f = (m + j @ t).reshape(n, c)
-    hess = torch.stack([torch.autograd.functional.hessian(lambda v, i=i: -lik.log_likelihood(v[None], y[i : i + 1]), f[i]) for i in range(n)])
+    hess = torch.stack(
+        [
+            torch.autograd.functional.hessian(lambda v, i=i: -lik.log_likelihood(v[None], y[i : i + 1]), f[i])
+            for i in range(n)
+        ]
+    )
     precision = j.T @ torch.block_diag(*hess) @ j + delta * torch.eye(t.numel(), dtype=torch.float64)
     p = t.numel()
     evidence = -obj(t) - 0.5 * (torch.logdet(precision) - p * math.log(delta))
@@ -151,7 +156,9 @@ def test_spectral_gaussian_fit_is_the_brute_force_optimum(solver) -> None:
     delta, noise = float(fit.prior_precision), float(fit.noise)
 
     def brute(d, s):
-        return float(truth.log_evidence(net, x, y, truth.prior_vector(net, d), torch.full((40,), s, dtype=torch.float64)))
+        return float(
+            truth.log_evidence(net, x, y, truth.prior_vector(net, d), torch.full((40,), s, dtype=torch.float64))
+        )
 
     assert abs(brute(delta, noise) - fit.log_evidence) <= 1e-9 * abs(fit.log_evidence)
     h = 1e-4  # a stationary point of the brute-force evidence in (log delta, log noise)
@@ -177,7 +184,9 @@ def test_spectral_laplace_fit_agrees_with_lbfgs_and_brute_force(solver) -> None:
         out = net(x)
     hess = truth.nll_hessians(lambda v, n: -torch.log_softmax(v, -1)[y[n]], out)
     delta = float(fit.prior_precision)
-    brute = truth.ggn_laplace(net, x, x[:2], hess, truth.prior_vector(net, delta), -F.cross_entropy(out, y, reduction="sum"))[0]
+    brute = truth.ggn_laplace(
+        net, x, x[:2], hess, truth.prior_vector(net, delta), -F.cross_entropy(out, y, reduction="sum")
+    )[0]
     assert abs(float(brute) - fit.log_evidence) <= 1e-9 * abs(fit.log_evidence)
     other = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision=1.0, solver=solver, mode="map")
     lbfgs = fit_hyperparameters(other, method="lbfgs")

@@ -29,7 +29,7 @@ from ntkgp.operators.posterior_covariance import PosteriorCovariance
 from ntkgp.operators.training_covariance import TrainingCovariance
 from ntkgp.posteriors.base import Posterior
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverSpec
-from ntkgp.solvers.mode import AUTO_DECREMENT, LinearizedMode
+from ntkgp.solvers.mode import LinearizedMode
 from ntkgp.solvers.select import ExactSolverName, choose_space, make_laplace_solver, make_solver
 
 __all__ = ["LinearizedGP"]
@@ -116,14 +116,10 @@ class LinearizedGP(ExactGP):
     progress:
         Show tqdm progress bars on long passes.
     mode:
-        Laplace likelihoods only: where the Laplace approximation is taken. ``"map"``: at the
-        network's weights :math:`\hat\theta` for every :math:`\delta` (the classic post-hoc
-        Laplace). ``"linearized"``: at the posterior mode of the linearized model for the current
-        :math:`\delta`, found by Newton's method (:mod:`ntkgp.solvers.mode`); evidence, predictive
-        mean and covariance are taken there and follow :math:`\delta`. ``"auto"`` (default):
-        ``"linearized"`` when the network is not at a MAP of the stated prior (half the squared
-        Newton decrement at :math:`\hat\theta` above 0.01 nats; an early-stopped net, other weight
-        decay, BatchNorm trained on batch statistics), else ``"map"``. Approximate solvers use ``"map"``.
+        Laplace likelihoods: ``"map"`` (the Laplace approximation at :math:`\hat\theta` for every
+        :math:`\delta`), ``"linearized"`` (at the linearized model's posterior mode for the current
+        :math:`\delta`, :mod:`ntkgp.solvers.mode`) or ``"auto"``: ``"linearized"`` where the network is not
+        at a MAP of the stated prior (``docs/calibration.md``). Approximate solvers use ``"map"``.
     """
 
     def __init__(
@@ -321,17 +317,12 @@ class LinearizedGP(ExactGP):
         return self._mode_finder if self.mode == "linearized" else None
 
     def _resolve_mode(self) -> bool:
-        choice = self._mode_choice
-        if not self.is_laplace or isinstance(self._solver_choice, SolverSpec) or choice == "map":
+        if not self.is_laplace or isinstance(self._solver_choice, SolverSpec) or self._mode_choice == "map":
             return False
-        lik, y = self.likelihood, self.train_targets
-        space = choose_space(self.problem, self._solver_choice)
+        lik, y, space = self.likelihood, self.train_targets, choose_space(self.problem, self._solver_choice)
         self._mode_finder = LinearizedMode(self.problem, lambda f: lik.log_likelihood(f, y), lik.hessian_root, space)
-        if choice == "linearized":
-            return True
-        self._mode_finder.initial_solver = self.solver
         stated = self.layout.initial_precision.to(self.network.device)
-        return self._mode_finder.map_decrement(stated, self.solver) > AUTO_DECREMENT
+        return self._mode_choice == "linearized" or self._mode_finder.is_away_from(stated, self.solver)
 
     # ---------------------------------------------------------- distributions
     def inputs(self, x: InputLike) -> Inputs:

@@ -205,6 +205,13 @@ class LinearizedMode:
             t *= 0.5
         return theta - t * step, f - t * moved, self._objective(theta - t * step, f - t * moved, delta)
 
+    def is_away_from(self, delta: Tensor, solver: KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver) -> bool:
+        r"""Whether :math:`\hat\theta` is not the mode at ``delta`` (the stated prior): half the squared Newton
+        decrement there exceeds :data:`AUTO_DECREMENT` nats. ``solver`` (at :math:`\Lambda(\hat f)`) becomes the
+        first iterate's."""
+        self.initial_solver = solver
+        return self.map_decrement(delta, solver) > AUTO_DECREMENT
+
     def map_decrement(self, delta: Tensor, solver: object) -> float:
         r"""Half the squared Newton decrement at :math:`\hat\theta` (nats); ``solver`` is at :math:`\Lambda(\hat f)`."""
         with torch.no_grad():
