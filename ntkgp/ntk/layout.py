@@ -170,7 +170,10 @@ def _structure(names: tuple[str, ...], structure: str) -> float | list[float] | 
         return [1.0] * len(names)
     if structure == "module":
         return {name.rpartition(".")[0]: 1.0 for name in names}
-    raise ValueError(f"prior_precision as a string must be one of {PRIOR_STRUCTURES}, got {structure!r}")
+    raise ValueError(
+        "prior_precision must be a number, a 1-D tensor, a mapping from module name to precision, or one of "
+        f"{PRIOR_STRUCTURES}; got the string {structure!r}"
+    )
 
 
 def _values(spec: object) -> Tensor:
