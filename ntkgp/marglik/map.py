@@ -8,13 +8,12 @@ hold at a MAP of the same objective the GP encodes,
 
 so :func:`train_map` minimizes exactly that, full batch: Adam to get close, L-BFGS to make the
 gradient small, and for small networks exact Newton steps to take it to round-off.
-:func:`fit_hyperparameters` then maximizes ``model.log_evidence()``.
+:func:`ntkgp.marglik.fit_hyperparameters` then maximizes ``model.log_evidence()``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from gpytorch.likelihoods import Likelihood
@@ -23,10 +22,7 @@ from torch import Tensor, nn
 from ntkgp.marglik.online import negative_log_likelihood
 from ntkgp.ntk.layout import PriorLayout, PriorPrecisionSpec
 
-if TYPE_CHECKING:
-    from ntkgp.models.linearized_gp import LinearizedGP
-
-__all__ = ["fit_hyperparameters", "train_map"]
+__all__ = ["train_map"]
 
 
 def train_map(
@@ -131,22 +127,3 @@ def _newton_polish(objective: Callable[[], Tensor], tensors: Sequence[Tensor], n
             break
         norm = new
     return norm
-
-
-def fit_hyperparameters(model: LinearizedGP, *, steps: int = 200, lr: float = 0.1) -> list[float]:
-    """Adam on ``model.parameters()`` (prior precisions, noise) maximizing ``model.log_evidence()``.
-
-    Returns the log evidence after each step. Works for every likelihood (exact evidence for
-    Gaussian ones, Laplace evidence otherwise); leaves the model in eval mode.
-    """
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    curve = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = -model.log_evidence()
-        loss.backward()
-        opt.step()
-        curve.append(-float(loss.detach()))
-    model.eval()
-    return curve

@@ -32,6 +32,8 @@ from ntkgp.operators.posterior_covariance import PosteriorCovariance
 from ntkgp.operators.training_covariance import TrainingCovariance
 from ntkgp.posteriors.base import Posterior
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverSpec
+from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver
+from ntkgp.solvers.mode import LinearizedMode
 from ntkgp.solvers.select import ExactSolverName, choose_space, make_laplace_solver, make_solver
 
 __all__ = ["LinearizedGP"]
@@ -91,7 +93,8 @@ class LinearizedGP(ConditioningMixin, ExactGP):
     train_y:
         Targets ``(N,)`` for ``C = 1`` or ``(N, C)``; integer labels ``(N,)`` for softmax.
     prior_precision:
-        :math:`\delta`: a number, one value per parameter tensor, or ``{module name: value}``.
+        :math:`\delta`: a number, one value per parameter tensor, ``{module name: value}``, or a
+        structure: ``"scalar"``, ``"tensor"`` or ``"module"`` (:mod:`ntkgp.ntk.layout`).
     prior_precision_constraint:
         Positivity constraint of :math:`\delta` (default ``gpytorch.constraints.Positive()``,
         softplus). ``Positive(transform=torch.exp, inv_transform=torch.log)`` makes the raw
@@ -116,6 +119,11 @@ class LinearizedGP(ConditioningMixin, ExactGP):
         Bytes for Jacobian blocks (default: a quarter of free memory, at most 4 GiB).
     progress:
         Show tqdm progress bars on long passes.
+    mode:
+        Laplace likelihoods: ``"map"`` (the Laplace approximation at :math:`\hat\theta` for every
+        :math:`\delta`), ``"linearized"`` (at the linearized model's posterior mode for the current
+        :math:`\delta`, :mod:`ntkgp.solvers.mode`) or ``"auto"``: ``"linearized"`` where the network is not
+        at a MAP of the stated prior (``docs/calibration.md``). Approximate solvers use ``"map"``.
     """
 
     @outside_inference_mode
@@ -135,7 +143,10 @@ class LinearizedGP(ConditioningMixin, ExactGP):
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         progress: bool = False,
+        mode: str = "auto",
     ) -> None:
+        if mode not in ("auto", "map", "linearized"):
+            raise ValueError(f"mode must be 'auto', 'map' or 'linearized', got {mode!r}")
         x = Inputs.wrap(train_x, "train_x")
         x.check("train_x")
         shape = x.data.shape[1:] if x.form == "tensor" else None
@@ -197,6 +208,9 @@ class LinearizedGP(ConditioningMixin, ExactGP):
         if isinstance(solver, SolverSpec):
             self.register_added_loss_term("approximation_correction")
         self._posterior: tuple[tuple[Tensor, ...], Posterior] | None = None
+        self._mode_choice = mode
+        self._mode_finder: LinearizedMode | None = None
+        self._linearized: bool | None = None
         # freed as soon as the last reference goes, not at the next garbage collection
         drop_self_references(self)
 
@@ -300,6 +314,29 @@ class LinearizedGP(ConditioningMixin, ExactGP):
         """Whether the likelihood is non-Gaussian (Laplace approximation at the MAP)."""
         return isinstance(self.likelihood, LaplaceLikelihood)
 
+    # ------------------------------------------------- the linearized model's mode (Laplace likelihoods)
+    @property
+    def mode(self) -> str:
+        """``"map"`` or ``"linearized"``: where the Laplace approximation is taken (``"auto"`` resolved once)."""
+        if self._linearized is None:
+            self._linearized = self._resolve_mode()
+        return "linearized" if self._linearized else "map"
+
+    @property
+    def mode_finder(self) -> LinearizedMode | None:
+        """Newton for the linearized model's mode (:mod:`ntkgp.solvers.mode`); ``None`` in ``"map"`` mode."""
+        return self._mode_finder if self.mode == "linearized" else None
+
+    def _resolve_mode(self) -> bool:
+        if not self.is_laplace or isinstance(self._solver_choice, SolverSpec) or self._mode_choice == "map":
+            return False
+        lik, y, space = self.likelihood, self.train_targets, choose_space(self.problem, self._solver_choice)
+        self._mode_finder = LinearizedMode(self.problem, lambda f: lik.log_likelihood(f, y), lik.hessian_root, space)
+        stated = self.layout.initial_precision.to(self.network.device)
+        solver = self.solver
+        assert isinstance(solver, (KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver))  # exact Laplace (above)
+        return self._mode_choice == "linearized" or self._mode_finder.is_away_from(stated, solver)
+
     # ---------------------------------------------------------- distributions
     def inputs(self, x: InputLike) -> Inputs:
         """``x`` as :class:`Inputs` of the training inputs' form, checked (shapes, finite floats, device)."""
@@ -381,12 +418,16 @@ class LinearizedGP(ConditioningMixin, ExactGP):
             old, post = self._posterior
             if len(old) == len(key) and all(torch.equal(a, b) for a, b in zip(old, key)):
                 return post
-        solver = self.solver
-        if isinstance(solver, LaplaceSolver):
-            post = solver.laplace_posterior(delta)
+        finder = self.mode_finder
+        if finder is not None:
+            post = finder.posterior(delta)
         else:
-            assert noise is not None
-            post = solver.posterior(delta, noise, self.residual())
+            solver = self.solver
+            if isinstance(solver, LaplaceSolver):
+                post = solver.laplace_posterior(delta)
+            else:
+                assert noise is not None
+                post = solver.posterior(delta, noise, self.residual())
         self._posterior = (key, post)
         return post
 
@@ -400,6 +441,9 @@ class LinearizedGP(ConditioningMixin, ExactGP):
         :math:`\log p(y\mid\hat f) - \tfrac12\hat\theta^\top P_0\hat\theta - \tfrac12\log|I + B^\top K B|`.
         """
         delta = self.prior_precision
+        finder = self.mode_finder
+        if finder is not None:
+            return finder.log_evidence(delta)
         solver = self.solver
         if isinstance(solver, LaplaceSolver):
             theta = self.network.flat_params.to(torch.float64)

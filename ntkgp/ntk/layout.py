@@ -13,7 +13,13 @@ A ``prior_precision`` specification picks the groups:
 * a 1-D tensor or sequence with one entry per parameter tensor of :math:`\theta` (laplace-torch's
   "layer-wise" prior); a 1-entry tensor is read as a number;
 * a mapping from module name to precision: one group per module, holding the module's parameter
-  tensors (the longest matching module name wins). Every parameter tensor must be covered.
+  tensors (the longest matching module name wins). Every parameter tensor must be covered;
+* ``"scalar"``, ``"tensor"`` or ``"module"``: one group, one group per parameter tensor, or one group
+  per module that owns parameters (its weight and bias together; a normalization layer's affine
+  :math:`\gamma, \beta` form their own group), each starting at :math:`\delta = 1`. ``"module"``
+  gives every layer, and so every normalized layer, its own precision: the weights feeding a
+  BatchNorm/LayerNorm/GroupNorm are scale-invariant in training, so one precision shared with the
+  rest of the network is misspecified (Antorán et al., ICML 2022).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from torch import Tensor
 __all__ = ["PriorLayout", "PriorPrecisionSpec"]
 
 #: The forms of ``prior_precision=`` (see the module docstring).
-PriorPrecisionSpec: TypeAlias = "float | int | Tensor | Sequence[float] | Mapping[str, float]"
+PriorPrecisionSpec: TypeAlias = "float | int | Tensor | Sequence[float] | Mapping[str, float] | str"
+
+#: the named prior structures of a ``prior_precision`` string
+PRIOR_STRUCTURES = ("scalar", "tensor", "module")
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,8 @@ class PriorLayout:
             On an unsupported specification type.
         """
         names, numels = tuple(names), tuple(numels)
+        if isinstance(spec, str):
+            spec = _structure(names, spec)
         if isinstance(spec, Mapping):
             group_names, tensor_group, values = _from_mapping(names, spec)
             return cls(names, numels, group_names, tensor_group, values)
@@ -149,6 +160,20 @@ class PriorLayout:
                 "name to precision"
             )
         return cls(names, numels, names, tuple(range(len(names))), values)
+
+
+def _structure(names: tuple[str, ...], structure: str) -> float | list[float] | dict[str, float]:
+    """The specification a named structure stands for (every precision 1)."""
+    if structure == "scalar":
+        return 1.0
+    if structure == "tensor":
+        return [1.0] * len(names)
+    if structure == "module":
+        return {name.rpartition(".")[0]: 1.0 for name in names}
+    raise ValueError(
+        "prior_precision must be a number, a 1-D tensor, a mapping from module name to precision, or one of "
+        f"{PRIOR_STRUCTURES}; got the string {structure!r}"
+    )
 
 
 def _values(spec: object) -> Tensor:

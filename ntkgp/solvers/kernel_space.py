@@ -35,6 +35,21 @@ class KernelSpaceSolver(GaussianSolver):
         )
         #: per-group Gram matrices, ``(G, M, M)``, float64 (given when extended, :mod:`ntkgp.solvers.update`)
         self.grams = gram(self.ntk, problem.x) if grams is None else grams
+        self._spectrum: tuple[Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def spectrum(self) -> tuple[Tensor, Tensor]:
+        r"""Eigenvalues ``(M,)`` (ascending) and eigenvectors ``(M, M)`` of the one group's Gram :math:`K_1`, cached.
+
+        With :math:`K = K_1/\delta` and noise :math:`\sigma^2 I`, :math:`K + S = U\,\mathrm{diag}(\lambda/\delta +
+        \sigma^2)\,U^\top`: after this one ``eigh`` the evidence and its derivatives cost ``O(M)``.
+        """
+        if self.layout.num_groups != 1:
+            raise ValueError(f"spectrum() needs one prior group; this layout has {self.layout.num_groups}")
+        if self._spectrum is None:
+            values, vectors = torch.linalg.eigh(self.grams[0])
+            self._spectrum = (values.clamp_min(0.0), vectors)
+        return self._spectrum
 
     def factor(self, delta: Tensor, noise: Tensor) -> Tensor:
         """The cached Cholesky factor of :math:`K + S` at these hyperparameters."""

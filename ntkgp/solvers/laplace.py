@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.linalg.cholesky import factored_inv_quad_logdet
-from ntkgp.linalg.hessian_root import sandwich
+from ntkgp.linalg.cholesky import cholesky_solve, factored_inv_quad_logdet
+from ntkgp.linalg.hessian_root import apply_root, apply_root_transpose, sandwich
 from ntkgp.memory import KERNEL_SPACE_MATRICES, WEIGHT_SPACE_MATRICES, check_fits
-from ntkgp.ntk import NTKProblem, gram, jacobian_outer
+from ntkgp.ntk import NTKProblem, gram, jacobian_outer, pullback, pushforward
 from ntkgp.posteriors.base import Posterior
 from ntkgp.posteriors.kernel_space import KernelSpacePosterior
 from ntkgp.posteriors.weight_space import WeightSpacePosterior
@@ -36,7 +36,7 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
     name = "kernel"
     _WHAT = "I + B^T K B"
 
-    def __init__(self, problem: NTKProblem, hessian_root: Tensor) -> None:
+    def __init__(self, problem: NTKProblem, hessian_root: Tensor, grams: Tensor | None = None) -> None:
         super().__init__(problem, hessian_root)
         M, G = self.size, self.layout.num_groups
         check_fits(
@@ -44,10 +44,12 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
             f"the kernel-space Laplace solver ({G} + {KERNEL_SPACE_MATRICES} matrices of {M} x {M}, with gradient)",
             self.network.device,
         )
-        #: per-group :math:`B^\top K_g B`, ``(G, M, M)``, float64
-        self.grams = gram(self.ntk, problem.x)
+        #: per-group :math:`B^\top K_g B`, ``(G, M, M)``, float64 (from ``grams``, the per-group
+        #: :math:`K_g` of the training inputs, when given: they are not changed)
+        self.grams = gram(self.ntk, problem.x) if grams is None else grams.clone()
         for g in range(G):  # in place, one group at a time
             self.grams[g] = sandwich(hessian_root, self.grams[g])
+        self._spectrum: Tensor | None = None
 
     def _matrix(self, delta: Tensor) -> Tensor:
         r""":math:`I + \sum_g B^\top K_g B / \delta_g`, ``(M, M)``, differentiable in ``delta``."""
@@ -61,11 +63,42 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
         return factored_inv_quad_logdet(factor, None, matrix)[1]
 
     @torch.no_grad()
-    def laplace_posterior(self, delta: Tensor) -> Posterior:
+    def laplace_posterior(self, delta: Tensor, weights: Tensor | None = None) -> Posterior:
         delta = delta.detach()
         factor = self.factor_and_matrix(lambda: self._matrix(delta), self._WHAT, delta)[0]
-        weights = self.network.flat_params.to(torch.float64)
+        weights = self.network.flat_params.to(torch.float64) if weights is None else weights
         return KernelSpacePosterior(self.problem, delta, factor, weights, hessian_root=self.hessian_root)
+
+    @torch.no_grad()
+    def spectrum(self) -> Tensor:
+        r"""Eigenvalues of :math:`B^\top K_1 B` (one prior group), ascending, ``(M,)``, float64, cached.
+
+        With one group, :math:`\log|I + B^\top K B| = \sum_i \log(1 + \mu_i/\delta)` for every
+        :math:`\delta`: after this one ``eigvalsh`` the log-determinant and its derivatives cost ``O(M)``.
+        """
+        if self.layout.num_groups != 1:
+            raise ValueError(f"spectrum() needs one prior group; this layout has {self.layout.num_groups}")
+        if self._spectrum is None:
+            self._spectrum = torch.linalg.eigvalsh(self.grams[0]).clamp_min(0.0)
+        return self._spectrum
+
+    @torch.no_grad()
+    def precision_solve(self, delta: Tensor, rhs: Tensor) -> Tensor:
+        r""":math:`(P_0 + J^\top\Lambda J)^{-1} V` for ``V`` ``(P, t)``, float64, by Woodbury with the cached factor:
+
+        .. math::
+            A^{-1} = P_0^{-1} - P_0^{-1} J^\top B (I + B^\top K B)^{-1} B^\top J P_0^{-1}.
+        """
+        delta = delta.detach()
+        x, C = self.problem.x, self.problem.num_outputs
+        factor = self.factor_and_matrix(lambda: self._matrix(delta), self._WHAT, delta)[0]
+        inv = delta.to(torch.float64).reciprocal()
+        scaled = self.layout.scale(rhs.to(torch.float64).T, inv)  # shape: (t, P)
+        pushed = pushforward(self.ntk, x, scaled).to(torch.float64)  # shape: (t, N, C)
+        inner = apply_root_transpose(self.hessian_root, pushed.reshape(pushed.shape[0], -1).T)  # shape: (M, t)
+        back = apply_root(self.hessian_root, cholesky_solve(inner, factor))  # shape: (M, t)
+        pulled = pullback(self.ntk, x, back.T.reshape(-1, x.num, C), scale=inv)  # shape: (t, P)
+        return (scaled - pulled).T
 
 
 class WeightSpaceLaplaceSolver(LaplaceSolver):
@@ -85,6 +118,7 @@ class WeightSpaceLaplaceSolver(LaplaceSolver):
         )
         #: :math:`J^\top\Lambda J`, ``(1, P, P)``, float64
         self.outer = jacobian_outer(self.ntk, problem.x, per_output=False, hessian_root=hessian_root)
+        self._spectrum: Tensor | None = None
 
     def _matrix(self, delta: Tensor) -> Tensor:
         r""":math:`P_0 + J^\top\Lambda J`, ``(P, P)``, differentiable in ``delta``."""
@@ -101,6 +135,23 @@ class WeightSpaceLaplaceSolver(LaplaceSolver):
         return factored_inv_quad_logdet(factor, None, matrix)[1] - prior.log().sum()
 
     @torch.no_grad()
-    def laplace_posterior(self, delta: Tensor) -> Posterior:
+    def laplace_posterior(self, delta: Tensor, weights: Tensor | None = None) -> Posterior:
         factor = self.factor_and_matrix(lambda: self._matrix(delta.detach()), self._WHAT, delta.detach())[0]
-        return WeightSpacePosterior(self.ntk, factor, self.network.flat_params.to(torch.float64))
+        weights = self.network.flat_params.to(torch.float64) if weights is None else weights
+        return WeightSpacePosterior(self.ntk, factor, weights)
+
+    @torch.no_grad()
+    def spectrum(self) -> Tensor:
+        r"""Eigenvalues of :math:`J^\top\Lambda J`, ascending, ``(P,)``, float64, cached (any prior layout).
+
+        With one prior group, :math:`\log|P_0 + J^\top\Lambda J| - \log|P_0| = \sum_i \log(1 + \mu_i/\delta)`.
+        """
+        if self._spectrum is None:
+            self._spectrum = torch.linalg.eigvalsh(self.outer[0]).clamp_min(0.0)
+        return self._spectrum
+
+    @torch.no_grad()
+    def precision_solve(self, delta: Tensor, rhs: Tensor) -> Tensor:
+        r""":math:`(P_0 + J^\top\Lambda J)^{-1} V` for ``V`` ``(P, t)``, float64, with the cached factor."""
+        factor = self.factor_and_matrix(lambda: self._matrix(delta.detach()), self._WHAT, delta.detach())[0]
+        return cholesky_solve(rhs.to(torch.float64), factor)

@@ -45,6 +45,24 @@ class WeightSpaceSolver(GaussianSolver):
         #: per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64
         #: (given when extended, :mod:`ntkgp.solvers.update`)
         self.outer = jacobian_outer(self.ntk, problem.x, per_output=C > 1) if outer is None else outer
+        self._spectrum: tuple[Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def spectrum(self) -> tuple[Tensor, Tensor]:
+        r"""Eigenvalues ``(P,)`` (ascending) and eigenvectors ``(P, P)`` of :math:`J^\top J = \sum_c J_c^\top J_c`.
+
+        With one noise variance :math:`\sigma^2` for every output, :math:`A = P_0 + J^\top J/\sigma^2`; with one
+        prior group its eigenvalues are :math:`\delta + \mu_i/\sigma^2` for every :math:`(\delta, \sigma^2)`.
+        """
+        if self._spectrum is None:
+            values, vectors = torch.linalg.eigh(self.outer.sum(0))
+            self._spectrum = (values.clamp_min(0.0), vectors)
+        return self._spectrum
+
+    def pull_residual(self, residual: Tensor) -> Tensor:
+        r""":math:`J^\top r` for a residual ``r`` ``(N*C,)``: ``(P,)``, float64 (one vjp pass)."""
+        N, C = self.problem.num_data, self.problem.num_outputs
+        return pullback(self.ntk, self.problem.x, residual.detach().to(torch.float64).reshape(1, N, C))[0]
 
     def _precision(self, delta: Tensor, noise_c: Tensor) -> Tensor:
         r""":math:`P_0 + \sum_c s_c^{-1} J_c^\top J_c`, ``(P, P)``: one new matrix, the prior added to its diagonal."""

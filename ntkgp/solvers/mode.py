@@ -1,0 +1,253 @@
+r"""The posterior mode of the linearized model, for the Laplace likelihoods, and the Laplace GP taken there.
+
+The linearized network :math:`f_{\text{lin}}(x;\theta) = m(x) + J(x)\theta`, with the fixed offset
+:math:`m(x) = f(x;\hat\theta) - J(x)\hat\theta` and the prior :math:`\theta\sim\mathcal N(0, P_0^{-1})`, is a
+generalized linear model. Its posterior mode minimizes the convex
+
+.. math::
+    \Psi(\theta) = -\log p\big(y \mid m + J\theta\big) + \tfrac12\,\theta^\top P_0\theta ,
+
+with gradient :math:`g = P_0\theta - J^\top\nabla_f\log p` and Hessian :math:`A = P_0 + J^\top\Lambda(f)J`.
+At a MAP of the network under the same prior, :math:`\hat\theta` is that mode (:math:`g = 0`); a network
+trained with another regularizer, early-stopped, or with batch statistics is not at it.
+
+:class:`LinearizedMode` finds the mode by Newton's method, :math:`\theta \leftarrow \theta - tA^{-1}g`
+with a backtracking (Armijo) step :math:`t`. This is Rasmussen & Williams' Algorithm 3.1 written in
+weight space: :math:`f = m + J\theta` moves along :math:`-tJA^{-1}g`, which is their function-space
+step :math:`f \leftarrow (K^{-1} + \Lambda)^{-1}(\Lambda f + \nabla\log p)` with the NTK prior
+:math:`K = JP_0^{-1}J^\top` and the mean :math:`m`. Solves with :math:`A` come from an exact Laplace
+solver built at :math:`\Lambda(f)` (kernel space by Woodbury on :math:`I + B^\top KB`, weight space by
+its Cholesky factor), so each iteration costs one solver build. It stops when half the squared
+Newton decrement :math:`\tfrac12 g^\top A^{-1}g` (the predicted decrease of :math:`\Psi`, in nats) is
+below ``tolerance``. Results are cached per prior precision and each solve starts from the last mode.
+
+At the mode :math:`\tilde\theta`, :math:`\tilde f = m + J\tilde\theta`, the Laplace evidence is
+
+.. math::
+    \mathcal L(\delta) = \log p(y\mid\tilde f) - \tfrac12\tilde\theta^\top P_0\tilde\theta
+      - \tfrac12\log|I + \tilde B^\top K\tilde B| ,
+
+and its gradient in :math:`\delta_g` has, besides the explicit terms, the implicit one through
+:math:`\tilde\Lambda = \Lambda(\tilde f)` (the envelope theorem removes the others):
+:math:`-\sum_{i\in g} w_i\tilde\theta_i` with :math:`w = A^{-1}J^\top u`,
+:math:`u_n = -\tfrac12\,\partial_{f_n}\operatorname{tr}(V_n\Lambda_n(f_n))` and :math:`V_n = J_nA^{-1}J_n^\top`
+the posterior covariance blocks at the training points (Rasmussen & Williams eq. 5.23).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ntkgp.ntk import NTKProblem, gram, pullback, pushforward
+from ntkgp.posteriors.base import Posterior
+from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver
+
+__all__ = ["LinearizedMode", "ModeState"]
+
+#: ``mode='auto'`` takes the linearized model's mode when half the squared Newton decrement at
+#: the network's weights exceeds this (nats)
+AUTO_DECREMENT = 1e-2
+#: below this relative decrement a Newton step that gains less than 10x counts as stalled at round-off
+_ROUNDOFF = 1e-8
+
+
+@dataclass
+class ModeState:
+    r"""The linearized model at its posterior mode for one prior precision.
+
+    Attributes
+    ----------
+    delta:
+        :math:`\delta` ``(G,)``, float64.
+    theta:
+        :math:`\tilde\theta` ``(P,)``, float64.
+    f:
+        :math:`\tilde f = m(X) + J\tilde\theta` ``(N, C)``, float64.
+    solver:
+        The exact Laplace solver at :math:`\Lambda(\tilde f)`.
+    log_likelihood:
+        :math:`\log p(y \mid \tilde f)` (a 0-d tensor).
+    iterations:
+        Newton steps taken from the warm start.
+    decrement:
+        Half the squared Newton decrement at :math:`\tilde\theta` (nats): how far from the mode it is.
+    converged:
+        Whether ``decrement`` fell below the tolerance within the iteration limit.
+    """
+
+    delta: Tensor
+    theta: Tensor
+    f: Tensor
+    solver: KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver
+    log_likelihood: Tensor
+    iterations: int
+    decrement: float
+    converged: bool
+
+
+class LinearizedMode:
+    """Newton's method for the linearized model's posterior mode, per prior precision, warm-started and cached.
+
+    Parameters
+    ----------
+    problem:
+        The training problem (network, prior layout, inputs).
+    log_likelihood:
+        ``f (N, C) -> log p(y | f)``, differentiable in ``f``.
+    hessian_root:
+        ``f (N, C) -> B (N, C, C)`` with :math:`BB^\\top = -\\nabla^2_f\\log p`, differentiable in ``f``.
+    space:
+        ``"kernel"`` or ``"weight"``: which exact Laplace solver to build at each iterate.
+    tolerance:
+        Stop when half the squared Newton decrement is below this (nats).
+    max_iter:
+        Newton steps at most per solve.
+    """
+
+    def __init__(
+        self,
+        problem: NTKProblem,
+        log_likelihood: Callable[[Tensor], Tensor],
+        hessian_root: Callable[[Tensor], Tensor],
+        space: str,
+        *,
+        tolerance: float = 1e-20,
+        max_iter: int = 50,
+    ) -> None:
+        if space not in ("kernel", "weight"):
+            raise ValueError(f"space must be 'kernel' or 'weight', got {space!r}")
+        self.problem, self.space = problem, space
+        self.log_likelihood, self.hessian_root = log_likelihood, hessian_root
+        self.tolerance, self.max_iter = tolerance, max_iter
+        network = problem.network
+        #: the network's outputs :math:`\hat f` on the training inputs, ``(N, C)``, float64
+        self.f_hat = network.forward(problem.x).to(torch.float64)
+        #: the network's weights :math:`\hat\theta`, ``(P,)``, float64
+        self.theta_hat = network.flat_params.to(torch.float64)
+        self._grams: Tensor | None = None
+        self._states: list[ModeState] = []
+        self._warm: tuple[Tensor, Tensor] = (self.theta_hat, self.f_hat)
+        #: an exact Laplace solver already built at :math:`\Lambda(\hat f)` (the first iterate's), if any
+        self.initial_solver: KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver | None = None
+
+    # ------------------------------------------------------------ pieces
+    def solver_at(self, f: Tensor) -> KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver:
+        r"""The exact Laplace solver with :math:`\Lambda(f)`, ``f`` ``(N, C)``."""
+        root = self.hessian_root(f.detach())
+        if self.space == "weight":
+            return WeightSpaceLaplaceSolver(self.problem, root)
+        if self._grams is None:  # the per-group K_g do not depend on f: computed once
+            self._grams = gram(self.problem.ntk, self.problem.x)
+        return KernelSpaceLaplaceSolver(self.problem, root, grams=self._grams)
+
+    def _objective(self, theta: Tensor, f: Tensor, delta: Tensor) -> Tensor:
+        prior = self.problem.layout.expand(delta)
+        return -self.log_likelihood(f) + 0.5 * (prior * theta.square()).sum()
+
+    def gradient(self, theta: Tensor, f: Tensor, delta: Tensor) -> Tensor:
+        r""":math:`g = P_0\theta - J^\top\nabla_f\log p(y\mid f)`, ``(P,)``, float64 (one vjp pass)."""
+        f = f.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (score,) = torch.autograd.grad(self.log_likelihood(f), f)
+        pulled = pullback(self.problem.ntk, self.problem.x, score.unsqueeze(0))[0]
+        return self.problem.layout.expand(delta) * theta - pulled
+
+    def push(self, v: Tensor) -> Tensor:
+        r""":math:`Jv` on the training inputs, ``(P,)`` -> ``(N, C)``, float64."""
+        return pushforward(self.problem.ntk, self.problem.x, v.unsqueeze(0))[0].to(torch.float64)
+
+    # ------------------------------------------------------------ the mode
+    @torch.no_grad()
+    def state(self, delta: Tensor) -> ModeState:
+        r"""The mode at prior precisions ``delta`` ``(G,)``: cached, else Newton from the last mode."""
+        delta = delta.detach().to(torch.float64)
+        for s in self._states:
+            if torch.equal(s.delta, delta):
+                return s
+        theta, f = self._warm
+        at_start = theta is self.theta_hat and self.initial_solver is not None
+        solver = self.initial_solver if at_start and self.initial_solver is not None else self.solver_at(f)
+        value = self._objective(theta, f, delta)
+        steps, converged, half, previous = 0, False, float("inf"), float("inf")
+        for _ in range(self.max_iter + 1):
+            g = self.gradient(theta, f, delta)
+            step = solver.precision_solve(delta, g.unsqueeze(-1))[:, 0]
+            half, scale = 0.5 * float(g @ step), max(1.0, abs(float(value)))
+            # converged; or stalled at round-off (a float32 network's products), where Newton stops gaining
+            converged = half <= self.tolerance * scale or (half <= _ROUNDOFF * scale and half > 0.1 * previous)
+            if converged or steps == self.max_iter:
+                break
+            previous = half
+            theta, f, value = self._line_search(theta, f, value, step, g, delta)
+            steps += 1
+            solver = self.solver_at(f)
+        state = ModeState(delta, theta, f, solver, self.log_likelihood(f), steps, half, converged)
+        self._states = [state] + self._states[:1]
+        self._warm = (theta, f)
+        return state
+
+    def _line_search(
+        self, theta: Tensor, f: Tensor, value: Tensor, step: Tensor, g: Tensor, delta: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Backtracking along the Newton step (``f`` is linear in ``theta``: one jvp for every trial)."""
+        moved = self.push(step)
+        slope = float(g @ step)
+        t = 1.0
+        for _ in range(30):
+            new_theta, new_f = theta - t * step, f - t * moved
+            new_value = self._objective(new_theta, new_f, delta)
+            if float(new_value) <= float(value) - 1e-4 * t * slope or t < 1e-8:
+                return new_theta, new_f, new_value
+            t *= 0.5
+        return theta - t * step, f - t * moved, self._objective(theta - t * step, f - t * moved, delta)
+
+    def is_away_from(self, delta: Tensor, solver: KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver) -> bool:
+        r"""Whether :math:`\hat\theta` is not the mode at ``delta`` (the stated prior): half the squared Newton
+        decrement there exceeds :data:`AUTO_DECREMENT` nats. ``solver`` (at :math:`\Lambda(\hat f)`) becomes the
+        first iterate's."""
+        self.initial_solver = solver
+        return self.map_decrement(delta, solver) > AUTO_DECREMENT
+
+    def map_decrement(self, delta: Tensor, solver: KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver) -> float:
+        r"""Half the squared Newton decrement at :math:`\hat\theta` (nats); ``solver`` is at :math:`\Lambda(\hat f)`."""
+        with torch.no_grad():
+            delta = delta.detach().to(torch.float64)
+            g = self.gradient(self.theta_hat, self.f_hat, delta)
+            return 0.5 * float(g @ solver.precision_solve(delta, g.unsqueeze(-1))[:, 0])
+
+    # ------------------------------------------------------------ evidence and posterior at the mode
+    def log_evidence(self, delta: Tensor) -> Tensor:
+        r"""The Laplace evidence at the mode, differentiable in ``delta`` (explicit and implicit terms)."""
+        s = self.state(delta)
+        layout = self.problem.layout
+        d64 = delta.to(torch.float64)
+        evidence = (
+            s.log_likelihood - 0.5 * (layout.expand(d64) * s.theta.square()).sum() - 0.5 * s.solver.log_det(delta)
+        )
+        if not (torch.is_grad_enabled() and delta.requires_grad):
+            return evidence
+        weights = layout.group_sums(self._implicit_weights(s) * s.theta)  # shape: (G,)
+        implicit = -(d64 * weights).sum()
+        return evidence + (implicit - implicit.detach())
+
+    def _implicit_weights(self, s: ModeState) -> Tensor:
+        r""":math:`w = A^{-1}J^\top u`, ``(P,)``, with :math:`u = -\tfrac12\partial_f\operatorname{tr}(V\Lambda(f))`."""
+        with torch.no_grad():
+            blocks = s.solver.laplace_posterior(s.delta, s.theta).covariance_blocks(self.problem.x)  # (N, C, C)
+        f = s.f.detach().requires_grad_(True)
+        with torch.enable_grad():
+            root = self.hessian_root(f)
+            trace = torch.einsum("nij,nik,njk->", blocks, root, root)  # sum_n tr(V_n B_n B_n^T)
+            (u,) = torch.autograd.grad(-0.5 * trace, f)
+        with torch.no_grad():
+            pulled = pullback(self.problem.ntk, self.problem.x, u.unsqueeze(0))[0]
+            return s.solver.precision_solve(s.delta, pulled.unsqueeze(-1))[:, 0]
+
+    def posterior(self, delta: Tensor) -> Posterior:
+        """The Laplace posterior at the mode: mean :math:`m + J_*\\tilde\\theta`, with :math:`\\Lambda(\\tilde f)`."""
+        s = self.state(delta)
+        return s.solver.laplace_posterior(s.delta, s.theta)

@@ -1,0 +1,219 @@
+"""Issue 16: the linearized model's mode, fast post-hoc hyperparameter fits, prior structures.
+
+Truths are brute-force float64 weight-space computations (tests/truth.py): Newton on the GLM with
+autograd Hessians, explicit Jacobians, explicit inverses and log-determinants.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gpytorch
+import pytest
+import torch
+import torch.nn.functional as F
+import truth
+
+import ntkgp
+from ntkgp.likelihoods import BernoulliLikelihood, NaturalGaussianLikelihood, SoftmaxLikelihood
+from ntkgp.marglik import ConvergenceWarning, fit_hyperparameters
+
+
+# ------------------------------------------------------------------ problems (not at a MAP)
+def _softmax():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return x, y, truth.mlp(2, 5, 3, seed=7), SoftmaxLikelihood(num_classes=3)
+
+
+def _bernoulli():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * torch.randn(30, generator=g, dtype=torch.float64) > 0).double()
+    return x, y, truth.mlp(2, 5, 1, seed=8), BernoulliLikelihood()
+
+
+def _natural():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(30, 1, generator=g, dtype=torch.float64)
+    y = torch.sin(2 * x[:, 0]) + 0.2 * torch.randn(30, generator=g, dtype=torch.float64)
+    net = truth.mlp(1, 5, 2, seed=9)
+    with torch.no_grad():  # eta2 = -1/(2 sigma^2) < 0 at the start: a bias of -2 on the second output
+        net[-1].bias[1] = -2.0
+        net[-1].weight[1] *= 0.1
+    return x, y, net, NaturalGaussianLikelihood()
+
+
+def _nll(lik, y):
+    return lambda f: -lik.log_likelihood(f, y)
+
+
+def _brute_mode(net, x, y, lik, delta):
+    """Newton on the GLM -log p(y | m + J t) + delta/2 |t|^2 in float64, autograd Hessians."""
+    j, theta = truth.jacobian(net, x), truth.flat_params(net)
+    with torch.no_grad():
+        f_hat = net(x).reshape(-1).to(torch.float64)
+    m, n, c = f_hat - j @ theta, x.shape[0], f_hat.numel() // x.shape[0]
+
+    def obj(t):
+        return -lik.log_likelihood((m + j @ t).reshape(n, c), y) + 0.5 * delta * t.square().sum()
+
+    t = theta.clone()
+    for _ in range(20):  # quadratic convergence: round-off in under ten steps
+        grad = torch.autograd.functional.jacobian(obj, t)
+        t = t - torch.linalg.solve(torch.autograd.functional.hessian(obj, t), grad)
+    f = (m + j @ t).reshape(n, c)
+    hess = torch.stack(
+        [
+            torch.autograd.functional.hessian(lambda v, i=i: -lik.log_likelihood(v[None], y[i : i + 1]), f[i])
+            for i in range(n)
+        ]
+    )
+    precision = j.T @ torch.block_diag(*hess) @ j + delta * torch.eye(t.numel(), dtype=torch.float64)
+    p = t.numel()
+    evidence = -obj(t) - 0.5 * (torch.logdet(precision) - p * math.log(delta))
+    return t, float(evidence), precision, m
+
+
+def _perturb(net, x, y, lik, steps=25):
+    """A few Adam steps on the likelihood alone: a network that is at no MAP of the prior."""
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        (-lik.log_likelihood(net(x), y)).backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.mark.parametrize("make", [_softmax, _bernoulli, _natural])
+@pytest.mark.parametrize("solver", ["kernel", "weight"])
+def test_linearized_mode_matches_brute_force_glm_newton(make, solver) -> None:
+    x, y, net, lik = make()
+    net = _perturb(net, x, y, lik)
+    delta = 1.7
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=delta, solver=solver)
+    assert model.mode == "linearized"  # auto: the network is not at a MAP of the stated prior
+    evidence = float(model.log_evidence())
+    state = model.mode_finder.state(model.prior_precision)
+    t, brute, precision, m = _brute_mode(net, x, y, lik, delta)
+    assert state.converged and 1 <= state.iterations <= 15
+    assert float((state.theta - t).abs().max()) <= 1e-8 * max(1.0, float(t.abs().max()))
+    assert abs(evidence - brute) <= 1e-8 * abs(brute)
+    xs = x[:7] + 0.3
+    js = truth.jacobian(net, xs)
+    with torch.no_grad():
+        fs = net(xs).reshape(-1).to(torch.float64)
+    post = model.posterior()
+    mean = fs - js @ truth.flat_params(net) + js @ t
+    cov = js @ torch.linalg.inv(precision) @ js.T
+    assert torch.allclose(post.mean(xs).reshape(-1), mean, rtol=0, atol=1e-8 * float(mean.abs().max()))
+    assert torch.allclose(post.covariance(xs), cov, rtol=0, atol=1e-8 * float(cov.abs().max()))
+
+
+def test_evidence_gradient_at_the_mode_includes_the_implicit_term() -> None:
+    x, y, net, lik = _softmax()
+    net = _perturb(net, x, y, lik)
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=2.0, mode="linearized")
+    raw = model.covar_module.raw_prior_precision
+    (grad_raw,) = torch.autograd.grad(model.log_evidence(), raw)
+    r = raw.detach().clone().requires_grad_(True)
+    (slope,) = torch.autograd.grad(model.covar_module.raw_prior_precision_constraint.transform(r).sum(), r)
+    eps = 1e-4
+    fd = (_brute_mode(net, x, y, lik, 2.0 * (1 + eps))[1] - _brute_mode(net, x, y, lik, 2.0 * (1 - eps))[1]) / (4 * eps)
+    assert abs(float(grad_raw / slope) - fd) <= 1e-6 * abs(fd)
+
+
+def test_auto_mode_keeps_a_map_network_and_map_mode_keeps_the_network() -> None:
+    x, y, net, lik = _softmax()
+    truth.train_map_loss(net, x, lambda f: F.cross_entropy(f, y, reduction="sum"), truth.prior_vector(net, 1.0))
+    model = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision=1.0)
+    assert model.mode == "map" and model.mode_finder is None
+    perturbed = _perturb(net, x, y, lik, steps=5)
+    model = ntkgp.LinearizedGP(perturbed, lik, x, y, prior_precision=1.0, mode="map")
+    assert model.mode == "map"
+    with torch.no_grad():
+        assert torch.allclose(model.posterior().mean(x), perturbed(x), atol=1e-12)
+    with pytest.raises(ValueError, match="mode"):
+        ntkgp.LinearizedGP(perturbed, lik, x, y, mode="newton")
+
+
+# ------------------------------------------------------------------ fitting
+def _regression(solver):
+    x, y = truth.toy_regression(40, 3, seed=41)
+    net = truth.mlp(3, 8, 1, seed=42)
+    truth.train_map(net, x, y, truth.prior_vector(net, 1.0), 0.04)
+    lik = gpytorch.likelihoods.GaussianLikelihood().double()
+    lik.noise = 0.04
+    return x, y, net, ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision=1.0, solver=solver)
+
+
+@pytest.mark.parametrize("solver", ["kernel", "weight"])
+def test_spectral_gaussian_fit_is_the_brute_force_optimum(solver) -> None:
+    x, y, net, model = _regression(solver)
+    fit = fit_hyperparameters(model, tolerance=1e-6)  # weight space: r'r/s - b'A^-1 b/s^2 cancels to ~1e-7
+    assert fit.method == "spectral" and fit.converged and fit.gradient_norm <= 1e-6
+    delta, noise = float(fit.prior_precision), float(fit.noise)
+
+    j = truth.jacobian(net, x)  # once: the brute-force evidence is log N(y; f - J theta, J J^T / d + s I)
+    with torch.no_grad():
+        mean = net(x).reshape(-1).to(torch.float64) - j @ truth.flat_params(net)
+
+    def brute(d, s):
+        cov = j @ j.T / d + s * torch.eye(40, dtype=torch.float64)
+        return float(torch.distributions.MultivariateNormal(mean, cov).log_prob(y.reshape(-1)))
+
+    assert abs(brute(delta, noise) - fit.log_evidence) <= 1e-9 * max(1.0, abs(fit.log_evidence))
+    h = 1e-4  # a stationary point of the brute-force evidence in (log delta, log noise)
+    d_log_delta = (brute(delta * math.exp(h), noise) - brute(delta * math.exp(-h), noise)) / (2 * h)
+    d_log_noise = (brute(delta, noise * math.exp(h)) - brute(delta, noise * math.exp(-h))) / (2 * h)
+    assert abs(d_log_delta) < 1e-5 and abs(d_log_noise) < 1e-5
+    _, _, _, other = _regression(solver)
+    lbfgs = fit_hyperparameters(other, method="lbfgs", tolerance=1e-6)
+    assert lbfgs.converged and abs(lbfgs.log_evidence - fit.log_evidence) <= 1e-10
+    _, _, _, adam = _regression(solver)
+    old = fit_hyperparameters(adam, steps=10, lr=0.1)  # the former route: not at the optimum
+    assert old.method == "adam" and len(old.curve) == 10 and old.log_evidence < fit.log_evidence
+
+
+@pytest.mark.parametrize("solver", ["kernel", "weight"])
+def test_spectral_laplace_fit_agrees_with_lbfgs_and_brute_force(solver) -> None:
+    x, y, net, lik = _softmax()
+    truth.train_map_loss(net, x, lambda f: F.cross_entropy(f, y, reduction="sum"), truth.prior_vector(net, 1.0))
+    model = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision=1.0, solver=solver, mode="map")
+    fit = fit_hyperparameters(model)
+    assert fit.method == "spectral" and fit.converged
+    with torch.no_grad():
+        out = net(x)
+    hess = truth.nll_hessians(lambda v, n: -torch.log_softmax(v, -1)[y[n]], out)
+    delta = float(fit.prior_precision)
+    brute = truth.ggn_laplace(
+        net, x, x[:2], hess, truth.prior_vector(net, delta), -F.cross_entropy(out, y, reduction="sum")
+    )[0]
+    assert abs(float(brute) - fit.log_evidence) <= 1e-9 * abs(fit.log_evidence)
+    other = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision=1.0, solver=solver, mode="map")
+    lbfgs = fit_hyperparameters(other, method="lbfgs", tolerance=1e-7)
+    assert abs(float(lbfgs.prior_precision) / delta - 1) < 1e-5
+
+
+def test_per_group_fit_at_the_linearized_mode_converges_and_warns_when_cut_short() -> None:
+    x, y, net, lik = _softmax()
+    net = _perturb(net, x, y, lik)
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision="module")
+    assert model.layout.group_names == ("0", "2") and model.mode == "linearized"
+    fit = fit_hyperparameters(model)
+    assert fit.method == "lbfgs" and fit.converged and fit.prior_precision.shape == (2,)
+    assert abs(float(model.log_evidence()) - fit.log_evidence) <= 1e-9 * abs(fit.log_evidence)
+    short = ntkgp.LinearizedGP(net, lik, x, y, prior_precision="tensor")
+    assert short.layout.num_groups == 4
+    with pytest.warns(ConvergenceWarning, match="gradient norm"):
+        result = fit_hyperparameters(short, max_iter=1)
+    assert not result.converged
+
+
+def test_prior_structure_strings() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)).double()
+    layout = ntkgp.PriorLayout.from_spec([n for n, _ in net.named_parameters()], [4] * 6, "module")
+    assert layout.group_names == ("0", "1", "2") and layout.tensor_group == (0, 0, 1, 1, 2, 2)
+    with pytest.raises(ValueError, match="structure|one of"):
+        ntkgp.PriorLayout.from_spec(["w"], [1], "layer")
