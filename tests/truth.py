@@ -233,3 +233,38 @@ def sgpr(
     kss = js @ (var[:, None] * js.T)
     cov = kss - ksz @ (torch.linalg.solve(kzz, ksz.T) - torch.linalg.solve(d, ksz.T))
     return bound, mean, cov, ksz @ torch.linalg.solve(d, ksz.T)
+
+
+# ----------------------------------------------------------------- any input form, any parameter subset
+def jacobian_of(net: nn.Module, call, names: list[str] | None = None) -> Tensor:
+    """``J`` ``(N*C, P)`` of ``call(f)`` where ``f(*args, **kwargs)`` is ``net`` at its current weights.
+
+    ``call`` feeds ``f`` the inputs in their own form (tensor, tuple, dict) and returns the ``(N, C)``
+    outputs. Only the parameters ``names`` (default: those requiring grad) are differentiated.
+    """
+    named = dict(net.named_parameters())
+    names = names or [n for n, p in net.named_parameters() if p.requires_grad]
+    values = tuple(named[n].detach() for n in names)
+
+    def f(*ps: Tensor) -> Tensor:
+        params = dict(zip(names, ps))
+        return call(lambda *a, **k: functional_call(net, params, a, k)).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, values)
+    return torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1).to(torch.float64)
+
+
+def gaussian_gp(j: Tensor, f: Tensor, theta: Tensor, y: Tensor, prior: Tensor, noise: Tensor, j_test: Tensor):
+    """Exact GP of the linearized model in float64: (log evidence, predictive covariance at the test rows)."""
+    mean = f.reshape(-1) - j @ theta
+    cov = j @ torch.diag(1 / prior) @ j.T + torch.diag(noise)
+    evidence = torch.distributions.MultivariateNormal(mean, cov).log_prob(y.reshape(-1).to(torch.float64))
+    precision = j.T @ (j / noise.unsqueeze(-1)) + torch.diag(prior)
+    return evidence, j_test @ torch.linalg.inv(precision) @ j_test.T
+
+
+def ggn_laplace_from(j: Tensor, j_test: Tensor, hessians: Tensor, prior: Tensor, theta: Tensor, log_lik: Tensor):
+    """Weight-space GGN Laplace from Jacobians: (log evidence, latent predictive covariance)."""
+    precision = j.T @ torch.block_diag(*hessians) @ j + torch.diag(prior)
+    evidence = log_lik - 0.5 * (prior * theta.square()).sum() - 0.5 * (torch.logdet(precision) - prior.log().sum())
+    return evidence, j_test @ torch.linalg.inv(precision) @ j_test.T

@@ -3,7 +3,7 @@ r"""A trained network, linearized, as an exact GPyTorch GP."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import gpytorch
@@ -11,7 +11,6 @@ import torch
 from gpytorch.constraints import Interval
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from gpytorch.likelihoods import Likelihood
-from gpytorch.mlls import AddedLossTerm
 from gpytorch.models import GP, ExactGP
 from linear_operator.operators import DiagLinearOperator, LinearOperator, ZeroLinearOperator
 from torch import Tensor, nn
@@ -23,6 +22,9 @@ from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.means.linearized_mean import LinearizedMean
 from ntkgp.models.batched import batched_distribution, split_batch
 from ntkgp.models.conditioning import ConditioningMixin
+from ntkgp.models.guards import CorrectionTerm, FixedDataMixin
+from ntkgp.models.laplace_mode import LaplaceModeMixin
+from ntkgp.models.loader import collect_batches
 from ntkgp.network.functional import FunctionalNetwork, OutputFn
 from ntkgp.network.inputs import InputLike, Inputs
 from ntkgp.network.passes import outside_inference_mode
@@ -32,25 +34,13 @@ from ntkgp.operators.posterior_covariance import PosteriorCovariance
 from ntkgp.operators.training_covariance import TrainingCovariance
 from ntkgp.posteriors.base import Posterior
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverSpec
-from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver
 from ntkgp.solvers.mode import LinearizedMode
 from ntkgp.solvers.select import ExactSolverName, choose_space, make_laplace_solver, make_solver
 
 __all__ = ["LinearizedGP"]
 
 
-class _CorrectionTerm(AddedLossTerm):
-    """The approximate solver's evidence correction (the collapsed bound's trace term), as the
-    GPyTorch added loss term that ``ExactMarginalLogLikelihood`` adds to the log likelihood."""
-
-    def __init__(self, compute: Callable[[], Tensor]) -> None:
-        self.compute = compute
-
-    def loss(self, *params: Any) -> Tensor:
-        return self.compute()
-
-
-class LinearizedGP(ConditioningMixin, ExactGP):
+class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP):
     r"""The linearized-Laplace GP of a trained network.
 
     With :math:`f_{\text{lin}}(x;\theta) = f(x;\hat\theta) + J(x)(\theta-\hat\theta)` and
@@ -220,24 +210,12 @@ class LinearizedGP(ConditioningMixin, ExactGP):
             per_point = self.noise_diagonal().reshape(-1, self.num_outputs)
         return not torch.equal(per_point, per_point[:1].expand_as(per_point))
 
-    def set_train_data(self, inputs: Any = None, targets: Any = None, strict: bool = True) -> None:
-        """Not supported: the solver caches Grams of the training inputs. Add points with :meth:`add_data`
-        (or :meth:`get_fantasy_model`), or build a new LinearizedGP."""
-        raise NotImplementedError(
-            "LinearizedGP caches Jacobian products of its training data: add observations with add_data(x, y) "
-            "(in place) or get_fantasy_model(x, y) (a new GP), or build a new LinearizedGP for other data"
-        )
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> LinearizedGP:
-        probe = torch.zeros((), dtype=torch.float64, device=self.network.device)
-        moved = fn(probe)
-        if moved.dtype != probe.dtype or moved.device != probe.device:
-            raise TypeError(
-                "a LinearizedGP cannot be converted or moved (.float(), .double(), .half(), .to(...)): it computes "
-                "in float64 with the network's own dtype and device. Convert or move the network, then build a new "
-                "LinearizedGP from it."
-            )
-        return super()._apply(fn, *args, **kwargs)
+    @classmethod
+    def from_loader(cls, net: nn.Module, likelihood: Likelihood, loader: Iterable[Any], **kwargs: Any) -> LinearizedGP:
+        """The GP of ``net`` on the ``(x, y)`` batches of a ``DataLoader`` (or any iterable), read once
+        (:mod:`ntkgp.models.loader`); ``kwargs`` as for the constructor."""
+        x, y = collect_batches(loader, progress=kwargs.get("progress", False))
+        return cls(net, likelihood, x, y, **kwargs)
 
     # ------------------------------------------------------------ properties
     @property
@@ -314,29 +292,6 @@ class LinearizedGP(ConditioningMixin, ExactGP):
         """Whether the likelihood is non-Gaussian (Laplace approximation at the MAP)."""
         return isinstance(self.likelihood, LaplaceLikelihood)
 
-    # ------------------------------------------------- the linearized model's mode (Laplace likelihoods)
-    @property
-    def mode(self) -> str:
-        """``"map"`` or ``"linearized"``: where the Laplace approximation is taken (``"auto"`` resolved once)."""
-        if self._linearized is None:
-            self._linearized = self._resolve_mode()
-        return "linearized" if self._linearized else "map"
-
-    @property
-    def mode_finder(self) -> LinearizedMode | None:
-        """Newton for the linearized model's mode (:mod:`ntkgp.solvers.mode`); ``None`` in ``"map"`` mode."""
-        return self._mode_finder if self.mode == "linearized" else None
-
-    def _resolve_mode(self) -> bool:
-        if not self.is_laplace or isinstance(self._solver_choice, SolverSpec) or self._mode_choice == "map":
-            return False
-        lik, y, space = self.likelihood, self.train_targets, choose_space(self.problem, self._solver_choice)
-        self._mode_finder = LinearizedMode(self.problem, lambda f: lik.log_likelihood(f, y), lik.hessian_root, space)
-        stated = self.layout.initial_precision.to(self.network.device)
-        solver = self.solver
-        assert isinstance(solver, (KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver))  # exact Laplace (above)
-        return self._mode_choice == "linearized" or self._mode_finder.is_away_from(stated, solver)
-
     # ---------------------------------------------------------- distributions
     def inputs(self, x: InputLike) -> Inputs:
         """``x`` as :class:`Inputs` of the training inputs' form, checked (shapes, finite floats, device)."""
@@ -379,7 +334,7 @@ class LinearizedGP(ConditioningMixin, ExactGP):
                 delta = self.prior_precision
                 self.update_added_loss_term(
                     "approximation_correction",
-                    _CorrectionTerm(lambda: self.solver.correction(delta, self.noise_diagonal())),
+                    CorrectionTerm(lambda: self.solver.correction(delta, self.noise_diagonal())),
                 )
             solver = self.solver
             assert isinstance(solver, GaussianSolver)

@@ -24,6 +24,7 @@ from ntkgp.ntk.products import (
     pullback,
     pushforward,
     uses_factor_form,
+    uses_kronecker_outer,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "pushforward",
     "structured_gram",
     "uses_factor_form",
+    "uses_kronecker_outer",
 ]

@@ -24,6 +24,7 @@ from ntkgp.network.inputs import Inputs
 from ntkgp.ntk.captures import capture_chunks, capture_rows, captures
 from ntkgp.ntk.engine import EmpiricalNTK
 from ntkgp.structured.capture import differentiable
+from ntkgp.structured.outer import kronecker_outer
 from ntkgp.structured.products import unit_columns, unit_pullback, unit_pushforward, write_columns
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "pullback",
     "pushforward",
     "uses_factor_form",
+    "uses_kronecker_outer",
 ]
 
 #: ``(t, n, L d_out)`` intermediates alive at once in a factor-form chunk
@@ -185,17 +187,35 @@ def jacobian(ntk: EmpiricalNTK, x: Inputs, tensors: Sequence[int] | None = None)
     return out
 
 
+def uses_kronecker_outer(ntk: EmpiricalNTK, x: Inputs | None = None) -> bool:
+    """Whether :func:`jacobian_outer` of a Laplace GP takes the Kronecker route of
+    :mod:`ntkgp.structured.outer`: every tensor on a one-position dense unit (a last-layer
+    subnetwork, an MLP), at most 64 outputs per unit (one GEMM per output row)."""
+    plan = ntk.plan(x)
+    return bool(plan.units) and not plan.generic and all(u.is_linear and u.width <= 64 for u in plan.units)
+
+
 def jacobian_outer(ntk: EmpiricalNTK, x: Inputs, *, per_output: bool, hessian_root: Tensor | None = None) -> Tensor:
     r""":math:`J^\top J` accumulated over data in float64.
 
     Returns ``(C, P, P)`` with :math:`J_c^\top J_c` per output ``c`` if ``per_output``, else
     ``(1, P, P)`` with :math:`\sum_c J_c^\top J_c`. With ``hessian_root`` ``B`` ``(N, C, C)``, each
     example's Jacobian is replaced by :math:`B_n^\top J_n`, giving the GGN
-    :math:`J^\top \Lambda J = \sum_n J_n^\top B_n B_n^\top J_n`.
+    :math:`J^\top \Lambda J = \sum_n J_n^\top B_n B_n^\top J_n`; when every tensor sits on a narrow
+    one-position dense unit (:func:`uses_kronecker_outer`: a last-layer GP) it is formed from the
+    captures without per-example Jacobians (:mod:`ntkgp.structured.outer`), ``C`` times fewer flops.
     """
     network = ntk.network
     P, C = network.num_parameters, ntk.num_outputs
     out = torch.zeros(C if per_output else 1, P, P, dtype=torch.float64, device=network.device)
+    plan = ntk.plan(x)
+    if hessian_root is not None and not per_output and C > 1 and uses_kronecker_outer(ntk, x):
+        widest = max(network.numels)
+        rows = max(1, min(capture_rows(ntk, x), ntk.budget // (2 * 8 * widest)))
+        for start, xc in network.chunks(x, rows, desc="J^T Lambda J (Kronecker)"):
+            root = hessian_root[start : start + xc.num]
+            kronecker_outer(plan.units, captures(ntk, xc), root, ntk.layout.offsets, out[0])
+        return out
     rows = max(1, ntk.budget // (2 * C * P * network.dtype.itemsize))
     inner = network.chunk_size()
     for start, xc in network.chunks(x, rows, desc="J^T J"):
