@@ -7,8 +7,10 @@ root decompositions, indexing, gradients w.r.t. the prior precisions, and so on.
 
 from __future__ import annotations
 
+import contextlib
 import unittest
 
+import linear_operator
 import torch
 import truth
 from builders import make_ntk
@@ -22,11 +24,18 @@ N, D, C = 6, 3, 2
 
 
 class Float64Case:
-    """Run linear_operator's generic cases in float64 (the harness draws rhs in the default dtype)."""
+    """Run linear_operator's generic cases in float64 (the harness draws rhs in the default dtype).
+
+    The cases assume linear_operator's default settings, which BoTorch changes process-wide when it is
+    imported (fast computations off): they are switched back on for each case.
+    """
 
     def setUp(self) -> None:
         self._dtype = torch.get_default_dtype()
         torch.set_default_dtype(torch.float64)
+        settings = contextlib.ExitStack()
+        settings.enter_context(linear_operator.settings.fast_computations(True, True, True))
+        self.addCleanup(settings.close)
         super().setUp()
 
     def tearDown(self) -> None:

@@ -375,3 +375,22 @@ def test_random_bad_inputs_give_a_result_or_a_clear_error() -> None:
             assert len(message) > 20 and "Traceback" not in message, (kind, message)
             continue
         assert torch.isfinite(value), kind  # accepted input must give a finite, correct-shaped answer
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_gpytorch_loss_uses_the_solver_with_fast_computations_off(outputs: int) -> None:
+    """BoTorch turns linear_operator's fast log_prob off at import; the loss must still be the solver's evidence."""
+    x, y = truth.toy_regression(40, 3, outputs)
+    targets = y.reshape(-1) if outputs == 1 else y
+    for solver in (Inducing(num_inducing=10), SubsetOfData(indices=torch.arange(0, 40, 2)), "kernel"):
+        lik = (
+            gpytorch.likelihoods.GaussianLikelihood()
+            if outputs == 1
+            else gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=outputs)
+        ).double()
+        model = ntkgp.LinearizedGP(truth.mlp(3, 6, outputs).eval(), lik, x, targets, solver=solver)
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+        model.train(), lik.train()
+        with gpytorch.settings.fast_computations(log_prob=False):
+            loss = -mll(model(x), targets) * targets.numel()  # GPyTorch divides by N*C
+        assert torch.allclose(-loss, model.log_evidence(), rtol=1e-10), solver

@@ -25,6 +25,7 @@ from ntkgp.models.conditioning import ConditioningMixin
 from ntkgp.models.guards import CorrectionTerm, FixedDataMixin
 from ntkgp.models.laplace_mode import LaplaceModeMixin
 from ntkgp.models.loader import collect_batches
+from ntkgp.models.training_distribution import TrainingMultitaskMultivariateNormal, TrainingMultivariateNormal
 from ntkgp.network.functional import FunctionalNetwork, OutputFn
 from ntkgp.network.inputs import InputLike, Inputs
 from ntkgp.network.passes import outside_inference_mode
@@ -302,10 +303,15 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         inputs.check("x", device=self.network.device)
         return inputs
 
-    def _distribution(self, mean: Tensor, covar: LinearOperator) -> MultivariateNormal:
+    def _distribution(self, mean: Tensor, covar: LinearOperator, *, training: bool = False) -> MultivariateNormal:
+        single, multi = (
+            (TrainingMultivariateNormal, TrainingMultitaskMultivariateNormal)
+            if training
+            else (MultivariateNormal, MultitaskMultivariateNormal)
+        )
         if self.num_outputs == 1:
-            return MultivariateNormal(mean.reshape(-1), covar)
-        return MultitaskMultivariateNormal(mean.reshape(-1, self.num_outputs), covar, interleaved=True)
+            return single(mean.reshape(-1), covar)
+        return multi(mean.reshape(-1, self.num_outputs), covar, interleaved=True)
 
     def forward(self, x: InputLike) -> MultivariateNormal:
         """The GP prior at ``x`` with the lazy NTK operator (no solves)."""
@@ -339,7 +345,8 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
             solver = self.solver
             assert isinstance(solver, GaussianSolver)
             zeros = torch.zeros(solver.size, dtype=torch.float64, device=self.network.device)
-            return self._distribution(self.train_mean, TrainingCovariance(self.prior_precision, zeros, solver=solver))
+            covariance = TrainingCovariance(self.prior_precision, zeros, solver=solver)
+            return self._distribution(self.train_mean, covariance, training=True)
         posterior = self.posterior()
         return self._distribution(posterior.mean(x), PosteriorCovariance(x=x, posterior=posterior))
 
