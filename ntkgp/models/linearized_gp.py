@@ -213,7 +213,8 @@ class LinearizedGP(ConditioningMixin, ExactGP):
             #: :math:`\log p(y \mid \hat f)` at the MAP (summed over ranks)
             self.map_log_likelihood = sharding.sum(likelihood.log_likelihood(f_hat, train_y))
             self._hessian_root = likelihood.hessian_root(f_hat)
-        if not isinstance(solver, SolverSpec):
+        if not isinstance(solver, SolverSpec) and not (sharding.distributed and solver == "auto"):
+            # checked now; a sharded "auto" only when the solver is built (the subset bound never builds it)
             varies = not isinstance(likelihood, LaplaceLikelihood) and self._noise_varies_over_data()
             choose_space(self.problem, solver, noise_varies_over_data=varies)
         self._solver: GaussianSolver | LaplaceSolver | None = None

@@ -94,12 +94,13 @@ class _Subset:
 
     def _setup(self, problem: NTKProblem, indices: Tensor, rescale_prior: bool) -> NTKProblem:
         n, C, device = problem.total_data, problem.num_outputs, problem.network.device
+        self._shards = problem.sharding
         self.indices = indices.to(device)
         _, local = owned_points(problem, self.indices)
         #: this rank's kept points in its shard, and their rows in the point-major ``(N*C,)`` layout
         self.local = local
         self.rows = (local[:, None] * C + torch.arange(C, device=device)).reshape(-1)
-        self._counts = self.sharding.gather_counts(self.rows.numel(), device)
+        self._counts = self._shards.gather_counts(self.rows.numel(), device)
         #: N / M: multiplies the prior precisions (if rescaled) and the subset's evidence terms
         self.ratio = n / indices.numel()
         self.prior_scale = self.ratio if rescale_prior else 1.0
@@ -107,17 +108,17 @@ class _Subset:
 
     def _take(self, values: Tensor) -> Tensor:
         """The kept points' rows of a per-row tensor ``(N*C, ...)`` (with a process group: every rank's, gathered)."""
-        return self.sharding.gather_rows(values[self.rows], self._counts)
+        return self._shards.gather_rows(values[self.rows], self._counts)
 
     def _grams(self, problem: NTKProblem, subset: NTKProblem) -> Tensor | None:
         """The subset's per-group Grams ``(G, MC, MC)`` built by rows over the ranks; ``None`` for one process."""
-        if not self.sharding.distributed:
+        if not self._shards.distributed:
             return None
         G, mc = problem.layout.num_groups, subset.size
         rows = torch.zeros(G, self.rows.numel(), mc, dtype=torch.float64, device=problem.network.device)
         if self.local.numel():
             rows = gram(problem.ntk, problem.x[self.local], subset.x)  # shape: (G, m_r C, M C)
-        grams = self.sharding.gather_rows(rows.transpose(0, 1).contiguous(), self._counts).transpose(0, 1)
+        grams = self._shards.gather_rows(rows.transpose(0, 1).contiguous(), self._counts).transpose(0, 1)
         return 0.5 * (grams + grams.transpose(1, 2))
 
 
@@ -169,7 +170,7 @@ class SubsetOfDataLaplaceSolver(_Subset, LaplaceSolver):
         LaplaceSolver.__init__(self, problem, hessian_root)
         subset = self._setup(problem, indices, rescale_prior)
         C = problem.num_outputs
-        roots = self.sharding.gather_rows(hessian_root[self.local], [c // C for c in self._counts])
+        roots = self._shards.gather_rows(hessian_root[self.local], [c // C for c in self._counts])
         self.inner = KernelSpaceLaplaceSolver(subset, roots, grams=self._grams(problem, subset))
 
     def log_det(self, delta: Tensor) -> Tensor:
