@@ -25,7 +25,8 @@ import ntkgp
 from ntkgp.likelihoods import SoftmaxLikelihood
 from ntkgp.marglik import MarglikTuner, SubsetEvidenceBound
 from ntkgp.solvers import ConjugateGradients, Inducing, SubsetOfData
-from ntkgp.solvers.inducing import select_inducing_points
+from ntkgp.solvers.inducing import kmeans_points, select_inducing_points
+from ntkgp.solvers.inducing.sharded_kmeans import sharded_kmeans_points
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -114,6 +115,18 @@ def _inducing(sl: slice, tsl: slice, group: Any, offsets: list[int]) -> dict[str
     out["pivoted"] = select_inducing_points("pivoted_cholesky", model.problem, 6, pool_size=20)
     out["random"] = select_inducing_points("random", model.problem, 6)
     return out
+
+
+def _kmeans_pool(sl: slice, tsl: slice, group: Any, offsets: list[int]) -> dict[str, Tensor]:
+    """k-means with its seeding pool (N = 12,000 > 10,000 points: seeds drawn from a random 10,000)."""
+    world = 1 if group is None else dist.get_world_size(group)
+    features = torch.randn(12_000, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    if group is None:
+        return {"indices": kmeans_points(features, 7, torch.Generator().manual_seed(0))}
+    mine = ntkgp.distributed.shard_range(12_000, dist.get_rank(group), world)
+    sharding = ntkgp.distributed.Sharding.create(group, len(mine))
+    chosen = sharded_kmeans_points(features[mine.start : mine.stop], 7, torch.Generator().manual_seed(0), sharding)
+    return {"indices": chosen}
 
 
 def _inducing_laplace(sl: slice, tsl: slice, group: Any, offsets: list[int]) -> dict[str, Tensor]:
@@ -243,6 +256,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Tensor]]] = {
     "weight": _weight,
     "laplace": _laplace,
     "inducing": _inducing,
+    "kmeans_pool": _kmeans_pool,
     "inducing_laplace": _inducing_laplace,
     "cg": _cg,
     "subset": _subset,

@@ -1,21 +1,19 @@
 r"""k-means inducing points over a process group: the same points as :func:`~ntkgp.solvers.inducing.kmeans_points`
 on the concatenated shards, with only the rank's own shard on each rank.
 
-Each step of :func:`~ntkgp.solvers.inducing.kmeans_points` is a sum or a choice over the data, so
-each becomes a local step and a small collective (:class:`~ntkgp.distributed.Sharding`):
+Each step of :func:`~ntkgp.solvers.inducing.kmeans_points` becomes a local step and a small
+collective (:class:`~ntkgp.distributed.Sharding`):
 
-* k-means++ seeding: every rank holds its part of the cumulative squared distances; the ranks'
-  totals are gathered, the uniform draw (the same generator, hence the same number, on every
-  rank) picks the owning rank, which finds the point in its part; the new centre reaches every rank
-  by an all-reduce in which the other ranks add zeros (exact);
+* k-means++ seeding: its pool (at most :func:`~ntkgp.solvers.inducing.selection.seeding_pool_size`
+  points drawn at random, the same draw on every rank) is gathered on every rank, ``D`` numbers per
+  point, and every rank runs the same sequential seeding on it: no collective per seed;
 * Lloyd steps: the per-centre sums and counts are all-reduced, ``(M, D + 1)`` numbers per step;
 * snapping centres to training points: each rank's 16 nearest candidates per centre are gathered
   and merged, then every rank runs the same greedy assignment.
 
-Collectives per call: two per centre for the seeding, one per Lloyd step, one or two for the
-snapping; no rank holds more than its shard, the ``M`` centres and ``M x 16`` candidates per rank.
-The result is identical on every rank and equals the one-process selection on the concatenated
-shards, unless two distances tie to within rounding.
+No rank holds more than its shard, the seeding pool's features, the ``M`` centres and ``M x 16``
+candidates per rank. The result is identical on every rank and equals the one-process selection
+on the concatenated shards, unless a point is equidistant from two centres to within round-off.
 """
 
 from __future__ import annotations
@@ -23,29 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp._random import draw_device
 from ntkgp.distributed import Sharding
-from ntkgp.solvers.inducing.selection import _SNAP_CANDIDATES, _row_blocks, tie_ordered
+from ntkgp.solvers.inducing.selection import _SNAP_CANDIDATES, _row_blocks, kmeanspp_centres, seeding_pool, tie_ordered
 
 __all__ = ["sharded_kmeans_points"]
-
-
-def _draw_point(weights: Tensor, x: Tensor, generator: torch.Generator | None, sharding: Sharding) -> Tensor:
-    """One point ``(D,)`` of the global data drawn with probability proportional to the global ``weights``."""
-    cdf = torch.cumsum(weights, 0)
-    totals = sharding.gather_rows(cdf[-1:].clone(), [1] * sharding.world_size)  # shape: (W,)
-    if not totals.sum() > 0:  # every weight zero: uniform over all points
-        cdf = torch.arange(1, weights.shape[0] + 1, dtype=weights.dtype, device=weights.device)
-        totals = torch.tensor(sharding.counts, dtype=weights.dtype, device=weights.device)
-    bounds = torch.cumsum(totals, 0)
-    u = torch.rand((), generator=generator, device=draw_device(generator), dtype=torch.float64).cpu()
-    target = (u * bounds[-1].cpu()).to(cdf.device)
-    owner = int(torch.searchsorted(bounds, target).clamp(max=sharding.world_size - 1))
-    point = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-    if owner == sharding.rank:
-        start = bounds[owner - 1] if owner > 0 else torch.zeros_like(target)
-        point = x[int(torch.searchsorted(cdf, target - start).clamp(max=x.shape[0] - 1))].clone()
-    return sharding.sum_(point)
 
 
 def _nearest_candidates(x: Tensor, centres: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
@@ -76,12 +55,13 @@ def sharded_kmeans_points(
     """
     x = x.reshape(x.shape[0], -1).to(torch.float64)
     n, m, offset = sharding.total, num_inducing, sharding.offset
-    centres = _draw_point(torch.ones(x.shape[0], dtype=x.dtype, device=x.device), x, generator, sharding)[None]
-    closest = (x - centres).square().sum(-1)
-    for _ in range(1, m):  # k-means++: sample proportional to the squared distance
-        new = _draw_point(closest, x, generator, sharding)[None]
-        centres = torch.cat([centres, new])
-        closest = torch.minimum(closest, (x - new).square().sum(-1))
+    pool = seeding_pool(n, m, generator)
+    if pool is None:
+        pool = torch.arange(n)
+    pool = pool.to(x.device)
+    mine = pool[sharding.owned(pool)] - offset  # this rank's pool points
+    seeds = sharding.gather_rows(x[mine])  # the pool's features, on every rank, in index order
+    centres = kmeanspp_centres(seeds, m, generator)  # the same draws on every rank
     for _ in range(iterations):
         sums = torch.zeros(m, x.shape[1] + 1, dtype=x.dtype, device=x.device)  # coordinates and count
         for _, block in _row_blocks(x, m):
