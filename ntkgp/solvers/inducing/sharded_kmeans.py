@@ -88,8 +88,8 @@ def sharded_kmeans_points(
         pick = next((i for i in row if i not in taken), None)
         if pick is None:  # all k candidates taken: search the whole data for this centre
             d = (x - centres[c]).square().sum(-1)
-            mine = [i - offset for i in taken if offset <= i < offset + x.shape[0]]
-            d[torch.tensor(mine, dtype=torch.long, device=x.device)] = float("inf")
+            held = [i - offset for i in taken if offset <= i < offset + x.shape[0]]
+            d[torch.tensor(held, dtype=torch.long, device=x.device)] = float("inf")
             best = torch.stack([d.min(), (d.argmin() + offset).to(x.dtype)])[None]
             every = sharding.gather_rows(best, [1] * sharding.world_size)  # shape: (W, 2)
             pick = int(every[int(every[:, 0].argmin()), 1])
