@@ -13,7 +13,8 @@ ranks in a gloo group on this machine (CPU), each with ``torch.set_num_threads(-
 rendezvous, loading and one untimed warm-up on 64 points per rank are outside the clock. Phases
 (each ends with a barrier, so it is the slowest rank's time):
 
-* ``kmeans``: ``select_inducing_points("kmeans", ...)`` (sharded k-means over the ranks);
+* ``kmeans``: the ``LinearizedGP`` (with the sharding's checks) and
+  ``select_inducing_points("kmeans", ...)`` on its problem (sharded k-means over the ranks);
 * ``pass``: the solver with those points (Z gathered, K_ZZ, the per-group traces) and the first
   evidence (the data pass accumulating :math:`\Phi = K_{ZX}S^{-1}K_{XZ}` and :math:`K_{ZX}S^{-1}r`,
   all-reduced);
@@ -26,7 +27,9 @@ repeat, so drift of the machine's load touches all alike), the parallel efficien
 :math:`E_W = T_1 / (W\,T_W)` from the medians, and, because this machine may be shared, the same from
 CPU seconds (the ranks' summed user + system time: what sharding costs in work, whatever the
 contention), the load average around each run, and the largest relative difference of the evidence
-and of the predictive mean and variance to ``W = 1`` (float32 network, float64 algebra).
+and of the predictive mean and variance to ``W = 1`` (float32 network, float64 algebra), next to
+the same differences between two one-process runs whose data passes are chunked differently
+(a ``memory_budget`` that makes ten chunks): how far round-off alone moves the result.
 
 Usage::
 
@@ -57,6 +60,9 @@ from benchmarks.harness import finish_report, start_report  # noqa: E402
 from benchmarks.regression_workflow import load_setup, make_data, make_net, rmse, save_setup, train_net  # noqa: E402
 
 PHASES = ("kmeans", "pass", "evidence+grad", "predict")
+#: bytes per row and inducing point the inducing solver's data pass takes of the memory budget (one group and
+#: output), for the one-process yardstick run whose pass runs in chunks of n / 10 rows
+YARDSTICK_BYTES_PER_ROW = 32
 
 
 def _barrier(group: Any) -> None:
@@ -69,17 +75,23 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _gp(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, noise: float, spec: Any, group: Any) -> Any:
+def _gp(
+    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, noise: float, spec: Any, group: Any, budget: int | None
+) -> Any:
     import gpytorch
 
     import ntkgp
 
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     likelihood.noise = noise
-    return ntkgp.LinearizedGP(net, likelihood, x, y, prior_precision=1.0, solver=spec, process_group=group)
+    return ntkgp.LinearizedGP(
+        net, likelihood, x, y, prior_precision=1.0, solver=spec, process_group=group, memory_budget=budget
+    )
 
 
-def _measure(rank: int, world: int, port: int, setup: str, m: int, threads: int, affinity: bool, out: str) -> None:
+def _measure(
+    rank: int, world: int, port: int, setup: str, m: int, threads: int, affinity: bool, budget: int | None, out: str
+) -> None:
     """One configuration on one rank: the phases, the evidence and this rank's predictions, saved to ``out``."""
     from ntkgp.distributed import shard_range
     from ntkgp.solvers import Inducing
@@ -101,7 +113,7 @@ def _measure(rank: int, world: int, port: int, setup: str, m: int, threads: int,
     x, y = data["x"][mine.start : mine.stop], data["y"][mine.start : mine.stop]
     x_test = data["x_test"][tests.start : tests.stop]
     noise = settings["noise"]
-    warm = _gp(net, x[:64], y[:64], noise, Inducing(num_inducing=8), group)  # untimed: first-call costs
+    warm = _gp(net, x[:64], y[:64], noise, Inducing(num_inducing=8), group, budget)  # untimed: first-call costs
     warm.log_evidence().backward()
     _barrier(group)
 
@@ -115,11 +127,12 @@ def _measure(rank: int, world: int, port: int, setup: str, m: int, threads: int,
         times[phase] = now - clock
         clock = now
 
-    probe = _gp(net, x, y, noise, Inducing(num_inducing=m), group)
-    indices = select_inducing_points("kmeans", probe.problem, m)
+    spec = Inducing(num_inducing=m)
+    model = _gp(net, x, y, noise, spec, group, budget)
+    indices = select_inducing_points("kmeans", model.problem, m)  # what model.solver would do, timed apart
+    spec.selection = indices  # the solver, built next, takes these points
     mark("kmeans")
-    model = _gp(net, x, y, noise, Inducing(num_inducing=m, selection=indices), group)
-    evidence = model.log_evidence()
+    evidence = model.log_evidence()  # the solver (Z, K_ZZ, traces) and the data pass for Phi
     mark("pass")
     model.zero_grad()
     model.log_evidence().backward()
@@ -152,13 +165,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_configuration(setup: str, world: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_configuration(setup: str, world: int, args: argparse.Namespace, budget: int | None = None) -> dict[str, Any]:
     """Spawn ``world`` ranks for one measurement; the slowest rank's phase times and every rank's predictions."""
     with tempfile.TemporaryDirectory() as out:
         load_before = os.getloadavg()[0]
         torch.multiprocessing.spawn(
             _measure,
-            args=(world, _free_port(), setup, args.m, args.threads, args.affinity, out),
+            args=(world, _free_port(), setup, args.m, args.threads, args.affinity, budget, out),
             nprocs=world,
             join=True,
         )
@@ -202,7 +215,20 @@ def benchmark_n(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, An
                 flush=True,
             )
     base = runs[min(args.processes)]
-    table: dict[str, Any] = {"n": n, "noise": noise, "configurations": []}
+    # the yardstick: one process again, with the data pass in chunks of another size (another summation order)
+    budget = YARDSTICK_BYTES_PER_ROW * args.m * max(1, n // 10)  # about ten chunks of n / 10 rows
+    other = run_configuration(setup, 1, args, budget=budget)
+    table: dict[str, Any] = {
+        "n": n,
+        "noise": noise,
+        "configurations": [],
+        "yardstick": {
+            "memory_budget": budget,
+            "evidence_rel_diff": abs(other["evidence"] - base[0]["evidence"]) / abs(base[0]["evidence"]),
+            "mean_rel_diff": _relative(other["mean"], base[0]["mean"]),
+            "var_rel_diff": _relative(other["var"], base[0]["var"]),
+        },
+    }
     t1 = {p: statistics.median(r["times"][p] for r in base) for p in (*PHASES, "build")}
     cpu1 = statistics.median(r["cpu_seconds"] for r in base)
     for world in args.processes:
@@ -246,6 +272,11 @@ def markdown(tables: list[dict[str, Any]]) -> str:
                 f"{s['predict']:.2f} | {c['evidence_rel_diff']:.1e} | {c['mean_rel_diff']:.1e} | "
                 f"{c['var_rel_diff']:.1e} | {'yes' if c['same_inducing_points'] else 'no'} | {', '.join(loads)} |"
             )
+        y = t["yardstick"]
+        lines.append(
+            f"| {t['n']:,} | 1, other chunks | | | | | | | | {y['evidence_rel_diff']:.1e} | {y['mean_rel_diff']:.1e} | "
+            f"{y['var_rel_diff']:.1e} | yes | |"
+        )
     return "\n".join(lines)
 
 
@@ -258,7 +289,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds over every W (medians reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--affinity", action="store_true", help="pin rank r to core r mod cores")
-    parser.add_argument("--train-n", type=int, default=5000, help="rows the network is trained on")
+    parser.add_argument("--train-n", type=int, default=2000, help="rows the network is trained on")
     parser.add_argument("--train-steps", type=int, default=300, help="full-batch Adam steps of the network")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
