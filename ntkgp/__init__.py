@@ -15,10 +15,12 @@ Packages, from the network up (each imports only those before it):
 * :mod:`ntkgp.operators`: thin ``linear_operator`` adapters;
 * :mod:`ntkgp.kernels`, :mod:`ntkgp.means`, :mod:`ntkgp.likelihoods`, :mod:`ntkgp.mlls`,
   :mod:`ntkgp.models`: the GPyTorch objects;
-* :mod:`ntkgp.marglik`: marginal-likelihood training.
+* :mod:`ntkgp.marglik`: marginal-likelihood training;
+* :mod:`ntkgp.distributed`: the training data sharded over ``torch.distributed`` processes (below
+  every other package: it uses ``torch`` alone).
 """
 
-from ntkgp import likelihoods, linalg, marglik, mlls, ntk, solvers
+from ntkgp import distributed, likelihoods, linalg, marglik, mlls, ntk, solvers
 from ntkgp._version import __version__
 from ntkgp.errors import (
     IllConditionedWarning,
@@ -55,6 +57,7 @@ __all__ = [
     "PriorLayout",
     "TrainingCovariance",
     "__version__",
+    "distributed",
     "likelihoods",
     "linalg",
     "marglik",

@@ -73,6 +73,7 @@ def conjugate_gradients(
     tolerance: float = 1e-8,
     max_iterations: int = 1000,
     progress: bool = False,
+    reduce: Operator | None = None,
 ) -> CGResult:
     r"""Solve :math:`A X = B` by preconditioned CG, batched over the columns of ``B``.
 
@@ -92,6 +93,10 @@ def conjugate_gradients(
         At most this many iterations (batched matmuls).
     progress:
         A tqdm bar over the iterations.
+    reduce:
+        With the rows of ``B`` (and of every iterate) sharded over processes: sums the per-column
+        partial inner products ``(t,)`` over the ranks (:meth:`~ntkgp.distributed.Sharding.sum_`), so
+        that every rank takes the same steps. ``None``: one process.
 
     Returns
     -------
@@ -105,14 +110,15 @@ def conjugate_gradients(
     :math:`b_j = r_{j+1}^\top z_{j+1} / r_j^\top z_j`, :math:`p_{j+1} = z_{j+1} + b_j p_j`.
     """
     precondition = precondition or _identity
+    total = reduce or _identity
     b = rhs.to(torch.float64)
     M, t = b.shape
     x = torch.zeros_like(b)
     r = b.clone()
-    norms = b.norm(dim=0)  # shape: (t,)
+    norms = _column_norms(b, reduce)  # shape: (t,)
     z = precondition(r)
     p = z.clone()
-    rz = (r * z).sum(0)  # shape: (t,)
+    rz = total((r * z).sum(0))  # shape: (t,)
     active = norms > 0
     iterations = torch.zeros(t, dtype=torch.long, device=b.device)
     step_sizes: list[Tensor] = []
@@ -122,16 +128,16 @@ def conjugate_gradients(
             break
         idx = active.nonzero().squeeze(-1)
         ap = matmul(p[:, idx]).to(torch.float64)  # shape: (M, t_active)
-        a = rz[idx] / (p[:, idx] * ap).sum(0)
+        a = rz[idx] / total((p[:, idx] * ap).sum(0))
         x[:, idx] += a * p[:, idx]
         r[:, idx] -= a * ap
         step = torch.zeros(t, dtype=torch.float64, device=b.device)
         step[idx] = a
         step_sizes.append(step)
         iterations[idx] += 1
-        done = r[:, idx].norm(dim=0) <= tolerance * norms[idx]
+        done = _column_norms(r[:, idx], reduce) <= tolerance * norms[idx]
         z_new = precondition(r[:, idx])
-        rz_new = (r[:, idx] * z_new).sum(0)
+        rz_new = total((r[:, idx] * z_new).sum(0))
         beta = rz_new / rz[idx]
         update = torch.zeros(t, dtype=torch.float64, device=b.device)
         update[idx] = beta
@@ -139,7 +145,7 @@ def conjugate_gradients(
         p[:, idx] = z_new + beta * p[:, idx]
         rz[idx] = rz_new
         active[idx[done]] = False
-    residuals = _true_residuals(matmul, b, x, norms)
+    residuals = _true_residuals(matmul, b, x, norms, reduce)
     empty = torch.zeros(0, t, dtype=torch.float64, device=b.device)
     return CGResult(
         solution=x,
@@ -151,14 +157,19 @@ def conjugate_gradients(
     )
 
 
-def _true_residuals(matmul: Operator, b: Tensor, x: Tensor, norms: Tensor) -> Tensor:
+def _column_norms(v: Tensor, reduce: Operator | None) -> Tensor:
+    """Column norms ``(t,)`` of ``v`` (its rows on every rank, with ``reduce``)."""
+    return v.norm(dim=0) if reduce is None else reduce(v.square().sum(0)).sqrt()
+
+
+def _true_residuals(matmul: Operator, b: Tensor, x: Tensor, norms: Tensor, reduce: Operator | None = None) -> Tensor:
     """:math:`\\lVert b - A x\\rVert / \\lVert b\\rVert` per column, ``(t,)`` (0 for zero columns)."""
     nonzero = norms > 0
     out = torch.zeros_like(norms)
     if bool(nonzero.any()):
         idx = nonzero.nonzero().squeeze(-1)
         res = b[:, idx] - matmul(x[:, idx]).to(torch.float64)
-        out[idx] = res.norm(dim=0) / norms[idx]
+        out[idx] = _column_norms(res, reduce) / norms[idx]
     return out
 
 

@@ -186,7 +186,9 @@ def _spectral(model: LinearizedGP, problem: tuple, tolerance: float, max_iter: i
         else:
             values, vectors = solver.spectrum()
             rotated = vectors.T @ solver.pull_residual(r)
-            fn = gaussian_weight_evidence(values, rotated, float(r @ r), r.numel(), floor, None if noise_fit else noise)
+            square = float(model.sharding.sum_((r @ r).reshape(1)))  # over every rank's points
+            size = model.problem.total_size
+            fn = gaussian_weight_evidence(values, rotated, square, size, floor, None if noise_fit else noise)
         start = [s0, math.log(max(noise - floor, 1e-12))] if noise_fit else [s0]
         x0 = torch.tensor(start)
     result = newton_maximize(fn, x0, tolerance=tolerance, max_iter=max_iter)

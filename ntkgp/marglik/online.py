@@ -29,6 +29,7 @@ import torch
 from gpytorch.constraints import Interval, Positive
 from gpytorch.likelihoods import Likelihood
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ntkgp._random import default_generator, draw_device
 from ntkgp.likelihoods.base import LaplaceLikelihood
@@ -122,6 +123,14 @@ class MarglikTuner:
         evidence on diabetes this closes the gap to the post-hoc optimum from 6.4 to 0.8 nats;
         with the subset bound on digits it drives :math:`\\delta` further up the bound's bias and
         raises the test NLL from 0.117 to 0.156 (``docs/marglik.md``).
+    process_group:
+        ``None`` (one process), or the ``torch.distributed`` group of a ``DistributedDataParallel``
+        training loop: ``train_x`` and ``train_y`` are then this rank's shard, the evidence (or
+        bound) is that of all ranks' data (:class:`~ntkgp.models.LinearizedGP` ``process_group``),
+        its gradient the same on every rank, and after each :meth:`step` the hyperparameters are
+        broadcast from rank 0, so all ranks keep identical ones. :meth:`step` is collective. ``net``
+        may be the ``DistributedDataParallel`` wrapper. With ``subset_size`` each rank partitions
+        its own shard (``minibatch``: each draws one of its own subsets).
     model_kwargs:
         Passed to :class:`~ntkgp.models.LinearizedGP` (``solver``, ``memory_budget``, ...).
     """
@@ -140,10 +149,12 @@ class MarglikTuner:
         minibatch: bool = False,
         generator: torch.Generator | None = None,
         prior_precision_constraint: Interval | None = None,
+        process_group: Any = None,
         **model_kwargs: Any,
     ) -> None:
         if minibatch and subset_size is None:
             raise ValueError("minibatch=True needs a subset_size")
+        net = _unwrapped(net)
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
         names = [n for n, _ in named]
         #: the prior groups over the network's trainable tensors
@@ -155,6 +166,8 @@ class MarglikTuner:
         self.steps, self.subset_size = steps, subset_size
         self.minibatch = minibatch
         self.model_kwargs = model_kwargs
+        #: the ``torch.distributed`` group the training data are sharded over (``None``: one process)
+        self.process_group = process_group
         device = next(net.parameters()).device
         #: the constraint mapping :attr:`raw_prior_precision` to :math:`\delta`
         self.constraint = Positive() if prior_precision_constraint is None else prior_precision_constraint
@@ -182,7 +195,7 @@ class MarglikTuner:
         result has the parameters' dtype.
         """
         if self._penalty_net is not net:
-            params = dict(net.named_parameters())
+            params = dict(_unwrapped(net).named_parameters())
             self._penalty_tensors = [params[name] for name in self.names]
             self._penalty_net = net
         version = (id(self.raw_prior_precision), self.raw_prior_precision._version)
@@ -224,6 +237,7 @@ class MarglikTuner:
         from ntkgp.models.linearized_gp import LinearizedGP
 
         start = time.perf_counter()
+        net = _unwrapped(net)
         with _eval(net):
             model = LinearizedGP(
                 net,
@@ -232,6 +246,7 @@ class MarglikTuner:
                 self.train_y,
                 prior_precision=self.prior_precision.detach(),
                 prior_precision_constraint=self.constraint,
+                process_group=self.process_group,
                 **self.model_kwargs,
             )
         model.covar_module.raw_prior_precision = self.raw_prior_precision  # share the persistent tensor
@@ -242,9 +257,11 @@ class MarglikTuner:
             before = report().item()
         for _ in range(self.steps):
             self.optimizer.zero_grad()
-            (-objective() / model.num_data).backward()
+            (-objective() / model.total_data).backward()
             self.optimizer.step()
         with torch.no_grad():
+            for p in (self.raw_prior_precision, *self.likelihood.parameters()):  # identical on every rank
+                model.sharding.broadcast_(p.data)
             after = report().item()
         record = {
             "log_evidence_before": before,
@@ -255,6 +272,11 @@ class MarglikTuner:
         }
         self.history.append(record)
         return record
+
+
+def _unwrapped(net: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wrapper holds, else ``net``."""
+    return net.module if isinstance(net, DistributedDataParallel) else net
 
 
 def _noise_values(likelihood: Likelihood) -> list[float] | None:

@@ -23,8 +23,8 @@ class LaplaceMarginalLogLikelihood(MarginalLogLikelihood):
 
     equal to the weight-space GGN Laplace evidence; for a Gaussian likelihood it is the exact
     evidence (then equal to ``ExactMarginalLogLikelihood`` times ``C``). Like GPyTorch's MLLs it
-    is divided by the number of training points N. It is defined on the model's own training
-    targets, which must be passed.
+    is divided by the number of training points N (of every rank, with a process group). It is
+    defined on the model's own training targets, which must be passed.
     """
 
     def __init__(self, likelihood: Likelihood, model: Any) -> None:
@@ -40,4 +40,4 @@ class LaplaceMarginalLogLikelihood(MarginalLogLikelihood):
         train_y = self.model.train_targets
         if target.shape != train_y.shape or not torch.equal(target.to(train_y.dtype), train_y):
             raise ValueError("the Laplace evidence is defined on the model's training targets; pass train_y")
-        return self.model.log_evidence() / self.model.num_data
+        return self.model.log_evidence() / self.model.total_data

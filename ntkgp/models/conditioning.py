@@ -61,6 +61,11 @@ class ConditioningMixin:
             variances, ``(k,)``. Other likelihoods' noise is a hyperparameter shared by all points.
         """
         model = cast("LinearizedGP", self)
+        if model.problem.sharding.distributed:
+            raise NotImplementedError(
+                "add_data / get_fantasy_model on a GP sharded over a process group: build a new LinearizedGP with "
+                "every rank's new points in its shard"
+            )
         if model.is_laplace:
             raise NotImplementedError(
                 "a Laplace GP (non-Gaussian likelihood) is centred at the network's MAP on its training data, and "

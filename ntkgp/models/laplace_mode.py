@@ -9,6 +9,7 @@ Newton decrement at :math:`\hat\theta`, under the stated prior, exceeds
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from torch import Tensor
@@ -25,8 +26,11 @@ if TYPE_CHECKING:
 __all__ = ["LaplaceModeMixin"]
 
 
-def _log_likelihood(likelihood: LaplaceLikelihood, targets: Tensor, f: Tensor) -> Tensor:
-    return likelihood.log_likelihood(f, targets)
+def _log_likelihood(
+    likelihood: LaplaceLikelihood, targets: Tensor, total: Callable[[Tensor], Tensor], f: Tensor
+) -> Tensor:
+    r""":math:`\log p(y \mid f)` summed over every rank's points (``total`` is the sharding's all-reduced sum)."""
+    return total(likelihood.log_likelihood(f, targets))
 
 
 class LaplaceModeMixin:
@@ -54,7 +58,7 @@ class LaplaceModeMixin:
         if model._mode_choice == "map":
             return False
         space = choose_space(model.problem, model._solver_choice)
-        log_likelihood = functools.partial(_log_likelihood, likelihood, model.train_targets)
+        log_likelihood = functools.partial(_log_likelihood, likelihood, model.train_targets, model.problem.sharding.sum)
         model._mode_finder = LinearizedMode(model.problem, log_likelihood, likelihood.hessian_root, space)
         stated = model.layout.initial_precision.to(model.network.device)
         solver = model.solver

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ntkgp._references import drop_self_references
 from ntkgp._validation import check_likelihood, check_module_device, check_targets
+from ntkgp.distributed import Sharding
 from ntkgp.kernels.ntk_kernel import NTKKernel
 from ntkgp.likelihoods.base import LaplaceLikelihood
 from ntkgp.means.linearized_mean import LinearizedMean
@@ -25,6 +26,7 @@ from ntkgp.models.conditioning import ConditioningMixin
 from ntkgp.models.guards import CorrectionTerm, FixedDataMixin
 from ntkgp.models.laplace_mode import LaplaceModeMixin
 from ntkgp.models.loader import collect_batches
+from ntkgp.models.sharded import SHARDED_TRAIN_CALL, make_sharding, noise_of_shard
 from ntkgp.models.training_distribution import TrainingMultitaskMultivariateNormal, TrainingMultivariateNormal
 from ntkgp.network.functional import FunctionalNetwork, OutputFn
 from ntkgp.network.inputs import InputLike, Inputs
@@ -115,6 +117,13 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         :math:`\delta`), ``"linearized"`` (at the linearized model's posterior mode for the current
         :math:`\delta`, :mod:`ntkgp.solvers.mode`) or ``"auto"``: ``"linearized"`` where the network is not
         at a MAP of the stated prior (``docs/calibration.md``). Approximate solvers use ``"map"``.
+    process_group:
+        ``None`` (one process), or a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) over
+        which the training data are sharded: each rank passes its own shard as ``train_x``, ``train_y``
+        and the same network, prior and likelihood; every rank gets the same evidence, gradients and
+        posterior (``docs/distributed.md``). Building the GP, its solver, ``log_evidence()``, its backward
+        pass and ``posterior()`` are then collective: call them on every rank. Sharded routes: the exact
+        weight-space solver, ``Inducing``, ``ConjugateGradients`` and ``SubsetOfData``.
     """
 
     @outside_inference_mode
@@ -135,6 +144,7 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         memory_budget: int | None = None,
         progress: bool = False,
         mode: str = "auto",
+        process_group: Any = None,
     ) -> None:
         if mode not in ("auto", "map", "linearized"):
             raise ValueError(f"mode must be 'auto', 'map' or 'linearized', got {mode!r}")
@@ -182,19 +192,22 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
             probe_inputs=x[:3],
         )
         self.mean_module = LinearizedMean(self.covar_module.ntk)
-        #: the training problem the solver is built on (the NTK and the training inputs)
-        self.problem = NTKProblem(self.covar_module.ntk, x)
+        sharding = make_sharding(process_group, x.num, network, self.covar_module.layout, likelihood)
+        #: the training problem the solver is built on (the NTK, the training inputs and their sharding)
+        self.problem = NTKProblem(self.covar_module.ntk, x, sharding)
         self._solver_choice = solver
         self._train_mean_cache: Tensor | None = None  # m(X), computed on first use (one jvp pass)
         self._hessian_root: Tensor | None = None
         if isinstance(likelihood, LaplaceLikelihood):
             f_hat = network.forward(x).to(torch.float64)
             likelihood.check_outputs(f_hat)
-            #: :math:`\log p(y \mid \hat f)` at the MAP
-            self.map_log_likelihood = likelihood.log_likelihood(f_hat, train_y)
+            #: :math:`\log p(y \mid \hat f)` at the MAP (summed over ranks)
+            self.map_log_likelihood = sharding.sum(likelihood.log_likelihood(f_hat, train_y))
             self._hessian_root = likelihood.hessian_root(f_hat)
-        elif not isinstance(solver, SolverSpec):
-            choose_space(self.problem, solver, noise_varies_over_data=self._noise_varies_over_data())
+        if not isinstance(solver, SolverSpec) and not (sharding.distributed and solver == "auto"):
+            # checked now; a sharded "auto" only when the solver is built (the subset bound never builds it)
+            varies = not isinstance(likelihood, LaplaceLikelihood) and self._noise_varies_over_data()
+            choose_space(self.problem, solver, noise_varies_over_data=varies)
         self._solver: GaussianSolver | LaplaceSolver | None = None
         if isinstance(solver, SolverSpec):
             self.register_added_loss_term("approximation_correction")
@@ -209,7 +222,12 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         """Whether the likelihood's noise differs between data points (per-point fixed noise)."""
         with torch.no_grad():
             per_point = self.noise_diagonal().reshape(-1, self.num_outputs)
-        return not torch.equal(per_point, per_point[:1].expand_as(per_point))
+        varies = not torch.equal(per_point, per_point[:1].expand_as(per_point))
+        sharding = self.problem.sharding
+        if sharding.distributed:  # over every rank: each rank's own first row, against rank 0's
+            first = sharding.broadcast_(per_point[0].clone())
+            varies = sharding.any(varies or not torch.equal(per_point[0], first), self.network.device)
+        return varies
 
     @classmethod
     def from_loader(cls, net: nn.Module, likelihood: Likelihood, loader: Iterable[Any], **kwargs: Any) -> LinearizedGP:
@@ -285,8 +303,18 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
 
     @property
     def num_data(self) -> int:
-        """N, the number of training points."""
+        """N, the number of training points (with a process group: this rank's; see :attr:`total_data`)."""
         return self.train_x.num
+
+    @property
+    def total_data(self) -> int:
+        """N over every rank of the process group (:attr:`num_data` for one process)."""
+        return self.problem.total_data
+
+    @property
+    def sharding(self) -> Sharding:
+        """How the training data are split over processes (:mod:`ntkgp.distributed`)."""
+        return self.problem.sharding
 
     @property
     def is_laplace(self) -> bool:
@@ -329,6 +357,8 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         if gpytorch.settings.prior_mode.on():
             return self.forward(x)
         if self.training:
+            if self.problem.sharding.distributed:
+                raise RuntimeError(SHARDED_TRAIN_CALL)
             if not x.equal(self.train_x):
                 raise RuntimeError(
                     "in train mode LinearizedGP must be called on its training inputs "
@@ -352,7 +382,13 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
 
     # ------------------------------------------------------------- posterior
     def noise_diagonal(self) -> Tensor:
-        """The likelihood's noise on the training data, ``(N*C,)``, float64, differentiable in its parameters."""
+        """The likelihood's noise on the training data, ``(N*C,)``, float64, differentiable in its parameters
+        (with a process group: this rank's rows, the parameters' gradients summed over ranks)."""
+        if self.problem.sharding.distributed:
+            return noise_of_shard(self.problem.sharding, self.likelihood, self._noise_diagonal)
+        return self._noise_diagonal()
+
+    def _noise_diagonal(self) -> Tensor:
         m = self.num_data * self.num_outputs
         zero = ZeroLinearOperator(m, m, dtype=torch.float64, device=self.network.device)
         mean = torch.zeros(m, dtype=torch.float64, device=self.network.device)  # the noise does not depend on it
@@ -414,5 +450,5 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
             return evidence + solver.correction(delta, None)
         noise = self.noise_diagonal()
         inv_quad, log_det = solver.inv_quad_logdet(delta, noise, self.residual().unsqueeze(-1), True)
-        evidence = -0.5 * (inv_quad.sum() + log_det + solver.size * math.log(2 * math.pi))
+        evidence = -0.5 * (inv_quad.sum() + log_det + self.problem.total_size * math.log(2 * math.pi))
         return evidence + solver.correction(delta, noise)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from ntkgp.distributed import ONE_PROCESS, Sharding
 from ntkgp.network.functional import FunctionalNetwork
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk.layout import PriorLayout
@@ -134,11 +135,16 @@ class NTKProblem:
     ntk:
         The products engine.
     x:
-        The training inputs, ``N`` examples.
+        The training inputs, ``N`` examples (with a process group: this rank's shard).
+    sharding:
+        How the training data are split over processes (:mod:`ntkgp.distributed`); one process by
+        default. Solvers sum over data with ``sharding.sum`` and size global quantities by
+        :attr:`total_data`.
     """
 
     ntk: EmpiricalNTK
     x: Inputs
+    sharding: Sharding = ONE_PROCESS
 
     @property
     def network(self) -> FunctionalNetwork:
@@ -154,8 +160,18 @@ class NTKProblem:
 
     @property
     def num_data(self) -> int:
-        """N."""
+        """N (with a process group: the points of this rank's shard)."""
         return self.x.num
+
+    @property
+    def total_data(self) -> int:
+        """N over all ranks (``num_data`` for one process)."""
+        return self.sharding.total if self.sharding.distributed else self.x.num
+
+    @property
+    def total_size(self) -> int:
+        """N C over all ranks."""
+        return self.total_data * self.ntk.num_outputs
 
     @property
     def num_outputs(self) -> int:
@@ -164,9 +180,9 @@ class NTKProblem:
 
     @property
     def size(self) -> int:
-        """M = N C, the side of the training covariance."""
+        """M = N C, the side of the training covariance (with a process group: this rank's rows)."""
         return self.x.num * self.ntk.num_outputs
 
     def on(self, x: Inputs) -> NTKProblem:
-        """The same NTK on other training inputs (a subset, say)."""
+        """The same NTK on other training inputs (a subset, say), in one process."""
         return NTKProblem(self.ntk, x)

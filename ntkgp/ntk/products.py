@@ -15,7 +15,7 @@ r"""Products with the Jacobian and the NTK: :math:`Jv`, :math:`P_0^{-1}J^\top u`
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -104,15 +104,25 @@ def _factor_rows(ntk: EmpiricalNTK, x: Inputs, vectors: int) -> int:
     return max(1, min(capture_rows(ntk, x), ntk.budget // max(1, per_row)))
 
 
-def kernel_matmul(ntk: EmpiricalNTK, x1: Inputs, x2: Inputs, weights: Tensor, columns: Tensor) -> Tensor:
+def kernel_matmul(
+    ntk: EmpiricalNTK,
+    x1: Inputs,
+    x2: Inputs,
+    weights: Tensor,
+    columns: Tensor,
+    *,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     r""":math:`\sum_g w_g K_g(X_1, X_2)\, V` for ``t`` vectors ``V`` ``(t, N2, C)``: ``(t, N1, C)``, network dtype.
 
     ``weights`` ``(G,)`` are per-group, e.g. :math:`1/\delta_g`. Captures of ``X1`` and ``X2`` are
-    cached when they fit in half the budget.
+    cached when they fit in half the budget. ``reduce`` sums the pulled-back vectors
+    :math:`J(X_2)^\top V` over processes when ``X2`` is one rank's shard (:mod:`ntkgp.distributed`).
     """
     t = columns.shape[0]
     if not uses_factor_form(ntk, t, x2):
-        return pushforward(ntk, x1, pullback(ntk, x2, columns, scale=weights))
+        pulled_back = pullback(ntk, x2, columns, scale=weights)
+        return pushforward(ntk, x1, pulled_back if reduce is None else reduce(pulled_back))
     dtype, device = ntk.network.dtype, ntk.network.device
     columns = columns.to(dtype)
     w = weights.detach().to(dtype)
@@ -124,6 +134,10 @@ def kernel_matmul(ntk: EmpiricalNTK, x1: Inputs, x2: Inputs, weights: Tensor, co
         for unit, cap in zip(units, caps):
             for i, part in unit_pullback(unit, cap, v).items():
                 pulled[i] = part if i not in pulled else pulled[i] + part
+    if reduce is not None:  # one all-reduce of every tensor's part, in θ order
+        keys = sorted(pulled)
+        summed = reduce(torch.cat([pulled[i] for i in keys], 1)).split([pulled[i].shape[1] for i in keys], 1)
+        pulled = dict(zip(keys, summed))
     scaled = {i: w[group[i]] * p for i, p in pulled.items()}
     outs = []
     for _, xc, caps in capture_chunks(
@@ -138,10 +152,18 @@ def kernel_matmul(ntk: EmpiricalNTK, x1: Inputs, x2: Inputs, weights: Tensor, co
     return torch.cat(outs, dim=1)
 
 
-def kernel_matmul_columns(ntk: EmpiricalNTK, x1: Inputs, x2: Inputs, weights: Tensor, columns: Tensor) -> Tensor:
+def kernel_matmul_columns(
+    ntk: EmpiricalNTK,
+    x1: Inputs,
+    x2: Inputs,
+    weights: Tensor,
+    columns: Tensor,
+    *,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     r""":func:`kernel_matmul` on columns: ``(N2 C, t)`` -> ``(N1 C, t)``, float64 (rows point-major)."""
     t = columns.shape[1]
-    out = kernel_matmul(ntk, x1, x2, weights, columns.T.reshape(t, x2.num, ntk.num_outputs))
+    out = kernel_matmul(ntk, x1, x2, weights, columns.T.reshape(t, x2.num, ntk.num_outputs), reduce=reduce)
     return out.reshape(t, -1).T.to(torch.float64)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ntkgp.distributed import ONE_PROCESS, Sharding
 from ntkgp.errors import NoiseVariesError
 from ntkgp.linalg.cholesky import cholesky
 from ntkgp.network.functional import FunctionalNetwork
@@ -38,15 +39,25 @@ def needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def output_noise(noise: Tensor, num_outputs: int, solver: str, *, per_output: bool = True) -> Tensor:
+def output_noise(
+    noise: Tensor, num_outputs: int, solver: str, *, per_output: bool = True, sharding: Sharding = ONE_PROCESS
+) -> Tensor:
     """One noise variance per output, ``(C,)``, float64, from the diagonal ``(N*C,)``; with
     ``per_output=False``, one variance for every training output, ``(1,)``.
 
     Raises :class:`~ntkgp.errors.NoiseVariesError` (naming ``solver``) when the noise varies more
-    than that: these solvers factor the kernel once for all noise values.
+    than that: these solvers factor the kernel once for all noise values. With a process group
+    (``sharding``) ``noise`` is this rank's rows; the check covers every rank (collective), and the
+    result is replicated (:meth:`~ntkgp.distributed.Sharding.agree`).
     """
     per_point = noise.reshape(-1, num_outputs if per_output else 1)
-    if not torch.equal(per_point.detach(), per_point[:1].detach().expand_as(per_point)):
+    varies = not torch.equal(per_point.detach(), per_point[:1].detach().expand_as(per_point))
+    if sharding.distributed:
+        first = per_point[0].detach().to(torch.float64)
+        spread = sharding.max(torch.cat([first, -first, torch.tensor([float(varies)], device=first.device)]))
+        c = first.numel()
+        varies = bool(spread[-1] > 0) or not torch.equal(spread[:c], -spread[c : 2 * c])
+    if varies:
         needs = (
             "noise that is the same for every data point (per-output noise is fine)"
             if per_output
@@ -56,7 +67,7 @@ def output_noise(noise: Tensor, num_outputs: int, solver: str, *, per_output: bo
             f"the {solver} solver needs {needs}; this likelihood's noise varies over the data: use an exact "
             "solver ('kernel') for it"
         )
-    return per_point[0].to(torch.float64)
+    return sharding.agree(per_point[0].to(torch.float64))
 
 
 class SolverBase:
@@ -85,8 +96,13 @@ class SolverBase:
 
     @property
     def size(self) -> int:
-        """M = N * C, the side of the training covariance."""
+        """M = N * C, the side of the training covariance (with a process group: this rank's rows)."""
         return self.problem.size
+
+    @property
+    def sharding(self) -> Sharding:
+        """How the training data are split over processes (:mod:`ntkgp.distributed`)."""
+        return self.problem.sharding
 
     def cached_factor(self, compute: Callable[[], Tensor], *key: Tensor) -> Tensor:
         """A Cholesky factor, reused when the hyperparameters ``key`` are unchanged.
@@ -132,7 +148,8 @@ class SolverBase:
     def posterior_weights(self, delta: Tensor, coefficients: Tensor) -> Tensor:
         r""":math:`\bar\theta = P_0^{-1} J^\top \alpha` for kernel-space coefficients ``alpha`` ``(N*C,)``: ``(P,)``."""
         cot = coefficients.reshape(1, self.problem.num_data, self.problem.num_outputs)
-        return pullback(self.ntk, self.problem.x, cot, scale=delta.to(torch.float64).reciprocal())[0]
+        pulled = pullback(self.ntk, self.problem.x, cot, scale=delta.to(torch.float64).reciprocal())
+        return self.sharding.sum(pulled)[0]
 
     def correction(self, delta: Tensor, noise: Tensor | None) -> Tensor:
         r"""A term approximate solvers add to the log evidence, differentiable (zero here).
@@ -178,8 +195,8 @@ class GaussianSolver(SolverBase, ABC):
         r"""Gradients of :math:`\sum_t l_t^\top (K + S) r_t` w.r.t. ``delta`` and ``noise``:
         :math:`-\sum_t (J_g^\top l_t)\cdot(J_g^\top r_t)/\delta_g^2` (two pullbacks) and :math:`l \odot r`."""
         x, C = self.problem.x, self.problem.num_outputs
-        u = pullback(self.ntk, x, left.T.reshape(left.shape[1], x.num, C))
-        v = pullback(self.ntk, x, right.T.reshape(right.shape[1], x.num, C))
+        u = self.sharding.sum(pullback(self.ntk, x, left.T.reshape(left.shape[1], x.num, C)))
+        v = self.sharding.sum(pullback(self.ntk, x, right.T.reshape(right.shape[1], x.num, C)))
         per_group = self.layout.group_sums((u * v).sum(0))
         grad_delta = -per_group / delta.detach().to(torch.float64).square()
         return grad_delta.to(delta.dtype), (left * right).sum(-1).to(noise.dtype)

@@ -54,13 +54,13 @@ from torch import Tensor
 
 from ntkgp.linalg.cg import CGResult, conjugate_gradients
 from ntkgp.linalg.cholesky import cholesky
-from ntkgp.linalg.lanczos_decomposition import lanczos_decomposition
-from ntkgp.linalg.preconditioner import LowRankPlusDiagonal, pivoted_cholesky
-from ntkgp.linalg.slq import rademacher, slq_log_det
+from ntkgp.linalg.preconditioner import LowRankPlusDiagonal
+from ntkgp.linalg.slq import slq_log_det
 from ntkgp.memory import check_fits
 from ntkgp.ntk import NTKProblem, gram, gram_diagonal, kernel_matmul_columns, pullback
 from ntkgp.posteriors.low_rank import LowRankPosterior
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverSpec
+from ntkgp.solvers.cg_rows import CGRows
 
 __all__ = ["CGInfo", "CGSolver", "ConjugateGradients"]
 
@@ -156,7 +156,7 @@ class CGInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class CGSolver(GaussianSolver):
+class CGSolver(CGRows, GaussianSolver):
     r"""Iterative linear algebra with :math:`A = K(\delta) + S` (see the module docstring).
 
     Attributes
@@ -178,10 +178,10 @@ class CGSolver(GaussianSolver):
 
     # ------------------------------------------------------------ operators
     def _kernel_matmul(self, delta: Tensor, rhs: Tensor) -> Tensor:
-        # shape: (M, t) -> (M, t), no gradients
+        # shape: (M, t) -> (M, t), no gradients; with a process group this rank's rows of both
         with torch.no_grad():
-            x = self.problem.x
-            return kernel_matmul_columns(self.ntk, x, x, delta.detach().reciprocal(), rhs.to(self.network.dtype))
+            x, w = self.problem.x, delta.detach().reciprocal()
+            return kernel_matmul_columns(self.ntk, x, x, w, rhs.to(self.network.dtype), reduce=self.reduce)
 
     def _operator(self, delta: Tensor, noise: Tensor) -> Callable[[Tensor], Tensor]:
         """:math:`V \\mapsto (K + S) V` for ``V`` ``(M, t)``, no gradients."""
@@ -191,6 +191,8 @@ class CGSolver(GaussianSolver):
     def _pivot_columns(self, delta: Tensor, index: Tensor) -> Tensor:
         """:math:`K[:, \\text{index}]` ``(M, b)``: one vjp at the pivot points, one jvp on all data."""
         C = self.problem.num_outputs
+        if self.sharding.distributed:
+            return self.sharded_pivot_columns(delta, index)
         points, inverse = torch.unique(torch.div(index, C, rounding_mode="floor"), return_inverse=True)
         select = torch.zeros(points.numel() * C, index.numel(), dtype=self.network.dtype, device=index.device)
         select[inverse * C + index % C, torch.arange(index.numel(), device=index.device)] = 1
@@ -201,23 +203,24 @@ class CGSolver(GaussianSolver):
     def _low_rank_factor(self, delta: Tensor, noise: Tensor) -> Tensor:
         """Pivoted-Cholesky :math:`L` ``(M, k)`` of :math:`K(\\delta)`, cached per ``delta`` and
         smallest noise."""
-        key = torch.cat([delta.detach().to(torch.float64).reshape(-1), noise.detach().min().reshape(1)])
+        smallest = -self.sharding.max(-noise.detach().min().reshape(1))  # over every rank's rows
+        key = torch.cat([delta.detach().to(torch.float64).reshape(-1), smallest.to(torch.float64)])
         if self._factor_cache is not None and torch.equal(self._factor_cache[0], key):
             return self._factor_cache[1]
-        rank = min(self.spec.preconditioner_rank, self.size)
+        rank = min(self.spec.preconditioner_rank, self.problem.total_size)
         if rank == 0:
             factor = torch.zeros(self.size, 0, dtype=torch.float64, device=self.network.device)
         else:
             check_fits(8 * 3 * self.size * rank, f"the rank-{rank} preconditioner", self.network.device)
             diagonal = delta.detach().to(torch.float64).reciprocal() @ self.group_diagonals
             trace_tol = self.spec.preconditioner_tolerance * float(key[-1])
-            factor = pivoted_cholesky(diagonal, lambda idx: self._pivot_columns(delta, idx), rank, trace_tol=trace_tol)
+            factor = self.pivoted_factor(diagonal, lambda idx: self._pivot_columns(delta, idx), rank, trace_tol)
         self._factor_cache = (key, factor)
         return factor
 
     def preconditioner(self, delta: Tensor, noise: Tensor) -> LowRankPlusDiagonal:
         """:math:`P = LL^\\top + S` at these hyperparameters."""
-        return LowRankPlusDiagonal(self._low_rank_factor(delta, noise), noise.detach())
+        return self.low_rank_plus_diagonal(self._low_rank_factor(delta, noise), noise.detach())
 
     def run_cg(
         self, delta: Tensor, noise: Tensor, rhs: Tensor, purpose: str, precond: LowRankPlusDiagonal | None = None
@@ -233,6 +236,7 @@ class CGSolver(GaussianSolver):
             tolerance=spec.tolerance,
             max_iterations=spec.max_iterations,
             progress=self.network.progress,
+            reduce=self.reduce,
         )
         self.last_info = CGInfo(
             purpose=purpose,
@@ -253,11 +257,12 @@ class CGSolver(GaussianSolver):
         return result
 
     def probe_vectors(self) -> tuple[Tensor, float]:
-        """Probes :math:`w` ``(M, s)`` and the weight of each in the trace (``1/s``, or 1 for a basis)."""
-        if self.spec.probes == "basis":
-            return torch.eye(self.size, dtype=torch.float64, device=self.network.device), 1.0
-        generator = torch.Generator().manual_seed(self.spec.seed)
-        return rademacher(self.size, self.spec.num_probes, generator, self.network.device), 1.0 / self.spec.num_probes
+        """Probes :math:`w` ``(M, s)`` and the weight of each in the trace (``1/s``, or 1 for a basis); with a
+        process group, this rank's rows of the probes one process would draw."""
+        spec = self.spec
+        return self.probes(
+            spec.probes, spec.num_probes, spec.seed
+        ), 1.0 if spec.probes == "basis" else 1.0 / spec.num_probes
 
     # ------------------------------------------------------- GaussianSolver
     def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
@@ -269,6 +274,8 @@ class CGSolver(GaussianSolver):
         return _Solve.apply(delta, noise, rhs.to(torch.float64), self)
 
     def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
+        if self.sharding.distributed:
+            raise NotImplementedError("a sharded CG solver does not form the N C x N C training covariance")
         M, G = self.size, self.layout.num_groups
         check_fits(8 * (G + 2) * M * M, f"the dense training kernel ({M} x {M})", self.network.device)
         kernel = self.layout.weighted(delta.to(torch.float64).reciprocal(), gram(self.ntk, self.problem.x))
@@ -288,13 +295,7 @@ class CGSolver(GaussianSolver):
         info = self.last_info
         weights = self._pull_back(delta, alpha)[0]  # theta_bar = P0^{-1} J^T alpha, shape: (P,)
         generator = torch.Generator().manual_seed(self.spec.seed)
-        q, t = lanczos_decomposition(
-            self._operator(delta, noise),
-            residual,
-            self.spec.variance_rank,
-            generator=generator,
-            progress=self.network.progress,
-        )
+        q, t = self.lanczos(self._operator(delta, noise), residual, self.spec.variance_rank, generator)
         factor = cholesky(t, what="the Lanczos tridiagonal of K + S")  # T = L_T L_T^T
         pulled = self._pull_back(delta, q)  # (P0^{-1} J^T Q)^T, shape: (k, P)
         directions = torch.linalg.solve_triangular(factor, pulled, upper=False).T  # W, shape: (P, k)
@@ -307,7 +308,7 @@ class CGSolver(GaussianSolver):
         r""":math:`(P_0^{-1} J^\top V)^\top` for ``V`` ``(M, t)``: ``(t, P)``, float64."""
         x = self.problem.x
         cot = columns.T.reshape(columns.shape[-1], x.num, self.problem.num_outputs)
-        return pullback(self.ntk, x, cot, scale=delta.to(torch.float64).reciprocal())
+        return self.sharding.sum_(pullback(self.ntk, x, cot, scale=delta.to(torch.float64).reciprocal()))
 
 
 class _InvQuadLogDet(torch.autograd.Function):
@@ -331,11 +332,11 @@ class _InvQuadLogDet(torch.autograd.Function):
             cg = solver.run_cg(delta, noise, torch.cat(parts, -1), "evidence", precond)
             solution = cg.solution
             if rhs is not None:
-                inv_quad = (parts[0] * solution[:, :t]).sum(0)  # shape: (t,)
+                inv_quad = solver.sharding.sum_((parts[0] * solution[:, :t]).sum(0))  # shape: (t,)
             if logdet:
                 assert probes is not None
                 basis = solver.spec.probes == "basis"
-                norms_sq = probes.square().sum(0) * (solver.size if basis else 1.0)
+                norms_sq = solver.sharding.sum_(probes.square().sum(0)) * (solver.problem.total_size if basis else 1.0)
                 trace, error = slq_log_det(cg, slice(t, None), norms_sq)
                 log_det = precond.logdet() + trace
                 assert solver.last_info is not None

@@ -16,7 +16,21 @@ from ntkgp.ntk import NTKProblem, gram
 from ntkgp.posteriors.kernel_space import KernelSpacePosterior
 from ntkgp.solvers.base import GaussianSolver
 
-__all__ = ["KernelSpaceSolver"]
+__all__ = ["KernelSpaceSolver", "refuse_sharded"]
+
+#: why the exact kernel-space route does not take a process group
+SHARDED_KERNEL_SPACE = (
+    "the exact kernel-space solver factors the whole N C x N C training covariance on one process, so it does "
+    "not shard over a process group; with process_group use solver='weight' (P < N C), or an approximate "
+    "route: ntkgp.solvers.ConjugateGradients (the same GP to a stated tolerance, row-sharded), Inducing or "
+    "SubsetOfData"
+)
+
+
+def refuse_sharded(problem: NTKProblem) -> None:
+    """Raise a ``ValueError`` when ``problem`` is sharded over processes (kernel space needs all its rows)."""
+    if problem.sharding.distributed:
+        raise ValueError(SHARDED_KERNEL_SPACE)
 
 
 class KernelSpaceSolver(GaussianSolver):
@@ -26,6 +40,7 @@ class KernelSpaceSolver(GaussianSolver):
     _WHAT = "the training kernel plus noise (K + S)"
 
     def __init__(self, problem: NTKProblem, *, grams: Tensor | None = None) -> None:
+        refuse_sharded(problem)
         super().__init__(problem)
         M, G = self.size, self.layout.num_groups
         check_fits(

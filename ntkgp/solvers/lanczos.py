@@ -89,10 +89,20 @@ class Lanczos(SolverSpec):
         return rank, block, min(steps, -(-size // block))  # no more steps than fill the space
 
     def gaussian(self, problem: NTKProblem) -> LanczosSolver:
+        _refuse_sharded(problem)
         return LanczosSolver(problem, self)
 
     def laplace(self, problem: NTKProblem, hessian_root: Tensor) -> LanczosLaplaceSolver:
+        _refuse_sharded(problem)
         return LanczosLaplaceSolver(problem, self, hessian_root)
+
+
+def _refuse_sharded(problem: NTKProblem) -> None:
+    if problem.sharding.distributed:
+        raise NotImplementedError(
+            "the Lanczos route does not shard over a process group (its block steps factor whole N C-row blocks); "
+            "use ntkgp.solvers.ConjugateGradients or Inducing with process_group"
+        )
 
 
 def _group_norms(solver: _LanczosBase, vectors: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from ntkgp.posteriors.base import Posterior
 from ntkgp.posteriors.kernel_space import KernelSpacePosterior
 from ntkgp.posteriors.weight_space import WeightSpacePosterior
 from ntkgp.solvers.base import LaplaceSolver
+from ntkgp.solvers.kernel_space import refuse_sharded
 
 __all__ = ["KernelSpaceLaplaceSolver", "WeightSpaceLaplaceSolver"]
 
@@ -37,6 +38,7 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
     _WHAT = "I + B^T K B"
 
     def __init__(self, problem: NTKProblem, hessian_root: Tensor, grams: Tensor | None = None) -> None:
+        refuse_sharded(problem)
         super().__init__(problem, hessian_root)
         M, G = self.size, self.layout.num_groups
         check_fits(
@@ -116,8 +118,9 @@ class WeightSpaceLaplaceSolver(LaplaceSolver):
             "gradient)",
             self.network.device,
         )
-        #: :math:`J^\top\Lambda J`, ``(1, P, P)``, float64
-        self.outer = jacobian_outer(self.ntk, problem.x, per_output=False, hessian_root=hessian_root)
+        #: :math:`J^\top\Lambda J`, ``(1, P, P)``, float64, summed over ranks
+        outer = jacobian_outer(self.ntk, problem.x, per_output=False, hessian_root=hessian_root)
+        self.outer = self.sharding.sum_(outer)
         self._spectrum: Tensor | None = None
 
     def _matrix(self, delta: Tensor) -> Tensor:

@@ -53,6 +53,8 @@ __all__ = ["LinearizedMode", "ModeState"]
 AUTO_DECREMENT = 1e-2
 #: below this relative decrement a Newton step that gains less than 10x counts as stalled at round-off
 _ROUNDOFF = 1e-8
+#: a predicted decrease below this relative change of the objective is not resolved by its float64 value
+_VALUE_ROUNDOFF = 1e-13
 
 
 @dataclass
@@ -97,7 +99,8 @@ class LinearizedMode:
     problem:
         The training problem (network, prior layout, inputs).
     log_likelihood:
-        ``f (N, C) -> log p(y | f)``, differentiable in ``f``.
+        ``f (N, C) -> log p(y | f)``, differentiable in ``f`` (with a process group: ``f`` this rank's rows,
+        the value summed over ranks).
     hessian_root:
         ``f (N, C) -> B (N, C, C)`` with :math:`BB^\\top = -\\nabla^2_f\\log p`, differentiable in ``f``.
     space:
@@ -153,7 +156,7 @@ class LinearizedMode:
         f = f.detach().requires_grad_(True)
         with torch.enable_grad():
             (score,) = torch.autograd.grad(self.log_likelihood(f), f)
-        pulled = pullback(self.problem.ntk, self.problem.x, score.unsqueeze(0))[0]
+        pulled = self.problem.sharding.sum(pullback(self.problem.ntk, self.problem.x, score.unsqueeze(0)))[0]
         return self.problem.layout.expand(delta) * theta - pulled
 
     def push(self, v: Tensor) -> Tensor:
@@ -193,14 +196,18 @@ class LinearizedMode:
     def _line_search(
         self, theta: Tensor, f: Tensor, value: Tensor, step: Tensor, g: Tensor, delta: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Backtracking along the Newton step (``f`` is linear in ``theta``: one jvp for every trial)."""
+        """Backtracking along the Newton step (``f`` is linear in ``theta``: one jvp for every trial).
+
+        The full step is taken when its predicted decrease is below the objective's round-off: there the
+        Armijo test compares round-off, and the convex objective's Newton step is the right one."""
         moved = self.push(step)
         slope = float(g @ step)
         t = 1.0
+        resolvable = slope > _VALUE_ROUNDOFF * max(1.0, abs(float(value)))
         for _ in range(30):
             new_theta, new_f = theta - t * step, f - t * moved
             new_value = self._objective(new_theta, new_f, delta)
-            if float(new_value) <= float(value) - 1e-4 * t * slope or t < 1e-8:
+            if not resolvable or float(new_value) <= float(value) - 1e-4 * t * slope or t < 1e-8:
                 return new_theta, new_f, new_value
             t *= 0.5
         return theta - t * step, f - t * moved, self._objective(theta - t * step, f - t * moved, delta)
@@ -244,7 +251,7 @@ class LinearizedMode:
             trace = torch.einsum("nij,nik,njk->", blocks, root, root)  # sum_n tr(V_n B_n B_n^T)
             (u,) = torch.autograd.grad(-0.5 * trace, f)
         with torch.no_grad():
-            pulled = pullback(self.problem.ntk, self.problem.x, u.unsqueeze(0))[0]
+            pulled = self.problem.sharding.sum(pullback(self.problem.ntk, self.problem.x, u.unsqueeze(0)))[0]
             return s.solver.precision_solve(s.delta, pulled.unsqueeze(-1))[:, 0]
 
     def posterior(self, delta: Tensor) -> Posterior:

@@ -14,7 +14,7 @@ from torch import Tensor
 from ntkgp.errors import NoiseVariesError
 from ntkgp.ntk import NTKProblem
 from ntkgp.solvers.base import GaussianSolver, LaplaceSolver
-from ntkgp.solvers.kernel_space import KernelSpaceSolver
+from ntkgp.solvers.kernel_space import SHARDED_KERNEL_SPACE, KernelSpaceSolver
 from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver
 from ntkgp.solvers.weight_space import WeightSpaceSolver
 
@@ -28,7 +28,8 @@ def choose_space(problem: NTKProblem, solver: str, *, noise_varies_over_data: bo
     """``"weight"`` or ``"kernel"`` for ``solver`` (``"auto"``, ``"kernel"`` or ``"weight"``).
 
     Raises a ``ValueError`` for other names and :class:`~ntkgp.errors.NoiseVariesError` for
-    ``"weight"`` with noise that varies over the data.
+    ``"weight"`` with noise that varies over the data. With a process group (a sharded ``problem``)
+    ``N C`` counts every rank's points, and kernel space, which does not shard, raises a ``ValueError``.
     """
     if solver not in ("auto", "kernel", "weight"):
         raise ValueError(f"solver must be 'auto', 'kernel', 'weight' or a SolverSpec, got {solver!r}")
@@ -38,8 +39,10 @@ def choose_space(problem: NTKProblem, solver: str, *, noise_varies_over_data: bo
             "noise varies over the data (use solver='kernel' or 'auto')"
         )
     if solver == "auto":
-        small_net = problem.network.num_parameters < problem.size
-        return "weight" if small_net and not noise_varies_over_data else "kernel"
+        small_net = problem.network.num_parameters < problem.total_size
+        solver = "weight" if small_net and not noise_varies_over_data else "kernel"
+    if solver == "kernel" and problem.sharding.distributed:
+        raise ValueError(SHARDED_KERNEL_SPACE)
     return solver
 
 

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ntkgp._random import default_generator
-from ntkgp.ntk import NTKProblem
+from ntkgp.ntk import NTKProblem, gram
+from ntkgp.ntk.sharded import gather_points, owned_points
 from ntkgp.posteriors.base import Posterior
 from ntkgp.posteriors.kernel_space import KernelSpacePosterior
 from ntkgp.solvers.base import EvidenceOnlyGaussianSolver, LaplaceSolver, SolverBase, SolverSpec
@@ -76,24 +77,49 @@ class SubsetOfData(SolverSpec):
         return random_points(n, self.num_points, default_generator(self.generator))
 
     def gaussian(self, problem: NTKProblem) -> SubsetOfDataSolver:
-        return SubsetOfDataSolver(problem, self._indices(problem.num_data), self.rescale_prior, mean=self.mean)
+        return SubsetOfDataSolver(problem, self._indices(problem.total_data), self.rescale_prior, mean=self.mean)
 
     def laplace(self, problem: NTKProblem, hessian_root: Tensor) -> SubsetOfDataLaplaceSolver:
-        return SubsetOfDataLaplaceSolver(problem, self._indices(problem.num_data), self.rescale_prior, hessian_root)
+        return SubsetOfDataLaplaceSolver(problem, self._indices(problem.total_data), self.rescale_prior, hessian_root)
 
 
 class _Subset:
-    """Shared bookkeeping: the kept points, their rows, the prior and evidence scales."""
+    """Shared bookkeeping: the kept points, their rows, the prior and evidence scales.
+
+    With a process group the indices are global; each rank holds the kept points of its shard
+    (``rows`` are theirs), the subset's inputs are gathered on every rank, and its Gram is built by
+    rows, each rank those of its own kept points, then gathered: the subset's exact GP is then the
+    same on every rank.
+    """
 
     def _setup(self, problem: NTKProblem, indices: Tensor, rescale_prior: bool) -> NTKProblem:
-        n, C, device = problem.num_data, problem.num_outputs, problem.network.device
+        n, C, device = problem.total_data, problem.num_outputs, problem.network.device
+        self._shards = problem.sharding
         self.indices = indices.to(device)
-        #: rows of the kept points in the point-major ``(N*C,)`` layout
-        self.rows = (self.indices[:, None] * C + torch.arange(C, device=device)).reshape(-1)
+        _, local = owned_points(problem, self.indices)
+        #: this rank's kept points in its shard, and their rows in the point-major ``(N*C,)`` layout
+        self.local = local
+        self.rows = (local[:, None] * C + torch.arange(C, device=device)).reshape(-1)
+        self._counts = self._shards.gather_counts(self.rows.numel(), device)
         #: N / M: multiplies the prior precisions (if rescaled) and the subset's evidence terms
         self.ratio = n / indices.numel()
         self.prior_scale = self.ratio if rescale_prior else 1.0
-        return problem.on(problem.x[self.indices])
+        return problem.on(gather_points(problem, self.indices))
+
+    def _take(self, values: Tensor) -> Tensor:
+        """The kept points' rows of a per-row tensor ``(N*C, ...)`` (with a process group: every rank's, gathered)."""
+        return self._shards.gather_rows(values[self.rows], self._counts)
+
+    def _grams(self, problem: NTKProblem, subset: NTKProblem) -> Tensor | None:
+        """The subset's per-group Grams ``(G, MC, MC)`` built by rows over the ranks; ``None`` for one process."""
+        if not self._shards.distributed:
+            return None
+        G, mc = problem.layout.num_groups, subset.size
+        rows = torch.zeros(G, self.rows.numel(), mc, dtype=torch.float64, device=problem.network.device)
+        if self.local.numel():
+            rows = gram(problem.ntk, problem.x[self.local], subset.x)  # shape: (G, m_r C, M C)
+        grams = self._shards.gather_rows(rows.transpose(0, 1).contiguous(), self._counts).transpose(0, 1)
+        return 0.5 * (grams + grams.transpose(1, 2))
 
 
 class SubsetOfDataSolver(_Subset, EvidenceOnlyGaussianSolver):
@@ -110,17 +136,18 @@ class SubsetOfDataSolver(_Subset, EvidenceOnlyGaussianSolver):
         mean: str = "posterior",
     ) -> None:
         SolverBase.__init__(self, problem)
-        #: the exact solver of the subset
-        self.inner = KernelSpaceSolver(self._setup(problem, indices, rescale_prior))
+        subset = self._setup(problem, indices, rescale_prior)
+        #: the exact solver of the subset (the same on every rank)
+        self.inner = KernelSpaceSolver(subset, grams=self._grams(problem, subset))
         self.mean = mean
 
     def _noise(self, noise: Tensor) -> Tensor:
-        return noise[self.rows] if noise.dim() and noise.numel() > 1 else noise
+        return self._take(noise) if noise.dim() and noise.numel() > 1 else noise
 
     def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
         """The subset's terms at :math:`\\delta N/M` (if rescaled), times :math:`N/M`."""
         inv_quad, log_det = self.inner.inv_quad_logdet(
-            delta * self.prior_scale, self._noise(noise), None if rhs is None else rhs[self.rows], logdet
+            delta * self.prior_scale, self._noise(noise), None if rhs is None else self._take(rhs), logdet
         )
         return self.ratio * inv_quad, self.ratio * log_det
 
@@ -130,7 +157,7 @@ class SubsetOfDataSolver(_Subset, EvidenceOnlyGaussianSolver):
         if self.mean == "network":
             factor = self.inner.factor(scaled, self._noise(noise.detach()))
             return KernelSpacePosterior(self.inner.problem, scaled, factor, self.network.flat_params.to(torch.float64))
-        return self.inner.posterior(scaled, self._noise(noise.detach()), residual.reshape(-1)[self.rows])
+        return self.inner.posterior(scaled, self._noise(noise.detach()), self._take(residual.reshape(-1)))
 
 
 class SubsetOfDataLaplaceSolver(_Subset, LaplaceSolver):
@@ -142,7 +169,9 @@ class SubsetOfDataLaplaceSolver(_Subset, LaplaceSolver):
     def __init__(self, problem: NTKProblem, indices: Tensor, rescale_prior: bool, hessian_root: Tensor) -> None:
         LaplaceSolver.__init__(self, problem, hessian_root)
         subset = self._setup(problem, indices, rescale_prior)
-        self.inner = KernelSpaceLaplaceSolver(subset, hessian_root[self.indices])
+        C = problem.num_outputs
+        roots = self._shards.gather_rows(hessian_root[self.local], [c // C for c in self._counts])
+        self.inner = KernelSpaceLaplaceSolver(subset, roots, grams=self._grams(problem, subset))
 
     def log_det(self, delta: Tensor) -> Tensor:
         """:math:`\\tfrac{N}{M}\\log|I + B_S^\\top K_{SS} B_S|` at :math:`\\delta N/M` (if rescaled)."""

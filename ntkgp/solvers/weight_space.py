@@ -42,9 +42,11 @@ class WeightSpaceSolver(GaussianSolver):
             f"the weight-space solver ({C} + {WEIGHT_SPACE_MATRICES} matrices of {P} x {P}, evidence and gradient)",
             self.network.device,
         )
-        #: per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64
+        #: per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64, summed over ranks
         #: (given when extended, :mod:`ntkgp.solvers.update`)
-        self.outer = jacobian_outer(self.ntk, problem.x, per_output=C > 1) if outer is None else outer
+        self.outer = (
+            self.sharding.sum_(jacobian_outer(self.ntk, problem.x, per_output=C > 1)) if outer is None else outer
+        )
         self._spectrum: tuple[Tensor, Tensor] | None = None
 
     @torch.no_grad()
@@ -62,7 +64,8 @@ class WeightSpaceSolver(GaussianSolver):
     def pull_residual(self, residual: Tensor) -> Tensor:
         r""":math:`J^\top r` for a residual ``r`` ``(N*C,)``: ``(P,)``, float64 (one vjp pass)."""
         N, C = self.problem.num_data, self.problem.num_outputs
-        return pullback(self.ntk, self.problem.x, residual.detach().to(torch.float64).reshape(1, N, C))[0]
+        pulled = pullback(self.ntk, self.problem.x, residual.detach().to(torch.float64).reshape(1, N, C))
+        return self.sharding.sum_(pulled)[0]
 
     def _precision(self, delta: Tensor, noise_c: Tensor) -> Tensor:
         r""":math:`P_0 + \sum_c s_c^{-1} J_c^\top J_c`, ``(P, P)``: one new matrix, the prior added to its diagonal."""
@@ -78,30 +81,31 @@ class WeightSpaceSolver(GaussianSolver):
         return self.cached_factor(lambda: cholesky(self._precision(delta, noise_c), what=self._WHAT), delta, noise_c)
 
     def _pull(self, rhs: Tensor, noise_c: Tensor) -> Tensor:
-        r"""``b = J^T S^{-1} rhs``, ``(P, t)``, float64."""
+        r"""``b = J^T S^{-1} rhs``, ``(P, t)``, float64, summed over ranks."""
         N, C = self.problem.num_data, self.problem.num_outputs
         scaled = rhs.to(torch.float64).reshape(N, C, -1) / noise_c.reshape(1, C, 1)  # shape: (N, C, t)
-        return pullback(self.ntk, self.problem.x, scaled.permute(2, 0, 1)).T
+        return self.sharding.sum(pullback(self.ntk, self.problem.x, scaled.permute(2, 0, 1))).T
 
     def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
-        noise_c = output_noise(noise, self.problem.num_outputs, "weight-space")
+        noise_c = output_noise(noise, self.problem.num_outputs, "weight-space", sharding=self.sharding)
         factor, matrix = self.factor_and_matrix(lambda: self._precision(delta, noise_c), self._WHAT, delta, noise_c)
         zero = torch.zeros((), dtype=torch.float64, device=factor.device)
         inv_quad, data_term, pulled = zero, zero, None
         if rhs is not None:
             N, C = self.problem.num_data, self.problem.num_outputs
             r = rhs.to(torch.float64)
-            data_term = (r.reshape(N, C, -1).square() / noise_c.reshape(1, C, 1)).sum((0, 1))
+            local_noise = self.sharding.enter(noise_c)  # used on this rank's rows: its gradient summed over ranks
+            data_term = self.sharding.sum((r.reshape(N, C, -1).square() / local_noise.reshape(1, C, 1)).sum((0, 1)))
             pulled = self._pull(r.detach(), noise_c.detach())
             if rhs.requires_grad or noise_c.requires_grad:  # b is linear in r and S^-1: its gradient by autograd
-                pulled = self._pull_differentiable(r, noise_c, pulled)
+                pulled = self._pull_differentiable(r, local_noise, pulled)
         quad, log_det_precision = factored_inv_quad_logdet(factor, pulled, matrix)
         if rhs is not None:
             inv_quad = data_term - quad
         log_det = zero
         if logdet:
             prior = self.layout.expand(delta.to(torch.float64))
-            log_det = self.problem.num_data * noise_c.log().sum() - prior.log().sum() + log_det_precision
+            log_det = self.problem.total_data * noise_c.log().sum() - prior.log().sum() + log_det_precision
         return inv_quad, log_det
 
     def _pull_differentiable(self, r: Tensor, noise_c: Tensor, pulled: Tensor) -> Tensor:
@@ -111,7 +115,7 @@ class WeightSpaceSolver(GaussianSolver):
     def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
         # (K + S)^{-1} r = S^{-1} r - S^{-1} J A^{-1} J^T S^{-1} r
         N, C = self.problem.num_data, self.problem.num_outputs
-        noise_c = output_noise(noise, C, "weight-space")
+        noise_c = output_noise(noise, C, "weight-space", sharding=self.sharding)
         factor = self._factor(delta, noise_c)
         r = rhs.to(torch.float64)
         inner = cholesky_solve(self._pull(r, noise_c), factor)  # shape: (P, t)
@@ -120,6 +124,8 @@ class WeightSpaceSolver(GaussianSolver):
         return ((r - back).reshape(N, C, -1) / noise_c.reshape(1, C, 1)).reshape(N * C, -1)
 
     def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
+        if self.sharding.distributed:
+            raise NotImplementedError("a sharded solver does not form the N C x N C training covariance")
         weights = delta.to(torch.float64).reciprocal()
         kernel = self.layout.weighted(weights, gram(self.ntk, self.problem.x))
         return kernel + torch.diag_embed(noise.to(torch.float64))
@@ -130,7 +136,9 @@ class WeightSpaceSolver(GaussianSolver):
         with torch.no_grad():
             rhs = rhs.to(torch.float64)
             x, C = self.problem.x, self.problem.num_outputs
-            out = kernel_matmul(self.ntk, x, x, delta.detach().reciprocal(), rhs.T.reshape(rhs.shape[1], x.num, C))
+            cols = rhs.T.reshape(rhs.shape[1], x.num, C)
+            reduce = self.sharding.sum if self.sharding.distributed else None
+            out = kernel_matmul(self.ntk, x, x, delta.detach().reciprocal(), cols, reduce=reduce)
             return out.reshape(out.shape[0], -1).T.to(torch.float64) + noise.to(torch.float64).unsqueeze(-1) * rhs
 
     def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
@@ -139,7 +147,7 @@ class WeightSpaceSolver(GaussianSolver):
     @torch.no_grad()
     def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> WeightSpacePosterior:
         delta, noise = delta.detach(), noise.detach()
-        noise_c = output_noise(noise, self.problem.num_outputs, "weight-space")
+        noise_c = output_noise(noise, self.problem.num_outputs, "weight-space", sharding=self.sharding)
         factor = self._factor(delta, noise_c)
         weights = cholesky_solve(self._pull(residual.reshape(-1, 1), noise_c), factor)[:, 0]
         return WeightSpacePosterior(self.ntk, factor, weights)

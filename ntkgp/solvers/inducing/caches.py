@@ -13,6 +13,7 @@ from ntkgp.linalg.cholesky import cholesky
 from ntkgp.memory import check_fits
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import NTKProblem, captures, gram
+from ntkgp.ntk.sharded import gather_points
 from ntkgp.posteriors.inducing import InducingPosterior
 from ntkgp.solvers.base import SolverBase
 
@@ -40,10 +41,10 @@ class InducingCaches(SolverBase):
         network = self.network
         #: whether the predictive keeps :math:`K_{**} - Q_{**}` (SGPR) or drops it (subset of regressors)
         self.prior_residual = prior_residual
-        #: indices of the inducing points in the training inputs, ``(M,)``
+        #: indices of the inducing points in the training inputs, ``(M,)`` (with a process group: global)
         self.indices = indices.to(network.device)
-        #: inducing inputs :math:`Z`
-        self.z = problem.x[self.indices]
+        #: inducing inputs :math:`Z` (with a process group: gathered on every rank)
+        self.z = gather_points(problem, self.indices)
         self.jitter = jitter
         mc = self.z.num * C
         check_fits(

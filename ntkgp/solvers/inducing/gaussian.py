@@ -33,8 +33,8 @@ class InducingSolver(InducingCaches, EvidenceOnlyGaussianSolver):
         #: ``"posterior"`` (SGPR mean) or ``"network"`` (the MAP network's outputs)
         self.mean = mean
         n = problem.num_data
-        #: per-group, per-output traces :math:`\sum_n K^g_{(n,c),(n,c)}`, ``(C, G)``
-        self.traces = gram_diagonal(self.ntk, problem.x).reshape(G, n, C).sum(1).T.contiguous()
+        #: per-group, per-output traces :math:`\sum_n K^g_{(n,c),(n,c)}`, ``(C, G)`` (summed over ranks)
+        self.traces = self.sharding.sum_(gram_diagonal(self.ntk, problem.x).reshape(G, n, C).sum(1).T.contiguous())
         self._rhs: Tensor | None = None  # the right-hand side whose projections are cached
         self._projected: Tensor | None = None  # (C, G, MC, t): K^g_{Z X_c} r_c
         self._rhs_square: Tensor | None = None  # (C, t): sum over points of r_c^2
@@ -44,12 +44,15 @@ class InducingSolver(InducingCaches, EvidenceOnlyGaussianSolver):
     # ----------------------------------------------------------------- noise
     def _output_noise(self, noise: Tensor) -> Tensor:
         """One noise variance per output, ``(C,)``; the bound needs noise constant over the data."""
-        return output_noise(noise, self.problem.num_outputs, "inducing-point")
+        return output_noise(noise, self.problem.num_outputs, "inducing-point", sharding=self.sharding)
 
     def _projections(self, rhs: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`K^g_{Z X_c} r_c` ``(C, G, MC, t)`` and :math:`\sum_n r_{n,c}^2` ``(C, t)``, cached."""
         rhs = rhs.detach().to(torch.float64)
-        if self._rhs is not None and self._rhs.shape == rhs.shape and torch.equal(self._rhs, rhs):
+        same = self._rhs is not None and self._rhs.shape == rhs.shape and torch.equal(self._rhs, rhs)
+        if self.sharding.distributed:  # every rank passes the data (collectives) or none does
+            same = not self.sharding.any(not same, rhs.device)
+        if same:
             assert self._projected is not None and self._rhs_square is not None
             return self._projected, self._rhs_square
         C, G, t = self.problem.num_outputs, self.layout.num_groups, rhs.shape[-1]
@@ -61,9 +64,11 @@ class InducingSolver(InducingCaches, EvidenceOnlyGaussianSolver):
             if not self._phi_ready:
                 for c in range(C):
                     self._add_outer(self.phi[c], cross[:, :, c])
+        if not self._phi_ready:
+            self.sharding.sum_(self.phi)
         self._phi_ready = True
-        self._rhs, self._projected = rhs.clone(), projected
-        self._rhs_square = per_output.square().sum(0)
+        self._rhs, self._projected = rhs.clone(), self.sharding.sum_(projected)
+        self._rhs_square = self.sharding.sum_(per_output.square().sum(0))
         return projected, self._rhs_square
 
     def _pieces(self, delta: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -94,7 +99,7 @@ class InducingSolver(InducingCaches, EvidenceOnlyGaussianSolver):
             inv_quad = square - w.square().sum(0)
         log_det = zero
         if logdet:
-            n = self.problem.num_data
+            n = self.problem.total_data
             log_det = self._log_det_ratio(lb) - n * precision.log().sum()
         # the trace term from the same factorization, for the correction() call that follows
         self._stash = (self._key(delta, precision), self._trace_term(delta, precision, a))

@@ -36,8 +36,9 @@ class InducingLaplaceSolver(InducingCaches, LaplaceSolver):
             cross = self.cross(xc)
             left = torch.stack([apply_root_transpose(root, cross[g]) for g in range(G)])
             self._add_outer(self.phi[0], left)
-        #: per-group :math:`\operatorname{tr}(B^\top K^g B)`, ``(G,)``
-        self.traces = self._laplace_traces()
+        self.sharding.sum_(self.phi)
+        #: per-group :math:`\operatorname{tr}(B^\top K^g B)`, ``(G,)`` (summed over ranks)
+        self.traces = self.sharding.sum_(self._laplace_traces())
 
     def _laplace_traces(self) -> Tensor:
         r""":math:`\operatorname{tr}(B^\top K^g B) = \sum_n \operatorname{tr}(B_n^\top K^g_{nn} B_n)` per group."""

@@ -25,6 +25,7 @@ from ntkgp._random import default_generator, draw_device
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import NTKProblem
 from ntkgp.ntk import gram as ntk_gram
+from ntkgp.ntk.sharded import gather_points
 
 #: The selection rules by name.
 SelectionRule: TypeAlias = Literal["auto", "kmeans", "pivoted_cholesky", "random"]
@@ -64,10 +65,14 @@ def random_points(num_data: int, num_inducing: int, generator: torch.Generator |
     return perm[:num_inducing].sort().values
 
 
-#: entries of one block of point-to-centre distances in :func:`kmeans_points` (256 MiB of float64)
-_KMEANS_BLOCK_ELEMENTS = 2**25
+#: entries of one block of point-to-centre distances in :func:`kmeans_points` (2 MiB of float64: cache-sized
+#: blocks made a Lloyd step 2x faster than 256 MiB ones, N = 50,000, M = 500, one thread; cdist's values do
+#: not depend on the block)
+_KMEANS_BLOCK_ELEMENTS = 2**18
 #: nearest training points kept per centre when centres are snapped to distinct training points
 _SNAP_CANDIDATES = 16
+#: relative gap below which two candidate distances are a tie (:func:`tie_ordered`)
+_TIE = 1e-9
 
 
 def _row_blocks(x: Tensor, width: int) -> Iterator[tuple[int, Tensor]]:
@@ -86,25 +91,79 @@ def _draw(weights: Tensor, generator: torch.Generator | None) -> int:
     return int(torch.searchsorted(cdf, (u * cdf[-1].cpu()).to(cdf.device)).clamp(max=weights.shape[0] - 1))
 
 
+def tie_ordered(distances: Tensor, indices: Tensor) -> list[list[int]]:
+    """Each row's candidate point ``indices`` ``(m, k)`` by increasing ``distances`` ``(m, k)``, distances within
+    :data:`_TIE` of the row's largest finite one counting as equal and ordered by index (so that round-off, which
+    differs between a one-process and a sharded run, never decides a tie such as a two-point cluster's midpoint).
+    Negative indices (padding) are dropped."""
+    out = []
+    for d_row, i_row in zip(distances.cpu().tolist(), indices.cpu().tolist()):
+        pairs = sorted((d, i) for d, i in zip(d_row, i_row) if i >= 0 and d != float("inf"))
+        tol = _TIE * max((d for d, _ in pairs), default=0.0)
+        row: list[int] = []
+        group: list[int] = []
+        start = 0.0
+        for d, i in pairs:
+            if group and d - start > tol:
+                row += sorted(group)
+                group = []
+            if not group:
+                start = d
+            group.append(i)
+        out.append(row + sorted(group))
+    return out
+
+
+#: k-means++ seeds from at most this many points, or ``_SEED_POOL_PER_CENTRE`` per centre if more
+_SEED_POOL = 10_000
+_SEED_POOL_PER_CENTRE = 20
+
+
+def seeding_pool_size(num_data: int, num_inducing: int) -> int:
+    """Points k-means++ seeds from: all ``num_data`` up to ``max(10,000, 20 M)``, else that many at random.
+
+    Seeding is sequential (``M`` passes over the points it draws from), Lloyd steps are not: from
+    a sample it costs ``O(M^2)`` passes of a fixed size instead of ``M`` passes over all ``N``
+    points (over processes, ``2M`` collectives fewer), and the Lloyd steps on all points follow.
+    """
+    return min(num_data, max(_SEED_POOL, _SEED_POOL_PER_CENTRE * num_inducing))
+
+
+def seeding_pool(num_data: int, num_inducing: int, generator: torch.Generator | None) -> Tensor | None:
+    """The sorted indices k-means++ seeds from (a CPU tensor), or ``None`` for all points."""
+    size = seeding_pool_size(num_data, num_inducing)
+    return None if size >= num_data else random_points(num_data, size, generator)
+
+
+def kmeanspp_centres(x: Tensor, num_inducing: int, generator: torch.Generator | None) -> Tensor:
+    """k-means++ seeds ``(M, D)`` among the rows of ``x`` ``(n, D)``: each drawn with probability proportional
+    to its squared distance to the nearest seed drawn before."""
+    centres = x[_draw(torch.ones(x.shape[0], dtype=x.dtype, device=x.device), generator)][None]
+    closest = (x - centres).square().sum(-1)
+    for _ in range(1, num_inducing):  # k-means++: sample proportional to the squared distance
+        new = x[_draw(closest, generator)][None]
+        centres = torch.cat([centres, new])
+        closest = torch.minimum(closest, (x - new).square().sum(-1))
+    return centres
+
+
 def kmeans_points(
     x: Tensor, num_inducing: int, generator: torch.Generator | None = None, iterations: int = 25
 ) -> Tensor:
     """Indices of the training points nearest to k-means centres of ``x`` ``(N, D)``, sorted (a CPU tensor).
 
-    k-means++ seeding, then at most ``iterations`` Lloyd steps, all in float64 on ``x``'s device,
-    with point-to-centre distances in row blocks of about 2**25 entries (no ``N x M`` matrix).
-    Each centre, in order, is then replaced by its nearest training point not already taken.
+    k-means++ seeding (on a uniform random subset of :func:`seeding_pool_size` points when there are
+    more), then at most ``iterations`` Lloyd steps on all points, all in float64 on ``x``'s device,
+    with point-to-centre distances in row blocks of about 2**18 entries (no ``N x M`` matrix).
+    Each centre, in order, is then replaced by its nearest training point not already taken (ties,
+    to within a relative 1e-9, to the lower index).
     Random draws come from ``generator`` on its own device; with a CPU generator the result does not
     depend on the device of ``x``.
     """
     x = x.reshape(x.shape[0], -1).to(torch.float64)
     n, m = x.shape[0], num_inducing
-    centres = x[_draw(torch.ones(n, dtype=x.dtype, device=x.device), generator)][None]
-    closest = (x - centres).square().sum(-1)
-    for _ in range(1, m):  # k-means++: sample proportional to the squared distance
-        new = x[_draw(closest, generator)][None]
-        centres = torch.cat([centres, new])
-        closest = torch.minimum(closest, (x - new).square().sum(-1))
+    pool = seeding_pool(n, m, generator)
+    centres = kmeanspp_centres(x if pool is None else x[pool.to(x.device)], m, generator)
     for _ in range(iterations):
         sums = torch.zeros_like(centres)
         counts = torch.zeros(m, dtype=x.dtype, device=x.device)
@@ -125,7 +184,7 @@ def kmeans_points(
         i = torch.cat([best_i, torch.arange(start, start + block.shape[0], device=x.device).expand(m, -1)], 1)
         best_d, order = d.topk(min(k, d.shape[1]), dim=1, largest=False)
         best_i = i.gather(1, order)
-    candidates = best_i.cpu().tolist()
+    candidates = tie_ordered(best_d, best_i)
     chosen: list[int] = []
     taken: set[int] = set()
     for c, row in enumerate(candidates):  # nearest unused training point to each centre
@@ -154,11 +213,11 @@ def pivoted_cholesky_points(
     ``tolerance`` times the largest prior trace (the NTK's rank on the pool is exhausted).
     Cost: the pool's Gram ``(n C)^2`` and ``O(n C \cdot (M C)^2)`` for the factorization.
     """
-    n, C = problem.num_data, problem.num_outputs
+    n, C = problem.total_data, problem.num_outputs
     pool_size = max(pool_size // C, 2 * num_inducing)  # pool_size counts kernel rows (points x C)
     pool = torch.arange(n, device="cpu") if n <= pool_size else random_points(n, pool_size, generator)
-    # shape: (n_pool C, n_pool C)
-    gram = ntk_gram(problem.ntk, problem.x[pool], weights=delta.to(torch.float64).reciprocal())
+    # shape: (n_pool C, n_pool C); with a process group the pool's points are gathered on every rank
+    gram = ntk_gram(problem.ntk, gather_points(problem, pool), weights=delta.to(torch.float64).reciprocal())
     size = pool.shape[0]
     m = min(num_inducing, size)
     factor = torch.zeros(size * C, m * C, dtype=torch.float64, device=gram.device)
@@ -204,8 +263,13 @@ def select_inducing_points(
     ``"auto"`` is ``"kmeans"`` on the floating-point inputs, or ``"random"`` when the inputs have
     none (token ids). Without a ``generator`` the draws come from a generator seeded with
     :data:`~ntkgp._random.DEFAULT_SEED`: reproducible, and the global RNG is left untouched.
+
+    With a process group (a sharded ``problem``) the indices are global (the ranks' shards one
+    after the other), the same on every rank and the same as one process on the concatenated
+    shards: k-means runs sharded (:mod:`~ntkgp.solvers.inducing.sharded_kmeans`), the pivoted
+    Cholesky pool is gathered. A given ``generator`` must be in the same state on every rank.
     """
-    n = problem.num_data
+    n = problem.total_data
     if isinstance(selection, Tensor):
         return checked_indices(selection, n, "inducing")
     check_count(num_inducing, n, "num_inducing")
@@ -221,6 +285,10 @@ def select_inducing_points(
                 "selection='kmeans' needs floating-point inputs; these have none (token ids?): use "
                 "selection='random' or 'pivoted_cholesky'"
             )
+        if problem.sharding.distributed:
+            from ntkgp.solvers.inducing.sharded_kmeans import sharded_kmeans_points  # it imports this module
+
+            return sharded_kmeans_points(features, num_inducing, generator, problem.sharding)
         return kmeans_points(features, num_inducing, generator)
     if selection == "pivoted_cholesky":
         return pivoted_cholesky_points(
