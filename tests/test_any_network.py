@@ -270,3 +270,35 @@ def test_input_form_errors_are_clear() -> None:
         model((x_num[:3], x_cat[:3]))
     with pytest.raises(ValueError, match=r"shape \(5,\) where the training examples have shape \(4,\)"):
         model({"x_num": torch.randn(3, 5, dtype=F64), "x_cat": x_cat[:3]})
+
+
+class Recurrent(nn.Module):
+    """An LSTM or GRU regressor: its kernels have no vmap rule, so ntkgp takes one backward per row."""
+
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.rnn = cell(3, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("solver", ["kernel", "weight"])
+def test_recurrent_networks_equal_brute_force(cell: type[nn.Module], solver: str) -> None:
+    net = Recurrent(cell).double().eval()
+    x = torch.randn(12, 4, 3, generator=G, dtype=F64)
+    x_test = torch.randn(3, 4, 3, generator=G, dtype=F64)
+    y = torch.randn(12, 2, generator=G, dtype=F64)
+    with pytest.warns(UserWarning, match="cannot vmap"):
+        model = ntkgp.LinearizedGP(net, _likelihood(0.1, 2), x, y, prior_precision=2.0, solver=solver)
+        evidence = model.log_evidence()
+    prior, noise = truth.prior_vector(net, 2.0), torch.full((24,), 0.1, dtype=F64)
+    assert float(evidence) == pytest.approx(float(truth.log_evidence(net, x, y, prior, noise)), rel=1e-10)
+    model.eval()
+    with torch.no_grad():
+        cov = model(x_test).covariance_matrix
+    j, j_test = truth.jacobian(net, x), truth.jacobian(net, x_test)
+    assert torch.allclose(cov, truth.posterior_covariance(j, j_test, prior, noise), rtol=1e-9, atol=1e-12)

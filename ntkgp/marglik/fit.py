@@ -241,7 +241,7 @@ def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> Hyperparamet
         for p, g in zip(others, grads[1:]):
             p.grad = torch.zeros_like(p) if g is None else g
         flat = torch.cat([v.grad.reshape(-1).to(torch.float64) for v in variables])
-        state["last"] = ([v.detach().clone() for v in variables], float(flat.norm()), -float(loss))
+        state["last"] = ([v.detach().clone() for v in variables], float(flat.detach().norm()), -float(loss.detach()))
         return loss.detach()
 
     iterations, norm, value = 0, math.inf, math.nan

@@ -128,6 +128,8 @@ class FunctionalNetwork:
         self.output_fn = output_fn
         self.progress = progress
         self._chunk_size = chunk_size
+        #: set once ``vmap`` cannot batch the network's per-example Jacobians (see :meth:`jacobian`)
+        self._unbatchable = False
         self.shadow = ModuleShadow(net)
         probe = self._default_probe(net) if probe_inputs is None else Inputs.wrap(probe_inputs, "the inputs")
         chosen = select_parameters(net, subnetwork, probe=lambda mode: self._probe_call(net, probe, mode))
@@ -301,15 +303,29 @@ class FunctionalNetwork:
         size = self.chunk_size(tangents.shape[0])
         tangent = self.unflatten(tangents.to(self.dtype), tensors)
         primal = {n: self.params[n] for n in names}
+        if self._unbatchable:
+            return self._jvp_by_loop(x, tangents, names, held, size)
         outs = []
-        with _FORWARD_AD_LOCK, network_pass(self._grad(x) or tangents.requires_grad, inputs_graph=self._grad(x)):
-            for _, xc in self.chunks(x, size, desc="jvp"):
-                xc = self._prepare(xc)
+        try:
+            with _FORWARD_AD_LOCK, network_pass(self._grad(x) or tangents.requires_grad, inputs_graph=self._grad(x)):
+                for _, xc in self.chunks(x, size, desc="jvp"):
+                    xc = self._prepare(xc)
 
-                def one(t: dict[str, Tensor], xc: Inputs = xc) -> Tensor:
-                    return jvp(lambda p: self.call({**held, **p}, xc), (primal,), (t,))[1]
+                    def one(t: dict[str, Tensor], xc: Inputs = xc) -> Tensor:
+                        return jvp(lambda p: self.call({**held, **p}, xc), (primal,), (t,))[1]
 
-                outs.append(vmap(one)(tangent))
+                    outs.append(vmap(one)(tangent))
+        except (RuntimeError, NotImplementedError) as error:  # no forward-AD or batching rule (mkldnn LSTM)
+            self._check_loop_route(names, held, x, error)
+            return self._jvp_by_loop(x, tangents, names, held, size)
+        return torch.cat(outs, dim=1)
+
+    def _jvp_by_loop(self, x: Inputs, tangents: Tensor, names: list[str], held: dict[str, Tensor], size: int) -> Tensor:
+        """:meth:`jvp` through per-example Jacobians by plain autograd (:meth:`_jacobian_by_loop`)."""
+        outs = []
+        for _, xc in self.chunks(x, size, desc="jvp"):
+            jac = self._jacobian_by_loop(names, held, self._prepare(xc))  # shape: (n, C, P)
+            outs.append(torch.einsum("ncp,tp->tnc", jac, tangents.to(jac.dtype)))
         return torch.cat(outs, dim=1)
 
     def vjp(self, x: Inputs, cotangents: Tensor, tensors: Sequence[int] | None = None) -> Tensor:
@@ -321,13 +337,31 @@ class FunctionalNetwork:
         cotangents = cotangents.to(self.dtype)
         primal = {n: self.params[n] for n in names}
         total: Tensor | None = None
-        with network_pass(self._grad(x) or cotangents.requires_grad, inputs_graph=self._grad(x)):
-            for start, xc in self.chunks(x, size, desc="vjp"):
-                xc = self._prepare(xc)
-                pullback = vjp(lambda p, xc=xc: self.call({**held, **p}, xc), primal)[1]
-                grads = vmap(pullback)(cotangents[:, start : start + xc.num])[0]
-                flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=-1)
-                total = flat if total is None else total + flat
+        if self._unbatchable:
+            return self._vjp_by_loop(x, cotangents, names, held, size)
+        try:
+            with network_pass(self._grad(x) or cotangents.requires_grad, inputs_graph=self._grad(x)):
+                for start, xc in self.chunks(x, size, desc="vjp"):
+                    xc = self._prepare(xc)
+                    pullback = vjp(lambda p, xc=xc: self.call({**held, **p}, xc), primal)[1]
+                    grads = vmap(pullback)(cotangents[:, start : start + xc.num])[0]
+                    flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=-1)
+                    total = flat if total is None else total + flat
+        except (RuntimeError, NotImplementedError) as error:  # no batching rule for the pullback (LSTM)
+            self._check_loop_route(names, held, x, error)
+            return self._vjp_by_loop(x, cotangents, names, held, size)
+        assert total is not None
+        return total
+
+    def _vjp_by_loop(
+        self, x: Inputs, cotangents: Tensor, names: list[str], held: dict[str, Tensor], size: int
+    ) -> Tensor:
+        """:meth:`vjp` through per-example Jacobians by plain autograd (:meth:`_jacobian_by_loop`)."""
+        total: Tensor | None = None
+        for start, xc in self.chunks(x, size, desc="vjp"):
+            jac = self._jacobian_by_loop(names, held, self._prepare(xc))  # shape: (n, C, P)
+            part = torch.einsum("ncp,tnc->tp", jac, cotangents[:, start : start + xc.num].to(jac.dtype))
+            total = part if total is None else total + part
         assert total is not None
         return total
 
@@ -350,10 +384,53 @@ class FunctionalNetwork:
             one = Inputs(data, x.form, 1).map(lambda t: t.unsqueeze(0))
             return self.call({**held, **params}, one).squeeze(0)
 
-        with network_pass(self._grad(x), inputs_graph=self._grad(x)):
-            jac = vmap(jacrev(single), in_dims=(None, *dims))(wrt, args, kwargs)
-        # shape: jac[name] (n, C, *param_shape) -> (n, C, P)
-        return torch.cat([jac[n].reshape(x.num, jac[n].shape[1], -1) for n in names], -1)
+        if not self._unbatchable:
+            try:
+                with network_pass(self._grad(x), inputs_graph=self._grad(x)):
+                    jac = vmap(jacrev(single), in_dims=(None, *dims))(wrt, args, kwargs)
+                # shape: jac[name] (n, C, *param_shape) -> (n, C, P)
+                return torch.cat([jac[n].reshape(x.num, jac[n].shape[1], -1) for n in names], -1)
+            except RuntimeError as error:  # kernels without batching or functorch rules (nn.LSTM, nn.GRU)
+                self._check_loop_route(names, held, x, error)
+        return self._jacobian_by_loop(names, held, x)
+
+    def _check_loop_route(self, names: list[str], held: dict[str, Tensor], x: Inputs, error: RuntimeError) -> None:
+        """After ``vmap(jacrev)`` failed: take the loop of backward passes if it runs, else re-raise ``error``."""
+        try:
+            self._jacobian_by_loop(names, held, x.map(lambda t: t[:1]))
+        except Exception:
+            raise error from None
+        self._unbatchable = True
+        warnings.warn(
+            "torch.func cannot vmap this network's per-example Jacobians (one of its kernels, for example "
+            f"nn.LSTM or nn.GRU, has no batching rule: {str(error).splitlines()[0][:120]}); ntkgp computes them "
+            "by one backward pass per example and output instead: the same values, slower",
+            stacklevel=4,
+        )
+
+    def _jacobian_by_loop(self, names: list[str], held: dict[str, Tensor], x: Inputs) -> Tensor:
+        """Per-example :math:`J(x)` by plain autograd, one backward pass per example and output: ``(n, C, P)``."""
+        keep = self._grad(x)  # input gradients: keep the graph of every row
+        rows = []
+        with network_pass(True, inputs_graph=keep):
+            for i in range(x.num):
+                params = {n: self.params[n].detach().requires_grad_() for n in names}
+                out = self.call({**held, **params}, x.map(lambda t, i=i: t[i : i + 1])).reshape(-1)  # shape: (C,)
+                per_output = []
+                for c in range(out.shape[0]):
+                    grads = torch.autograd.grad(
+                        out[c], list(params.values()), retain_graph=True, create_graph=keep, allow_unused=True
+                    )
+                    per_output.append(
+                        torch.cat(
+                            [
+                                (torch.zeros_like(p) if g is None else g).reshape(-1)
+                                for g, p in zip(grads, params.values(), strict=True)
+                            ]
+                        )
+                    )
+                rows.append(torch.stack(per_output))
+        return torch.stack(rows)  # shape: (n, C, P)
 
     def evaluate(self, x: Inputs, mode: TorchFunctionMode | None = None, *, grad: bool = True) -> Tensor:
         """One plain evaluation at :math:`\\hat\\theta`, ``(n, C)``.
