@@ -26,6 +26,7 @@ them, so predictions can be differentiated in their inputs.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -415,7 +416,8 @@ class FunctionalNetwork:
         with network_pass(True, inputs_graph=keep):
             for i in range(x.num):
                 params = {n: self.params[n].detach().requires_grad_() for n in names}
-                out = self.call({**held, **params}, x.map(lambda t, i=i: t[i : i + 1])).reshape(-1)  # shape: (C,)
+                row = x.map(functools.partial(_row, index=i))
+                out = self.call({**held, **params}, row).reshape(-1)  # shape: (C,)
                 per_output = []
                 for c in range(out.shape[0]):
                     grads = torch.autograd.grad(
@@ -441,6 +443,10 @@ class FunctionalNetwork:
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+
+def _row(t: Tensor, index: int) -> Tensor:
+    return t[index : index + 1]
 
 
 def _widen(t: Tensor) -> Tensor:
