@@ -149,7 +149,7 @@ def _measure(
     result = {
         "times": times,
         "cpu_seconds": sum(cpus),
-        "evidence": float(evidence),
+        "evidence": float(evidence.detach()),
         "mean": mean.detach().double(),
         "var": var.detach().double(),
         "indices": indices,
