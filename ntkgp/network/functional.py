@@ -316,7 +316,9 @@ class FunctionalNetwork:
                         return jvp(lambda p: self.call({**held, **p}, xc), (primal,), (t,))[1]
 
                     outs.append(vmap(one)(tangent))
-        except (RuntimeError, NotImplementedError) as error:  # no forward-AD or batching rule (mkldnn LSTM)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:  # no forward-AD or batching rule (mkldnn LSTM; NotImplementedError too)
             self._check_loop_route(names, held, x, error)
             return self._jvp_by_loop(x, tangents, names, held, size)
         return torch.cat(outs, dim=1)
@@ -348,7 +350,9 @@ class FunctionalNetwork:
                     grads = vmap(pullback)(cotangents[:, start : start + xc.num])[0]
                     flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=-1)
                     total = flat if total is None else total + flat
-        except (RuntimeError, NotImplementedError) as error:  # no batching rule for the pullback (LSTM)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:  # no batching rule for the pullback (LSTM)
             self._check_loop_route(names, held, x, error)
             return self._vjp_by_loop(x, cotangents, names, held, size)
         assert total is not None
@@ -391,6 +395,8 @@ class FunctionalNetwork:
                     jac = vmap(jacrev(single), in_dims=(None, *dims))(wrt, args, kwargs)
                 # shape: jac[name] (n, C, *param_shape) -> (n, C, P)
                 return torch.cat([jac[n].reshape(x.num, jac[n].shape[1], -1) for n in names], -1)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as error:  # kernels without batching or functorch rules (nn.LSTM, nn.GRU)
                 self._check_loop_route(names, held, x, error)
         return self._jacobian_by_loop(names, held, x)
