@@ -63,4 +63,5 @@ class LaplaceModeMixin:
         stated = model.layout.initial_precision.to(model.network.device)
         solver = model.solver
         assert isinstance(solver, (KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver))  # exact Laplace (above)
+        model._mode_finder.initial_solver = solver  # at the first iterate: Newton starts from it, never rebuilds it
         return model._mode_choice == "linearized" or model._mode_finder.is_away_from(stated, solver)

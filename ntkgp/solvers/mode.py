@@ -15,9 +15,13 @@ trained with another regularizer, early-stopped, or with batch statistics is not
 with a backtracking (Armijo) step :math:`t`. This is Rasmussen & Williams' Algorithm 3.1 written in
 weight space: :math:`f = m + J\theta` moves along :math:`-tJA^{-1}g`, which is their function-space
 step :math:`f \leftarrow (K^{-1} + \Lambda)^{-1}(\Lambda f + \nabla\log p)` with the NTK prior
-:math:`K = JP_0^{-1}J^\top` and the mean :math:`m`. Solves with :math:`A` come from an exact Laplace
-solver built at :math:`\Lambda(f)` (kernel space by Woodbury on :math:`I + B^\top KB`, weight space by
-its Cholesky factor), so each iteration costs one solver build. It stops when half the squared
+:math:`K = JP_0^{-1}J^\top` and the mean :math:`m`. The Jacobian :math:`J` does not move, only
+:math:`\Lambda(f)` does. An exact Laplace solver (kernel space by Woodbury on :math:`I + B^\top KB`, weight
+space by the Cholesky factor of :math:`A`) costs a GGN or per-group Gram sandwiches and a factorization, so
+one is built only at the mode of each prior precision (the evidence and the posterior need it there), and
+the Newton steps in between are solved by conjugate gradients with :math:`A(f)` (one jvp and one vjp per
+iteration), preconditioned by the last solver built (:mod:`ntkgp.solvers.ggn_precision`); a step whose CG
+does not converge builds its own solver. It stops when half the squared
 Newton decrement :math:`\tfrac12 g^\top A^{-1}g` (the predicted decrease of :math:`\Psi`, in nats) is
 below ``tolerance``. Results are cached per prior precision and each solve starts from the last mode.
 
@@ -44,6 +48,7 @@ from torch import Tensor
 
 from ntkgp.ntk import NTKProblem, gram, pullback, pushforward
 from ntkgp.posteriors.base import Posterior
+from ntkgp.solvers.ggn_precision import ggn_precision_solve
 from ntkgp.solvers.laplace import KernelSpaceLaplaceSolver, WeightSpaceLaplaceSolver
 
 __all__ = ["LinearizedMode", "ModeState"]
@@ -109,6 +114,9 @@ class LinearizedMode:
         Stop when half the squared Newton decrement is below this (nats).
     max_iter:
         Newton steps at most per solve.
+    cg_max_iterations:
+        Conjugate-gradient iterations at most for a Newton step away from the last solver built; past them an
+        exact solver is built at that iterate.
     """
 
     def __init__(
@@ -120,6 +128,7 @@ class LinearizedMode:
         *,
         tolerance: float = 1e-20,
         max_iter: int = 50,
+        cg_max_iterations: int = 30,
     ) -> None:
         if space not in ("kernel", "weight"):
             raise ValueError(f"space must be 'kernel' or 'weight', got {space!r}")
@@ -136,11 +145,19 @@ class LinearizedMode:
         self._warm: tuple[Tensor, Tensor] = (self.theta_hat, self.f_hat)
         #: an exact Laplace solver already built at :math:`\Lambda(\hat f)` (the first iterate's), if any
         self.initial_solver: KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver | None = None
+        #: the last exact solver built and the iterate ``f`` it is at: it preconditions the Newton steps elsewhere
+        self._reference: tuple[KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver, Tensor] | None = None
+        #: CG's relative residual for the Newton steps (above the network dtype's round-off) and its iterations
+        eps = torch.finfo(network.dtype).eps
+        self.cg_tolerance, self.cg_max_iterations = min(1e-3, max(1e-10, 100 * eps)), cg_max_iterations
+        #: exact solvers built (the GGN or Grams and a factorization each) and CG iterations run, over all solves
+        self.solvers_built, self.cg_iterations = 0, 0
 
     # ------------------------------------------------------------ pieces
     def solver_at(self, f: Tensor) -> KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver:
         r"""The exact Laplace solver with :math:`\Lambda(f)`, ``f`` ``(N, C)``."""
         root = self.hessian_root(f.detach())
+        self.solvers_built += 1
         if self.space == "weight":
             return WeightSpaceLaplaceSolver(self.problem, root)
         if self._grams is None:  # the per-group K_g do not depend on f: computed once
@@ -166,19 +183,24 @@ class LinearizedMode:
     # ------------------------------------------------------------ the mode
     @torch.no_grad()
     def state(self, delta: Tensor) -> ModeState:
-        r"""The mode at prior precisions ``delta`` ``(G,)``: cached, else Newton from the last mode."""
+        r"""The mode at prior precisions ``delta`` ``(G,)``: cached, else Newton from the last mode.
+
+        Newton steps at an iterate without a solver of its own are solved by conjugate gradients preconditioned
+        with the last solver built (:mod:`ntkgp.solvers.ggn_precision`); a solver is built only where that does
+        not converge, and once at the mode (for the evidence and the posterior there)."""
         delta = delta.detach().to(torch.float64)
         for s in self._states:
             if torch.equal(s.delta, delta):
                 return s
         theta, f = self._warm
-        at_start = theta is self.theta_hat and self.initial_solver is not None
-        solver = self.initial_solver if at_start and self.initial_solver is not None else self.solver_at(f)
+        if self._reference is None:  # the first solve starts at the network's outputs
+            built = self.initial_solver if self.initial_solver is not None else self.solver_at(f)
+            self._reference = (built, f)
         value = self._objective(theta, f, delta)
         steps, converged, half, previous = 0, False, float("inf"), float("inf")
         for _ in range(self.max_iter + 1):
             g = self.gradient(theta, f, delta)
-            step = solver.precision_solve(delta, g.unsqueeze(-1))[:, 0]
+            step = self._newton_step(f, delta, g)
             half, scale = 0.5 * float(g @ step), max(1.0, abs(float(value)))
             # converged; or stalled at round-off (a float32 network's products), where Newton stops gaining
             converged = half <= self.tolerance * scale or (half <= _ROUNDOFF * scale and half > 0.1 * previous)
@@ -187,11 +209,38 @@ class LinearizedMode:
             previous = half
             theta, f, value = self._line_search(theta, f, value, step, g, delta)
             steps += 1
+        assert self._reference is not None
+        solver, at = self._reference
+        if at is not f:  # the evidence and the posterior need the exact solver at the mode
             solver = self.solver_at(f)
+            self._reference = (solver, f)
         state = ModeState(delta, theta, f, solver, self.log_likelihood(f), steps, half, converged)
         self._states = [state] + self._states[:1]
         self._warm = (theta, f)
         return state
+
+    def _newton_step(self, f: Tensor, delta: Tensor, g: Tensor) -> Tensor:
+        r""":math:`A(f)^{-1}g` ``(P,)``: with the last solver built if it is at ``f``, else by CG preconditioned
+        with it; where CG does not reach its tolerance, a solver is built at ``f`` (and kept as the reference)."""
+        assert self._reference is not None  # set by state() before any step
+        solver, at = self._reference
+        if at is not f:
+            root = self.hessian_root(f.detach())
+            result = ggn_precision_solve(
+                self.problem,
+                root,
+                delta,
+                g.unsqueeze(-1),
+                solver,
+                tolerance=self.cg_tolerance,
+                max_iterations=self.cg_max_iterations,
+            )
+            self.cg_iterations += int(result.iterations.max())
+            if result.converged:
+                return result.solution[:, 0]
+            solver = self.solver_at(f)
+            self._reference = (solver, f)
+        return solver.precision_solve(delta, g.unsqueeze(-1))[:, 0]
 
     def _line_search(
         self, theta: Tensor, f: Tensor, value: Tensor, step: Tensor, g: Tensor, delta: Tensor
