@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -183,12 +184,26 @@ def train_early_stopped(net: nn.Module, x: Tensor, y: Tensor, xv: Tensor, yv: Te
     return best_epoch
 
 
-def make_task(name: str, seed: int = 0) -> Task:
-    """Train the network of task ``name`` (see the module docstring) with ``torch.manual_seed(seed)``."""
+def make_task(name: str, seed: int = 0, cache: Path | None = None) -> Task:
+    """Train the network of task ``name`` (see the module docstring) with ``torch.manual_seed(seed)``.
+
+    With ``cache`` (a folder), the trained network's ``state_dict`` is loaded from ``<name>-<seed>.pt``
+    there when it exists (the data are rebuilt, the training skipped), else saved there after training."""
     import time
 
     started = time.perf_counter()
     torch.manual_seed(seed)
+    stored = None if cache is None else cache / f"{name}-{seed}.pt"
+    if stored is not None and stored.exists():
+        task = _untrained(name, seed)
+        task.net.load_state_dict(torch.load(stored))
+        task.net.eval()
+        if name == "diabetes":
+            with torch.no_grad():
+                task.noise = float((task.net(task.x)[:, 0] - task.y).square().mean())
+        for p in task.net.parameters():
+            p.requires_grad_(True)
+        return task
     if name in ("cnn_bn", "mlp_digits", "cnn_early_stop"):
         x, y, xt, yt, ood = _digits(seed)
         if name == "cnn_bn":
@@ -221,7 +236,27 @@ def make_task(name: str, seed: int = 0) -> Task:
     for p in task.net.parameters():
         p.requires_grad_(True)
     task.train_seconds = time.perf_counter() - started
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(task.net.state_dict(), stored)
     return task
+
+
+def _untrained(name: str, seed: int) -> Task:
+    """Task ``name``'s data and its network, untrained (for loading stored weights)."""
+    if name in ("cnn_bn", "mlp_digits", "cnn_early_stop"):
+        x, y, xt, yt, ood = _digits(seed)
+        if name == "cnn_early_stop":
+            return Task(name, "softmax", _cnn(bn=False), x[:1000], y[:1000], xt, yt, ood, 1.0)
+        net = _cnn(bn=True) if name == "cnn_bn" else nn.Sequential(nn.Flatten(), _mlp([64, 32, 32, 10]))
+        return Task(name, "softmax", net, x, y, xt, yt, ood, 1.0)
+    if name == "breast_cancer":
+        x, y, xt, yt, ood = _tabular(load_breast_cancer, seed, regression=False)
+        return Task(name, "bernoulli", _mlp([30, 16, 16, 1]), x, y, xt, yt, ood, 1.0)
+    if name == "diabetes":
+        x, y, xt, yt, ood = _tabular(load_diabetes, seed, regression=True)
+        return Task(name, "gaussian", _mlp([10, 32, 1]), x, y, xt, yt, ood, 10.0)
+    raise ValueError(f"unknown task {name!r}; tasks are {TASKS}")
 
 
 def map_gradient_norm(task: Task) -> float:
