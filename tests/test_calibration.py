@@ -6,6 +6,7 @@ autograd Hessians, explicit Jacobians, explicit inverses and log-determinants.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import gpytorch
@@ -217,3 +218,42 @@ def test_prior_structure_strings() -> None:
     assert layout.group_names == ("0", "1", "2") and layout.tensor_group == (0, 0, 1, 1, 2, 2)
     with pytest.raises(ValueError, match="structure|one of"):
         ntkgp.PriorLayout.from_spec(["w"], [1], "layer")
+
+
+@pytest.mark.parametrize("solver", ["kernel", "weight"])
+def test_linearized_mode_builds_one_solver_per_prior_precision(solver, monkeypatch) -> None:
+    """The Jacobian does not move with the Newton iterate, only Lambda does: one exact solver (a GGN or Gram
+    sandwich, a capture pass, a factorization) per evidence evaluation, at the mode, however many Newton
+    steps it takes; the evidence stays the brute-force one."""
+    capture_module = importlib.import_module("ntkgp.ntk.captures")  # the package re-exports a function of that name
+    laplace_module = importlib.import_module("ntkgp.solvers.laplace")
+
+    x, y, net, lik = _softmax()
+    net = _perturb(net, x, y, lik)
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=2.0, solver=solver, mode="linearized")
+    raw = model.covar_module.raw_prior_precision
+    torch.autograd.grad(model.log_evidence(), raw)  # the first solve, from the network's weights
+    counts = {"builds": 0, "captures": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        laplace_module.LaplaceSolver, "__init__", counted("builds", laplace_module.LaplaceSolver.__init__)
+    )
+    monkeypatch.setattr(capture_module, "capture", counted("captures", capture_module.capture))
+    for delta in (3.0, 9.0):
+        counts.update(builds=0, captures=0)
+        model.prior_precision = delta
+        evidence = model.log_evidence()
+        torch.autograd.grad(evidence, raw)  # the implicit term's solves too
+        state = model.mode_finder.state(model.prior_precision)
+        assert state.converged and state.iterations >= 2  # several Newton steps from the last mode
+        assert counts["builds"] == 1, counts
+        assert counts["captures"] <= 2, counts  # the build's capture pass, and the implicit term's Jacobian
+        brute = _brute_mode(net, x, y, lik, delta)[1]
+        assert abs(float(evidence) - brute) <= 1e-8 * abs(brute)
