@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     report, started = start_report(args)
-    report["config"]["json"] = str(args.json)
+    report["config"]["json"], report["config"]["networks"] = str(args.json), str(args.networks)
     report["tasks"] = {}
     for name in args.tasks:
         task = make_task(name, args.seed, cache=args.networks)
