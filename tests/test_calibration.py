@@ -257,3 +257,25 @@ def test_linearized_mode_builds_one_solver_per_prior_precision(solver, monkeypat
         assert counts["captures"] <= 2, counts  # the build's capture pass, and the implicit term's Jacobian
         brute = _brute_mode(net, x, y, lik, delta)[1]
         assert abs(float(evidence) - brute) <= 1e-8 * abs(brute)
+
+
+@pytest.mark.parametrize("solver", ["kernel", "weight"])
+def test_linearized_mode_checks_memory_once_not_at_every_newton_step(solver, monkeypatch) -> None:
+    """Free memory is read when the first solve starts, for every solver the Newton solves will hold; later
+    builds are not checked again (free memory then counts the finder's own solvers against it, and a solve that
+    fits was refused midway with a KernelTooLargeError)."""
+    memory = importlib.import_module("ntkgp.memory")
+    x, y, net, lik = _softmax()
+    net = _perturb(net, x, y, lik)
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=2.0, solver=solver, mode="linearized")
+    model.log_evidence()  # the route is chosen and its memory checked
+    monkeypatch.setattr(memory, "available_memory", lambda device: 0)  # other allocations took the free memory
+    model.prior_precision = 6.0
+    evidence = float(model.log_evidence().detach())  # new Newton steps and a new solver at the new mode
+    assert model.mode_finder.state(model.prior_precision).iterations >= 1
+    brute = _brute_mode(net, x, y, lik, 6.0)[1]
+    assert abs(evidence - brute) <= 1e-8 * abs(brute)
+    fresh = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=2.0, solver=solver, mode="linearized")
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**20)  # the check itself still refuses
+    with pytest.raises(ntkgp.KernelTooLargeError):
+        fresh.log_evidence()

@@ -37,21 +37,29 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
     name = "kernel"
     _WHAT = "I + B^T K B"
 
-    def __init__(self, problem: NTKProblem, hessian_root: Tensor, grams: Tensor | None = None) -> None:
+    def __init__(
+        self, problem: NTKProblem, hessian_root: Tensor, grams: Tensor | None = None, *, check_memory: bool = True
+    ) -> None:
         refuse_sharded(problem)
         super().__init__(problem, hessian_root)
         M, G = self.size, self.layout.num_groups
-        check_fits(
-            8 * (G + KERNEL_SPACE_MATRICES) * M * M + problem.budget,
-            f"the kernel-space Laplace solver ({G} + {KERNEL_SPACE_MATRICES} matrices of {M} x {M}, with gradient)",
-            self.network.device,
-        )
+        if check_memory:  # False where the caller checked, once, for every solver it builds (ntkgp.solvers.mode)
+            check_fits(
+                8 * (G + KERNEL_SPACE_MATRICES) * M * M + problem.budget,
+                f"the kernel-space Laplace solver ({G} + {KERNEL_SPACE_MATRICES} matrices of {M} x {M}, with gradient)",
+                self.network.device,
+            )
         #: per-group :math:`B^\top K_g B`, ``(G, M, M)``, float64 (from ``grams``, the per-group
         #: :math:`K_g` of the training inputs, when given: they are not changed)
         self.grams = gram(self.ntk, problem.x) if grams is None else grams.clone()
         for g in range(G):  # in place, one group at a time
             self.grams[g] = sandwich(hessian_root, self.grams[g])
         self._spectrum: Tensor | None = None
+
+    @staticmethod
+    def held_bytes(problem: NTKProblem) -> int:
+        r"""Bytes a built solver keeps: the ``G`` sandwiched Grams and one Cholesky factor, ``(G + 1) M^2`` float64."""
+        return 8 * (problem.layout.num_groups + 1) * problem.size**2
 
     def _matrix(self, delta: Tensor) -> Tensor:
         r""":math:`I + \sum_g B^\top K_g B / \delta_g`, ``(M, M)``, differentiable in ``delta``."""
@@ -109,19 +117,25 @@ class WeightSpaceLaplaceSolver(LaplaceSolver):
     name = "weight"
     _WHAT = "the GGN posterior precision"
 
-    def __init__(self, problem: NTKProblem, hessian_root: Tensor) -> None:
+    def __init__(self, problem: NTKProblem, hessian_root: Tensor, *, check_memory: bool = True) -> None:
         super().__init__(problem, hessian_root)
         P = self.network.num_parameters
-        check_fits(
-            8 * (1 + WEIGHT_SPACE_MATRICES) * P * P + problem.budget,
-            f"the weight-space Laplace solver ({1 + WEIGHT_SPACE_MATRICES} matrices of {P} x {P}, evidence and "
-            "gradient)",
-            self.network.device,
-        )
+        if check_memory:  # False where the caller checked, once, for every solver it builds (ntkgp.solvers.mode)
+            check_fits(
+                8 * (1 + WEIGHT_SPACE_MATRICES) * P * P + problem.budget,
+                f"the weight-space Laplace solver ({1 + WEIGHT_SPACE_MATRICES} matrices of {P} x {P}, evidence and "
+                "gradient)",
+                self.network.device,
+            )
         #: :math:`J^\top\Lambda J`, ``(1, P, P)``, float64, summed over ranks
         outer = jacobian_outer(self.ntk, problem.x, per_output=False, hessian_root=hessian_root)
         self.outer = self.sharding.sum_(outer)
         self._spectrum: Tensor | None = None
+
+    @staticmethod
+    def held_bytes(problem: NTKProblem) -> int:
+        r"""Bytes a built solver keeps: :math:`J^\top\Lambda J` and one Cholesky factor, ``2 P^2`` float64."""
+        return 8 * 2 * problem.network.num_parameters**2
 
     def _matrix(self, delta: Tensor) -> Tensor:
         r""":math:`P_0 + J^\top\Lambda J`, ``(P, P)``, differentiable in ``delta``."""

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ntkgp.memory import KERNEL_SPACE_MATRICES, WEIGHT_SPACE_MATRICES, check_fits
 from ntkgp.ntk import NTKProblem, gram, pullback, pushforward
 from ntkgp.posteriors.base import Posterior
 from ntkgp.solvers.ggn_precision import ggn_precision_solve
@@ -159,10 +160,34 @@ class LinearizedMode:
         root = self.hessian_root(f.detach())
         self.solvers_built += 1
         if self.space == "weight":
-            return WeightSpaceLaplaceSolver(self.problem, root)
+            return WeightSpaceLaplaceSolver(self.problem, root, check_memory=False)  # checked once: check_memory()
         if self._grams is None:  # the per-group K_g do not depend on f: computed once
             self._grams = gram(self.problem.ntk, self.problem.x)
-        return KernelSpaceLaplaceSolver(self.problem, root, grams=self._grams)
+        return KernelSpaceLaplaceSolver(self.problem, root, grams=self._grams, check_memory=False)
+
+    def check_memory(self) -> None:
+        """Raise :class:`~ntkgp.errors.KernelTooLargeError`, once, when the first solve starts, if what the Newton
+        solves hold besides the solver at the network's outputs does not fit in free memory: up to two more
+        solvers (the two cached modes' and the preconditioner's; three without a given first solver), the
+        per-group Grams in kernel space, and one evaluation's working matrices.
+
+        The solvers built later are not checked again: free memory read then would count what this finder
+        already holds against it, and refuse a solve midway that fits."""
+        problem, device = self.problem, self.problem.network.device
+        if self.space == "weight":
+            side, working, grams = problem.network.num_parameters, WEIGHT_SPACE_MATRICES, 0
+            held = WeightSpaceLaplaceSolver.held_bytes(problem)
+        else:
+            side, working = problem.size, KERNEL_SPACE_MATRICES
+            grams = 0 if self._grams is not None else 8 * problem.layout.num_groups * side**2
+            held = KernelSpaceLaplaceSolver.held_bytes(problem)
+        solvers = 2 if self.initial_solver is not None else 3
+        check_fits(
+            solvers * held + grams + 8 * working * side**2 + problem.budget,
+            f"the linearized model's mode in {self.space} space ({solvers} more solvers of {held / 2**20:.0f} MiB, "
+            f"the Grams and {working} working matrices of {side} x {side})",
+            device,
+        )
 
     def _objective(self, theta: Tensor, f: Tensor, delta: Tensor) -> Tensor:
         prior = self.problem.layout.expand(delta)
@@ -194,6 +219,7 @@ class LinearizedMode:
                 return s
         theta, f = self._warm
         if self._reference is None:  # the first solve starts at the network's outputs
+            self.check_memory()
             built = self.initial_solver if self.initial_solver is not None else self.solver_at(f)
             self._reference = (built, f)
         value = self._objective(theta, f, delta)
