@@ -18,12 +18,14 @@ step :math:`f \leftarrow (K^{-1} + \Lambda)^{-1}(\Lambda f + \nabla\log p)` with
 :math:`K = JP_0^{-1}J^\top` and the mean :math:`m`. The Jacobian :math:`J` does not move, only
 :math:`\Lambda(f)` does. An exact Laplace solver (kernel space by Woodbury on :math:`I + B^\top KB`, weight
 space by the Cholesky factor of :math:`A`) costs a GGN or per-group Gram sandwiches and a factorization, so
-one is built only at the mode of each prior precision (the evidence and the posterior need it there), and
-the Newton steps in between are solved by conjugate gradients with :math:`A(f)` (one jvp and one vjp per
-iteration), preconditioned by the last solver built (:mod:`ntkgp.solvers.ggn_precision`); a step whose CG
-does not converge builds its own solver. It stops when half the squared
-Newton decrement :math:`\tfrac12 g^\top A^{-1}g` (the predicted decrease of :math:`\Psi`, in nats) is
-below ``tolerance``. Results are cached per prior precision and each solve starts from the last mode.
+in weight space (a GGN over every training point's Jacobian) one is built only at the mode of each prior
+precision (the evidence and the posterior need it there), and the Newton steps in between are solved by
+conjugate gradients with :math:`A(f)` (one jvp and one vjp per iteration), preconditioned by the last solver
+built (:mod:`ntkgp.solvers.ggn_precision`); a step whose CG does not converge builds its own solver. Kernel
+space caches the per-group Grams and builds a solver per step (a sandwich and a factorization). It stops
+when half the squared Newton decrement :math:`\tfrac12 g^\top A^{-1}g` (the predicted decrease of
+:math:`\Psi`, in nats) is below ``tolerance``. Results are cached per prior precision and each solve starts
+from the last mode.
 
 At the mode :math:`\tilde\theta`, :math:`\tilde f = m + J\tilde\theta`, the Laplace evidence is
 
@@ -246,11 +248,19 @@ class LinearizedMode:
         return state
 
     def _newton_step(self, f: Tensor, delta: Tensor, g: Tensor) -> Tensor:
-        r""":math:`A(f)^{-1}g` ``(P,)``: with the last solver built if it is at ``f``, else by CG preconditioned
-        with it; where CG does not reach its tolerance, a solver is built at ``f`` (and kept as the reference)."""
+        r""":math:`A(f)^{-1}g` ``(P,)``: with the last solver built if it is at ``f``; else, in weight space, by CG
+        preconditioned with it; else (kernel space, or CG short of its tolerance) with a solver built at ``f``,
+        kept as the reference.
+
+        Kernel space rebuilds at each step: its per-group Grams are cached (no network pass), a build is one
+        sandwich and one Cholesky factor, and a CG iteration there costs four network passes (the matvec and the
+        Woodbury preconditioner); measured on the CNN of ``benchmarks/calibration_tasks.py`` at N = 200
+        (M = 2,000, 2-core CPU), CG made an evidence evaluation 2-3x slower. A weight-space build forms the
+        Jacobian of every training point and an ``N C P^2`` GGN: at N = 600 (P = 6,186) it took 22 s, against
+        about 0.5 s per CG iteration."""
         assert self._reference is not None  # set by state() before any step
         solver, at = self._reference
-        if at is not f:
+        if at is not f and self.space == "weight":
             root = self.hessian_root(f.detach())
             result = ggn_precision_solve(
                 self.problem,
@@ -264,6 +274,7 @@ class LinearizedMode:
             self.cg_iterations += int(result.iterations.max())
             if result.converged:
                 return result.solution[:, 0]
+        if at is not f:
             solver = self.solver_at(f)
             self._reference = (solver, f)
         return solver.precision_solve(delta, g.unsqueeze(-1))[:, 0]
