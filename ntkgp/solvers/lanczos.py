@@ -145,7 +145,11 @@ class LanczosDecomposition:
         return self.group_norms @ delta.to(torch.float64).reciprocal()
 
     def output_grams(self, num_outputs: int) -> Tensor:
-        r""":math:`U_c^\top U_c` ``(C, k, k)`` over the rows :math:`U_c` of each output (interleaved rows), cached."""
+        r""":math:`U_c^\top U_c` ``(C, k, k)`` over the rows :math:`U_c` of each output (interleaved rows), cached;
+        for one output :math:`U^\top U = I` (``U`` is orthonormal)."""
+        if self._output_grams is None and num_outputs == 1:
+            k = self.vectors.shape[1]
+            self._output_grams = torch.eye(k, dtype=self.vectors.dtype, device=self.vectors.device)[None]
         if self._output_grams is None:
             rows = self.vectors.reshape(-1, num_outputs, self.vectors.shape[1])
             self._output_grams = torch.einsum("nci,ncj->cij", rows, rows)
