@@ -1,4 +1,7 @@
-"""Batch broadcasting for ntkgp's operators, which are not batch-aware."""
+"""Batch broadcasting and device handling for ntkgp's operators, which are not batch-aware.
+
+:class:`UnbatchedOperator` and :class:`DeviceBoundOperator` are their bases; the functions are what those
+bases call."""
 
 from __future__ import annotations
 
@@ -34,3 +37,21 @@ def to_same_device(op: LinearOperator, *args: Any, **kwargs: Any) -> LinearOpera
             "build the model again instead"
         )
     return op if dtype is None or dtype == op.dtype else op.type(dtype)
+
+
+class UnbatchedOperator(LinearOperator):
+    """A base for ntkgp's operators: one matrix, given batch dimensions by densifying it once
+    (:func:`expand_dense`, :func:`unsqueeze_dense`)."""
+
+    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
+        return expand_dense(self, batch_shape)
+
+    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
+        return unsqueeze_dense(self, dim)
+
+
+class DeviceBoundOperator(UnbatchedOperator):
+    """An :class:`UnbatchedOperator` that stays on the network's device (:func:`to_same_device`)."""
+
+    def to(self, *args: Any, **kwargs: Any) -> LinearOperator:
+        return to_same_device(self, *args, **kwargs)
