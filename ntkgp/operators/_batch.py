@@ -29,7 +29,12 @@ def unsqueeze_dense(op: LinearOperator, dim: int) -> LinearOperator:
 
 
 def to_same_device(op: LinearOperator, *args: Any, **kwargs: Any) -> LinearOperator:
-    """``op.to(...)`` for ntkgp's operators: they stay on the network's device; a dtype goes to ``op.type``."""
+    """``op.to(...)`` for ntkgp's operators: they stay on the network's device; a dtype goes to ``op.type``.
+
+    A device given as a string or an index (``op.to("cuda")``, ``op.to(0)``), which linear_operator's
+    argument parser passes over, counts as a device too.
+    """
+    args = tuple(torch.device(a) if isinstance(a, (str, int)) and not isinstance(a, bool) else a for a in args)
     device, dtype = _to_helper(*args, **kwargs)
     if device is not None and torch.device(device) != op.device:
         raise ValueError(
