@@ -15,7 +15,7 @@ Three rules, each returning sorted indices into the training inputs:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal, TypeAlias
 
 import torch
@@ -184,15 +184,29 @@ def kmeans_points(
         i = torch.cat([best_i, torch.arange(start, start + block.shape[0], device=x.device).expand(m, -1)], 1)
         best_d, order = d.topk(min(k, d.shape[1]), dim=1, largest=False)
         best_i = i.gather(1, order)
-    candidates = tie_ordered(best_d, best_i)
+
+    def nearest_unused(c: int, taken: set[int]) -> int:
+        d = (x - centres[c]).square().sum(-1)
+        d[torch.tensor(sorted(taken), dtype=torch.long, device=x.device)] = float("inf")
+        return int(d.argmin())
+
+    return snap_to_unused(tie_ordered(best_d, best_i), nearest_unused)
+
+
+def snap_to_unused(candidates: list[list[int]], nearest_unused: Callable[[int, set[int]], int]) -> Tensor:
+    """The nearest unused training point to each centre, as sorted indices ``(m,)`` on the CPU.
+
+    ``candidates[c]`` are centre ``c``'s nearest training points, nearest first (:func:`tie_ordered`);
+    when every one is taken, ``nearest_unused(c, taken)`` searches the whole data. Centres are served
+    in order, so every process of a sharded selection, holding the same candidates, makes the same
+    calls in the same order.
+    """
     chosen: list[int] = []
     taken: set[int] = set()
-    for c, row in enumerate(candidates):  # nearest unused training point to each centre
+    for c, row in enumerate(candidates):
         pick = next((i for i in row if i not in taken), None)
-        if pick is None:  # all k candidates taken: search the whole data for this centre
-            d = (x - centres[c]).square().sum(-1)
-            d[torch.tensor(sorted(taken), dtype=torch.long, device=x.device)] = float("inf")
-            pick = int(d.argmin())
+        if pick is None:  # all candidates taken
+            pick = nearest_unused(c, taken)
         taken.add(pick)
         chosen.append(pick)
     return torch.tensor(sorted(chosen), dtype=torch.long, device="cpu")

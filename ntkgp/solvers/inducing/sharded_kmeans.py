@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 
 from ntkgp.distributed import Sharding
-from ntkgp.solvers.inducing.selection import _SNAP_CANDIDATES, _row_blocks, kmeanspp_centres, seeding_pool, tie_ordered
+from ntkgp.solvers.inducing.selection import (
+    _SNAP_CANDIDATES,
+    _row_blocks,
+    kmeanspp_centres,
+    seeding_pool,
+    snap_to_unused,
+    tie_ordered,
+)
 
 __all__ = ["sharded_kmeans_points"]
 
@@ -81,18 +88,13 @@ def sharded_kmeans_points(
     all_d = gathered[:, 0].permute(2, 0, 1).reshape(m, -1)  # shape: (m, W k)
     all_i = gathered[:, 1].permute(2, 0, 1).reshape(m, -1).to(torch.long)
     order = all_d.topk(k, dim=1, largest=False).indices
-    candidates = tie_ordered(all_d.gather(1, order), all_i.gather(1, order))
-    chosen: list[int] = []
-    taken: set[int] = set()
-    for c, row in enumerate(candidates):  # nearest unused training point to each centre
-        pick = next((i for i in row if i not in taken), None)
-        if pick is None:  # all k candidates taken: search the whole data for this centre
-            d = (x - centres[c]).square().sum(-1)
-            held = [i - offset for i in taken if offset <= i < offset + x.shape[0]]
-            d[torch.tensor(held, dtype=torch.long, device=x.device)] = float("inf")
-            best = torch.stack([d.min(), (d.argmin() + offset).to(x.dtype)])[None]
-            every = sharding.gather_rows(best, [1] * sharding.world_size)  # shape: (W, 2)
-            pick = int(every[int(every[:, 0].argmin()), 1])
-        taken.add(pick)
-        chosen.append(pick)
-    return torch.tensor(sorted(chosen), dtype=torch.long, device="cpu")
+
+    def nearest_unused(c: int, taken: set[int]) -> int:  # over every rank's rows (collective)
+        d = (x - centres[c]).square().sum(-1)
+        held = [i - offset for i in taken if offset <= i < offset + x.shape[0]]
+        d[torch.tensor(held, dtype=torch.long, device=x.device)] = float("inf")
+        best = torch.stack([d.min(), (d.argmin() + offset).to(x.dtype)])[None]
+        every = sharding.gather_rows(best, [1] * sharding.world_size)  # shape: (W, 2)
+        return int(every[int(every[:, 0].argmin()), 1])
+
+    return snap_to_unused(tie_ordered(all_d.gather(1, order), all_i.gather(1, order)), nearest_unused)
