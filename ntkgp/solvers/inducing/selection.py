@@ -175,15 +175,7 @@ def kmeans_points(
         if torch.allclose(moved, centres):
             break
         centres = moved
-    # the few nearest training points of each centre, merged over row blocks: (m, k)
-    k = min(n, _SNAP_CANDIDATES)
-    best_d = torch.full((m, 0), float("inf"), dtype=x.dtype, device=x.device)
-    best_i = torch.zeros((m, 0), dtype=torch.long, device=x.device)
-    for start, block in _row_blocks(x, m):
-        d = torch.cat([best_d, torch.cdist(centres, block)], 1)
-        i = torch.cat([best_i, torch.arange(start, start + block.shape[0], device=x.device).expand(m, -1)], 1)
-        best_d, order = d.topk(min(k, d.shape[1]), dim=1, largest=False)
-        best_i = i.gather(1, order)
+    best_d, best_i = nearest_candidates(x, centres, min(n, _SNAP_CANDIDATES))
 
     def nearest_unused(c: int, taken: set[int]) -> int:
         d = (x - centres[c]).square().sum(-1)
@@ -191,6 +183,30 @@ def kmeans_points(
         return int(d.argmin())
 
     return snap_to_unused(tie_ordered(best_d, best_i), nearest_unused)
+
+
+def smallest(distances: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest ``distances`` of each row ``(m, w)`` with their ``indices``, ``(m, k)`` each, ordered by
+    distance and, among equal distances, by position. A stable sort: ``topk`` keeps an arbitrary subset of equal
+    entries, so copies of one training point would be kept differently by a one-process and a sharded run."""
+    order = distances.sort(dim=1, stable=True).indices[:, :k]
+    return distances.gather(1, order), indices.gather(1, order)
+
+
+def nearest_candidates(x: Tensor, centres: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest points of ``x`` ``(n, D)`` to each centre, merged over row blocks: distances and indices
+    (``offset`` plus the row) ``(m, k)``, by distance and then index, padded with ``inf`` / ``-1`` when ``n < k``."""
+    m = centres.shape[0]
+    best_d = torch.full((m, 0), float("inf"), dtype=x.dtype, device=x.device)
+    best_i = torch.zeros((m, 0), dtype=torch.long, device=x.device)
+    for start, block in _row_blocks(x, m):
+        rows = torch.arange(offset + start, offset + start + block.shape[0], device=x.device).expand(m, -1)
+        best_d, best_i = smallest(torch.cat([best_d, torch.cdist(centres, block)], 1), torch.cat([best_i, rows], 1), k)
+    pad = k - best_d.shape[1]
+    if pad:
+        best_d = torch.cat([best_d, torch.full((m, pad), float("inf"), dtype=x.dtype, device=x.device)], 1)
+        best_i = torch.cat([best_i, torch.full((m, pad), -1, dtype=torch.long, device=x.device)], 1)
+    return best_d, best_i
 
 
 def snap_to_unused(candidates: list[list[int]], nearest_unused: Callable[[int, set[int]], int]) -> Tensor:
