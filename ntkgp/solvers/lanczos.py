@@ -145,11 +145,7 @@ class LanczosDecomposition:
         return self.group_norms @ delta.to(torch.float64).reciprocal()
 
     def output_grams(self, num_outputs: int) -> Tensor:
-        r""":math:`U_c^\top U_c` ``(C, k, k)`` over the rows :math:`U_c` of each output (interleaved rows), cached;
-        for one output :math:`U^\top U = I` (``U`` is orthonormal)."""
-        if self._output_grams is None and num_outputs == 1:
-            k = self.vectors.shape[1]
-            self._output_grams = torch.eye(k, dtype=self.vectors.dtype, device=self.vectors.device)[None]
+        r""":math:`U_c^\top U_c` ``(C, k, k)`` over the rows :math:`U_c` of each output (interleaved rows), cached."""
         if self._output_grams is None:
             rows = self.vectors.reshape(-1, num_outputs, self.vectors.shape[1])
             self._output_grams = torch.einsum("nci,ncj->cij", rows, rows)
@@ -228,6 +224,16 @@ class _LanczosBase(SolverBase):
         return out if root is None else apply_root_transpose(root, out)
 
 
+def _factor_solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    r""":math:`(LL^\top)^{-1}R` for a Cholesky factor :math:`L` ``(k, k)``, or a diagonal one given as ``(k,)``."""
+    return rhs / factor.square()[:, None] if factor.dim() == 1 else torch.cholesky_solve(rhs, factor)
+
+
+def _factor_diagonal(factor: Tensor) -> Tensor:
+    """The diagonal of a Cholesky factor ``(k, k)``, or of a diagonal one given as ``(k,)``."""
+    return factor if factor.dim() == 1 else factor.diagonal()
+
+
 @dataclass
 class _ProjectedSystem:
     r"""The Gaussian approximation at one ``(delta, noise)``: :math:`\tilde K + S`, with
@@ -243,9 +249,10 @@ class _ProjectedSystem:
     noise:
         The diagonal of :math:`S` ``(M,)``, float64.
     noise_factor:
-        The Cholesky factor of :math:`V = U^\top S U` ``(k, k)``.
+        The Cholesky factor of :math:`V = U^\top S U` ``(k, k)``, or its diagonal ``(k,)`` when :math:`V`
+        is diagonal (one output, one noise variance).
     factor:
-        The Cholesky factor of :math:`V + \Lambda` ``(k, k)``.
+        The Cholesky factor of :math:`V + \Lambda`, ``(k, k)`` or its diagonal ``(k,)`` likewise.
     uniform:
         Whether :math:`S = \sigma^2 I` (then :math:`V = \sigma^2 I` and :math:`\tilde U = U`).
     """
@@ -261,16 +268,16 @@ class _ProjectedSystem:
         r""":math:`\log|\tilde K + S| = \log|S| - \log|V| + \log|V + \Lambda|`."""
         return (
             self.noise.log().sum()
-            - 2 * self.noise_factor.diagonal().log().sum()
-            + 2 * self.factor.diagonal().log().sum()
+            - 2 * _factor_diagonal(self.noise_factor).log().sum()
+            + 2 * _factor_diagonal(self.factor).log().sum()
         )
 
     def parts(self, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         r"""For ``R`` ``(M, t)``: :math:`p = U^\top R` ``(k, t)``, :math:`a = (V + \Lambda)^{-1} p` ``(k, t)``
         and the residual outside the projection, :math:`E = R - S U V^{-1} p` ``(M, t)``."""
         proj = self.vectors.T @ rhs
-        coefficients = torch.cholesky_solve(proj, self.factor)
-        rest = rhs - self.noise[:, None] * (self.vectors @ torch.cholesky_solve(proj, self.noise_factor))
+        coefficients = _factor_solve(self.factor, proj)
+        rest = rhs - self.noise[:, None] * (self.vectors @ _factor_solve(self.noise_factor, proj))
         return proj, coefficients, rest
 
     def inv_quad(self, rhs: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,7 +294,7 @@ class _ProjectedSystem:
         r""":math:`\tilde U = S U V^{-1}` ``(M, k)`` (:math:`U` itself when :math:`S = \sigma^2 I`)."""
         if self.uniform and not self.noise.requires_grad:
             return self.vectors  # S U V^{-1} = U (U^T U)^{-1} = U
-        return self.noise[:, None] * torch.cholesky_solve(self.vectors.T, self.noise_factor).T
+        return self.noise[:, None] * _factor_solve(self.noise_factor, self.vectors.T).T
 
 
 class LanczosSolver(_LanczosBase, GaussianSolver):
@@ -317,17 +324,21 @@ class LanczosSolver(_LanczosBase, GaussianSolver):
 
     # ------------------------------------------------------------------ pieces
     def _projected_noise(self, dec: LanczosDecomposition, noise: Tensor) -> tuple[Tensor, bool]:
-        r""":math:`V = U^\top S U` ``(k, k)``, differentiable in ``noise`` ``(M,)``, and whether :math:`S = \sigma^2 I`.
+        r""":math:`V = U^\top S U`, differentiable in ``noise`` ``(M,)``, and whether :math:`S = \sigma^2 I`.
 
+        ``(k, k)``, or its diagonal ``(k,)`` for one output and one noise variance (:math:`V = \sigma^2 I`).
         Noise that is the same for every point (one value per output) is read from the first point, as
         a likelihood whose noise is one parameter per output produces it.
         """
-        per_point = noise.reshape(-1, self.problem.num_outputs)
+        C = self.problem.num_outputs
+        per_point = noise.reshape(-1, C)
         detached = per_point.detach()
         if not torch.equal(detached, detached[:1].expand_as(detached)):
             return (dec.vectors * noise[:, None]).T @ dec.vectors, False
+        if C == 1:
+            return per_point[0].expand(dec.vectors.shape[1]), True
         uniform = bool((detached[0] == detached[0, 0]).all())
-        return torch.einsum("c,cij->ij", per_point[0], dec.output_grams(self.problem.num_outputs)), uniform
+        return torch.einsum("c,cij->ij", per_point[0], dec.output_grams(C)), uniform
 
     def _system(self, delta: Tensor, noise: Tensor) -> _ProjectedSystem:
         """The approximation at ``(delta, noise)`` (see :class:`_ProjectedSystem`), differentiable."""
@@ -335,8 +346,11 @@ class LanczosSolver(_LanczosBase, GaussianSolver):
         eig = dec.eigenvalues(delta)
         noise = noise.to(torch.float64)
         projected, uniform = self._projected_noise(dec, noise)
-        noise_factor = torch.linalg.cholesky(projected)
-        factor = torch.linalg.cholesky(projected + torch.diag_embed(eig))
+        if projected.dim() == 1:
+            noise_factor, factor = projected.sqrt(), (projected + eig).sqrt()
+        else:
+            noise_factor = torch.linalg.cholesky(projected)
+            factor = torch.linalg.cholesky(projected + torch.diag_embed(eig))
         return _ProjectedSystem(dec.vectors, eig, noise, noise_factor, factor, uniform)
 
     # ------------------------------------------------------------ the contract
@@ -430,7 +444,12 @@ class LanczosSolver(_LanczosBase, GaussianSolver):
         alpha = system.vectors @ coefficients  # shape: (M, 1), projected
         if self.spec.mean == "complement":
             alpha = alpha + rest / system.noise[:, None]
-        whitened = torch.linalg.solve_triangular(system.factor, system.vectors.T, upper=False).T  # U L^{-T}
+        factor = system.factor
+        whitened = (  # U L^{-T}
+            system.vectors / factor
+            if factor.dim() == 1
+            else torch.linalg.solve_triangular(factor, system.vectors.T, upper=False).T
+        )
         columns = torch.cat([whitened, alpha], 1)  # shape: (M, k + 1): one pass of vjps for both
         pulled = self.directions(delta, columns, columns.new_ones(columns.shape[1]))  # shape: (P, k + 1)
         weights = self.network.flat_params.to(torch.float64) if self.spec.mean == "network" else pulled[:, -1]
