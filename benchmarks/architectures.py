@@ -312,7 +312,8 @@ def peer_row(task: Task, n: int, kind: str) -> dict[str, Any]:
                     if isinstance(test, tuple)
                     else test[start : start + 100]
                 )
-                peer(chunk, pred_type="glm", link_approx="probit" if task.classes else "mc")
+                pred_type = "gp" if kind == "lt functional" else "glm"  # its functional class predicts as a GP
+                peer(chunk, pred_type=pred_type, link_approx="probit" if task.classes else "mc")
         return {"evidence": evidence}
 
     return {"n": n, **_measured(run)}
@@ -418,8 +419,8 @@ def brute_force_check(name: str, n: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["lastlayer", "resnet20", "transformer", "lstm", "tabular"])
-    parser.add_argument("--exact-n", type=int, nargs="+", default=[200])
-    parser.add_argument("--inducing-n", type=int, nargs="+", default=[5000])
+    parser.add_argument("--exact-n", type=int, nargs="*", default=[200])
+    parser.add_argument("--inducing-n", type=int, nargs="*", default=[5000])
     parser.add_argument("--num-inducing", type=int, default=50)
     parser.add_argument("--last-layer-n", type=int, default=5000)
     parser.add_argument("--peers", nargs="*", default=["lt last-layer kfac", "lt full kfac", "lt functional"])
@@ -462,7 +463,7 @@ def main() -> None:
             print(row, flush=True)
             report["rows"].append(row)
         for kind in args.peers:
-            n = args.last_layer_n if "last-layer" in kind else args.exact_n[0]
+            n = args.last_layer_n if "last-layer" in kind else (args.exact_n[0] if args.exact_n else 200)
             row = {"task": name, "P": task.numel, "route": kind, **peer_row(task, n, kind)}
             print(row, flush=True)
             report["rows"].append(row)
