@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 
+from ntkgp.errors import NonFiniteError
 from ntkgp.network.inputs import Inputs
+from ntkgp.network.passes import network_pass, usable
 from ntkgp.ntk.engine import EmpiricalNTK
-from ntkgp.structured.capture import UnitCapture, capture, differentiable
+from ntkgp.structured.capture import UnitCapture, capture_with_outputs, differentiable
 
-__all__ = ["cached_captures", "capture_bytes", "capture_chunks", "capture_rows", "captures"]
+__all__ = ["cached_captures", "capture_bytes", "capture_chunks", "capture_rows", "captures", "captures_with_outputs"]
 
 _DEFAULT_CAPTURE_ENTRIES = 2**25  # entries one capture pass holds at most (with the graph)
 
@@ -36,16 +39,37 @@ def capture_bytes(ntk: EmpiricalNTK, x: Inputs) -> int:
 
 def captures(ntk: EmpiricalNTK, x: Inputs) -> list[UnitCapture]:
     """Captures of every unit for all of ``x``, one :class:`UnitCapture` per unit."""
+    return captures_with_outputs(ntk, x)[0]
+
+
+def captures_with_outputs(ntk: EmpiricalNTK, x: Inputs) -> tuple[list[UnitCapture], Tensor]:
+    """:func:`captures` and the network's outputs :math:`f(x;\\hat\\theta)` ``(n, C)`` from the same passes.
+
+    Inputs that require grad (:func:`~ntkgp.structured.capture.differentiable`) of a plain MLP take the
+    closed-form route (:class:`~ntkgp.structured.chain.DenseChain`): no backward pass with ``create_graph``.
+    Raises :class:`~ntkgp.errors.NonFiniteError` on NaN or infinite outputs, as a forward pass does."""
     plan = ntk.plan(x)
-    parts = [capture(ntk.network, plan, xc) for _, xc in ntk.network.chunks(x, capture_rows(ntk, x), desc="captures")]
+    chain = ntk.dense_chain if differentiable(x) else None
+    network = ntk.network
+    parts: list[tuple[list[UnitCapture], Tensor]] = []
+    for _, xc in network.chunks(x, capture_rows(ntk, x), desc="captures"):
+        if chain is None:
+            parts.append(capture_with_outputs(network, plan, xc))
+        else:
+            with network_pass(True):  # a plain MLP has no layer norm to decompose (inputs_graph)
+                data = xc.to(network.device, network.dtype).map(usable).data
+                parts.append(chain.capture(network.params, data))
+    out = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(f"the network's outputs are NaN or infinite on {x.num} inputs")
     if len(parts) == 1:
-        return parts[0]
-    out = []
+        return parts[0][0], out
+    joined = []
     for i in range(len(plan.units)):
-        inputs = [p[i].inputs for p in parts]
-        joined = None if inputs[0] is None else torch.cat(inputs)  # type: ignore[arg-type]
-        out.append(UnitCapture(joined, torch.cat([p[i].cotangents for p in parts])))
-    return out
+        inputs = [p[0][i].inputs for p in parts]
+        whole = None if inputs[0] is None else torch.cat(inputs)  # type: ignore[arg-type]
+        joined.append(UnitCapture(whole, torch.cat([p[0][i].cotangents for p in parts])))
+    return joined, out
 
 
 def cached_captures(ntk: EmpiricalNTK, x: Inputs, max_bytes: int) -> list[UnitCapture] | None:

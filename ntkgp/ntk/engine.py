@@ -29,6 +29,7 @@ from ntkgp.network.functional import FunctionalNetwork
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk.layout import PriorLayout
 from ntkgp.structured.capture import CaptureCache
+from ntkgp.structured.chain import DenseChain
 from ntkgp.structured.plan import StructuredPlan, discover, generic_plan
 from ntkgp.structured.positions import Route
 
@@ -99,6 +100,13 @@ class EmpiricalNTK:
         return self._plan
 
     @cached_property
+    def dense_chain(self) -> DenseChain | None:
+        """The closed-form captures of a plain MLP (:mod:`ntkgp.structured.chain`), ``None`` for other networks."""
+        if self.implementation is Implementation.GENERIC:
+            return None
+        return DenseChain.of(self.network, self.plan())
+
+    @cached_property
     def tensor_group(self) -> tuple[int, ...]:
         return self.layout.tensor_group
 
@@ -123,6 +131,7 @@ class EmpiricalNTK:
         state = self.__dict__.copy()
         state["captures"] = CaptureCache()  # captures are a cache: rebuilt on demand
         state.pop("tensor_group", None)
+        state.pop("dense_chain", None)
         return state
 
 
