@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 import ntkgp
 from ntkgp.structured.capture import capture_with_outputs
-from ntkgp.structured.chain import DenseChain
 
 TOL = 1e-12
 
@@ -56,6 +55,7 @@ def test_closed_form_captures_equal_the_capture_pass(name: str, c: int) -> None:
     torch.manual_seed(1)
     gp = _gp(NETS[name](c).double(), c)
     ntk = gp.ntk
+    ntk.plan()
     chain = ntk.dense_chain
     assert chain is not None
     g = torch.Generator().manual_seed(2)
@@ -75,39 +75,42 @@ def test_closed_form_captures_equal_the_capture_pass(name: str, c: int) -> None:
     assert float((got_grad - want_grad).abs().max()) <= TOL * float(want_grad.abs().max())
 
 
-def test_predictions_take_the_closed_form_route_and_keep_their_gradients() -> None:
-    """The batched posterior of a plain MLP uses the chain; its input gradients equal the capture pass's."""
+class _Same(nn.Sequential):
+    """The same function as its ``nn.Sequential``: not a plain MLP to :class:`DenseChain` (the capture pass)."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("solver", ["kernel", "weight"])
+def test_predictions_through_the_chain_equal_the_capture_pass(solver: str) -> None:
+    """Batched posteriors (and their input gradients), plain predictions and the evidence of a plain MLP
+    (closed-form captures, training side too) equal those of the same network through the capture pass."""
     torch.manual_seed(4)
-    gp = _gp(NETS["tanh"](1).double(), 1)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    calls = {"chain": 0}
-    chain = gp.ntk.dense_chain
-    assert chain is not None
-    original = DenseChain.capture
-
-    def counted(self: DenseChain, params: dict[str, Tensor], data: Tensor):  # type: ignore[no-untyped-def]
-        calls["chain"] += 1
-        return original(self, params, data)
-
-    def value(route_chain: bool) -> Tensor:
-        gp.ntk.__dict__["dense_chain"] = chain if route_chain else None
+    plain = NETS["tanh"](1).double()
+    same = _Same(*plain)
+    g = torch.Generator().manual_seed(0)
+    x_train = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    y_train = torch.randn(12, generator=g, dtype=torch.float64)
+    values, grads = [], []
+    for net in (plain, same):
+        lik = gpytorch.likelihoods.GaussianLikelihood().double()
+        lik.noise = 0.1
+        gp = ntkgp.LinearizedGP(net.eval(), lik, x_train, y_train, solver=solver)
+        gp.ntk.plan()
+        assert (gp.ntk.dense_chain is not None) == (net is plain)
+        evidence = gp.log_evidence().detach()
+        gp.eval()
+        x = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
         out = gp(x)
-        return out.mean.sum() + out.covariance_matrix.square().sum()
-
-    try:
-        DenseChain.capture = counted  # type: ignore[method-assign]
-        fast = value(True)
-        assert calls["chain"] == 1
-        (fast_grad,) = torch.autograd.grad(fast, x)
-        slow = value(False)
-        (slow_grad,) = torch.autograd.grad(slow, x)
-        assert calls["chain"] == 1
-    finally:
-        DenseChain.capture = original  # type: ignore[method-assign]
-        gp.ntk.__dict__["dense_chain"] = chain
-    assert torch.allclose(fast, slow, rtol=TOL, atol=0)
-    assert float((fast_grad - slow_grad).abs().max()) <= TOL * float(slow_grad.abs().max())
+        value = out.mean.sum() + out.covariance_matrix.square().sum()
+        (grad,) = torch.autograd.grad(value, x)
+        with torch.no_grad():
+            flat = gp(x.detach().reshape(-1, 3))
+        values.append(torch.cat([value.detach()[None], evidence[None], flat.mean, flat.covariance_matrix.reshape(-1)]))
+        grads.append(grad)
+    assert torch.allclose(values[0], values[1], rtol=TOL, atol=TOL)
+    assert float((grads[0] - grads[1]).abs().max()) <= TOL * float(grads[1].abs().max())
 
 
 class _Subclass(nn.Sequential):
@@ -128,4 +131,5 @@ class _Subclass(nn.Sequential):
 )
 def test_other_networks_keep_the_capture_pass(net: nn.Module) -> None:
     gp = _gp(net.double(), 1)
+    gp.ntk.plan()
     assert gp.ntk.dense_chain is None

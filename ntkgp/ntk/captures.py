@@ -45,18 +45,18 @@ def captures(ntk: EmpiricalNTK, x: Inputs) -> list[UnitCapture]:
 def captures_with_outputs(ntk: EmpiricalNTK, x: Inputs) -> tuple[list[UnitCapture], Tensor]:
     """:func:`captures` and the network's outputs :math:`f(x;\\hat\\theta)` ``(n, C)`` from the same passes.
 
-    Inputs that require grad (:func:`~ntkgp.structured.capture.differentiable`) of a plain MLP take the
-    closed-form route (:class:`~ntkgp.structured.chain.DenseChain`): no backward pass with ``create_graph``.
+    A plain MLP takes the closed-form route (:class:`~ntkgp.structured.chain.DenseChain`): no backward
+    pass (with ``create_graph`` for inputs that require grad, :func:`~ntkgp.structured.capture.differentiable`).
     Raises :class:`~ntkgp.errors.NonFiniteError` on NaN or infinite outputs, as a forward pass does."""
     plan = ntk.plan(x)
-    chain = ntk.dense_chain if differentiable(x) else None
+    chain = ntk.dense_chain
     network = ntk.network
     parts: list[tuple[list[UnitCapture], Tensor]] = []
     for _, xc in network.chunks(x, capture_rows(ntk, x), desc="captures"):
         if chain is None:
             parts.append(capture_with_outputs(network, plan, xc))
-        else:
-            with network_pass(True):  # a plain MLP has no layer norm to decompose (inputs_graph)
+        else:  # a plain MLP has no layer norm to decompose (inputs_graph)
+            with network_pass(differentiable(xc)):
                 data = xc.to(network.device, network.dtype).map(usable).data
                 parts.append(chain.capture(network.params, data))
     out = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])

@@ -72,6 +72,8 @@ class EmpiricalNTK:
     probe: Inputs | None = None
     captures: CaptureCache = field(default_factory=CaptureCache, repr=False)
     _plan: StructuredPlan | None = field(default=None, repr=False)
+    _chain: DenseChain | None = field(default=None, repr=False)
+    _chain_checked: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.implementation = Implementation(self.implementation)
@@ -99,12 +101,16 @@ class EmpiricalNTK:
                 self._plan = verify_plan(self, discover(self.network, probe[:3]), probe[:3])
         return self._plan
 
-    @cached_property
+    @property
     def dense_chain(self) -> DenseChain | None:
-        """The closed-form captures of a plain MLP (:mod:`ntkgp.structured.chain`), ``None`` for other networks."""
-        if self.implementation is Implementation.GENERIC:
+        """The closed-form captures of a plain MLP (:mod:`ntkgp.structured.chain`), ``None`` for other networks
+        and while the plan is being found (its verification takes the capture pass)."""
+        if self._plan is None or self.implementation is Implementation.GENERIC:
             return None
-        return DenseChain.of(self.network, self.plan())
+        if not self._chain_checked:
+            self._chain = DenseChain.of(self.network, self._plan)
+            self._chain_checked = True
+        return self._chain
 
     @cached_property
     def tensor_group(self) -> tuple[int, ...]:
@@ -131,7 +137,6 @@ class EmpiricalNTK:
         state = self.__dict__.copy()
         state["captures"] = CaptureCache()  # captures are a cache: rebuilt on demand
         state.pop("tensor_group", None)
-        state.pop("dense_chain", None)
         return state
 
 

@@ -14,11 +14,13 @@ the capture of layer :math:`k` (:class:`~ntkgp.structured.capture.UnitCapture`) 
 
 with :math:`\phi'` in closed form (``tanh``: :math:`1 - a^2`; sigmoid: :math:`a(1 - a)`; ReLU:
 :math:`[z > 0]`, as autograd takes it). This is what the generic capture pass computes (one forward,
-``C`` backward passes), with two differences that matter when the test inputs require grad (the
-inputs of an acquisition function): no backward pass with ``create_graph`` is taken, and the graph
-to the inputs holds ``K`` matrix products and elementwise terms instead of a double-backward graph.
-The values are the same; the input gradients too (they are the exact derivatives of the same
-functions). The network's output :math:`f` comes with the captures (no second forward pass).
+``C`` backward passes) in ``K`` matrix products and elementwise terms, without autograd: for the
+training side (Grams, Jacobians of new points) that saves the backward passes and their overhead;
+when the test inputs require grad (the inputs of an acquisition function) no backward pass with
+``create_graph`` is taken, and the graph to the inputs is this short chain instead of a
+double-backward graph. The values are the same, and so are the input gradients (the exact
+derivatives of the same functions). The network's output :math:`f` comes with the captures (no
+second forward pass).
 
 :meth:`DenseChain.of` recognizes such networks (exact types only: a subclass of ``nn.Sequential`` or
 of a layer may change its ``forward``) and returns ``None`` for every other network, which keeps the
