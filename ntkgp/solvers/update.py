@@ -222,11 +222,11 @@ def extend_weight_solver(solver: WeightSpaceSolver, x_new: Inputs, delta: Tensor
     problem, ntk, network = solver.problem, solver.ntk, solver.network
     P, C = network.num_parameters, problem.num_outputs
     jac = torch.cat([jacobian(ntk, xc) for _, xc in x_new.chunks(network.chunk_size())]).to(torch.float64)
-    if solver.outer.shape[0] == 1:
+    if solver.outer.shape[0] == 1:  # one new (P, P) matrix, no temporary of that size
         flat = jac.reshape(-1, P)
-        outer = solver.outer + (flat.mT @ flat).unsqueeze(0)
-    else:
-        outer = solver.outer + torch.einsum("ncp,ncq->cpq", jac, jac)
+        outer = torch.addmm(solver.outer[0], flat.mT, flat).unsqueeze(0)
+    else:  # shape: (C, P, k) @ (C, k, P)
+        outer = torch.baddbmm(solver.outer, jac.permute(1, 2, 0), jac.permute(1, 0, 2))
     extended = WeightSpaceSolver(problem.on(Inputs.concat([problem.x, x_new])), outer=outer)
     extended.extend_pulled(solver, jac)  # the posterior weights' J^T S^-1 r by the new rows only
     last = solver.last_factor
