@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ntkgp.errors import NonFiniteError
+from ntkgp.network.finite import check_finite_outputs
 from ntkgp.network.inputs import Inputs
 from ntkgp.network.passes import network_pass, usable
 from ntkgp.ntk.engine import EmpiricalNTK
@@ -60,8 +60,7 @@ def captures_with_outputs(ntk: EmpiricalNTK, x: Inputs) -> tuple[list[UnitCaptur
                 data = xc.to(network.device, network.dtype).map(usable).data
                 parts.append(chain.capture(network.params, data))
     out = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
-    if not bool(torch.isfinite(out).all()):
-        raise NonFiniteError(f"the network's outputs are NaN or infinite on {x.num} inputs")
+    check_finite_outputs(out)
     if len(parts) == 1:
         return parts[0][0], out
     joined = []
