@@ -130,6 +130,9 @@ class FunctionalNetwork:
         self.output_fn = output_fn
         self.progress = progress
         self._chunk_size = chunk_size
+        #: entries one example's pass holds beyond its Jacobian (activations, patches), when known: the
+        #: structured plan measures them (:meth:`ntkgp.ntk.EmpiricalNTK.plan`), and chunks respect them
+        self.example_entries: int | None = None
         #: set once ``vmap`` cannot batch the network's per-example Jacobians (see :meth:`jacobian`)
         self._unbatchable = False
         self.shadow = ModuleShadow(net)
@@ -196,6 +199,8 @@ class FunctionalNetwork:
             base = self._chunk_size
         else:
             base = _DEFAULT_CHUNK_ELEMENTS // (self.num_outputs * self.num_parameters)
+            if self.example_entries is not None:  # wide activations (convolutions) bound the chunk too
+                base = min(base, _DEFAULT_CHUNK_ELEMENTS // max(1, self.example_entries))
         return max(1, base // max(1, tangents))
 
     @property

@@ -19,7 +19,16 @@ from ntkgp.network.passes import network_pass, usable
 from ntkgp.ntk.engine import EmpiricalNTK
 from ntkgp.structured.capture import UnitCapture, capture_with_outputs, differentiable
 
-__all__ = ["cached_captures", "capture_bytes", "capture_chunks", "capture_rows", "captures", "captures_with_outputs"]
+__all__ = [
+    "cached_captures",
+    "capture_bytes",
+    "capture_chunks",
+    "capture_rows",
+    "captures",
+    "captures_fit",
+    "rows_within",
+    "captures_with_outputs",
+]
 
 _DEFAULT_CAPTURE_ENTRIES = 2**25  # entries one capture pass holds at most (with the graph)
 
@@ -35,6 +44,16 @@ def capture_rows(ntk: EmpiricalNTK, x: Inputs) -> int:
 def capture_bytes(ntk: EmpiricalNTK, x: Inputs) -> int:
     """Bytes the captures of all of ``x`` hold (inputs, patches and cotangents)."""
     return x.num * ntk.plan(x).entries_per_example * ntk.network.dtype.itemsize
+
+
+def rows_within(ntk: EmpiricalNTK, x: Inputs, max_bytes: int) -> int:
+    """Examples whose captures hold at most ``max_bytes`` (at least one)."""
+    return max(1, max_bytes // max(1, ntk.plan(x).entries_per_example * ntk.network.dtype.itemsize))
+
+
+def captures_fit(ntk: EmpiricalNTK, x: Inputs, max_bytes: int) -> bool:
+    """Whether the captures of all of ``x`` are held by the engine's cache or fit in ``max_bytes``."""
+    return ntk.captures.get(x) is not None or capture_bytes(ntk, x) <= max_bytes
 
 
 def captures(ntk: EmpiricalNTK, x: Inputs) -> list[UnitCapture]:

@@ -99,6 +99,8 @@ class EmpiricalNTK:
                 from ntkgp.ntk.verify import verify_plan
 
                 self._plan = verify_plan(self, discover(self.network, probe[:3]), probe[:3])
+                if self._plan.units:  # activations per example, which bound every pass's chunk
+                    self.network.example_entries = max(1, self._plan.entries_per_example // self.network.num_outputs)
         return self._plan
 
     @property

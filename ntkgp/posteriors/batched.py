@@ -20,58 +20,18 @@ import torch
 from torch import Tensor
 
 from ntkgp.network.inputs import Inputs
-from ntkgp.ntk import EmpiricalNTK, jacobian, structured_gram
+from ntkgp.ntk import EmpiricalNTK, jacobian
 from ntkgp.ntk.captures import captures_with_outputs
+from ntkgp.ntk.diagonal import group_blocks
 from ntkgp.ntk.generic import generic_jacobian
 from ntkgp.posteriors.base import Posterior
 from ntkgp.posteriors.downdate import DowndatePosterior
 from ntkgp.posteriors.prior_kernel import PriorKernel
 from ntkgp.posteriors.weight_space import WeightSpacePosterior
 from ntkgp.structured.capture import UnitCapture
-from ntkgp.structured.linear import two_d
-from ntkgp.structured.plan import Unit
-from ntkgp.structured.positions import bias_gradients, weight_gradients
 from ntkgp.structured.products import unit_pushforward
 
 __all__ = ["group_prior", "grouped_covariance", "grouped_posterior", "grouped_prior_covariance"]
-
-
-def _group_gram(rows: Tensor, groups: int) -> Tensor:
-    """``rows`` ``(B q C, w)`` -> per-group Grams ``(B, qC, qC)``, float64."""
-    flat = rows.reshape(groups, -1, rows.shape[-1])
-    return (flat @ flat.mT).to(torch.float64)
-
-
-def _unit_blocks(
-    ntk: EmpiricalNTK, unit: Unit, capture: UnitCapture, weights: Tensor, groups: int, q: int, out: Tensor
-) -> None:
-    """Add one structured unit's :math:`\\sum_g w_g K_g` within groups to ``out`` ``(B, qC, qC)``."""
-    C, group = ntk.num_outputs, ntk.layout.tensor_group
-    if unit.is_linear:  # (w_W a_i.a_j + w_b) g_ic.g_jd, in float64 as the linear Gram routes
-        a, g = two_d(capture)
-        gg = _group_gram(g.to(torch.float64).reshape(-1, g.shape[-1]), groups).view(groups, q, C, q, C)
-        term = torch.zeros((), dtype=torch.float64, device=out.device)
-        if unit.bias is not None:
-            term = weights[group[unit.bias]]
-        if unit.weight is not None:
-            assert a is not None
-            aa = _group_gram(a.to(torch.float64), groups)  # shape: (B, q, q)
-            term = (weights[group[unit.weight]] * aa + term)[:, :, None, :, None]
-        out += (gg * term).reshape(out.shape)
-        return
-    width = 0 if unit.weight is None else unit.width * unit.taps
-    if capture.num * C * width * capture.cotangents.element_size() > ntk.budget // 2:
-        # the per-example weight gradients do not fit: the unit's own Gram routes, group by group
-        for b in range(groups):
-            part = [capture[b * q : (b + 1) * q]]
-            block = torch.zeros(q * C, q * C, dtype=torch.float64, device=out.device)
-            structured_gram(ntk, part, part, block, weights=weights, units=[unit])
-            out[b] += block
-        return
-    if unit.bias is not None:
-        out += weights[group[unit.bias]] * _group_gram(bias_gradients(capture), groups)
-    if unit.weight is not None:
-        out += weights[group[unit.weight]] * _group_gram(weight_gradients(unit, capture), groups)
 
 
 def group_prior(
@@ -88,7 +48,7 @@ def group_prior(
     weights = kernel.group_weights
     if captured is not None:
         for unit, cap in zip(ntk.plan().units, captured):
-            _unit_blocks(ntk, unit, cap, weights, groups, q, out)
+            group_blocks(ntk, unit, cap, weights, groups, q, out)
     if jac is not None:
         flat = jac.reshape(-1, kernel.rest_width)
         scaled = (flat * kernel.rest_prior_variance).reshape(groups, q * C, -1)

@@ -35,7 +35,7 @@ from ntkgp.linalg.bordered import BorderedCholesky, factor_logdet, factor_solve,
 from ntkgp.memory import check_fits
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import NTKProblem, captures, gram, jacobian
-from ntkgp.ntk.captures import capture_bytes
+from ntkgp.ntk.captures import capture_bytes, captures_fit
 from ntkgp.posteriors.bordered import BorderedKernelSpacePosterior
 from ntkgp.posteriors.kernel_space import KernelSpacePosterior
 from ntkgp.solvers.base import GaussianSolver, needs_grad
@@ -190,7 +190,7 @@ def extend_kernel_solver(
     M = solver.size
     x_all = Inputs.concat([problem.x, x_new])
     new_caps = None
-    if ntk.plan().units:
+    if ntk.plan().units and (captures_train is not None or captures_fit(ntk, problem.x, ntk.budget // 2)):
         captures_train = captures(ntk, problem.x) if captures_train is None else captures_train
         new_caps = captures(ntk, x_new)
         if capture_bytes(ntk, x_all) <= ntk.budget // 2:  # the posterior's cross-kernel will want them
@@ -199,6 +199,8 @@ def extend_kernel_solver(
                 for a, b in zip(captures_train, new_caps)
             ]
             ntk.captures.put(x_all, joined)
+    else:  # captures beyond the budget: the Grams take them in tiles
+        captures_train = None
     cross = gram(ntk, problem.x, x_new, captures1=captures_train, captures2=new_caps)  # shape: (G, M, kC)
     block = gram(ntk, x_new, captures1=new_caps)  # shape: (G, kC, kC)
     delta, noise = delta.detach().to(torch.float64), noise.detach().to(torch.float64)
