@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from ntkgp.errors import NetworkError, NonFiniteError
+from ntkgp.errors import NetworkError
+from ntkgp.network.finite import check_finite_outputs
 from ntkgp.network.inputs import InputLike, Inputs
 from ntkgp.network.passes import network_pass, usable
 from ntkgp.network.shadow import ModuleShadow
@@ -288,13 +289,7 @@ class FunctionalNetwork:
         with network_pass(self._grad(x), inputs_graph=self._grad(x)):
             outs = [self.call(self.params, self._prepare(xc)) for _, xc in self.chunks(x, self.chunk_size())]
         out = torch.cat(outs, dim=0)
-        finite = torch.isfinite(out).all(-1)
-        if not bool(finite.all()):
-            rows = (~finite).nonzero().flatten()[:5].tolist()
-            raise NonFiniteError(
-                f"the network's outputs are NaN or infinite on {int((~finite).sum())} of {out.shape[0]} inputs "
-                f"(first rows: {rows})"
-            )
+        check_finite_outputs(out)
         return out
 
     def _split(self, tensors: Sequence[int] | None) -> tuple[list[str], dict[str, Tensor]]:

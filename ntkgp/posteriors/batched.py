@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ntkgp.network.inputs import Inputs
-from ntkgp.ntk import EmpiricalNTK, captures, jacobian
+from ntkgp.ntk import EmpiricalNTK, jacobian
+from ntkgp.ntk.captures import captures_with_outputs
 from ntkgp.ntk.diagonal import group_blocks
 from ntkgp.ntk.generic import generic_jacobian
 from ntkgp.posteriors.base import Posterior
@@ -55,11 +56,13 @@ def group_prior(
     return out
 
 
-def _test_parts(kernel: PriorKernel, x: Inputs) -> tuple[list[UnitCapture] | None, Tensor | None]:
+def _test_parts(kernel: PriorKernel, x: Inputs) -> tuple[list[UnitCapture] | None, Tensor | None, Tensor | None]:
+    """``x``'s captures (``None`` without structured units), generic columns ``(n, C, P_rest)`` (``None``
+    without generic tensors) and the network's outputs ``(n, C)`` from the capture pass (``None`` without one)."""
     ntk = kernel.ntk
-    caps = captures(ntk, x) if ntk.plan().units else None
+    caps, outputs = captures_with_outputs(ntk, x) if ntk.plan().units else (None, None)
     jac = generic_jacobian(ntk, x, kernel.rest) if kernel.rest else None
-    return caps, jac
+    return caps, jac, outputs
 
 
 def _blocks_of(x: Inputs, q: int, points: int) -> list[Inputs]:
@@ -93,14 +96,18 @@ def _structured_shift(kernel: PriorKernel, shift: Tensor, caps: list[UnitCapture
     return out.to(torch.float64)
 
 
-def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None]:
+def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Covariances ``(B, qC, qC)``, the mean's shift ``(n, C)`` (``None`` when zero) and the network's
+    outputs ``(n, C)`` from the capture passes (``None`` when the plan has no structured unit)."""
     kernel = posterior.kernel
     C = posterior.ntk.num_outputs
     shift = _shift_vector(posterior)
-    parts, shifts = [], []
+    parts, shifts, outputs = [], [], []
     for xb in _blocks_of(x, q, kernel.rows(posterior.rank)):
         groups = xb.num // q
-        caps, jac = _test_parts(kernel, xb)
+        caps, jac, out = _test_parts(kernel, xb)
+        if out is not None:
+            outputs.append(out)
         if shift is not None:
             shifts.append(_structured_shift(kernel, shift, caps, jac))
         if posterior.prior_residual:
@@ -116,7 +123,7 @@ def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[T
             v = v.reshape(v.shape[0], groups, q * C)  # shape: (r, B, qC)
             cov = cov + sign * torch.einsum("rbi,rbj->bij", v, v)
         parts.append(cov)
-    return torch.cat(parts), (torch.cat(shifts) if shifts else None)
+    return torch.cat(parts), (torch.cat(shifts) if shifts else None), (torch.cat(outputs) if outputs else None)
 
 
 def _weight_space_groups(posterior: WeightSpacePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None]:
@@ -141,18 +148,19 @@ def grouped_posterior(posterior: Posterior, x: Inputs, q: int) -> tuple[Tensor, 
 
     Rows within a group are point-major (row ``i * C + c`` is output ``c`` of point ``i``), as
     GPyTorch's interleaved multitask distributions want. The mean is :math:`f(x)` plus the
-    weight shift pushed forward through the captures (or Jacobian) the covariance is built from:
-    one forward pass more, no jvp.
+    weight shift pushed forward through the captures (or Jacobian) the covariance is built from, no
+    jvp; :math:`f(x)` comes from the same capture passes where there are any (else one forward pass).
     """
     if x.num % q:
         raise ValueError(f"{x.num} test points do not split into groups of {q}")
+    outputs = None
     if isinstance(posterior, WeightSpacePosterior):
         cov, shift = _weight_space_groups(posterior, x, q)
     elif isinstance(posterior, DowndatePosterior):
-        cov, shift = _downdate_groups(posterior, x, q)
+        cov, shift, outputs = _downdate_groups(posterior, x, q)
     else:
         raise NotImplementedError(f"grouped covariances of a {type(posterior).__name__}")
-    mean = posterior.network.forward(x).to(torch.float64)
+    mean = (posterior.network.forward(x) if outputs is None else outputs).to(torch.float64)
     return (mean if shift is None else mean + shift), cov
 
 
@@ -164,5 +172,5 @@ def grouped_covariance(posterior: Posterior, x: Inputs, q: int) -> Tensor:
 def grouped_prior_covariance(ntk: EmpiricalNTK, delta: Tensor, x: Inputs, q: int) -> Tensor:
     """The prior NTK within consecutive groups of ``q`` points, ``(x.num // q, qC, qC)`` (prior mode)."""
     kernel = PriorKernel(ntk, delta, None)
-    blocks = [group_prior(kernel, xb, q, *_test_parts(kernel, xb)) for xb in _blocks_of(x, q, kernel.rows(0))]
+    blocks = [group_prior(kernel, xb, q, *_test_parts(kernel, xb)[:2]) for xb in _blocks_of(x, q, kernel.rows(0))]
     return torch.cat(blocks)
