@@ -7,7 +7,10 @@ Networks (generated inputs, random labels: this measures speed and coverage, not
 * ``transformer``: ``nn.Embedding`` + 2 ``nn.TransformerEncoderLayer`` + mean pool + Linear on token
   ids (integer inputs, vocabulary 500, length 16), C = 2;
 * ``lstm``: an ``nn.LSTM`` regressor (length 20, 4 features, hidden 32) with a linear head;
-* ``tabular``: ``forward(x_num, x_cat)`` with 8 numeric columns and 3 embedded categorical ones.
+* ``tabular``: ``forward(x_num, x_cat)`` with 8 numeric columns and 3 embedded categorical ones;
+* ``resnet18``: torchvision's ``resnet18(num_classes=10)`` rebuilt module for module (P = 11.2M) on
+  32x32x3: the last-layer GP and ``subnetwork=["layer4", "fc"]`` with ``Inducing`` at
+  ``--last-layer-n``, and the all-weights Gram of ``--gram-n`` points against the GEMM rate.
 
 Rows, each timed as build + evidence + 500 test predictions, with the peak RSS added:
 
@@ -87,6 +90,42 @@ class ResNet20(nn.Module):
         return self.fc(self.layers(F.relu(self.bn(self.stem(x)))).mean((2, 3)))
 
 
+class _Block18(nn.Module):
+    """torchvision's ResNet ``BasicBlock`` (same module names)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        skip = x if self.downsample is None else self.downsample(x)
+        return F.relu(skip + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18(num_classes=10)``, layer for layer and name for name (torchvision is
+    not a dependency): 7x7 stem with stride 2, max pool, four stages of two blocks (64-512), fc."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for i, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+            setattr(self, f"layer{i}", nn.Sequential(_Block18(cin, cout, stride), _Block18(cout, cout, 1)))
+            cin = cout
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 class TokenTransformer(nn.Module):
     def __init__(self, vocab: int = 500, width: int = 32, classes: int = 2) -> None:
         super().__init__()
@@ -142,16 +181,17 @@ class Task:
         self.name, self.dtype = name, dtype
         g = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
-        self.classes = {"resnet20": 10, "transformer": 2, "lastlayer": 10}.get(name, 0)
+        self.classes = {"resnet20": 10, "resnet18": 10, "transformer": 2, "lastlayer": 10}.get(name, 0)
         self.net: nn.Module = {
             "resnet20": ResNet20,
+            "resnet18": ResNet18,
             "transformer": TokenTransformer,
             "lstm": LSTMRegressor,
             "tabular": TabularNet,
             "lastlayer": FeatureHead,
         }[name]().to(dtype)
         self.generator = g
-        if name == "resnet20":  # running statistics from a batch, then eval mode
+        if name in ("resnet20", "resnet18"):  # running statistics from a batch, then eval mode
             self.net.train()
             with torch.no_grad():
                 self.net(self.inputs(256))
@@ -159,7 +199,7 @@ class Task:
 
     def inputs(self, n: int) -> Any:
         g, dt = self.generator, self.dtype
-        if self.name == "resnet20":
+        if self.name in ("resnet20", "resnet18"):
             return torch.randn(n, 3, 32, 32, generator=g, dtype=dt)
         if self.name == "transformer":
             return torch.randint(0, 500, (n, 16), generator=g)
@@ -272,7 +312,8 @@ def peer_row(task: Task, n: int, kind: str) -> dict[str, Any]:
                     if isinstance(test, tuple)
                     else test[start : start + 100]
                 )
-                peer(chunk, pred_type="glm", link_approx="probit" if task.classes else "mc")
+                pred_type = "gp" if kind == "lt functional" else "glm"  # its functional class predicts as a GP
+                peer(chunk, pred_type=pred_type, link_approx="probit" if task.classes else "mc")
         return {"evidence": evidence}
 
     return {"n": n, **_measured(run)}
@@ -312,14 +353,42 @@ def last_layer_target(n: int) -> dict[str, Any]:
     return out
 
 
+def gram_rate(task: Task, n: int) -> dict[str, Any]:
+    """The all-weights Gram of ``n`` points: its useful rate, ``(N C)^2 P`` flops per second, against
+    the machine's measured GEMM rate (a square matmul of 2048 in the network's dtype)."""
+    x = task.inputs(n)
+    model = ntkgp.LinearizedGP(task.net, task.likelihood(), x, task.targets(x), prior_precision=1.0, mode="map")
+    ntk, xi = model.ntk, model.network.inputs(x)
+    ntk.plan(xi)
+    start = time.perf_counter()
+    ntkgp.ntk.gram(ntk, xi, weights=torch.ones(ntk.layout.num_groups, dtype=torch.float64))
+    seconds = time.perf_counter() - start
+    a = torch.randn(2048, 2048, dtype=task.dtype)
+    a @ a
+    gemm_start = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    gemm = 3 * 2 * 2048**3 / (time.perf_counter() - gemm_start)
+    useful = (n * task.classes) ** 2 * task.numel / seconds
+    return {
+        "n": n,
+        "seconds": seconds,
+        "useful_gflops": useful / 1e9,
+        "gemm_gflops": gemm / 1e9,
+        "fraction": useful / gemm,
+    }
+
+
 # ---------------------------------------------------------------------------- brute force
 def brute_force_check(name: str, n: int) -> dict[str, Any]:
     """All-weights evidence against a float64 torch.func Jacobian of the whole network."""
     task = Task(name, torch.float64)
     x = task.inputs(n)
     y = task.targets(x)
+    start = time.perf_counter()
     model = ntkgp.LinearizedGP(task.net, task.likelihood(), x, y, prior_precision=1.0, mode="map")
     evidence = float(model.log_evidence())
+    seconds = time.perf_counter() - start
     params = {k: v.detach() for k, v in task.net.named_parameters()}
     theta = torch.cat([v.reshape(-1) for v in params.values()])
 
@@ -330,9 +399,11 @@ def brute_force_check(name: str, n: int) -> dict[str, Any]:
             i += v.numel()
         return torch.func.functional_call(task.net, split, (xc,))
 
+    print({"task": name, "n": n, "ntkgp_evidence": evidence, "ntkgp_seconds": seconds}, flush=True)
     rows = []
-    for start in range(0, n, 50):
-        rows.append(torch.func.jacrev(f)(theta, x[start : start + 50]).reshape(-1, theta.numel()))
+    step = 4 if name == "resnet20" else 50  # jacrev holds C * step copies of the activations
+    for start in range(0, n, step):
+        rows.append(torch.func.jacrev(f)(theta, x[start : start + step]).reshape(-1, theta.numel()))
     j = torch.cat(rows)  # shape: (N*C, P)
     with torch.no_grad():
         logits = task.net(x)
@@ -342,19 +413,21 @@ def brute_force_check(name: str, n: int) -> dict[str, Any]:
     _, log_det = torch.linalg.slogdet(torch.eye(j.shape[0], dtype=j.dtype) + torch.block_diag(*hessian) @ (j @ j.T))
     log_lik = -float(F.cross_entropy(logits, y, reduction="sum"))
     truth = log_lik - 0.5 * float(theta @ theta) - 0.5 * float(log_det)
-    return {"n": n, "evidence": evidence, "truth": truth, "rel": abs(evidence - truth) / abs(truth)}
+    rel = abs(evidence - truth) / abs(truth)
+    return {"n": n, "evidence": evidence, "truth": truth, "rel": rel, "ntkgp_seconds": seconds}
 
 
 # -------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["lastlayer", "resnet20", "transformer", "lstm", "tabular"])
-    parser.add_argument("--exact-n", type=int, nargs="+", default=[200])
-    parser.add_argument("--inducing-n", type=int, nargs="+", default=[5000])
+    parser.add_argument("--exact-n", type=int, nargs="*", default=[200])
+    parser.add_argument("--inducing-n", type=int, nargs="*", default=[5000])
     parser.add_argument("--num-inducing", type=int, default=50)
     parser.add_argument("--last-layer-n", type=int, default=5000)
     parser.add_argument("--peers", nargs="*", default=["lt last-layer kfac", "lt full kfac", "lt functional"])
     parser.add_argument("--check", nargs="*", default=[], help="brute-force checks: transformer, resnet20")
+    parser.add_argument("--gram-n", type=int, default=32, help="points of resnet18's all-weights Gram")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -368,6 +441,19 @@ def main() -> None:
             report["rows"].append(row)
             continue
         task = Task(name, torch.float32)
+        if name == "resnet18":  # P = 11.2M: the last layer, layer4 + fc (inducing), and the Gram's rate
+            row = {"task": name, "P": task.numel, "route": "all-weights Gram", **gram_rate(task, args.gram_n)}
+            print(row, flush=True)
+            report["rows"].append(row)
+            inducing = ntkgp.solvers.Inducing(num_inducing=args.num_inducing)
+            for label, kwargs in (
+                ("ntkgp last layer", {"subnetwork": "last_layer"}),
+                ("ntkgp layer4+fc inducing", {"subnetwork": ["layer4", "fc"], "solver": inducing}),
+            ):
+                row = {"task": name, "P": task.numel, "route": label, **ntkgp_row(task, args.last_layer_n, **kwargs)}
+                print(row, flush=True)
+                report["rows"].append(row)
+            continue
         rows = [("ntkgp exact", n, {}) for n in args.exact_n]
         rows += [
             ("ntkgp inducing", n, {"solver": ntkgp.solvers.Inducing(num_inducing=args.num_inducing)})
@@ -379,7 +465,7 @@ def main() -> None:
             print(row, flush=True)
             report["rows"].append(row)
         for kind in args.peers:
-            n = args.last_layer_n if "last-layer" in kind else args.exact_n[0]
+            n = args.last_layer_n if "last-layer" in kind else (args.exact_n[0] if args.exact_n else 200)
             row = {"task": name, "P": task.numel, "route": kind, **peer_row(task, n, kind)}
             print(row, flush=True)
             report["rows"].append(row)

@@ -130,3 +130,36 @@ def test_cholesky_update_against_a_refactorization(p: int, k: int, panel: int) -
     u = torch.randn(p, k, generator=g, dtype=torch.float64)
     updated = cholesky_update(torch.linalg.cholesky(a), u, panel=panel)
     assert _close(updated, torch.linalg.cholesky(a + u @ u.T))
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_weight_space_update_pulls_only_the_new_rows(c: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After ``add_data`` the posterior weights' :math:`J^\\top S^{-1} r` is the old one plus the new rows' terms
+    (no pass over all points), equal to the rebuilt model's; new hyperparameters pull afresh."""
+    import ntkgp.solvers.weight_space as weight_space
+
+    net, x, y = _case(c, "weight")
+    x_test = torch.randn(5, 3, dtype=torch.float64)
+    model = ntkgp.LinearizedGP(net, _likelihood(c), x[:36], y[:36], prior_precision=2.0, solver="weight").eval()
+    model.posterior()
+    calls = {"pullback": 0}
+    original = weight_space.pullback
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["pullback"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(weight_space, "pullback", counted)
+    model.add_data(x[36:], y[36:])
+    model.posterior()
+    assert calls["pullback"] == 0
+    ref = ntkgp.LinearizedGP(net, _likelihood(c), x, y, prior_precision=2.0, solver="weight").eval()
+    with torch.no_grad():
+        assert _close(model(x_test).mean, ref(x_test).mean)
+        assert _close(model.posterior().weights, ref.posterior().weights)
+    calls["pullback"] = 0
+    model.likelihood.noise = 0.07
+    ref.likelihood.noise = 0.07
+    with torch.no_grad():
+        assert _close(model(x_test).mean, ref(x_test).mean)
+    assert calls["pullback"] == 2  # the model's and the reference's posteriors, both pulled afresh

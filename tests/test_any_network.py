@@ -302,3 +302,39 @@ def test_recurrent_networks_equal_brute_force(cell: type[nn.Module], solver: str
         cov = model(x_test).covariance_matrix
     j, j_test = truth.jacobian(net, x), truth.jacobian(net, x_test)
     assert torch.allclose(cov, truth.posterior_covariance(j, j_test, prior, noise), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["resnet", "transformer", "tabular"])
+@pytest.mark.parametrize("budget", [None, 2**12])
+def test_prior_point_blocks_equal_brute_force(name: str, budget: int | None) -> None:
+    """Per-point ``C x C`` prior blocks (the probit predictive's input) on conv, BatchNorm, embedding,
+    attention and GroupNorm units, with per-module prior precisions, from per-example weight
+    gradients in chunks (a tiny budget: one example per chunk) equal the brute-force ``J P0^-1 J^T``."""
+    from ntkgp.ntk import point_blocks
+
+    if name == "resnet":
+        net = _eval_with_statistics(TinyResNet().double(), torch.randn(16, 3, 6, 6, generator=G, dtype=F64))
+        x: object = torch.randn(7, 3, 6, 6, generator=G, dtype=F64)
+        call = lambda f: f(x)  # noqa: E731
+    elif name == "transformer":
+        net = Transformer().double().eval()
+        x = torch.randint(1, 13, (7, 6), generator=G)
+        call = lambda f: f(x)  # noqa: E731
+    else:
+        net = Tabular(outputs=2).double().eval()
+        x = (torch.randn(7, 4, generator=G, dtype=F64), torch.randint(0, 5, (7,), generator=G))
+        call = lambda f: f(*x)  # noqa: E731
+    with torch.no_grad():
+        C = call(net).shape[-1]
+    y = torch.zeros(7, C, dtype=F64) if C > 1 else torch.zeros(7, dtype=F64)
+    model = ntkgp.LinearizedGP(net, _likelihood(tasks=C), x, y, prior_precision="module", memory_budget=budget)
+    assert _structured_fraction(model) == 1.0
+    ntk = model.ntk
+    delta = torch.linspace(0.5, 3.0, ntk.layout.num_groups, dtype=F64)
+    got = point_blocks(ntk, model.network.inputs(x), delta.reciprocal())
+    j = truth.jacobian_of(net, call)  # shape: (n C, P)
+    ranges = ntk.layout.column_ranges(tuple(range(len(ntk.network.names))))
+    variance = torch.cat([delta[g].reciprocal().expand(stop - start) for g, start, stop in ranges])
+    full = ((j * variance) @ j.T).reshape(7, C, 7, C)
+    want = full.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max())

@@ -129,6 +129,19 @@ def _kmeans_pool(sl: slice, tsl: slice, group: Any, offsets: list[int]) -> dict[
     return {"indices": chosen}
 
 
+def _kmeans_duplicates(sl: slice, tsl: slice, group: Any, offsets: list[int]) -> dict[str, Tensor]:
+    """k-means snapping when a centre's 16 nearest candidates are all taken (20 copies of one point, 24
+    centres): the search over every rank's rows."""
+    gen = torch.Generator().manual_seed(1)
+    features = torch.cat(
+        [torch.zeros(20, 2, dtype=torch.float64), torch.randn(17, 2, generator=gen, dtype=torch.float64)]
+    )
+    if group is None:
+        return {"indices": kmeans_points(features, 24, torch.Generator().manual_seed(0))}
+    sharding = ntkgp.distributed.Sharding.create(group, sl.stop - sl.start)
+    return {"indices": sharded_kmeans_points(features[sl], 24, torch.Generator().manual_seed(0), sharding)}
+
+
 def _inducing_laplace(sl: slice, tsl: slice, group: Any, offsets: list[int]) -> dict[str, Tensor]:
     x, _, xt = _data(1)
     lik = SoftmaxLikelihood(num_classes=3)
@@ -274,6 +287,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Tensor]]] = {
     "laplace": _laplace,
     "inducing": _inducing,
     "kmeans_pool": _kmeans_pool,
+    "kmeans_duplicates": _kmeans_duplicates,
     "inducing_laplace": _inducing_laplace,
     "cg": _cg,
     "subset": _subset,

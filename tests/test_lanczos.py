@@ -409,10 +409,230 @@ def test_gpytorch_training_loop_and_prediction() -> None:
     assert torch.allclose(probs.sum(-1), torch.ones(6, dtype=torch.float64))
 
 
-def test_noise_that_varies_is_refused() -> None:
+# ----------------------------------------------------------------------------- noise that varies
+# S = I_N (x) diag(s_c) (MultitaskGaussianLikelihood with per-task noise) or any diagonal (per-point
+# FixedNoise). The route is the exact GP given U^T y: truths are dense float64 formulas from brute-force
+# Jacobians, the exact GP at k = N C, and the projected-data GP with the solver's U at k < N C.
+TASK_NOISE = {"unequal": (0.02, 0.2), "equal": (0.05, 0.05)}
+
+
+@cache
+def two_outputs() -> tuple:
+    x, y = truth.toy_regression(15, 3, 2, seed=7)
+    net = truth.mlp(3, 6, 2, seed=8).eval()  # P = 38 > N C = 30
+    truth.train_map(net, x, y, truth.prior_vector(net, 1.0), torch.tensor(TASK_NOISE["unequal"]), iters=2)
+    x_test = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    return net, x, y, x_test, truth.jacobian(net, x), truth.jacobian(net, x_test)
+
+
+def per_task_model(solver, kind: str, task_noise: tuple[float, float]) -> ntkgp.LinearizedGP:
+    net, x, y, *_ = two_outputs()
+    lik = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=0, has_global_noise=False).double()
+    lik.task_noises = torch.tensor(task_noise, dtype=torch.float64)
+    return ntkgp.LinearizedGP(net, lik, x, y, prior_precision=_spec(kind), solver=solver)
+
+
+POINT_NOISE = torch.linspace(0.01, 0.1, 30, dtype=torch.float64)
+
+
+def per_point_model(solver, kind: str) -> ntkgp.LinearizedGP:
     net, x, y, *_ = regression()
-    noise = torch.linspace(0.01, 0.1, 30, dtype=torch.float64)
-    lik = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=noise).double()
-    model = ntkgp.LinearizedGP(net, lik, x, y, solver=Lanczos(rank=5))
-    with pytest.raises(ntkgp.NoiseVariesError, match="one noise variance"):
-        model.log_evidence()
+    lik = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=POINT_NOISE).double()
+    return ntkgp.LinearizedGP(net, lik, x, y, prior_precision=_spec(kind), solver=solver)
+
+
+def _problem(noise: str) -> tuple:
+    """``(net, x, y, x_test, J, J_test, residual)`` of the problem the noise kind is tested on."""
+    net, x, y, x_test, j, j_test = two_outputs() if noise == "per_task" else regression()
+    with torch.no_grad():
+        residual = y.reshape(-1) - (net(x).reshape(-1) - j @ truth.flat_params(net))
+    return net, x, y, x_test, j, j_test, residual
+
+
+def _noise_vector(noise: str, values: Tensor) -> Tensor:
+    """The diagonal of S ``(N C,)``: per-task ``values`` ``(2,)`` repeated over points, or per point."""
+    return values.repeat(15) if noise == "per_task" else values
+
+
+def _model(noise: str, solver, kind: str) -> ntkgp.LinearizedGP:
+    if noise == "per_task":
+        return per_task_model(solver, kind, TASK_NOISE["unequal"])
+    return per_point_model(solver, kind)
+
+
+def _noise_values(model: ntkgp.LinearizedGP) -> Tensor:
+    """The likelihood's noise values: per task ``(2,)`` or per point ``(30,)``."""
+    lik = model.likelihood
+    return (lik.task_noises if hasattr(lik, "task_noises") else lik.noise).detach().reshape(-1)
+
+
+def projected_truth(noise: str, delta: Tensor, values: Tensor, vectors: Tensor) -> dict[str, Tensor]:
+    """The exact GP given U^T y (U = ``vectors``), dense, differentiable in ``delta`` and ``values``."""
+    net, _, _, x_test, j, j_test, residual = _problem(noise)
+    prior = _per_parameter(net, delta)
+    diag = _noise_vector(noise, values)
+    kernel, cross = j @ (j / prior).T, j_test @ (j / prior).T
+    proj, inner, projected_noise = (
+        vectors.T @ residual,
+        vectors.T @ kernel @ vectors,
+        vectors.T @ (diag[:, None] * vectors),
+    )
+
+    def log_normal(cov: Tensor, value: Tensor) -> Tensor:
+        return torch.distributions.MultivariateNormal(torch.zeros_like(value), cov).log_prob(value)
+
+    # log p(U^T y) + log p(y | U^T y) under the noise alone
+    evidence = log_normal(inner + projected_noise, proj) + log_normal(torch.diag(diag), residual)
+    evidence = evidence - log_normal(projected_noise, proj)
+    gain = cross @ vectors @ torch.linalg.inv(inner + projected_noise)  # shape: (n* C, k)
+    with torch.no_grad():
+        prior_mean = net(x_test).reshape(-1) - j_test @ truth.flat_params(net)
+    # the same approximation as one matrix: S U V^-1 (U^T K U) V^-1 U^T S + S
+    tilde = diag[:, None] * vectors @ torch.linalg.inv(projected_noise)
+    return {
+        "evidence": evidence,
+        "mean": prior_mean + gain @ proj,
+        "covariance": j_test @ (j_test / prior).T - gain @ vectors.T @ cross.T,
+        "matrix": tilde @ inner @ tilde.T + torch.diag(diag),
+        "exact_log_det": torch.logdet(kernel + torch.diag(diag)),
+        "exact_covariance": truth.posterior_covariance(j, j_test, prior, diag),
+        "residual": residual,
+    }
+
+
+@pytest.mark.parametrize("noise", ["per_task", "per_point"])
+@pytest.mark.parametrize("kind", list(PRIORS))
+def test_noise_that_varies_at_full_rank_is_exact(noise: str, kind: str) -> None:
+    net, x, y, x_test, j, j_test, _ = _problem(noise)
+    prior = truth.prior_vector(net, PRIORS[kind])
+    model = _model(noise, Lanczos(rank=30, block_size=8), kind)
+    diag = _noise_vector(noise, _noise_values(model))
+    assert torch.equal(model.noise_diagonal().detach(), diag)
+    want = float(truth.log_evidence(net, x, y, prior, diag))
+    assert abs(float(model.log_evidence().detach()) - want) <= 1e-9 * abs(want)
+    covariance = truth.posterior_covariance(j, j_test, prior, diag)
+    scale = float(covariance.diagonal().max())
+    post = model.eval().posterior()
+    assert torch.allclose(post.covariance(x_test), covariance, rtol=0, atol=1e-9 * scale)
+    with torch.no_grad():
+        f, f_test = net(x).reshape(-1), net(x_test).reshape(-1)
+    theta = truth.flat_params(net)
+    kernel = j @ (j / prior).T
+    alpha = torch.linalg.solve(kernel + torch.diag(diag), y.reshape(-1) - (f - j @ theta))
+    mean = f_test - j_test @ theta + j_test @ (j / prior).T @ alpha
+    assert torch.allclose(post.mean(x_test).reshape(-1), mean, rtol=0, atol=1e-9 * float(mean.abs().max()))
+
+
+@pytest.mark.parametrize("noise", ["per_task", "per_point"])
+@pytest.mark.parametrize("kind", list(PRIORS))
+def test_noise_that_varies_at_low_rank_is_the_projected_data_gp(noise: str, kind: str) -> None:
+    """Evidence, mean and covariance of the GP given U^T y; log-det a lower bound, variances conservative."""
+    _, _, _, x_test, *_ = _problem(noise)
+    model = _model(noise, Lanczos(rank=8, block_size=4, mean="projected"), kind)
+    delta, diag = model.prior_precision.detach(), model.noise_diagonal().detach()
+    vectors = model.solver.decomposition(delta).vectors
+    want = projected_truth(noise, delta, _noise_values(model), vectors)
+    evidence = float(model.log_evidence().detach())
+    assert abs(evidence - float(want["evidence"])) <= 1e-9 * abs(float(want["evidence"]))
+    # every method of the solver refers to the one matrix S U V^-1 (U^T K U) V^-1 U^T S + S
+    matrix, solver, residual = want["matrix"], model.solver, want["residual"][:, None]
+    assert abs(
+        evidence
+        - float(
+            torch.distributions.MultivariateNormal(torch.zeros(30, dtype=torch.float64), matrix).log_prob(
+                residual[:, 0]
+            )
+        )
+    ) <= 1e-9 * abs(evidence)
+    inv_quad, log_det = solver.inv_quad_logdet(delta, diag, residual, True)
+    assert abs(float(log_det) - float(torch.logdet(matrix))) <= 1e-10 * abs(float(log_det))
+    assert float(log_det) <= float(want["exact_log_det"]) + 1e-10  # a lower bound for any U
+    rhs = torch.randn(30, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(solver.solve(delta, diag, rhs), torch.linalg.solve(matrix, rhs), rtol=1e-9, atol=0)
+    assert torch.allclose(solver.matmul(delta, diag, rhs), matrix @ rhs, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(solver.diagonal(delta, diag), matrix.diagonal(), rtol=1e-10, atol=0)
+    assert torch.allclose(solver.dense(delta, diag), matrix, rtol=0, atol=1e-12 * float(matrix.abs().max()))
+    assert torch.allclose(inv_quad, residual[:, 0] @ torch.linalg.solve(matrix, residual), rtol=1e-10, atol=0)
+
+    # bilinear derivative (linear_operator's backward of products) against autograd of the dense matrix
+    left, right = rhs[:, :2], rhs[:, 1:]
+    delta_leaf, values = delta.clone().requires_grad_(True), _noise_values(model).clone().requires_grad_(True)
+    dense = projected_truth(noise, delta_leaf, values, vectors)["matrix"]
+    want_grads = torch.autograd.grad((left * (dense @ right)).sum(), (delta_leaf, values))
+    grad_delta, grad_noise = solver.bilinear_derivative(delta, diag, left, right)
+    grad_noise = grad_noise.reshape(-1, 2).sum(0) if noise == "per_task" else grad_noise
+    for g, w in zip((grad_delta, grad_noise), want_grads):
+        assert torch.allclose(g, w, rtol=1e-8, atol=1e-10 * float(w.abs().max()))
+
+    post = model.eval().posterior()
+    scale = float(want["exact_covariance"].diagonal().max())
+    assert torch.allclose(post.covariance(x_test), want["covariance"], rtol=0, atol=1e-9 * scale)
+    assert torch.allclose(post.mean(x_test).reshape(-1), want["mean"], rtol=0, atol=1e-9 * scale)
+    gap = post.covariance_diagonal(x_test) - want["exact_covariance"].diagonal()
+    assert float(gap.min()) >= -1e-10 * scale and float(gap.max()) > 1e-4 * scale  # conservative, not exact
+
+
+@pytest.mark.parametrize("task_noise", list(TASK_NOISE))
+@pytest.mark.parametrize("kind", list(PRIORS))
+@pytest.mark.parametrize("rank", [30, 8])
+def test_per_task_noise_gradients(task_noise: str, kind: str, rank: int) -> None:
+    """Gradients in delta and in each task's noise, through the likelihood, equal the dense truth's
+    (with equal task noises too, where the fit starts: each task gets its own gradient)."""
+    model = per_task_model(Lanczos(rank=rank, block_size=4), kind, TASK_NOISE[task_noise])
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    evidence = mll(model(model.train_inputs[0]), model.train_targets) * 30  # GPyTorch divides by N C
+    got = torch.autograd.grad(evidence, (model.covar_module.raw_prior_precision, model.likelihood.raw_task_noises))
+    delta = model.prior_precision.detach().clone().requires_grad_(True)
+    values = model.likelihood.task_noises.detach().clone().requires_grad_(True)
+    vectors = model.solver.decomposition(delta.detach()).vectors
+    want_value = projected_truth(
+        "per_task", delta, values, vectors if rank < 30 else torch.eye(30, dtype=torch.float64)
+    )
+    value = float(evidence.detach())
+    assert abs(value - float(want_value["evidence"])) <= 1e-9 * abs(value)
+    want = torch.autograd.grad(want_value["evidence"], (delta, values))
+    # chain to the raw parameters: d/d raw = d/d value * (value transform)'
+    raw_delta = model.covar_module.raw_prior_precision.detach().clone().requires_grad_(True)
+    raw_noise = model.likelihood.raw_task_noises.detach().clone().requires_grad_(True)
+    constraint = model.likelihood.raw_task_noises_constraint
+    links = (model.covar_module.raw_prior_precision_constraint.transform(raw_delta), constraint.transform(raw_noise))
+    want_raw = torch.autograd.grad(
+        links, (raw_delta, raw_noise), grad_outputs=(want[0].reshape(links[0].shape), want[1].reshape(links[1].shape))
+    )
+    for g, w in zip(got, want_raw):
+        assert torch.allclose(g, w, rtol=1e-8, atol=1e-10 * float(w.abs().max()))
+
+
+def test_per_task_noise_hyperparameter_fit() -> None:
+    """The fits that raised NoiseVariesError once the task noises drifted apart: Adam with GPyTorch's
+    ExactMarginalLogLikelihood, and ntkgp.marglik.fit_hyperparameters."""
+    model = per_task_model(Lanczos(rank=10, block_size=5), "per_tensor", TASK_NOISE["equal"])
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model.train()
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = -mll(model(model.train_inputs[0]), model.train_targets)
+        loss.backward()
+        assert torch.isfinite(model.likelihood.raw_task_noises.grad).all()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    noises = model.likelihood.task_noises.detach().reshape(-1)
+    assert float(noises.max() / noises.min()) > 1.01  # the task noises have drifted apart
+
+    model = per_task_model(Lanczos(rank=10, block_size=5), "scalar", TASK_NOISE["equal"])
+    before = float(model.log_evidence().detach())
+    fit = ntkgp.marglik.fit_hyperparameters(model)
+    assert fit.converged
+    noises = model.likelihood.task_noises.detach().reshape(-1)
+    assert float(noises.max() / noises.min()) > 1.5
+    assert float(model.log_evidence().detach()) > before
+    # a stationary point of the dense truth (one prior group: U does not depend on delta)
+    delta = model.prior_precision.detach().clone().requires_grad_(True)
+    values = noises.clone().requires_grad_(True)
+    vectors = model.solver.decomposition(delta.detach()).vectors
+    grads = torch.autograd.grad(projected_truth("per_task", delta, values, vectors)["evidence"], (delta, values))
+    assert float((grads[0] * delta).abs().max()) < 1e-3 and float((grads[1] * values).abs().max()) < 1e-3

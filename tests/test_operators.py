@@ -11,6 +11,7 @@ import contextlib
 import unittest
 
 import linear_operator
+import pytest
 import torch
 import truth
 from builders import make_ntk
@@ -121,6 +122,19 @@ class TestNTKCrossOperator(Float64Case, RectangularLinearOperatorTestCase, unitt
     def evaluate_linear_op(self, linear_op: NTKLinearOperator) -> torch.Tensor:
         _, net, x = _network()
         return truth.jacobian(net, x) @ truth.jacobian(net, x[:4] * 2).T / linear_op.prior_precision
+
+
+def test_operators_stay_on_the_network_device() -> None:
+    """``op.to(device)`` with another device raises, however the device is spelt (a string was ignored)."""
+    ntk, _, x = _network()
+    inputs = Inputs.wrap(x)
+    op = NTKLinearOperator(torch.ones(1, dtype=torch.float64), ntk=ntk, x1=inputs, x2=inputs)
+    assert op.to("cpu") is op and op.to(torch.device("cpu")) is op and op.to(torch.float64) is op
+    for other in ("meta", torch.device("meta")):
+        with pytest.raises(ValueError, match="network's device"):
+            op.to(other)
+    with pytest.raises(ValueError, match="network's device"):
+        op.to(device="meta")
 
 
 def test_ntk_matmul_forms_no_dense_jacobian(monkeypatch) -> None:

@@ -120,6 +120,52 @@ def test_network_flags_modes_and_rng_untouched() -> None:
     assert [m.training for m in net.modules()] == flags and _untouched(net, before)
 
 
+class _FunctionalDropout(nn.Module):
+    """Dropout applied functionally, ``F.dropout(h, p, training=self.training)``: no Dropout module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.lin, self.out = nn.Linear(3, 6), nn.Linear(6, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(F.dropout(torch.tanh(self.lin(z)), 0.5, training=self.training))
+
+
+def test_train_mode_warning_for_functional_dropout() -> None:
+    """No Dropout module, dropout in forward: the warning says the GP uses eval mode (no dropout), which can
+    differ from the train-mode network, and names functional dropout; it never claims the outputs agree."""
+    x, y = truth.toy_regression(20, 3)
+    net = _FunctionalDropout().double().train()
+    with pytest.warns(UserWarning) as caught:
+        model = ntkgp.LinearizedGP(net, _likelihood(), x, y, solver=Inducing(num_inducing=8))
+    (message,) = [str(w.message) for w in caught if "train mode" in str(w.message)]
+    assert "F.dropout(x, p, training=self.training)" in message and "BatchNorm" in message
+    assert "eval mode" in message and "can differ" in message and "net.eval()" in message
+    assert "the same" not in message
+    assert net.training  # the user's flags are untouched
+    with torch.no_grad():  # what the message says: the GP is the eval-mode network
+        got = model.network.evaluate(model.train_x[:5], grad=False)
+        assert torch.equal(got.reshape(-1), copy.deepcopy(net).eval()(x[:5]).reshape(-1))
+
+
+@pytest.mark.parametrize(
+    ("layer", "words"),
+    [
+        (nn.Dropout(0.5), ["'1' (Dropout, which in train mode zeroes activations at random)"]),
+        (nn.BatchNorm1d(6), ["'1' (BatchNorm1d, which in train mode normalizes with the batch's statistics"]),
+    ],
+)
+def test_train_mode_error_names_dropout_and_batchnorm_modules(layer: nn.Module, words: list[str]) -> None:
+    x, y = truth.toy_regression(20, 3)
+    net = nn.Sequential(nn.Linear(3, 6), layer, nn.Tanh(), nn.Linear(6, 1)).double().train()
+    with pytest.raises(ValueError) as err:
+        ntkgp.LinearizedGP(net, _likelihood(), x, y)
+    message = str(err.value)
+    assert all(w in message for w in words), message
+    assert "net.eval()" in message and "no BatchNorm" not in message
+
+
 # --------------------------------------------------------------------------- 2. weight reuse
 class _Reuse(nn.Module):
     """``out(tanh(lin(z)) + F.linear(z, lin.weight))``: a weight used inside and outside its module."""

@@ -10,7 +10,7 @@ import gpytorch
 import torch
 from gpytorch.constraints import Interval
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
-from gpytorch.likelihoods import Likelihood
+from gpytorch.likelihoods import Likelihood, MultitaskGaussianLikelihood
 from gpytorch.models import GP, ExactGP
 from linear_operator.operators import DiagLinearOperator, LinearOperator, ZeroLinearOperator
 from torch import Tensor, nn
@@ -212,6 +212,8 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         if isinstance(solver, SolverSpec):
             self.register_added_loss_term("approximation_correction")
         self._posterior: tuple[tuple[Tensor, ...], Posterior] | None = None
+        #: the likelihood's state (:meth:`_likelihood_state`) when the cached posterior was last checked
+        self._posterior_state: tuple[Any, ...] | None = None
         self._mode_choice = mode
         self._mode_finder: LinearizedMode | None = None
         self._linearized: bool | None = None
@@ -410,11 +412,19 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         MAP, with covariance :math:`J_*(J^\\top\\Lambda J + P_0)^{-1}J_*^\\top`.
         """
         delta = self.prior_precision.detach().clone()
+        state = self._likelihood_state()
+        if (
+            self._posterior is not None
+            and _same(state, self._posterior_state)
+            and torch.equal(self._posterior[0][0], delta)
+        ):
+            return self._posterior[1]  # the likelihood's tensors are unchanged: so is its noise
         noise = None if self.is_laplace else self.noise_diagonal().detach().clone()
         key = (delta,) if noise is None else (delta, noise)
         if self._posterior is not None:
             old, post = self._posterior
-            if len(old) == len(key) and all(torch.equal(a, b) for a, b in zip(old, key)):
+            if _same(old, key):
+                self._posterior_state = state
                 return post
         finder = self.mode_finder
         if finder is not None:
@@ -426,8 +436,17 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
             else:
                 assert noise is not None
                 post = solver.posterior(delta, noise, self.residual())
-        self._posterior = (key, post)
+        self._posterior, self._posterior_state = (key, post), state
         return post
+
+    def _likelihood_state(self) -> tuple[Any, ...] | None:
+        """For likelihoods whose noise is a function of their parameters and buffers alone (Gaussian and
+        multitask Gaussian, exactly): the likelihood's identity and copies of those; else ``None`` (a
+        ``FixedNoiseGaussianLikelihood`` holds its noise in a plain attribute)."""
+        if type(self.likelihood) not in (gpytorch.likelihoods.GaussianLikelihood, MultitaskGaussianLikelihood):
+            return None
+        tensors = [*self.likelihood.parameters(), *self.likelihood.buffers()]
+        return (id(self.likelihood), *(t.detach().clone() for t in tensors))
 
     @outside_inference_mode
     def log_evidence(self) -> Tensor:
@@ -452,3 +471,10 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         inv_quad, log_det = solver.inv_quad_logdet(delta, noise, self.residual().unsqueeze(-1), True)
         evidence = -0.5 * (inv_quad.sum() + log_det + self.problem.total_size * math.log(2 * math.pi))
         return evidence + solver.correction(delta, noise)
+
+
+def _same(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
+    """Whether two keys (tensors, or other values compared by ``==``) are equal, entry by entry."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(torch.equal(u, v) if isinstance(u, Tensor) and isinstance(v, Tensor) else u == v for u, v in zip(a, b))

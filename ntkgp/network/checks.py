@@ -34,23 +34,51 @@ __all__ = ["check_network", "check_parameters", "refuse_train_mode"]
 _PROBE_SIZE = 3
 
 
+def _train_mode_effect(module: nn.Module) -> str:
+    """What a mode-dependent layer does in train mode that it does not do in eval mode."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "normalizes with the batch's statistics, not the running ones"
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return "updates its running statistics"
+    return "zeroes activations at random"
+
+
+#: the train-mode warning for a network without mode-dependent modules
+TRAIN_MODE_WARNING = (
+    "the network is in train mode; ntkgp linearizes it as it predicts, in eval mode, on a private "
+    "eval-mode copy (your module's flags are not changed). It has no BatchNorm, InstanceNorm or Dropout "
+    "modules, but code in its forward that reads self.training, such as functional dropout "
+    "F.dropout(x, p, training=self.training) or F.batch_norm(..., training=self.training), runs as in "
+    "eval mode here (no dropout, running statistics), so the GP can differ from what the network "
+    "computes in train mode. Call net.eval() before building the GP to silence this warning."
+)
+
+
 def refuse_train_mode(net: nn.Module) -> None:
-    """Refuse mode-dependent layers in train mode; warn if the network is in train mode without them."""
+    """Refuse mode-dependent modules in train mode; warn if the network is in train mode without them.
+
+    The warning cannot tell whether the forward reads ``self.training`` (functional dropout or batch
+    normalization); running the network in train mode to find out could change it (running
+    statistics), so it says what ntkgp does in either case.
+    """
     from ntkgp.network.functional import MODE_DEPENDENT_MODULES
 
-    in_train_mode = [name for name, m in net.named_modules() if m.training and isinstance(m, MODE_DEPENDENT_MODULES)]
+    in_train_mode = [
+        (name, m) for name, m in net.named_modules() if m.training and isinstance(m, MODE_DEPENDENT_MODULES)
+    ]
     if in_train_mode:
+        listed = "; ".join(
+            f"{name or '<the network itself>'!r} ({type(m).__name__}, which in train mode {_train_mode_effect(m)})"
+            for name, m in in_train_mode[:5]
+        )
+        more = f"; and {len(in_train_mode) - 5} more" if len(in_train_mode) > 5 else ""
         raise ValueError(
             "the network has layers whose output depends on train/eval mode and they are in "
-            f"train mode: {in_train_mode[:5]}. ntkgp linearizes the network as it predicts, "
-            "in eval mode; call net.eval() before building the GP."
+            f"train mode: {listed}{more}. ntkgp linearizes the network as it predicts, in eval mode; "
+            "call net.eval() before building the GP."
         )
     if net.training:
-        warnings.warn(
-            "the network is in train mode; ntkgp evaluates a private eval-mode copy of it (it has no "
-            "BatchNorm or Dropout layers, so the outputs are the same).",
-            stacklevel=4,
-        )
+        warnings.warn(TRAIN_MODE_WARNING, stacklevel=4)
 
 
 def check_parameters(network: FunctionalNetwork) -> None:

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from ntkgp.errors import NetworkError, NonFiniteError
+from ntkgp.errors import NetworkError
+from ntkgp.network.finite import check_finite_outputs
 from ntkgp.network.inputs import InputLike, Inputs
 from ntkgp.network.passes import network_pass, usable
 from ntkgp.network.shadow import ModuleShadow
@@ -129,6 +130,9 @@ class FunctionalNetwork:
         self.output_fn = output_fn
         self.progress = progress
         self._chunk_size = chunk_size
+        #: entries one example's pass holds beyond its Jacobian (activations, patches), when known: the
+        #: structured plan measures them (:meth:`ntkgp.ntk.EmpiricalNTK.plan`), and chunks respect them
+        self.example_entries: int | None = None
         #: set once ``vmap`` cannot batch the network's per-example Jacobians (see :meth:`jacobian`)
         self._unbatchable = False
         self.shadow = ModuleShadow(net)
@@ -195,6 +199,8 @@ class FunctionalNetwork:
             base = self._chunk_size
         else:
             base = _DEFAULT_CHUNK_ELEMENTS // (self.num_outputs * self.num_parameters)
+            if self.example_entries is not None:  # wide activations (convolutions) bound the chunk too
+                base = min(base, _DEFAULT_CHUNK_ELEMENTS // max(1, self.example_entries))
         return max(1, base // max(1, tangents))
 
     @property
@@ -283,13 +289,7 @@ class FunctionalNetwork:
         with network_pass(self._grad(x), inputs_graph=self._grad(x)):
             outs = [self.call(self.params, self._prepare(xc)) for _, xc in self.chunks(x, self.chunk_size())]
         out = torch.cat(outs, dim=0)
-        finite = torch.isfinite(out).all(-1)
-        if not bool(finite.all()):
-            rows = (~finite).nonzero().flatten()[:5].tolist()
-            raise NonFiniteError(
-                f"the network's outputs are NaN or infinite on {int((~finite).sum())} of {out.shape[0]} inputs "
-                f"(first rows: {rows})"
-            )
+        check_finite_outputs(out)
         return out
 
     def _split(self, tensors: Sequence[int] | None) -> tuple[list[str], dict[str, Tensor]]:

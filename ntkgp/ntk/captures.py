@@ -11,12 +11,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 
+from ntkgp.network.finite import check_finite_outputs
 from ntkgp.network.inputs import Inputs
+from ntkgp.network.passes import network_pass, usable
 from ntkgp.ntk.engine import EmpiricalNTK
-from ntkgp.structured.capture import UnitCapture, capture, differentiable
+from ntkgp.structured.capture import UnitCapture, capture_with_outputs, differentiable
 
-__all__ = ["cached_captures", "capture_bytes", "capture_chunks", "capture_rows", "captures"]
+__all__ = [
+    "cached_captures",
+    "capture_bytes",
+    "capture_chunks",
+    "capture_rows",
+    "captures",
+    "captures_fit",
+    "rows_within",
+    "captures_with_outputs",
+]
 
 _DEFAULT_CAPTURE_ENTRIES = 2**25  # entries one capture pass holds at most (with the graph)
 
@@ -34,18 +46,48 @@ def capture_bytes(ntk: EmpiricalNTK, x: Inputs) -> int:
     return x.num * ntk.plan(x).entries_per_example * ntk.network.dtype.itemsize
 
 
+def rows_within(ntk: EmpiricalNTK, x: Inputs, max_bytes: int) -> int:
+    """Examples whose captures hold at most ``max_bytes`` (at least one)."""
+    return max(1, max_bytes // max(1, ntk.plan(x).entries_per_example * ntk.network.dtype.itemsize))
+
+
+def captures_fit(ntk: EmpiricalNTK, x: Inputs, max_bytes: int) -> bool:
+    """Whether the captures of all of ``x`` are held by the engine's cache or fit in ``max_bytes``."""
+    return ntk.captures.get(x) is not None or capture_bytes(ntk, x) <= max_bytes
+
+
 def captures(ntk: EmpiricalNTK, x: Inputs) -> list[UnitCapture]:
     """Captures of every unit for all of ``x``, one :class:`UnitCapture` per unit."""
+    return captures_with_outputs(ntk, x)[0]
+
+
+def captures_with_outputs(ntk: EmpiricalNTK, x: Inputs) -> tuple[list[UnitCapture], Tensor]:
+    """:func:`captures` and the network's outputs :math:`f(x;\\hat\\theta)` ``(n, C)`` from the same passes.
+
+    A plain MLP takes the closed-form route (:class:`~ntkgp.structured.chain.DenseChain`): no backward
+    pass (with ``create_graph`` for inputs that require grad, :func:`~ntkgp.structured.capture.differentiable`).
+    Raises :class:`~ntkgp.errors.NonFiniteError` on NaN or infinite outputs, as a forward pass does."""
     plan = ntk.plan(x)
-    parts = [capture(ntk.network, plan, xc) for _, xc in ntk.network.chunks(x, capture_rows(ntk, x), desc="captures")]
+    chain = ntk.dense_chain
+    network = ntk.network
+    parts: list[tuple[list[UnitCapture], Tensor]] = []
+    for _, xc in network.chunks(x, capture_rows(ntk, x), desc="captures"):
+        if chain is None:
+            parts.append(capture_with_outputs(network, plan, xc))
+        else:  # a plain MLP has no layer norm to decompose (inputs_graph)
+            with network_pass(differentiable(xc)):
+                data = xc.to(network.device, network.dtype).map(usable).data
+                parts.append(chain.capture(network.params, data))
+    out = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+    check_finite_outputs(out)
     if len(parts) == 1:
-        return parts[0]
-    out = []
+        return parts[0][0], out
+    joined = []
     for i in range(len(plan.units)):
-        inputs = [p[i].inputs for p in parts]
-        joined = None if inputs[0] is None else torch.cat(inputs)  # type: ignore[arg-type]
-        out.append(UnitCapture(joined, torch.cat([p[i].cotangents for p in parts])))
-    return out
+        inputs = [p[0][i].inputs for p in parts]
+        whole = None if inputs[0] is None else torch.cat(inputs)  # type: ignore[arg-type]
+        joined.append(UnitCapture(whole, torch.cat([p[0][i].cotangents for p in parts])))
+    return joined, out
 
 
 def cached_captures(ntk: EmpiricalNTK, x: Inputs, max_bytes: int) -> list[UnitCapture] | None:

@@ -15,13 +15,55 @@ from ntkgp.ntk.engine import EmpiricalNTK
 from ntkgp.ntk.generic import generic_diagonal, generic_jacobian
 from ntkgp.ntk.gram import structured_gram
 from ntkgp.structured.capture import UnitCapture
-from ntkgp.structured.linear import linear_diagonal, linear_point_blocks
-from ntkgp.structured.positions import positions_diagonal
+from ntkgp.structured.linear import linear_diagonal, linear_point_blocks, two_d
+from ntkgp.structured.plan import Unit
+from ntkgp.structured.positions import bias_gradients, positions_diagonal, weight_gradients
 
-__all__ = ["gram_diagonal", "point_blocks"]
+__all__ = ["gram_diagonal", "group_blocks", "point_blocks"]
 
-#: points per diagonal block of the structured Gram used for point blocks of units at many positions
-_POINT_BLOCK = 64
+
+def _group_gram(rows: Tensor, groups: int) -> Tensor:
+    """``rows`` ``(B q C, w)`` -> per-group Grams ``(B, qC, qC)``, float64."""
+    flat = rows.reshape(groups, -1, rows.shape[-1])
+    return (flat @ flat.mT).to(torch.float64)
+
+
+def group_blocks(
+    ntk: EmpiricalNTK, unit: Unit, capture: UnitCapture, weights: Tensor, groups: int, q: int, out: Tensor
+) -> None:
+    r"""Add one structured unit's :math:`\sum_g w_g K_g` within consecutive groups of ``q`` points to
+    ``out`` ``(B, qC, qC)`` (``q = 1``: the per-point ``C x C`` blocks).
+
+    Dense units factor as :math:`(w_W a_i\cdot a_j + w_b)\, g_i g_j^\top`; other units use their
+    per-example weight gradients (``n C`` rows of the weight's size) when those fit in half the
+    budget, else the unit's structured Gram group by group. Cost is linear in the number of groups.
+    """
+    C, group = ntk.num_outputs, ntk.layout.tensor_group
+    if unit.is_linear:  # (w_W a_i.a_j + w_b) g_ic.g_jd, in float64 as the linear Gram routes
+        a, g = two_d(capture)
+        gg = _group_gram(g.to(torch.float64).reshape(-1, g.shape[-1]), groups).view(groups, q, C, q, C)
+        term = torch.zeros((), dtype=torch.float64, device=out.device)
+        if unit.bias is not None:
+            term = weights[group[unit.bias]]
+        if unit.weight is not None:
+            assert a is not None
+            aa = _group_gram(a.to(torch.float64), groups)  # shape: (B, q, q)
+            term = (weights[group[unit.weight]] * aa + term)[:, :, None, :, None]
+        out += (gg * term).reshape(out.shape)
+        return
+    width = 0 if unit.weight is None else unit.width * unit.taps
+    if capture.num * C * width * capture.cotangents.element_size() > ntk.budget // 2:
+        # the per-example weight gradients do not fit: the unit's own Gram routes, group by group
+        for b in range(groups):
+            part = [capture[b * q : (b + 1) * q]]
+            block = torch.zeros(q * C, q * C, dtype=torch.float64, device=out.device)
+            structured_gram(ntk, part, part, block, weights=weights, units=[unit])
+            out[b] += block
+        return
+    if unit.bias is not None:
+        out += weights[group[unit.bias]] * _group_gram(bias_gradients(capture), groups)
+    if unit.weight is not None:
+        out += weights[group[unit.weight]] * _group_gram(weight_gradients(unit, capture), groups)
 
 
 def gram_diagonal(ntk: EmpiricalNTK, x: Inputs) -> Tensor:
@@ -54,9 +96,9 @@ def point_blocks(
     r"""Per-point ``C x C`` blocks of :math:`\sum_g w_g K_g(x, x)`, ``(N, C, C)``, float64.
 
     One-position dense units in one batched product,
-    :math:`(w_W\lVert a_n\rVert^2 + w_b)\, g_n g_n^\top`; other units through the diagonal blocks of
-    their structured Gram on ``64`` points at a time; generic tensors from their per-example
-    Jacobian (``generic_jacobian_cols``, ``(N, C, P_t)``, when the caller has it already).
+    :math:`(w_W\lVert a_n\rVert^2 + w_b)\, g_n g_n^\top`; other units from their per-example weight
+    gradients, :math:`\Gamma_n \Gamma_n^\top` (:func:`group_blocks` with ``q = 1``); generic tensors
+    from their per-example Jacobian (``generic_jacobian_cols``, ``(N, C, P_t)``, when the caller has it already).
     """
     n, C = x.num, ntk.num_outputs
     plan = ntk.plan(x)
@@ -68,15 +110,15 @@ def point_blocks(
         linear = [(u, c) for u, c in zip(plan.units, caps) if u.is_linear]
         for unit, cap in linear:
             out += linear_point_blocks(unit, tensor_group, cap, weights)
-        rest = [i for i, u in enumerate(plan.units) if not u.is_linear]
-        if rest:
-            units = [plan.units[i] for i in rest]
-            for start in range(0, n, _POINT_BLOCK):
-                part = [caps[i][start : start + _POINT_BLOCK] for i in rest]
-                r = part[0].num
-                block = torch.zeros(r * C, r * C, dtype=torch.float64, device=out.device)
-                structured_gram(ntk, part, part, block, weights=weights, units=units)
-                out[start : start + r] += block.reshape(r, C, r, C).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        for unit, cap in zip(plan.units, caps):
+            if unit.is_linear:
+                continue
+            # per-example weight gradients, in chunks whose gradients take a quarter of the budget
+            width = max(1, (0 if unit.weight is None else unit.width * unit.taps) + unit.width)
+            rows = max(1, ntk.budget // (4 * C * width * cap.cotangents.element_size()))
+            for start in range(0, n, rows):
+                part = cap[start : start + rows]
+                group_blocks(ntk, unit, part, weights, part.num, 1, out[start : start + part.num])
     if plan.generic:
         jac = generic_jacobian(ntk, x, plan.generic) if generic_jacobian_cols is None else generic_jacobian_cols
         scale = _column_weights(ntk, plan.generic, weights).to(jac.dtype)

@@ -29,6 +29,7 @@ from ntkgp.network.functional import FunctionalNetwork
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk.layout import PriorLayout
 from ntkgp.structured.capture import CaptureCache
+from ntkgp.structured.chain import DenseChain
 from ntkgp.structured.plan import StructuredPlan, discover, generic_plan
 from ntkgp.structured.positions import Route
 
@@ -71,6 +72,8 @@ class EmpiricalNTK:
     probe: Inputs | None = None
     captures: CaptureCache = field(default_factory=CaptureCache, repr=False)
     _plan: StructuredPlan | None = field(default=None, repr=False)
+    _chain: DenseChain | None = field(default=None, repr=False)
+    _chain_checked: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.implementation = Implementation(self.implementation)
@@ -96,7 +99,20 @@ class EmpiricalNTK:
                 from ntkgp.ntk.verify import verify_plan
 
                 self._plan = verify_plan(self, discover(self.network, probe[:3]), probe[:3])
+                if self._plan.units:  # activations per example, which bound every pass's chunk
+                    self.network.example_entries = max(1, self._plan.entries_per_example // self.network.num_outputs)
         return self._plan
+
+    @property
+    def dense_chain(self) -> DenseChain | None:
+        """The closed-form captures of a plain MLP (:mod:`ntkgp.structured.chain`), ``None`` for other networks
+        and while the plan is being found (its verification takes the capture pass)."""
+        if self._plan is None or self.implementation is Implementation.GENERIC:
+            return None
+        if not self._chain_checked:
+            self._chain = DenseChain.of(self.network, self._plan)
+            self._chain_checked = True
+        return self._chain
 
     @cached_property
     def tensor_group(self) -> tuple[int, ...]:

@@ -2,22 +2,19 @@ r"""The network Jacobian :math:`J(X)` as a lazy ``(N*C) x P`` linear operator.""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ntkgp.memory import check_fits
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, jacobian, pullback, pushforward
-from ntkgp.operators._batch import expand_dense, to_same_device, unsqueeze_dense
+from ntkgp.operators._batch import DeviceBoundOperator
 from ntkgp.operators._columns import as_columns, from_columns
 
 __all__ = ["JacobianLinearOperator"]
 
 
-class JacobianLinearOperator(LinearOperator):
+class JacobianLinearOperator(DeviceBoundOperator):
     r"""Lazy Jacobian :math:`J(X)` of a network at :math:`\hat\theta` (or its transpose).
 
     A thin adapter over :mod:`ntkgp.ntk`:
@@ -94,12 +91,3 @@ class JacobianLinearOperator(LinearOperator):
         ]
         dense = torch.cat(rows, 0)
         return dense.T if self.transposed else dense
-
-    def to(self, *args: Any, **kwargs: Any) -> LinearOperator:
-        return to_same_device(self, *args, **kwargs)
-
-    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        return expand_dense(self, batch_shape)
-
-    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
-        return unsqueeze_dense(self, dim)

@@ -4,23 +4,21 @@ operator of shape ``(N1*C) x (N2*C)``."""
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
-from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ntkgp.linalg.cholesky import cholesky, cholesky_solve, dense_inv_quad_logdet
 from ntkgp.memory import available_memory, check_fits
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, gram, gram_diagonal, kernel_matmul, pullback, pushforward
-from ntkgp.operators._batch import expand_dense, to_same_device, unsqueeze_dense
+from ntkgp.operators._batch import DeviceBoundOperator
 from ntkgp.operators._columns import as_columns, from_columns
 
 __all__ = ["NTKLinearOperator"]
 
 
-class NTKLinearOperator(LinearOperator):
+class NTKLinearOperator(DeviceBoundOperator):
     r"""Lazy empirical NTK with per-group prior precisions, a thin adapter over :mod:`ntkgp.ntk`.
 
     .. math::
@@ -190,12 +188,3 @@ class NTKLinearOperator(LinearOperator):
         block = gram(self.ntk, self.x1[rpts], self.x2[cpts], weights=self._weights())
         values = block[rinv * C + rows % C, cinv * C + cols % C]
         return values.reshape(shape).to(self.dtype)
-
-    def to(self, *args: Any, **kwargs: Any) -> LinearOperator:
-        return to_same_device(self, *args, **kwargs)
-
-    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        return expand_dense(self, batch_shape)
-
-    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
-        return unsqueeze_dense(self, dim)

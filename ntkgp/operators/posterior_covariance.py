@@ -2,15 +2,14 @@ r"""The exact predictive covariance of the latent function at test inputs, lazil
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ntkgp.memory import check_fits
 from ntkgp.network.inputs import Inputs
-from ntkgp.operators._batch import expand_dense, to_same_device, unsqueeze_dense
+from ntkgp.operators._batch import DeviceBoundOperator
 from ntkgp.operators._columns import as_columns, from_columns
 
 if TYPE_CHECKING:
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["PosteriorCovariance"]
 
 
-class PosteriorCovariance(LinearOperator):
+class PosteriorCovariance(DeviceBoundOperator):
     r"""Posterior covariance :math:`\Sigma_{**}`, ``(N_* C) x (N_* C)``, float64.
 
     Kernel space: :math:`K_{**} - K_{*X}(K+S)^{-1}K_{X*}`; weight space:
@@ -80,12 +79,3 @@ class PosteriorCovariance(LinearOperator):
             check_fits(3 * 8 * m * m, f"the dense predictive covariance ({m} x {m}); use .variance", self.device)
             self._dense = self.posterior.covariance(self.x)
         return self._dense
-
-    def to(self, *args: Any, **kwargs: Any) -> LinearOperator:
-        return to_same_device(self, *args, **kwargs)
-
-    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        return expand_dense(self, batch_shape)
-
-    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
-        return unsqueeze_dense(self, dim)

@@ -15,7 +15,7 @@ import torch
 from linear_operator.operators import DiagLinearOperator, LinearOperator
 from torch import Tensor
 
-from ntkgp.operators._batch import expand_dense, unsqueeze_dense
+from ntkgp.operators._batch import UnbatchedOperator
 from ntkgp.operators._columns import as_columns, from_columns
 
 __all__ = ["CovarianceSolver", "TrainingCovariance"]
@@ -44,7 +44,7 @@ class CovarianceSolver(Protocol):
     ) -> tuple[Tensor, Tensor]: ...
 
 
-class TrainingCovariance(LinearOperator):
+class TrainingCovariance(UnbatchedOperator):
     r""":math:`K(\delta) + \operatorname{diag}(s)` on the training inputs, ``(N*C) x (N*C)``.
 
     Parameters
@@ -131,9 +131,3 @@ class TrainingCovariance(LinearOperator):
 
     def to_dense(self) -> Tensor:
         return self.solver.dense(self.prior_precision, self.noise)
-
-    def _expand_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        return expand_dense(self, batch_shape)
-
-    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
-        return unsqueeze_dense(self, dim)

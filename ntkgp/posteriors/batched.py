@@ -20,57 +20,18 @@ import torch
 from torch import Tensor
 
 from ntkgp.network.inputs import Inputs
-from ntkgp.ntk import EmpiricalNTK, captures, jacobian, structured_gram
+from ntkgp.ntk import EmpiricalNTK, jacobian
+from ntkgp.ntk.captures import captures_with_outputs
+from ntkgp.ntk.diagonal import group_blocks
 from ntkgp.ntk.generic import generic_jacobian
 from ntkgp.posteriors.base import Posterior
 from ntkgp.posteriors.downdate import DowndatePosterior
 from ntkgp.posteriors.prior_kernel import PriorKernel
 from ntkgp.posteriors.weight_space import WeightSpacePosterior
 from ntkgp.structured.capture import UnitCapture
-from ntkgp.structured.linear import two_d
-from ntkgp.structured.plan import Unit
-from ntkgp.structured.positions import bias_gradients, weight_gradients
 from ntkgp.structured.products import unit_pushforward
 
 __all__ = ["group_prior", "grouped_covariance", "grouped_posterior", "grouped_prior_covariance"]
-
-
-def _group_gram(rows: Tensor, groups: int) -> Tensor:
-    """``rows`` ``(B q C, w)`` -> per-group Grams ``(B, qC, qC)``, float64."""
-    flat = rows.reshape(groups, -1, rows.shape[-1])
-    return (flat @ flat.mT).to(torch.float64)
-
-
-def _unit_blocks(
-    ntk: EmpiricalNTK, unit: Unit, capture: UnitCapture, weights: Tensor, groups: int, q: int, out: Tensor
-) -> None:
-    """Add one structured unit's :math:`\\sum_g w_g K_g` within groups to ``out`` ``(B, qC, qC)``."""
-    C, group = ntk.num_outputs, ntk.layout.tensor_group
-    if unit.is_linear:  # (w_W a_i.a_j + w_b) g_ic.g_jd, in float64 as the linear Gram routes
-        a, g = two_d(capture)
-        gg = _group_gram(g.to(torch.float64).reshape(-1, g.shape[-1]), groups).view(groups, q, C, q, C)
-        term = torch.zeros((), dtype=torch.float64, device=out.device)
-        if unit.bias is not None:
-            term = weights[group[unit.bias]]
-        if unit.weight is not None:
-            assert a is not None
-            aa = _group_gram(a.to(torch.float64), groups)  # shape: (B, q, q)
-            term = (weights[group[unit.weight]] * aa + term)[:, :, None, :, None]
-        out += (gg * term).reshape(out.shape)
-        return
-    width = 0 if unit.weight is None else unit.width * unit.taps
-    if capture.num * C * width * capture.cotangents.element_size() > ntk.budget // 2:
-        # the per-example weight gradients do not fit: the unit's own Gram routes, group by group
-        for b in range(groups):
-            part = [capture[b * q : (b + 1) * q]]
-            block = torch.zeros(q * C, q * C, dtype=torch.float64, device=out.device)
-            structured_gram(ntk, part, part, block, weights=weights, units=[unit])
-            out[b] += block
-        return
-    if unit.bias is not None:
-        out += weights[group[unit.bias]] * _group_gram(bias_gradients(capture), groups)
-    if unit.weight is not None:
-        out += weights[group[unit.weight]] * _group_gram(weight_gradients(unit, capture), groups)
 
 
 def group_prior(
@@ -87,7 +48,7 @@ def group_prior(
     weights = kernel.group_weights
     if captured is not None:
         for unit, cap in zip(ntk.plan().units, captured):
-            _unit_blocks(ntk, unit, cap, weights, groups, q, out)
+            group_blocks(ntk, unit, cap, weights, groups, q, out)
     if jac is not None:
         flat = jac.reshape(-1, kernel.rest_width)
         scaled = (flat * kernel.rest_prior_variance).reshape(groups, q * C, -1)
@@ -95,11 +56,13 @@ def group_prior(
     return out
 
 
-def _test_parts(kernel: PriorKernel, x: Inputs) -> tuple[list[UnitCapture] | None, Tensor | None]:
+def _test_parts(kernel: PriorKernel, x: Inputs) -> tuple[list[UnitCapture] | None, Tensor | None, Tensor | None]:
+    """``x``'s captures (``None`` without structured units), generic columns ``(n, C, P_rest)`` (``None``
+    without generic tensors) and the network's outputs ``(n, C)`` from the capture pass (``None`` without one)."""
     ntk = kernel.ntk
-    caps = captures(ntk, x) if ntk.plan().units else None
+    caps, outputs = captures_with_outputs(ntk, x) if ntk.plan().units else (None, None)
     jac = generic_jacobian(ntk, x, kernel.rest) if kernel.rest else None
-    return caps, jac
+    return caps, jac, outputs
 
 
 def _blocks_of(x: Inputs, q: int, points: int) -> list[Inputs]:
@@ -133,14 +96,18 @@ def _structured_shift(kernel: PriorKernel, shift: Tensor, caps: list[UnitCapture
     return out.to(torch.float64)
 
 
-def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None]:
+def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Covariances ``(B, qC, qC)``, the mean's shift ``(n, C)`` (``None`` when zero) and the network's
+    outputs ``(n, C)`` from the capture passes (``None`` when the plan has no structured unit)."""
     kernel = posterior.kernel
     C = posterior.ntk.num_outputs
     shift = _shift_vector(posterior)
-    parts, shifts = [], []
+    parts, shifts, outputs = [], [], []
     for xb in _blocks_of(x, q, kernel.rows(posterior.rank)):
         groups = xb.num // q
-        caps, jac = _test_parts(kernel, xb)
+        caps, jac, out = _test_parts(kernel, xb)
+        if out is not None:
+            outputs.append(out)
         if shift is not None:
             shifts.append(_structured_shift(kernel, shift, caps, jac))
         if posterior.prior_residual:
@@ -156,7 +123,7 @@ def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[T
             v = v.reshape(v.shape[0], groups, q * C)  # shape: (r, B, qC)
             cov = cov + sign * torch.einsum("rbi,rbj->bij", v, v)
         parts.append(cov)
-    return torch.cat(parts), (torch.cat(shifts) if shifts else None)
+    return torch.cat(parts), (torch.cat(shifts) if shifts else None), (torch.cat(outputs) if outputs else None)
 
 
 def _weight_space_groups(posterior: WeightSpacePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None]:
@@ -181,18 +148,19 @@ def grouped_posterior(posterior: Posterior, x: Inputs, q: int) -> tuple[Tensor, 
 
     Rows within a group are point-major (row ``i * C + c`` is output ``c`` of point ``i``), as
     GPyTorch's interleaved multitask distributions want. The mean is :math:`f(x)` plus the
-    weight shift pushed forward through the captures (or Jacobian) the covariance is built from:
-    one forward pass more, no jvp.
+    weight shift pushed forward through the captures (or Jacobian) the covariance is built from, no
+    jvp; :math:`f(x)` comes from the same capture passes where there are any (else one forward pass).
     """
     if x.num % q:
         raise ValueError(f"{x.num} test points do not split into groups of {q}")
+    outputs = None
     if isinstance(posterior, WeightSpacePosterior):
         cov, shift = _weight_space_groups(posterior, x, q)
     elif isinstance(posterior, DowndatePosterior):
-        cov, shift = _downdate_groups(posterior, x, q)
+        cov, shift, outputs = _downdate_groups(posterior, x, q)
     else:
         raise NotImplementedError(f"grouped covariances of a {type(posterior).__name__}")
-    mean = posterior.network.forward(x).to(torch.float64)
+    mean = (posterior.network.forward(x) if outputs is None else outputs).to(torch.float64)
     return (mean if shift is None else mean + shift), cov
 
 
@@ -204,5 +172,5 @@ def grouped_covariance(posterior: Posterior, x: Inputs, q: int) -> Tensor:
 def grouped_prior_covariance(ntk: EmpiricalNTK, delta: Tensor, x: Inputs, q: int) -> Tensor:
     """The prior NTK within consecutive groups of ``q`` points, ``(x.num // q, qC, qC)`` (prior mode)."""
     kernel = PriorKernel(ntk, delta, None)
-    blocks = [group_prior(kernel, xb, q, *_test_parts(kernel, xb)) for xb in _blocks_of(x, q, kernel.rows(0))]
+    blocks = [group_prior(kernel, xb, q, *_test_parts(kernel, xb)[:2]) for xb in _blocks_of(x, q, kernel.rows(0))]
     return torch.cat(blocks)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, captures, point_blocks, structured_gram
+from ntkgp.ntk.captures import captures_fit, rows_within
 from ntkgp.ntk.generic import generic_jacobian, generic_rows
 from ntkgp.structured.capture import UnitCapture
 
@@ -28,10 +29,12 @@ __all__ = ["PriorKernel"]
 class PriorKernel:
     r"""Prior blocks :math:`K_{**}` at test inputs and the cross-kernel :math:`K_{R*}`.
 
-    Structured units use products of captures (the reference inputs' captures are kept); every
-    generic tensor uses the test block's Jacobian :math:`J_*` scaled by :math:`P_0^{-1}`, as
-    :math:`J_R (P_0^{-1} J_*^\top)`. That reference Jacobian is kept in memory when it fits in
-    half the budget.
+    Structured units use products of captures; every generic tensor uses the test block's Jacobian
+    :math:`J_*` scaled by :math:`P_0^{-1}`, as :math:`J_R (P_0^{-1} J_*^\top)`. The reference
+    inputs' captures and their generic Jacobian are each kept in memory when they fit in half the
+    budget; otherwise they are recomputed, chunk by chunk, for every block of test points (a
+    convolutional network holds megabytes of captures per example: then each test block costs a
+    capture pass over the reference inputs, and larger ``memory_budget`` values save passes).
 
     Parameters
     ----------
@@ -59,10 +62,16 @@ class PriorKernel:
             else torch.zeros(0, dtype=network.dtype, device=network.device)
         )
         self.reference_size = 0 if reference is None else reference.num * ntk.num_outputs
-        self.reference_captures = []
+        #: the reference inputs' captures, ``None`` when they are recomputed per test block
+        self.reference_captures: list[UnitCapture] | None = []
         if reference is not None and plan.units:  # held by the engine's cache when the caller put them there
             held = ntk.captures.get(reference)
-            self.reference_captures = held if held is not None else captures(ntk, reference)
+            if held is not None:
+                self.reference_captures = held
+            elif captures_fit(ntk, reference, ntk.budget // 2):
+                self.reference_captures = captures(ntk, reference)
+            else:
+                self.reference_captures = None
         self._reference_rest_jacobian: Tensor | None = None
         if (
             reference is not None
@@ -98,7 +107,7 @@ class PriorKernel:
             jac = generic_jacobian(ntk, x, self.rest)  # shape: (n, C, P_rest)
         if test_captures is not None:
             if cross is not None:
-                structured_gram(ntk, self.reference_captures, test_captures, cross, weights=self.group_weights)
+                self._structured_cross(test_captures, cross)
             if prior and full:
                 structured_gram(ntk, test_captures, test_captures, covariance, weights=self.group_weights)
         if prior and not full:
@@ -112,6 +121,19 @@ class PriorKernel:
                 cross += self._reference_rest_cross(scaled)
         return covariance, cross
 
+    def _structured_cross(self, test_captures: list[UnitCapture], cross: Tensor) -> None:
+        """Add the structured units' cross-kernel ``(M*C, n*C)`` to ``cross``."""
+        ntk = self.ntk
+        if self.reference_captures is not None:
+            structured_gram(ntk, self.reference_captures, test_captures, cross, weights=self.group_weights)
+            return
+        assert self.reference is not None
+        C = ntk.num_outputs
+        rows = rows_within(ntk, self.reference, ntk.budget // 4)
+        for start, xr in ntk.network.chunks(self.reference, rows, desc="cross-kernel (captures beyond the budget)"):
+            block = cross[start * C : (start + xr.num) * C]
+            structured_gram(ntk, captures(ntk, xr), test_captures, block, weights=self.group_weights)
+
     def _reference_rest_cross(self, scaled: Tensor) -> Tensor:
         if self._reference_rest_jacobian is not None:
             return (self._reference_rest_jacobian @ scaled.T).to(torch.float64)
@@ -123,10 +145,11 @@ class PriorKernel:
         return torch.cat(parts).to(torch.float64)
 
     def rows(self, downdate_rank: int) -> int:
-        """Test points per block so that the cross-kernel, the downdate and a generic Jacobian fit
-        half the budget."""
+        """Test points per block so that the cross-kernel, the downdate, a generic Jacobian and the
+        block's captures fit half the budget."""
         ntk = self.ntk
-        C = ntk.num_outputs
-        generic = self.rest_width * ntk.network.dtype.itemsize * 2
-        per_point = C * (generic + 8 * (self.reference_size + downdate_rank + C))
+        C, item = ntk.num_outputs, ntk.network.dtype.itemsize
+        generic = self.rest_width * item * 2
+        captured = ntk.plan().entries_per_example * item if ntk.plan().units else 0
+        per_point = C * (generic + 8 * (self.reference_size + downdate_rank + C)) + captured
         return max(1, ntk.budget // (2 * per_point))

@@ -1,13 +1,14 @@
 r"""Low-rank solvers from a block Lanczos decomposition of the NTK Gram (no dense kernel, no CG).
 
 The operator decomposed is :math:`A = B^\top K(\delta) B`, ``(M, M)`` with ``M = N C``: :math:`B = I`
-for a Gaussian likelihood with one noise variance :math:`\sigma^2` (handled analytically), the
-per-point GGN root for a Laplace likelihood. Block Lanczos on the lazy product
+for a Gaussian likelihood (any diagonal noise, which enters only through ``k x k`` matrices; see
+:class:`LanczosSolver`), the per-point GGN root for a Laplace likelihood. Block Lanczos on the lazy product
 (:func:`~ntkgp.ntk.kernel_matmul`: one batched vjp and one batched jvp per block) gives the top ``k``
 Ritz pairs :math:`A \approx U S U^\top`; with :math:`c_{ig} = \lVert J_g^\top B u_i\rVert^2` the
 eigenvalues are :math:`s_i(\delta) = \sum_g c_{ig}/\delta_g`, exact in :math:`\delta` for one group.
 
-* **Evidence**: the exact algebra of :math:`U\Lambda U^\top + \sigma^2 I` (Gaussian) or
+* **Evidence**: the exact algebra of :math:`U\Lambda U^\top + \sigma^2 I` (Gaussian; with noise
+  that varies, the marginal likelihood of :math:`U^\top y` times that of the rest given it) or
   :math:`\sum_{i\le k}\log(1 + s_i)` (Laplace). The log-determinants are lower bounds of the exact
   ones; with ``k = N C`` everything is exact.
 * **Posterior**: :math:`\Sigma_{**} = K_{**} - (J_*W)(J_*W)^\top`,
@@ -20,7 +21,7 @@ The error of every quantity is governed by the discarded spectrum relative to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ from ntkgp.linalg.hessian_root import apply_root, apply_root_transpose
 from ntkgp.memory import check_fits
 from ntkgp.ntk import NTKProblem, kernel_matmul_columns, pullback
 from ntkgp.posteriors.low_rank import LowRankPosterior
-from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverBase, SolverSpec, output_noise
+from ntkgp.solvers.base import GaussianSolver, LaplaceSolver, SolverBase, SolverSpec
 
 __all__ = ["Lanczos", "LanczosDecomposition", "LanczosLaplaceSolver", "LanczosSolver"]
 
@@ -137,10 +138,18 @@ class LanczosDecomposition:
     group_norms: Tensor
     ritz_values: Tensor
     delta: Tensor
+    _output_grams: Tensor | None = field(default=None, repr=False)
 
     def eigenvalues(self, delta: Tensor) -> Tensor:
         r""":math:`s_i(\delta) = \sum_g c_{ig}/\delta_g` ``(k,)``, differentiable in ``delta``."""
         return self.group_norms @ delta.to(torch.float64).reciprocal()
+
+    def output_grams(self, num_outputs: int) -> Tensor:
+        r""":math:`U_c^\top U_c` ``(C, k, k)`` over the rows :math:`U_c` of each output (interleaved rows), cached."""
+        if self._output_grams is None:
+            rows = self.vectors.reshape(-1, num_outputs, self.vectors.shape[1])
+            self._output_grams = torch.einsum("nci,ncj->cij", rows, rows)
+        return self._output_grams
 
 
 class _LanczosBase(SolverBase):
@@ -215,119 +224,234 @@ class _LanczosBase(SolverBase):
         return out if root is None else apply_root_transpose(root, out)
 
 
-class LanczosSolver(_LanczosBase, GaussianSolver):
-    r"""Gaussian likelihood: :math:`K + \sigma^2 I \approx U \Lambda(\delta) U^\top + \sigma^2 I`.
+def _factor_solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    r""":math:`(LL^\top)^{-1}R` for a Cholesky factor :math:`L` ``(k, k)``, or a diagonal one given as ``(k,)``."""
+    return rhs / factor.square()[:, None] if factor.dim() == 1 else torch.cholesky_solve(rhs, factor)
 
-    Every method refers to that approximation (the contract of an inexact
-    :class:`~ntkgp.solvers.base.GaussianSolver`): solves, log-determinant, products, the diagonal
-    and the dense matrix are those of :math:`U\Lambda U^\top + \sigma^2 I`. See the module docstring.
+
+def _factor_diagonal(factor: Tensor) -> Tensor:
+    """The diagonal of a Cholesky factor ``(k, k)``, or of a diagonal one given as ``(k,)``."""
+    return factor if factor.dim() == 1 else factor.diagonal()
+
+
+@dataclass
+class _ProjectedSystem:
+    r"""The Gaussian approximation at one ``(delta, noise)``: :math:`\tilde K + S`, with
+    :math:`\tilde K = \tilde U T \tilde U^\top`, :math:`\tilde U = S U V^{-1}`, :math:`V = U^\top S U` and
+    :math:`T = U^\top K U = \Lambda(\delta)` (see :class:`LanczosSolver`). Differentiable.
+
+    Attributes
+    ----------
+    vectors:
+        :math:`U` ``(M, k)``.
+    eigenvalues:
+        :math:`\Lambda(\delta)` ``(k,)``.
+    noise:
+        The diagonal of :math:`S` ``(M,)``, float64.
+    noise_factor:
+        The Cholesky factor of :math:`V = U^\top S U` ``(k, k)``, or its diagonal ``(k,)`` when :math:`V`
+        is diagonal (one output, one noise variance).
+    factor:
+        The Cholesky factor of :math:`V + \Lambda`, ``(k, k)`` or its diagonal ``(k,)`` likewise.
+    uniform:
+        Whether :math:`S = \sigma^2 I` (then :math:`V = \sigma^2 I` and :math:`\tilde U = U`).
+    """
+
+    vectors: Tensor
+    eigenvalues: Tensor
+    noise: Tensor
+    noise_factor: Tensor
+    factor: Tensor
+    uniform: bool
+
+    def log_det(self) -> Tensor:
+        r""":math:`\log|\tilde K + S| = \log|S| - \log|V| + \log|V + \Lambda|`."""
+        return (
+            self.noise.log().sum()
+            - 2 * _factor_diagonal(self.noise_factor).log().sum()
+            + 2 * _factor_diagonal(self.factor).log().sum()
+        )
+
+    def parts(self, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""For ``R`` ``(M, t)``: :math:`p = U^\top R` ``(k, t)``, :math:`a = (V + \Lambda)^{-1} p` ``(k, t)``
+        and the residual outside the projection, :math:`E = R - S U V^{-1} p` ``(M, t)``."""
+        proj = self.vectors.T @ rhs
+        coefficients = _factor_solve(self.factor, proj)
+        rest = rhs - self.noise[:, None] * (self.vectors @ _factor_solve(self.noise_factor, proj))
+        return proj, coefficients, rest
+
+    def inv_quad(self, rhs: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Per-column :math:`r^\top(\tilde K + S)^{-1}r = e^\top S^{-1} e + p^\top a` ``(t,)``, and :math:`a`."""
+        proj, coefficients, rest = self.parts(rhs)
+        return (rest.square() / self.noise[:, None]).sum(0) + (proj * coefficients).sum(0), coefficients
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        r""":math:`(\tilde K + S)^{-1}R = S^{-1}E + U a`."""
+        _, coefficients, rest = self.parts(rhs)
+        return rest / self.noise[:, None] + self.vectors @ coefficients
+
+    def kernel_vectors(self) -> Tensor:
+        r""":math:`\tilde U = S U V^{-1}` ``(M, k)`` (:math:`U` itself when :math:`S = \sigma^2 I`)."""
+        if self.uniform and not self.noise.requires_grad:
+            return self.vectors  # S U V^{-1} = U (U^T U)^{-1} = U
+        return self.noise[:, None] * _factor_solve(self.noise_factor, self.vectors.T).T
+
+
+class LanczosSolver(_LanczosBase, GaussianSolver):
+    r"""Gaussian likelihood with any diagonal noise :math:`S`: the exact GP given the data projected on
+    the Lanczos vectors.
+
+    With :math:`U` ``(M, k)`` the Ritz vectors of :math:`K`, :math:`T = U^\top K U = \Lambda(\delta)`
+    (diagonal) and :math:`V = U^\top S U`, the route is the exact marginal and posterior of
+    :math:`U^\top y`, the rest of :math:`y` explained by the noise alone given :math:`U^\top y`. That is
+    the GP with kernel :math:`\tilde K = \tilde U T \tilde U^\top`, :math:`\tilde U = S U V^{-1}`:
+
+    * :math:`\log|\tilde K + S| = \log|S| - \log|V| + \log|V + \Lambda| \le \log|K + S|` for any
+      orthonormal :math:`U` (the Schur complement of :math:`K + S` is at least that of :math:`S`);
+    * :math:`r^\top(\tilde K + S)^{-1}r = e^\top S^{-1}e + p^\top(V + \Lambda)^{-1}p`, :math:`p = U^\top r`,
+      :math:`e = r - S U V^{-1} p`;
+    * the posterior, conditioned on :math:`U^\top y` only, is conservative.
+
+    For :math:`S = \sigma^2 I` this is :math:`U\Lambda U^\top + \sigma^2 I`. The noise may vary over
+    outputs (a ``MultitaskGaussianLikelihood`` with per-task noise: :math:`V = \sum_c \sigma_c^2 U_c^\top U_c`
+    from ``C`` cached ``k x k`` Grams, :math:`O(Ck^2)` per evaluation) or over points (``FixedNoise``:
+    :math:`O(Mk^2)` per evaluation); the decomposition of :math:`K` never depends on it. Every method
+    refers to :math:`\tilde K + S` (the contract of an inexact :class:`~ntkgp.solvers.base.GaussianSolver`).
     """
 
     def __init__(self, problem: NTKProblem, spec: Lanczos) -> None:
         super().__init__(problem, spec, None)
 
     # ------------------------------------------------------------------ pieces
-    @staticmethod
-    def _scalar_noise(noise: Tensor) -> Tensor:
-        """The one noise variance :math:`\\sigma^2` (0-d, differentiable) of ``noise`` ``(M,)``: the
-        decomposition of :math:`K` holds for one variance shared by every training output."""
-        return output_noise(noise, 1, "Lanczos", per_output=False)[0]
+    def _projected_noise(self, dec: LanczosDecomposition, noise: Tensor) -> tuple[Tensor, bool]:
+        r""":math:`V = U^\top S U`, differentiable in ``noise`` ``(M,)``, and whether :math:`S = \sigma^2 I`.
 
-    def _spectrum(self, delta: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r""":math:`U` ``(M, k)``, :math:`\lambda(\delta)` ``(k,)`` and :math:`\sigma^2`, differentiable."""
-        sigma2 = self._scalar_noise(noise)
+        ``(k, k)``, or its diagonal ``(k,)`` for one output and one noise variance (:math:`V = \sigma^2 I`).
+        Noise that is the same for every point (one value per output) is read from the first point, as
+        a likelihood whose noise is one parameter per output produces it.
+        """
+        C = self.problem.num_outputs
+        per_point = noise.reshape(-1, C)
+        detached = per_point.detach()
+        if not torch.equal(detached, detached[:1].expand_as(detached)):
+            return (dec.vectors * noise[:, None]).T @ dec.vectors, False
+        if C == 1:
+            return per_point[0].expand(dec.vectors.shape[1]), True
+        uniform = bool((detached[0] == detached[0, 0]).all())
+        return torch.einsum("c,cij->ij", per_point[0], dec.output_grams(C)), uniform
+
+    def _system(self, delta: Tensor, noise: Tensor) -> _ProjectedSystem:
+        """The approximation at ``(delta, noise)`` (see :class:`_ProjectedSystem`), differentiable."""
         dec = self.decomposition(delta)
-        return dec.vectors, dec.eigenvalues(delta), sigma2
-
-    @staticmethod
-    def _low_rank_solve(vectors: Tensor, eig: Tensor, sigma2: Tensor, rhs: Tensor) -> Tensor:
-        r""":math:`U(\Lambda + \sigma^2)^{-1}U^\top R + (R - UU^\top R)/\sigma^2` for ``R`` ``(M, t)``."""
-        proj = vectors.T @ rhs  # shape: (k, t)
-        rest = rhs - vectors @ proj
-        return vectors @ (proj / (eig + sigma2)[:, None]) + rest / sigma2
+        eig = dec.eigenvalues(delta)
+        noise = noise.to(torch.float64)
+        projected, uniform = self._projected_noise(dec, noise)
+        if projected.dim() == 1:
+            noise_factor, factor = projected.sqrt(), (projected + eig).sqrt()
+        else:
+            noise_factor = torch.linalg.cholesky(projected)
+            factor = torch.linalg.cholesky(projected + torch.diag_embed(eig))
+        return _ProjectedSystem(dec.vectors, eig, noise, noise_factor, factor, uniform)
 
     # ------------------------------------------------------------ the contract
     def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
-        vectors, eig, sigma2 = self._spectrum(delta, noise)
-        zero = torch.zeros((), dtype=torch.float64, device=vectors.device)
+        system = self._system(delta, noise)
+        zero = torch.zeros((), dtype=torch.float64, device=system.vectors.device)
         inv_quad, log_det = zero, zero
+        rotation = self.layout.num_groups > 1 and torch.is_grad_enabled() and delta.requires_grad
         if rhs is not None:
-            rhs = rhs.to(torch.float64)
-            proj = vectors.T @ rhs  # shape: (k, t)
-            rest = (rhs - vectors @ proj).square().sum(0)  # shape: (t,), outside span(U)
-            inv_quad = (proj.square() / (eig + sigma2)[:, None]).sum(0) + rest / sigma2
-            if self.layout.num_groups > 1 and torch.is_grad_enabled() and delta.requires_grad:
-                coefficients = (proj / (eig + sigma2)[:, None]).detach()  # shape: (k, t)
-                inv_quad = inv_quad + self._rotation_gradient(delta, vectors, coefficients)
+            inv_quad, coefficients = system.inv_quad(rhs.to(torch.float64))
+            if rotation:
+                inv_quad = inv_quad - self._rotation_gradient(delta, coefficients.detach())
         if logdet:
-            log_det = (eig + sigma2).log().sum() + (self.size - eig.shape[0]) * sigma2.log()
+            log_det = system.log_det()
+            if rotation and not system.uniform:
+                # d log|V + T| = tr((V + T)^{-1} dT) = tr(R R^T dT), R = L^{-T}: V + T = L L^T is not diagonal
+                eye = torch.eye(system.factor.shape[0], dtype=torch.float64, device=system.factor.device)
+                root = torch.linalg.solve_triangular(system.factor.detach().T, eye, upper=True)
+                log_det = log_det + self._rotation_gradient(delta, root).sum()
         return inv_quad, log_det
 
-    def _rotation_gradient(self, delta: Tensor, vectors: Tensor, coefficients: Tensor) -> Tensor:
-        r"""A zero-valued term ``(t,)`` that completes the ``delta`` gradient of the quadratic form.
+    def _rotation_gradient(self, delta: Tensor, columns: Tensor) -> Tensor:
+        r"""Zero-valued terms ``(t,)`` whose ``delta`` gradients complete those of a function of :math:`T(\delta)`.
 
-        The approximation is :math:`Q(\delta) = U T(\delta) U^\top` with
-        :math:`T(\delta) = U^\top K(\delta) U = \sum_g C_g/\delta_g`, diagonal (:math:`\Lambda`) at the
-        decomposition point but not at nearby :math:`\delta` when ``G > 1``. The exact gradient of
-        :math:`r^\top(Q + \sigma^2)^{-1}r` there is :math:`a^\top C_g a/\delta_g^2`,
-        :math:`a = (\Lambda + \sigma^2)^{-1}U^\top r`, and
-        :math:`a^\top C_g a = \lVert J_g^\top U a\rVert^2` (one vjp); the diagonal formula gives only
-        :math:`\sum_i a_i^2 c_{ig}/\delta_g^2`. This term adds the difference (the log-determinant
-        needs none: its gradient is the trace, which sees only the diagonal of :math:`dT`).
+        The approximation depends on :math:`T(\delta) = U^\top K(\delta) U = \sum_g C_g/\delta_g`, diagonal
+        (:math:`\Lambda`) at the decomposition point but not at nearby :math:`\delta` when ``G > 1``. For
+        a function with :math:`\partial f/\partial T = F = \sum_t a_t a_t^\top` (``columns`` :math:`a_t`), the
+        exact gradient is :math:`-\operatorname{tr}(F C_g)/\delta_g^2` with
+        :math:`a_t^\top C_g a_t = \lVert J_g^\top U a_t\rVert^2` (one vjp per column); autograd through
+        :math:`\Lambda(\delta)` gives only :math:`-\sum_i F_{ii} c_{ig}/\delta_g^2`. The terms returned have
+        the gradient of the difference, :math:`-(a_t^\top C_g a_t - \sum_i a_{ti}^2 c_{ig})/\delta_g^2`.
+        The quadratic form has :math:`F = -aa^\top`, :math:`a = (V + \Lambda)^{-1}U^\top r`; the
+        log-determinant :math:`F = (V + \Lambda)^{-1}`, diagonal (no term needed) when :math:`S = \sigma^2 I`.
         """
         dec = self.decomposition(delta)
-        pulled = self.pull(vectors @ coefficients)  # shape: (t, P)
+        pulled = self.pull(dec.vectors @ columns)  # shape: (t, P)
         full = self.layout.group_sums(pulled.square())  # shape: (t, G), a^T C_g a
-        diagonal = coefficients.square().T @ dec.group_norms  # shape: (t, G), sum_i a_i^2 c_ig
-        term = -((full - diagonal) @ delta.to(torch.float64).reciprocal())
+        diagonal = columns.square().T @ dec.group_norms  # shape: (t, G), sum_i a_i^2 c_ig
+        term = (full - diagonal) @ delta.to(torch.float64).reciprocal()
         return term - term.detach()
 
     def solve(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
-        vectors, eig, sigma2 = self._spectrum(delta, noise)
-        return self._low_rank_solve(vectors, eig, sigma2, rhs.to(torch.float64))
+        return self._system(delta, noise).solve(rhs.to(torch.float64))
 
     def dense(self, delta: Tensor, noise: Tensor) -> Tensor:
         M = self.size
         check_fits(8 * 2 * M * M, f"the dense low-rank kernel ({M} x {M})", self.network.device)
-        vectors, eig, _ = self._spectrum(delta, noise)
-        return (vectors * eig) @ vectors.T + torch.diag_embed(noise.to(torch.float64))
+        system = self._system(delta, noise)
+        vectors = system.kernel_vectors()
+        return (vectors * system.eigenvalues) @ vectors.T + torch.diag_embed(system.noise)
 
     def matmul(self, delta: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:
         with torch.no_grad():
-            vectors, eig, _ = self._spectrum(delta, noise)
-            rhs = rhs.to(torch.float64)
-            return vectors @ (eig[:, None] * (vectors.T @ rhs)) + noise.to(torch.float64)[:, None] * rhs
+            system = self._system(delta, noise)
+            vectors, rhs = system.kernel_vectors(), rhs.to(torch.float64)
+            return vectors @ (system.eigenvalues[:, None] * (vectors.T @ rhs)) + system.noise[:, None] * rhs
 
     def diagonal(self, delta: Tensor, noise: Tensor) -> Tensor:
-        vectors, eig, _ = self._spectrum(delta, noise)
-        return vectors.square() @ eig + noise.to(torch.float64)
+        system = self._system(delta, noise)
+        return system.kernel_vectors().square() @ system.eigenvalues + system.noise
 
     def bilinear_derivative(self, delta: Tensor, noise: Tensor, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Gradients of :math:`\sum_t l_t^\top (U T(\delta) U^\top + S) r_t` (see
-        :meth:`_rotation_gradient`): :math:`-\sum_t (J_g^\top UU^\top l_t)\cdot(J_g^\top UU^\top r_t)/\delta_g^2`
-        (two vjps) and :math:`l \odot r`."""
-        vectors = self.decomposition(delta).vectors
+        r"""Gradients of :math:`\sum_t l_t^\top (\tilde U T(\delta) \tilde U^\top + S) r_t` (see
+        :meth:`_rotation_gradient`): in ``delta``
+        :math:`-\sum_t (J_g^\top U\tilde U^\top l_t)\cdot(J_g^\top U\tilde U^\top r_t)/\delta_g^2` (two vjps),
+        in the noise :math:`l \odot r` plus the change of :math:`\tilde U` (by autograd)."""
         left, right = left.to(torch.float64), right.to(torch.float64)
-        pulled_left = self.pull(vectors @ (vectors.T @ left))  # shape: (t, P)
-        pulled_right = self.pull(vectors @ (vectors.T @ right))
+        with torch.enable_grad():
+            noise_leaf = noise.detach().to(torch.float64).requires_grad_(True)
+            system = self._system(delta.detach(), noise_leaf)
+            kernel_vectors = system.kernel_vectors()
+            proj_left, proj_right = kernel_vectors.T @ left, kernel_vectors.T @ right  # shape: (k, t)
+            value = (proj_left * system.eigenvalues[:, None] * proj_right).sum() + (
+                left * right * noise_leaf[:, None]
+            ).sum()
+            (grad_noise,) = torch.autograd.grad(value, noise_leaf)
+        vectors = system.vectors
+        pulled_left = self.pull(vectors @ proj_left.detach())  # shape: (t, P)
+        pulled_right = self.pull(vectors @ proj_right.detach())
         per_group = self.layout.group_sums((pulled_left * pulled_right).sum(0))
         grad_delta = -per_group / delta.detach().to(torch.float64).square()
-        return grad_delta.to(delta.dtype), (left * right).sum(-1).to(noise.dtype)
+        return grad_delta.to(delta.dtype), grad_noise.to(noise.dtype)
 
     @torch.no_grad()
     def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> LowRankPosterior:
         r"""Weights :math:`\bar\theta = P_0^{-1}J^\top\alpha` (:math:`\alpha` per ``spec.mean``, see
-        the module docstring); :math:`W = P_0^{-1} J^\top U (\Lambda + \sigma^2)^{-1/2}`."""
-        delta, noise = delta.detach(), noise.detach()
-        vectors, eig, sigma2 = self._spectrum(delta, noise)
+        the module docstring); :math:`W = P_0^{-1} J^\top U L^{-\top}`, :math:`LL^\top = V + \Lambda`."""
+        system = self._system(delta.detach(), noise.detach())
         residual = residual.to(torch.float64).reshape(-1, 1)
+        _, coefficients, rest = system.parts(residual)
+        alpha = system.vectors @ coefficients  # shape: (M, 1), projected
         if self.spec.mean == "complement":
-            alpha = self._low_rank_solve(vectors, eig, sigma2, residual)
-        else:
-            alpha = vectors @ ((vectors.T @ residual) / (eig + sigma2)[:, None])  # shape: (M, 1)
-        columns = torch.cat([vectors, alpha], 1)  # shape: (M, k + 1): one pass of vjps for both
-        scale = torch.cat([(eig + sigma2).rsqrt(), eig.new_ones(1)])
-        pulled = self.directions(delta, columns, scale)  # shape: (P, k + 1)
+            alpha = alpha + rest / system.noise[:, None]
+        factor = system.factor
+        whitened = (  # U L^{-T}
+            system.vectors / factor
+            if factor.dim() == 1
+            else torch.linalg.solve_triangular(factor, system.vectors.T, upper=False).T
+        )
+        columns = torch.cat([whitened, alpha], 1)  # shape: (M, k + 1): one pass of vjps for both
+        pulled = self.directions(delta, columns, columns.new_ones(columns.shape[1]))  # shape: (P, k + 1)
         weights = self.network.flat_params.to(torch.float64) if self.spec.mean == "network" else pulled[:, -1]
         return LowRankPosterior(self.ntk, delta, weights, pulled[:, :-1])
 

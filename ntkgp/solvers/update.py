@@ -16,8 +16,9 @@ Adding ``k`` points (``kC`` rows) to a problem of ``M = NC`` rows changes
   nothing ``M x M`` is copied, which on a memory-bound CPU costs more than the solve;
 * **weight space** the precision by a low-rank term,
   :math:`A' = A + UU^\top`, :math:`U = J_{new}^\top S_{new}^{-1/2}` ``(P, kC)``: a rank-``kC``
-  update of its Cholesky factor in :math:`O(P^2 (kC + b))` (:func:`cholesky_update`), and
-  :math:`J^\top J` by the new rows' outer products, instead of a pass over all ``N`` points and a
+  update of its Cholesky factor in :math:`O(P^2 (kC + b))` (:func:`cholesky_update`),
+  :math:`J^\top J` by the new rows' outer products and the posterior weights' right-hand side
+  :math:`J^\top S^{-1} r` by the new rows' terms, instead of passes over all ``N`` points and a
   :math:`P^3/3` factorization.
 
 Both are exact: the results equal a rebuilt solver's to round-off. The factor is updated only when
@@ -34,7 +35,7 @@ from ntkgp.linalg.bordered import BorderedCholesky, factor_logdet, factor_solve,
 from ntkgp.memory import check_fits
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import NTKProblem, captures, gram, jacobian
-from ntkgp.ntk.captures import capture_bytes
+from ntkgp.ntk.captures import capture_bytes, captures_fit
 from ntkgp.posteriors.bordered import BorderedKernelSpacePosterior
 from ntkgp.posteriors.kernel_space import KernelSpacePosterior
 from ntkgp.solvers.base import GaussianSolver, needs_grad
@@ -68,11 +69,12 @@ def cholesky_update(factor: Tensor, update: Tensor, *, panel: int = _PANEL) -> T
     u = update.clone()
     width = max(panel, k)
     eye_k = torch.eye(k, dtype=factor.dtype, device=factor.device)
+    eye_panel = torch.eye(width, dtype=factor.dtype, device=factor.device)
     for s in range(0, P, width):
         e = min(s + width, P)
         ljj, uj = out[s:e, s:e], u[s:e]
         w = torch.linalg.solve_triangular(ljj, uj, upper=False)  # shape: (nb, k)
-        m = torch.linalg.cholesky(torch.eye(e - s, dtype=w.dtype, device=w.device) + w @ w.mT)
+        m = torch.linalg.cholesky(eye_panel[: e - s, : e - s] + w @ w.mT)
         lbj, ub = out[e:, s:e], u[e:]
         new_lbj = torch.linalg.solve_triangular(m, (lbj + ub @ w.mT).mT, upper=False).mT
         r = torch.linalg.cholesky(eye_k + w.mT @ w)  # lower: R = r^T
@@ -188,7 +190,7 @@ def extend_kernel_solver(
     M = solver.size
     x_all = Inputs.concat([problem.x, x_new])
     new_caps = None
-    if ntk.plan().units:
+    if ntk.plan().units and (captures_train is not None or captures_fit(ntk, problem.x, ntk.budget // 2)):
         captures_train = captures(ntk, problem.x) if captures_train is None else captures_train
         new_caps = captures(ntk, x_new)
         if capture_bytes(ntk, x_all) <= ntk.budget // 2:  # the posterior's cross-kernel will want them
@@ -197,6 +199,8 @@ def extend_kernel_solver(
                 for a, b in zip(captures_train, new_caps)
             ]
             ntk.captures.put(x_all, joined)
+    else:  # captures beyond the budget: the Grams take them in tiles
+        captures_train = None
     cross = gram(ntk, problem.x, x_new, captures1=captures_train, captures2=new_caps)  # shape: (G, M, kC)
     block = gram(ntk, x_new, captures1=new_caps)  # shape: (G, kC, kC)
     delta, noise = delta.detach().to(torch.float64), noise.detach().to(torch.float64)
@@ -220,12 +224,13 @@ def extend_weight_solver(solver: WeightSpaceSolver, x_new: Inputs, delta: Tensor
     problem, ntk, network = solver.problem, solver.ntk, solver.network
     P, C = network.num_parameters, problem.num_outputs
     jac = torch.cat([jacobian(ntk, xc) for _, xc in x_new.chunks(network.chunk_size())]).to(torch.float64)
-    if solver.outer.shape[0] == 1:
+    if solver.outer.shape[0] == 1:  # one new (P, P) matrix, no temporary of that size
         flat = jac.reshape(-1, P)
-        outer = solver.outer + (flat.mT @ flat).unsqueeze(0)
-    else:
-        outer = solver.outer + torch.einsum("ncp,ncq->cpq", jac, jac)
+        outer = torch.addmm(solver.outer[0], flat.mT, flat).unsqueeze(0)
+    else:  # shape: (C, P, k) @ (C, k, P)
+        outer = torch.baddbmm(solver.outer, jac.permute(1, 2, 0), jac.permute(1, 0, 2))
     extended = WeightSpaceSolver(problem.on(Inputs.concat([problem.x, x_new])), outer=outer)
+    extended.extend_pulled(solver, jac)  # the posterior weights' J^T S^-1 r by the new rows only
     last = solver.last_factor
     delta, noise_c = delta.detach().to(torch.float64), noise_c.detach().to(torch.float64)
     if last is not None and _same(last[0], (delta, noise_c)):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ntkgp.network.inputs import Inputs
     from ntkgp.structured.plan import StructuredPlan
 
-__all__ = ["CaptureCache", "UnitCapture", "capture", "differentiable", "slice_captures"]
+__all__ = ["CaptureCache", "UnitCapture", "capture", "capture_with_outputs", "differentiable", "slice_captures"]
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,22 @@ def capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs) -> list
     """One capture pass over the chunk ``x`` (all of it at once): one :class:`UnitCapture` per unit.
 
     Differentiable in ``x`` when :func:`differentiable` (see the module docstring)."""
+    return capture_with_outputs(network, plan, x)[0]
+
+
+def capture_with_outputs(
+    network: FunctionalNetwork, plan: StructuredPlan, x: Inputs
+) -> tuple[list[UnitCapture], Tensor]:
+    """:func:`capture`, and the network's outputs :math:`f(x;\\hat\\theta)` ``(n, C)`` of the same pass
+    (differentiable in ``x`` when the captures are)."""
     keep_graph = differentiable(x)
     with network_pass(True):  # the backward passes too: out of inference mode, with autograd on
         return _capture(network, plan, x, keep_graph)
 
 
-def _capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs, keep_graph: bool) -> list[UnitCapture]:
+def _capture(
+    network: FunctionalNetwork, plan: StructuredPlan, x: Inputs, keep_graph: bool
+) -> tuple[list[UnitCapture], Tensor]:
     index = {id(t): i for i, t in enumerate(network.params.values())}
     mode = CaptureMode(index, capture=True, keep_graph=keep_graph)
     out = network.evaluate(x, mode)
@@ -102,7 +112,7 @@ def _capture(network: FunctionalNetwork, plan: StructuredPlan, x: Inputs, keep_g
             parts = [mode.sites[s].inputs for s in unit.sites]
             inputs = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # type: ignore[arg-type]
         result.append(UnitCapture(inputs, cot if keep_graph else cot.detach()))
-    return result
+    return result, (out if keep_graph else out.detach())
 
 
 def _probe(site: Site) -> Tensor:

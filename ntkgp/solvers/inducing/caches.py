@@ -13,6 +13,7 @@ from ntkgp.linalg.cholesky import cholesky
 from ntkgp.memory import check_fits
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import NTKProblem, captures, gram
+from ntkgp.ntk.captures import captures_fit, rows_within
 from ntkgp.ntk.sharded import gather_points
 from ntkgp.posteriors.inducing import InducingPosterior
 from ntkgp.solvers.base import SolverBase
@@ -57,7 +58,12 @@ class InducingCaches(SolverBase):
         self.kzz = gram(self.ntk, self.z)
         #: :math:`\Phi` ``(blocks, G, G, MC, MC)``, float64
         self.phi = torch.zeros(blocks, G, G, mc, mc, dtype=torch.float64, device=network.device)
-        self._z_captures = captures(self.ntk, self.z) if self.ntk.plan().units else []
+        #: the inducing inputs' captures, ``None`` (recaptured per chunk) when they exceed half the budget
+        self._z_captures = (
+            captures(self.ntk, self.z)
+            if self.ntk.plan().units and captures_fit(self.ntk, self.z, problem.budget // 2)
+            else None
+        )
 
     def _posterior(self, delta: Tensor, lz: Tensor, ld: Tensor, weights: Tensor) -> InducingPosterior:
         return InducingPosterior(self.ntk, weights, delta, self.z, lz, ld, prior_residual=self.prior_residual)
@@ -69,7 +75,10 @@ class InducingCaches(SolverBase):
 
     def _chunk_rows(self) -> int:
         G, C = self.layout.num_groups, self.problem.num_outputs
-        return max(1, self.problem.budget // (4 * 8 * G * C * self.inducing_size))
+        rows = max(1, self.problem.budget // (4 * 8 * G * C * self.inducing_size))
+        if self.ntk.plan().units:  # a chunk's captures are held too
+            rows = min(rows, rows_within(self.ntk, self.problem.x, self.problem.budget // 4))
+        return rows
 
     def cross(self, xc: Inputs) -> Tensor:
         """Per-group :math:`K^g(x_c, Z)`, ``(G, n C, M C)``, float64."""

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ntkgp.linalg.hessian_root import apply_root_transpose
 from ntkgp.ntk import NTKProblem, captures, point_blocks
+from ntkgp.ntk.captures import rows_within
 from ntkgp.posteriors.base import Posterior
 from ntkgp.solvers.base import LaplaceSolver
 from ntkgp.solvers.inducing.caches import InducingCaches
@@ -47,6 +48,8 @@ class InducingLaplaceSolver(InducingCaches, LaplaceSolver):
         C = self.problem.num_outputs
         generic_width = self.layout.width(ntk.plan().generic)
         rows = max(1, self.problem.budget // (4 * C * (generic_width * self.network.dtype.itemsize + 8 * C)))
+        if ntk.plan().units:  # a chunk's captures are held too
+            rows = min(rows, rows_within(ntk, x, self.problem.budget // 4))
         for start, xc in self.network.chunks(x, rows, desc="inducing traces"):
             b = self.hessian_root[start : start + xc.num].to(torch.float64)
             captured = captures(ntk, xc) if ntk.plan().units else None

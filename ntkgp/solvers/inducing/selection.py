@@ -15,7 +15,7 @@ Three rules, each returning sorted indices into the training inputs:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal, TypeAlias
 
 import torch
@@ -175,24 +175,54 @@ def kmeans_points(
         if torch.allclose(moved, centres):
             break
         centres = moved
-    # the few nearest training points of each centre, merged over row blocks: (m, k)
-    k = min(n, _SNAP_CANDIDATES)
+    best_d, best_i = nearest_candidates(x, centres, min(n, _SNAP_CANDIDATES))
+
+    def nearest_unused(c: int, taken: set[int]) -> int:
+        d = (x - centres[c]).square().sum(-1)
+        d[torch.tensor(sorted(taken), dtype=torch.long, device=x.device)] = float("inf")
+        return int(d.argmin())
+
+    return snap_to_unused(tie_ordered(best_d, best_i), nearest_unused)
+
+
+def smallest(distances: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest ``distances`` of each row ``(m, w)`` with their ``indices``, ``(m, k)`` each, ordered by
+    distance and, among equal distances, by position. A stable sort: ``topk`` keeps an arbitrary subset of equal
+    entries, so copies of one training point would be kept differently by a one-process and a sharded run."""
+    order = distances.sort(dim=1, stable=True).indices[:, :k]
+    return distances.gather(1, order), indices.gather(1, order)
+
+
+def nearest_candidates(x: Tensor, centres: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest points of ``x`` ``(n, D)`` to each centre, merged over row blocks: distances and indices
+    (``offset`` plus the row) ``(m, k)``, by distance and then index, padded with ``inf`` / ``-1`` when ``n < k``."""
+    m = centres.shape[0]
     best_d = torch.full((m, 0), float("inf"), dtype=x.dtype, device=x.device)
     best_i = torch.zeros((m, 0), dtype=torch.long, device=x.device)
     for start, block in _row_blocks(x, m):
-        d = torch.cat([best_d, torch.cdist(centres, block)], 1)
-        i = torch.cat([best_i, torch.arange(start, start + block.shape[0], device=x.device).expand(m, -1)], 1)
-        best_d, order = d.topk(min(k, d.shape[1]), dim=1, largest=False)
-        best_i = i.gather(1, order)
-    candidates = tie_ordered(best_d, best_i)
+        rows = torch.arange(offset + start, offset + start + block.shape[0], device=x.device).expand(m, -1)
+        best_d, best_i = smallest(torch.cat([best_d, torch.cdist(centres, block)], 1), torch.cat([best_i, rows], 1), k)
+    pad = k - best_d.shape[1]
+    if pad:
+        best_d = torch.cat([best_d, torch.full((m, pad), float("inf"), dtype=x.dtype, device=x.device)], 1)
+        best_i = torch.cat([best_i, torch.full((m, pad), -1, dtype=torch.long, device=x.device)], 1)
+    return best_d, best_i
+
+
+def snap_to_unused(candidates: list[list[int]], nearest_unused: Callable[[int, set[int]], int]) -> Tensor:
+    """The nearest unused training point to each centre, as sorted indices ``(m,)`` on the CPU.
+
+    ``candidates[c]`` are centre ``c``'s nearest training points, nearest first (:func:`tie_ordered`);
+    when every one is taken, ``nearest_unused(c, taken)`` searches the whole data. Centres are served
+    in order, so every process of a sharded selection, holding the same candidates, makes the same
+    calls in the same order.
+    """
     chosen: list[int] = []
     taken: set[int] = set()
-    for c, row in enumerate(candidates):  # nearest unused training point to each centre
+    for c, row in enumerate(candidates):
         pick = next((i for i in row if i not in taken), None)
-        if pick is None:  # all k candidates taken: search the whole data for this centre
-            d = (x - centres[c]).square().sum(-1)
-            d[torch.tensor(sorted(taken), dtype=torch.long, device=x.device)] = float("inf")
-            pick = int(d.argmin())
+        if pick is None:  # all candidates taken
+            pick = nearest_unused(c, taken)
         taken.add(pick)
         chosen.append(pick)
     return torch.tensor(sorted(chosen), dtype=torch.long, device="cpu")

@@ -22,28 +22,18 @@ import torch
 from torch import Tensor
 
 from ntkgp.distributed import Sharding
-from ntkgp.solvers.inducing.selection import _SNAP_CANDIDATES, _row_blocks, kmeanspp_centres, seeding_pool, tie_ordered
+from ntkgp.solvers.inducing.selection import (
+    _SNAP_CANDIDATES,
+    _row_blocks,
+    kmeanspp_centres,
+    nearest_candidates,
+    seeding_pool,
+    smallest,
+    snap_to_unused,
+    tie_ordered,
+)
 
 __all__ = ["sharded_kmeans_points"]
-
-
-def _nearest_candidates(x: Tensor, centres: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` nearest local points of each centre: distances and global indices ``(m, k)`` (inf / -1 padded)."""
-    m = centres.shape[0]
-    best_d = torch.full((m, 0), float("inf"), dtype=x.dtype, device=x.device)
-    best_i = torch.zeros((m, 0), dtype=torch.long, device=x.device)
-    for start, block in _row_blocks(x, m):
-        d = torch.cat([best_d, torch.cdist(centres, block)], 1)
-        i = torch.cat(
-            [best_i, torch.arange(offset + start, offset + start + block.shape[0], device=x.device).expand(m, -1)], 1
-        )
-        best_d, order = d.topk(min(k, d.shape[1]), dim=1, largest=False)
-        best_i = i.gather(1, order)
-    pad = k - best_d.shape[1]
-    if pad:
-        best_d = torch.cat([best_d, torch.full((m, pad), float("inf"), dtype=x.dtype, device=x.device)], 1)
-        best_i = torch.cat([best_i, torch.full((m, pad), -1, dtype=torch.long, device=x.device)], 1)
-    return best_d, best_i
 
 
 def sharded_kmeans_points(
@@ -75,24 +65,19 @@ def sharded_kmeans_points(
             break
         centres = moved
     k = min(n, _SNAP_CANDIDATES)
-    local_d, local_i = _nearest_candidates(x, centres, k, offset)
+    local_d, local_i = nearest_candidates(x, centres, k, offset)
     both = torch.cat([local_d.T, local_i.T.to(x.dtype)])  # shape: (2k, m)
     gathered = sharding.gather_rows(both, [2 * k] * sharding.world_size).reshape(-1, 2, k, m)
     all_d = gathered[:, 0].permute(2, 0, 1).reshape(m, -1)  # shape: (m, W k)
     all_i = gathered[:, 1].permute(2, 0, 1).reshape(m, -1).to(torch.long)
-    order = all_d.topk(k, dim=1, largest=False).indices
-    candidates = tie_ordered(all_d.gather(1, order), all_i.gather(1, order))
-    chosen: list[int] = []
-    taken: set[int] = set()
-    for c, row in enumerate(candidates):  # nearest unused training point to each centre
-        pick = next((i for i in row if i not in taken), None)
-        if pick is None:  # all k candidates taken: search the whole data for this centre
-            d = (x - centres[c]).square().sum(-1)
-            held = [i - offset for i in taken if offset <= i < offset + x.shape[0]]
-            d[torch.tensor(held, dtype=torch.long, device=x.device)] = float("inf")
-            best = torch.stack([d.min(), (d.argmin() + offset).to(x.dtype)])[None]
-            every = sharding.gather_rows(best, [1] * sharding.world_size)  # shape: (W, 2)
-            pick = int(every[int(every[:, 0].argmin()), 1])
-        taken.add(pick)
-        chosen.append(pick)
-    return torch.tensor(sorted(chosen), dtype=torch.long, device="cpu")
+    candidates = tie_ordered(*smallest(all_d, all_i, k))  # rank-major: equal distances by index
+
+    def nearest_unused(c: int, taken: set[int]) -> int:  # over every rank's rows (collective)
+        d = (x - centres[c]).square().sum(-1)
+        held = [i - offset for i in taken if offset <= i < offset + x.shape[0]]
+        d[torch.tensor(held, dtype=torch.long, device=x.device)] = float("inf")
+        best = torch.stack([d.min(), (d.argmin() + offset).to(x.dtype)])[None]
+        every = sharding.gather_rows(best, [1] * sharding.world_size)  # shape: (W, 2)
+        return int(every[int(every[:, 0].argmin()), 1])
+
+    return snap_to_unused(candidates, nearest_unused)

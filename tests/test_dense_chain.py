@@ -1,0 +1,135 @@
+"""Closed-form captures of plain MLPs (:mod:`ntkgp.structured.chain`) against the autograd capture pass.
+
+For test inputs that require grad, a plain ``nn.Sequential`` MLP takes the closed-form route. Its
+layer inputs, output cotangents and outputs must equal the capture pass's (one forward, ``C``
+backward passes with ``create_graph``), and so must the gradients of a random functional of them
+in the inputs (float64, 1e-12 relative). Networks that are not plain MLPs keep the capture pass.
+"""
+
+from __future__ import annotations
+
+import gpytorch
+import pytest
+import torch
+from torch import Tensor, nn
+
+import ntkgp
+from ntkgp.structured.capture import capture_with_outputs
+
+TOL = 1e-12
+
+
+def _gp(net: nn.Module, c: int) -> ntkgp.LinearizedGP:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(12, c, generator=g, dtype=torch.float64)
+    if c == 1:
+        lik = gpytorch.likelihoods.GaussianLikelihood().double()
+        y = y[:, 0]
+    else:
+        lik = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=c, rank=0).double()
+    return ntkgp.LinearizedGP(net.eval(), lik, x, y, solver="kernel").eval()
+
+
+def _functional(captures: list, out: Tensor, seed: int) -> Tensor:
+    """A random linear functional of every capture and the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    total = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    for cap in captures:
+        for t in (cap.inputs, cap.cotangents):
+            total = total + (t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum()
+    return total
+
+
+NETS = {
+    "tanh": lambda c: nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, c)),
+    "relu_sigmoid": lambda c: nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, c)),
+    "stacked_no_bias": lambda c: nn.Sequential(nn.Linear(3, 6, bias=False), nn.Tanh(), nn.Sigmoid(), nn.Linear(6, c)),
+    "linear": lambda c: nn.Sequential(nn.Linear(3, c)),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("c", [1, 2])
+def test_closed_form_captures_equal_the_capture_pass(name: str, c: int) -> None:
+    torch.manual_seed(1)
+    gp = _gp(NETS[name](c).double(), c)
+    ntk = gp.ntk
+    ntk.plan()
+    chain = ntk.dense_chain
+    assert chain is not None
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    inputs = gp.network.inputs(x)
+    want_caps, want_out = capture_with_outputs(gp.network, ntk.plan(), inputs)
+    got_caps, got_out = chain.capture(gp.network.params, x)
+    assert len(got_caps) == len(want_caps)
+    assert torch.allclose(got_out, want_out, rtol=TOL, atol=0)
+    for got, want in zip(got_caps, want_caps):
+        assert got.cotangents.shape == want.cotangents.shape
+        assert torch.allclose(got.cotangents, want.cotangents, rtol=TOL, atol=TOL)
+        assert got.inputs is not None and want.inputs is not None
+        assert torch.allclose(got.inputs, want.inputs, rtol=TOL, atol=0)
+    (want_grad,) = torch.autograd.grad(_functional(want_caps, want_out, 3), x)
+    (got_grad,) = torch.autograd.grad(_functional(got_caps, got_out, 3), x)
+    assert float((got_grad - want_grad).abs().max()) <= TOL * float(want_grad.abs().max())
+
+
+class _Same(nn.Sequential):
+    """The same function as its ``nn.Sequential``: not a plain MLP to :class:`DenseChain` (the capture pass)."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("solver", ["kernel", "weight"])
+def test_predictions_through_the_chain_equal_the_capture_pass(solver: str) -> None:
+    """Batched posteriors (and their input gradients), plain predictions and the evidence of a plain MLP
+    (closed-form captures, training side too) equal those of the same network through the capture pass."""
+    torch.manual_seed(4)
+    plain = NETS["tanh"](1).double()
+    same = _Same(*plain)
+    g = torch.Generator().manual_seed(0)
+    x_train = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    y_train = torch.randn(12, generator=g, dtype=torch.float64)
+    values, grads = [], []
+    for net in (plain, same):
+        lik = gpytorch.likelihoods.GaussianLikelihood().double()
+        lik.noise = 0.1
+        gp = ntkgp.LinearizedGP(net.eval(), lik, x_train, y_train, solver=solver)
+        gp.ntk.plan()
+        assert (gp.ntk.dense_chain is not None) == (net is plain)
+        evidence = gp.log_evidence().detach()
+        gp.eval()
+        x = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
+        out = gp(x)
+        value = out.mean.sum() + out.covariance_matrix.square().sum()
+        (grad,) = torch.autograd.grad(value, x)
+        with torch.no_grad():
+            flat = gp(x.detach().reshape(-1, 3))
+        values.append(torch.cat([value.detach()[None], evidence[None], flat.mean, flat.covariance_matrix.reshape(-1)]))
+        grads.append(grad)
+    assert torch.allclose(values[0], values[1], rtol=TOL, atol=TOL)
+    assert float((grads[0] - grads[1]).abs().max()) <= TOL * float(grads[1].abs().max())
+
+
+class _Subclass(nn.Sequential):
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(2 * x)
+
+
+@pytest.mark.parametrize(
+    "net",
+    [
+        _Subclass(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)),
+        nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 1)),
+        nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1)),
+        nn.Sequential(nn.Linear(3, 1), nn.Tanh()),
+        nn.Sequential(nn.Tanh(), nn.Linear(3, 1)),
+    ],
+    ids=["subclass", "gelu", "layernorm", "ends_in_activation", "starts_with_activation"],
+)
+def test_other_networks_keep_the_capture_pass(net: nn.Module) -> None:
+    gp = _gp(net.double(), 1)
+    gp.ntk.plan()
+    assert gp.ntk.dense_chain is None
