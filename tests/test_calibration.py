@@ -283,3 +283,30 @@ def test_linearized_mode_checks_memory_once_not_at_every_newton_step(solver, mon
     monkeypatch.setattr(memory, "available_memory", lambda device: 2**20)  # the check itself still refuses
     with pytest.raises(ntkgp.KernelTooLargeError):
         fresh.log_evidence()
+
+
+def test_lbfgs_treats_a_failed_factorization_at_a_trial_point_as_a_rejected_step(monkeypatch) -> None:
+    """A line-search trial whose factor is not positive definite (extreme prior precisions) backtracks;
+    the fit reaches the same optimum as one whose trials all factor. Only the starting point raises."""
+    from ntkgp.errors import NotPositiveDefiniteError
+
+    x, y, net, lik = _softmax()
+    truth.train_map_loss(net, x, lambda f: F.cross_entropy(f, y, reduction="sum"), truth.prior_vector(net, 1.0))
+    clean = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map")
+    want = fit_hyperparameters(clean, method="lbfgs", tolerance=1e-7)
+    model = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map")
+    evidence, calls = model.log_evidence, []
+
+    def failing_once() -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:  # the first line-search trial
+            raise NotPositiveDefiniteError("the Laplace factor is not positive definite (injected)")
+        return evidence()
+
+    monkeypatch.setattr(model, "log_evidence", failing_once)
+    got = fit_hyperparameters(model, method="lbfgs", tolerance=1e-7)
+    assert got.converged and len(calls) > 2
+    assert torch.allclose(got.prior_precision, want.prior_precision, rtol=1e-5, atol=0)
+    monkeypatch.setattr(model, "log_evidence", lambda: (_ for _ in ()).throw(NotPositiveDefiniteError("start")))
+    with pytest.raises(NotPositiveDefiniteError, match="start"):
+        fit_hyperparameters(model, method="lbfgs")

@@ -29,6 +29,7 @@ import torch
 from gpytorch.likelihoods import GaussianLikelihood
 from torch import Tensor
 
+from ntkgp.errors import NotPositiveDefiniteError
 from ntkgp.marglik.spectral import (
     gaussian_kernel_evidence,
     gaussian_weight_evidence,
@@ -213,6 +214,10 @@ def _spectral(model: LinearizedGP, problem: tuple, tolerance: float, max_iter: i
 
 
 # ---------------------------------------------------------------- L-BFGS on the exact evidence
+#: the loss (relative to the last evidence) a trial point whose factorization fails is given
+_REJECTED_LOSS = 1e6
+
+
 def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> HyperparameterFit:
     kernel = model.covar_module
     raw_delta = kernel.raw_prior_precision
@@ -230,7 +235,16 @@ def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> Hyperparamet
         for v in variables:
             v.grad = None
         raw_delta.grad = None
-        loss = -model.log_evidence()
+        try:
+            loss = -model.log_evidence()
+        except NotPositiveDefiniteError:
+            if state["last"] is None:  # the starting point itself: nothing to fall back to
+                raise
+            # a line-search trial at extreme hyperparameters whose factor failed: a rejected step. A
+            # large finite loss with a zero gradient makes the strong-Wolfe search backtrack.
+            for v in variables:
+                v.grad = torch.zeros_like(v)
+            return torch.tensor(_REJECTED_LOSS * (1.0 + abs(state["last"][2])), dtype=torch.float64)
         grads = torch.autograd.grad(loss, [raw_delta] + others, allow_unused=True)
         raw = raw_delta.detach().clone().requires_grad_(True)
         with torch.enable_grad():
