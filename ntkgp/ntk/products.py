@@ -72,9 +72,10 @@ def _pushforward_by_captures(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> 
     offsets = network.offsets
     per_tensor = {i: flat[:, offsets[i] : offsets[i + 1]] for i in range(len(network.names))}
     parts = []
-    for _, xc in network.chunks(x, capture_rows(ntk, x), desc="jvp"):
+    # the captures of all of x are kept (and reused) when they fit in half the budget, as kernel_matmul's
+    for _, _, caps in capture_chunks(ntk, x, capture_rows(ntk, x), ntk.budget // 2, "jvp"):
         total: Tensor | None = None
-        for unit, cap in zip(plan.units, captures(ntk, xc)):
+        for unit, cap in zip(plan.units, caps):
             part = unit_pushforward(unit, cap, {i: per_tensor[i] for i in unit.tensors})  # shape: (T, n, C)
             if part is not None:
                 total = part if total is None else total + part
