@@ -12,16 +12,13 @@ bounded (a subprocess probe of peak RSS).
 from __future__ import annotations
 
 import importlib
-import re
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import gpytorch
 import pytest
 import torch
 import truth
+from rss_probe import needs_clear_refs, probe
 from torch import nn
 
 import ntkgp
@@ -156,26 +153,10 @@ PEAK_SCRIPT = textwrap.dedent(
 )
 
 
-def _clear_refs_writable() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _clear_refs_writable(), reason="needs a writable /proc/self/clear_refs (Linux)")
+@needs_clear_refs
 def test_predictions_stay_within_the_budget() -> None:
     """600 predictions of a conv net whose captures take 0.55 MB per example (330 MB for the test
     points, 33 MB for the training points) with a 16 MiB budget and chunks of 50 examples: the peak
     grows by less than 64 MiB (sized without their captures, the test blocks took 330 MB)."""
-    out = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    peak = int(re.findall(r"-?\d+", out.stdout)[-1])
+    peak = int(probe(PEAK_SCRIPT, threads=1))
     assert peak < 64 * 2**20, f"predictions grew the peak by {peak / 2**20:.0f} MiB"

@@ -10,12 +10,10 @@ the allowance is 200 MB (the chunk's per-example Jacobian and its vmap intermedi
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from rss_probe import needs_clear_refs, probe
 
 SCRIPT = textwrap.dedent(
     """
@@ -48,26 +46,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _clear_refs_writable() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _clear_refs_writable(), reason="needs a writable /proc/self/clear_refs (Linux)")
+@needs_clear_refs
 @pytest.mark.parametrize("route", ["inducing", "lanczos", "cg"])
 def test_approximate_routes_stay_within_memory(route: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, route],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    peak = int(out.stdout.strip().splitlines()[-1])
+    peak = int(probe(SCRIPT, route, threads=2))
     assert peak < 200 * 2**20, f"{route}: peak memory grew by {peak / 2**20:.0f} MiB"
 
 
@@ -99,17 +81,9 @@ BOUND_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not _clear_refs_writable(), reason="needs a writable /proc/self/clear_refs (Linux)")
+@needs_clear_refs
 @pytest.mark.parametrize(("space", "groups"), [("kernel", 1), ("kernel", 6), ("weight", 1)])
 def test_memory_check_bounds_the_peak_with_the_backward(space: str, groups: int) -> None:
     """The memory check before an exact solver is built bounds the real peak of evidence plus gradient."""
-    out = subprocess.run(
-        [sys.executable, "-c", BOUND_SCRIPT, space, str(groups)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    peak, bound = map(int, out.stdout.strip().splitlines()[-1].split())
+    peak, bound = map(int, probe(BOUND_SCRIPT, space, str(groups), threads=2).split())
     assert peak <= bound, f"{space}, G={groups}: peak {peak / 2**20:.0f} MiB above the estimate {bound / 2**20:.0f} MiB"
