@@ -2,7 +2,7 @@ r"""Benchmark (issue 16): calibration of the post-hoc workflows on networks trai
 
 Tasks (:mod:`benchmarks.calibration_tasks`): a CNN with BatchNorm on digits, an MLP on digits, an
 MLP on breast cancer (Bernoulli), an MLP on diabetes (regression), and a CNN on digits trained with
-early stopping and no weight decay. For each task, in one process, each method's predictive on
+early stopping and no weight decay, and a transformer classifier on token ids. For each task, in one process, each method's predictive on
 the test set and on a shifted (OOD) set:
 
 * ``map``: the network's own predictive (softmax / sigmoid; regression: :math:`\mathcal N(f, \hat\sigma^2)`
@@ -153,7 +153,7 @@ def _likelihood(task: Task) -> Any:
     import gpytorch
 
     if task.kind == "softmax":
-        return ntkgp.likelihoods.SoftmaxLikelihood(num_classes=10)
+        return ntkgp.likelihoods.SoftmaxLikelihood(num_classes=task.num_classes)
     if task.kind == "bernoulli":
         return ntkgp.likelihoods.BernoulliLikelihood()
     lik = gpytorch.likelihoods.GaussianLikelihood().double()

@@ -15,11 +15,19 @@ set and a shifted (OOD) set, built reproducibly from ``seed``:
   the MAP of ‖y − f‖²/(2·0.5) + ½·10·‖θ‖² (δ = 1 overfits: test RMSE 1.07 against 0.71);
 * ``cnn_early_stop``: digits, the CNN without BatchNorm (P = 6,090), Adam (lr 1e-3, batch 64) on
   mean CE with no weight decay, on 1,000 of the 1,257 training images, stopped at the best
-  validation NLL on the other 257 (patience 10 epochs): not at any MAP.
+  validation NLL on the other 257 (patience 10 epochs): not at any MAP;
+* ``transformer``: generated token sentences (length 16 over a vocabulary of 120 ids: ids 1-10
+  "positive", 11-20 "negative", 21-99 neutral, 100-119 never used in training), label = whether
+  positive ids outnumber negative ones (ties redrawn), 1,000 train / 500 test; ``nn.Embedding(120, 32)``
+  + 2 ``nn.TransformerEncoderLayer`` (4 heads, feed-forward 64, dropout 0.1) + mean pool +
+  Linear(32→2) (P = 20,994), full batch in train mode (dropout on) on sum-CE + ½·1·‖θ‖² (Adam,
+  2000 steps, cosine learning rate from 1e-2), then eval mode: a MAP of the dropout objective, not of
+  the eval-mode network.
 
 OOD sets (fixed before any result was seen): digits: the test images with Gaussian pixel noise of
 standard deviation 0.5, clipped to [0, 1]; tabular: the standardized test inputs plus Gaussian
-noise of standard deviation 2.
+noise of standard deviation 2; tokens: sentences of the same length drawn from the 20 ids never seen
+in training (unknown words).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-TASKS = ("cnn_bn", "mlp_digits", "breast_cancer", "diabetes", "cnn_early_stop")
+TASKS = ("cnn_bn", "mlp_digits", "breast_cancer", "diabetes", "cnn_early_stop", "transformer")
 
 
 @dataclass
@@ -53,6 +61,7 @@ class Task:
     prior_precision: float  # the weight decay the network was trained with (the stated prior)
     noise: float | None = None  # Gaussian: the MAP's noise variance (training MSE)
     train_seconds: float = 0.0
+    num_classes: int = 10  # softmax tasks
 
 
 def _digits(seed: int) -> tuple[Tensor, ...]:
@@ -80,6 +89,49 @@ def _tabular(loader, seed: int, regression: bool) -> tuple[Tensor, ...]:
         y_tr, y_te = torch.as_tensor(y_tr), torch.as_tensor(y_te)
     g = torch.Generator().manual_seed(seed + 1)
     return x_tr, y_tr, x_te, y_te, x_te + 2.0 * torch.randn(x_te.shape, generator=g)
+
+
+#: the token task: vocabulary, sentence length, positive / negative / neutral / unseen id ranges
+_VOCAB, _LENGTH = 120, 16
+_POSITIVE, _NEGATIVE, _NEUTRAL, _UNSEEN = (1, 11), (11, 21), (21, 100), (100, 120)
+
+
+def _sentences(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` sentences ``(n, 16)`` of ids and their labels: positive ids outnumber negative ones (no ties)."""
+    ids, labels = [], []
+    while sum(len(i) for i in ids) < n:
+        kind = torch.rand(2 * n, _LENGTH, generator=g)
+        pos = torch.randint(*_POSITIVE, (2 * n, _LENGTH), generator=g)
+        neg = torch.randint(*_NEGATIVE, (2 * n, _LENGTH), generator=g)
+        neutral = torch.randint(*_NEUTRAL, (2 * n, _LENGTH), generator=g)
+        batch = torch.where(kind < 0.125, pos, torch.where(kind < 0.25, neg, neutral))
+        score = (kind < 0.125).sum(1) - ((kind >= 0.125) & (kind < 0.25)).sum(1)
+        keep = score != 0
+        ids.append(batch[keep])
+        labels.append((score[keep] > 0).long())
+    return torch.cat(ids)[:n], torch.cat(labels)[:n]
+
+
+def _tokens(seed: int) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(seed + 1)
+    x, y = _sentences(1000, g)
+    xt, yt = _sentences(500, g)
+    ood = torch.randint(*_UNSEEN, (500, _LENGTH), generator=g)
+    return x, y, xt, yt, ood
+
+
+class TokenClassifier(nn.Module):
+    """``nn.Embedding`` + 2 ``nn.TransformerEncoderLayer`` + mean pool + Linear, on token ids ``(n, L)``."""
+
+    def __init__(self, vocab: int = _VOCAB, width: int = 32, classes: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(ids)).mean(1))
 
 
 def _cnn(bn: bool) -> nn.Sequential:
@@ -219,6 +271,11 @@ def make_task(name: str, seed: int = 0, cache: Path | None = None) -> Task:
             net = _cnn(bn=False)
             train_early_stopped(net, x[:1000], y[:1000], x[1000:], y[1000:], seed)
             task = Task(name, "softmax", net, x[:1000], y[:1000], xt, yt, ood, 1.0)
+    elif name == "transformer":
+        x, y, xt, yt, ood = _tokens(seed)
+        net = TokenClassifier()
+        train_map(net, "softmax", x, y, 1.0, lbfgs=False)
+        task = Task(name, "softmax", net, x, y, xt, yt, ood, 1.0, num_classes=2)
     elif name == "breast_cancer":
         x, y, xt, yt, ood = _tabular(load_breast_cancer, seed, regression=False)
         net = _mlp([30, 16, 16, 1])
@@ -250,6 +307,9 @@ def _untrained(name: str, seed: int) -> Task:
             return Task(name, "softmax", _cnn(bn=False), x[:1000], y[:1000], xt, yt, ood, 1.0)
         net = _cnn(bn=True) if name == "cnn_bn" else nn.Sequential(nn.Flatten(), _mlp([64, 32, 32, 10]))
         return Task(name, "softmax", net, x, y, xt, yt, ood, 1.0)
+    if name == "transformer":
+        x, y, xt, yt, ood = _tokens(seed)
+        return Task(name, "softmax", TokenClassifier(), x, y, xt, yt, ood, 1.0, num_classes=2)
     if name == "breast_cancer":
         x, y, xt, yt, ood = _tabular(load_breast_cancer, seed, regression=False)
         return Task(name, "bernoulli", _mlp([30, 16, 16, 1]), x, y, xt, yt, ood, 1.0)
