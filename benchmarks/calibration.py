@@ -1,9 +1,9 @@
 r"""Benchmark (issue 16): calibration of the post-hoc workflows on networks trained here.
 
 Tasks (:mod:`benchmarks.calibration_tasks`): a CNN with BatchNorm on digits, an MLP on digits, an
-MLP on breast cancer (Bernoulli), an MLP on diabetes (regression), and a CNN on digits trained with
-early stopping and no weight decay, and a transformer classifier on token ids. For each task, in one process, each method's predictive on
-the test set and on a shifted (OOD) set:
+MLP on breast cancer (Bernoulli), an MLP on diabetes (regression), a CNN on digits trained with
+early stopping and no weight decay, and a transformer classifier on token ids. For each task, in one
+process, each method's predictive on the test set and on a shifted (OOD) set:
 
 * ``map``: the network's own predictive (softmax / sigmoid; regression: :math:`\mathcal N(f, \hat\sigma^2)`
   with :math:`\hat\sigma^2` the training MSE);
