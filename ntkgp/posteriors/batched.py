@@ -104,7 +104,7 @@ def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[T
     C = posterior.ntk.num_outputs
     dense = DenseGroups.of(posterior)
     if dense is not None:  # a plain MLP: few operations per block, the posterior's side prepared once
-        return _joined([dense(xb, q) for xb in _blocks_of(x, q, kernel.rows(posterior.rank))])
+        return _joined([dense(posterior, xb, q) for xb in _blocks_of(x, q, kernel.rows(posterior.rank))])
     shift = _shift_vector(posterior)
     parts, shifts, outputs = [], [], []
     for xb in _blocks_of(x, q, kernel.rows(posterior.rank)):

@@ -71,7 +71,7 @@ class DenseGroups:
     def __init__(self, posterior: DowndatePosterior, chain: DenseChain) -> None:
         ntk, kernel = posterior.ntk, posterior.kernel
         network = ntk.network
-        self.posterior, self.chain = posterior, chain
+        self.chain = chain  # the posterior is not held: it holds this object
         #: what the prepared values were made from (the posterior's attributes and their versions)
         self.key = _key(posterior)
         index = {name: i for i, name in enumerate(network.names)}
@@ -124,11 +124,10 @@ class DenseGroups:
         posterior.dense_groups = cls(posterior, chain)
         return posterior.dense_groups
 
-    def __call__(self, x: Inputs, q: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    def __call__(self, posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None, Tensor]:
         """Covariances ``(B, qC, qC)``, the mean's shift ``(n, C)`` (``None`` when zero) and the network's
-        outputs ``(n, C)`` for the ``n = B q`` points of ``x`` in groups of ``q``, float64 (the shift in
-        the network's dtype), differentiable in ``x``."""
-        posterior = self.posterior
+        outputs ``(n, C)`` of ``posterior`` (the one this state was prepared for) for the ``n = B q`` points
+        of ``x`` in groups of ``q``, float64 (the shift in the network's dtype), differentiable in ``x``."""
         network = posterior.network
         with network_pass(differentiable(x)):
             data = x.to(network.device, network.dtype).map(usable).data
