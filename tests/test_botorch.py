@@ -62,6 +62,18 @@ def test_posterior_is_the_joint_gp_posterior_and_differentiable(c: int, solver: 
     assert float((got - want).abs().max()) <= 1e-7 * float(want.abs().max())
 
 
+def test_posterior_puts_every_module_in_eval_mode() -> None:
+    """``posterior`` switches to eval mode a model left in train mode, or a part of it (the likelihood)."""
+    model, _, _ = _model(1)
+    X = torch.rand(2, 2, 3, dtype=torch.float64)
+    assert model.model.training
+    first = model.posterior(X).mean
+    assert not any(m.training for m in model.modules())
+    model.model.likelihood.train()
+    assert torch.equal(model.posterior(X).mean, first)
+    assert not any(m.training for m in model.modules())
+
+
 def test_observation_noise_and_output_indices() -> None:
     model, _, _ = _model(2)
     X = torch.rand(4, 2, 3, dtype=torch.float64)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import ntkgp
+from ntkgp.posteriors.dense_groups import DenseGroups
 from ntkgp.structured.capture import capture_with_outputs
 
 TOL = 1e-12
@@ -133,3 +134,124 @@ def test_other_networks_keep_the_capture_pass(net: nn.Module) -> None:
     gp = _gp(net.double(), 1)
     gp.ntk.plan()
     assert gp.ntk.dense_chain is None
+
+
+# ------------------------------------------------------------------ the batched route of plain MLPs
+def _batched(gp: ntkgp.LinearizedGP, x: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, joint covariances and the input gradient of a random functional of both, for ``x`` ``(b, q, d)``."""
+    x = x.detach().clone().requires_grad_(True)
+    out = gp(x)
+    g = torch.Generator().manual_seed(seed)
+    mean, cov = out.mean, out.covariance_matrix
+    value = (mean * torch.randn(mean.shape, generator=g, dtype=mean.dtype)).sum()
+    value = value + (cov * torch.randn(cov.shape, generator=g, dtype=cov.dtype)).sum()
+    (grad,) = torch.autograd.grad(value, x)
+    return mean.detach(), cov.detach(), grad
+
+
+def _generic(monkeypatch: pytest.MonkeyPatch, gp: ntkgp.LinearizedGP, x: Tensor, seed: int) -> tuple[Tensor, ...]:
+    """:func:`_batched` through the generic route (structured Gram kernels on the closed-form captures)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(DenseGroups, "of", classmethod(lambda cls, posterior: None))
+        return _batched(gp, x, seed)
+
+
+def _assert_close(got: tuple[Tensor, ...], want: tuple[Tensor, ...]) -> None:
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert float((g - w).abs().max()) <= TOL * max(1.0, float(w.abs().max()))
+
+
+def _per_tensor_gp(net: nn.Module, kind: str, c: int) -> ntkgp.LinearizedGP:
+    """A GP with one prior precision per tensor (weights and biases apart), ``kind`` of posterior."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    if kind == "laplace":
+        lik: gpytorch.likelihoods.Likelihood = ntkgp.likelihoods.SoftmaxLikelihood(num_classes=c)
+        y = torch.randint(0, c, (12,), generator=g)
+    elif c == 1:
+        lik, y = gpytorch.likelihoods.GaussianLikelihood().double(), torch.randn(12, generator=g, dtype=torch.float64)
+    else:
+        lik = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=c, rank=0).double()
+        y = torch.randn(12, c, generator=g, dtype=torch.float64)
+    solver: object = "kernel"
+    if kind == "inducing":
+        solver = ntkgp.solvers.Inducing(num_inducing=6, selection=torch.arange(0, 12, 2))
+    elif kind == "lanczos":
+        solver = ntkgp.solvers.Lanczos(rank=5)
+    gp = ntkgp.LinearizedGP(net, lik, x, y, prior_precision="tensor", solver=solver)  # type: ignore[arg-type]
+    gp.prior_precision = torch.linspace(0.5, 2.0, len(gp.prior_precision), dtype=torch.float64)
+    if kind != "laplace":
+        gp.likelihood.noise = 0.1
+    return gp.eval()
+
+
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("kind", ["kernel", "inducing", "lanczos", "laplace"])
+def test_batched_route_of_plain_mlps_equals_the_generic_route(
+    monkeypatch: pytest.MonkeyPatch, name: str, c: int, kind: str
+) -> None:
+    """:class:`~ntkgp.posteriors.dense_groups.DenseGroups` (few operations, the posterior's side prepared
+    once) against the generic batched route on the same captures: means, joint covariances and input
+    gradients within 1e-12, for every posterior with a prior-minus-downdate covariance (Laplace: 2 and 3
+    classes)."""
+    c = c + 1 if kind == "laplace" else c
+    torch.manual_seed(1)
+    gp = _per_tensor_gp(NETS[name](c).double().eval(), kind, c)
+    x = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = _batched(gp, x, 7)
+    assert isinstance(gp.posterior().dense_groups, DenseGroups)  # the fast route was taken
+    _assert_close(got, _generic(monkeypatch, gp, x, 7))
+
+
+def test_dense_groups_are_kept_and_renewed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prepared state is reused while the posterior stands (a cached and an uncached call agree to
+    1e-12) and renewed with the hyperparameters, the noise, the training data (``add_data``) and an
+    in-place change of the posterior; a GP of a changed network gets its own."""
+    torch.manual_seed(2)
+    net = NETS["tanh"](1).double().eval()
+    gp = _per_tensor_gp(net, "kernel", 1)
+    x = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    first = _batched(gp, x, 1)
+    post = gp.posterior()
+    held = post.dense_groups
+    assert isinstance(held, DenseGroups)
+    again = _batched(gp, x, 1)
+    assert gp.posterior().dense_groups is held  # kept
+    fresh = DenseGroups(post, held.chain)  # an uncached state, prepared now
+    with monkeypatch.context() as patch:
+        patch.setattr(DenseGroups, "of", classmethod(lambda cls, posterior: fresh))
+        uncached = _batched(gp, x, 1)
+    _assert_close(again, first)
+    _assert_close(uncached, first)
+
+    def renewed(before: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        got = _batched(gp, x, 1)
+        assert gp.posterior().dense_groups is not held
+        assert float((got[1] - before[1]).abs().max()) > 1e-6  # the change shows
+        _assert_close(got, _generic(monkeypatch, gp, x, 1))
+        return got
+
+    gp.prior_precision = torch.linspace(3.0, 0.2, len(gp.prior_precision), dtype=torch.float64)
+    values = renewed(first)
+    held = gp.posterior().dense_groups
+    gp.likelihood.noise = 0.02
+    values = renewed(values)
+    held = gp.posterior().dense_groups
+    g = torch.Generator().manual_seed(8)
+    gp.add_data(torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64))
+    values = renewed(values)
+    gp.posterior().weights.mul_(1.5)  # in place: the prepared shift is stale
+    got = _batched(gp, x, 1)
+    assert float((got[0] - values[0]).abs().max()) > 1e-6
+    _assert_close(got, _generic(monkeypatch, gp, x, 1))
+
+    with torch.no_grad():  # the GP holds a snapshot of the network: unchanged; a new GP sees the change
+        net[0].weight.add_(0.3)
+    _assert_close(_batched(gp, x, 1), got)
+    other = _per_tensor_gp(net, "kernel", 1)
+    changed = _batched(other, x, 1)
+    assert float((changed[1] - first[1]).abs().max()) > 1e-6
+    _assert_close(changed, _generic(monkeypatch, other, x, 1))

@@ -101,7 +101,8 @@ class LinearizedGPModel(Model, FantasizeMixin):
         """
         if X.dim() < 2:
             raise ValueError(f"X must have shape (*batch, q, d), got {tuple(X.shape)}")
-        self.eval()
+        if any(module.training for module in self.modules()):  # eval() walks every module: skipped when done
+            self.eval()
         X = self.transform_inputs(X)
         mvn = self._latent(X)
         if observation_noise is not False:

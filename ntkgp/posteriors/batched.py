@@ -25,6 +25,7 @@ from ntkgp.ntk.captures import captures_with_outputs
 from ntkgp.ntk.diagonal import group_blocks
 from ntkgp.ntk.generic import generic_jacobian
 from ntkgp.posteriors.base import Posterior
+from ntkgp.posteriors.dense_groups import DenseGroups
 from ntkgp.posteriors.downdate import DowndatePosterior
 from ntkgp.posteriors.prior_kernel import PriorKernel
 from ntkgp.posteriors.weight_space import WeightSpacePosterior
@@ -101,6 +102,9 @@ def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[T
     outputs ``(n, C)`` from the capture passes (``None`` when the plan has no structured unit)."""
     kernel = posterior.kernel
     C = posterior.ntk.num_outputs
+    dense = DenseGroups.of(posterior)
+    if dense is not None:  # a plain MLP: few operations per block, the posterior's side prepared once
+        return _joined([dense(posterior, xb, q) for xb in _blocks_of(x, q, kernel.rows(posterior.rank))])
     shift = _shift_vector(posterior)
     parts, shifts, outputs = [], [], []
     for xb in _blocks_of(x, q, kernel.rows(posterior.rank)):
@@ -124,6 +128,19 @@ def _downdate_groups(posterior: DowndatePosterior, x: Inputs, q: int) -> tuple[T
             cov = cov + sign * torch.einsum("rbi,rbj->bij", v, v)
         parts.append(cov)
     return torch.cat(parts), (torch.cat(shifts) if shifts else None), (torch.cat(outputs) if outputs else None)
+
+
+def _joined(blocks: list[tuple[Tensor, Tensor | None, Tensor]]) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The per-block results of :class:`DenseGroups` concatenated (the shift in float64)."""
+    if len(blocks) == 1:
+        cov, shift, out = blocks[0]
+        return cov, (None if shift is None else shift.to(torch.float64)), out
+    shifts = [b[1] for b in blocks if b[1] is not None]
+    return (
+        torch.cat([b[0] for b in blocks]),
+        torch.cat(shifts).to(torch.float64) if shifts else None,
+        torch.cat([b[2] for b in blocks]),
+    )
 
 
 def _weight_space_groups(posterior: WeightSpacePosterior, x: Inputs, q: int) -> tuple[Tensor, Tensor | None]:

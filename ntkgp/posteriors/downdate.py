@@ -3,6 +3,7 @@ r"""Posteriors whose covariance is the prior NTK minus (and plus) low-rank terms
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,6 +53,9 @@ class DowndatePosterior(Posterior):
         self.kernel = PriorKernel(ntk, delta, reference)
         self.rank = rank
         self.prior_residual = prior_residual
+        #: what the batched route of a plain MLP keeps between calls
+        #: (:class:`~ntkgp.posteriors.dense_groups.DenseGroups`), made on first use
+        self.dense_groups: Any = None
 
     @abstractmethod
     def downdate(self, x: Inputs, cross: Tensor | None) -> Tensor:

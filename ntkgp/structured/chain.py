@@ -119,8 +119,9 @@ class DenseChain:
             return None
         return cls(tuple(layers), tuple(units))
 
-    def capture(self, params: dict[str, Tensor], x: Tensor) -> tuple[list[UnitCapture], Tensor]:
-        """Captures of every unit (in the plan's order) and the outputs ``(n, C)`` for inputs ``x`` ``(n, d)``.
+    def propagate(self, params: dict[str, Tensor], x: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Per layer, in the chain's order, the inputs :math:`a_k` ``(n, d_in)`` and cotangents :math:`g_k`
+        ``(n, C, d_out)``, and the outputs ``(n, C)``, for inputs ``x`` ``(n, d)``.
 
         Differentiable in ``x`` and in nothing else: ``params`` are the frozen :math:`\\hat\\theta`.
         """
@@ -128,9 +129,9 @@ class DenseChain:
         inputs, slopes = [], []
         for layer in self.layers:
             inputs.append(a)
-            z = a @ params[layer.weight].T  # shape: (n, d_out)
-            if layer.bias is not None:
-                z = z + params[layer.bias]
+            weight = params[layer.weight]
+            # shape: (n, d_in) @ (d_in, d_out) -> (n, d_out)
+            z = a @ weight.T if layer.bias is None else torch.addmm(params[layer.bias], a, weight.T)
             slope = None
             for kind in layer.activations:
                 fn, derivative = _ACTIVATIONS[kind]
@@ -146,11 +147,21 @@ class DenseChain:
         cotangents: list[Tensor] = [g]
         for k in range(len(self.layers) - 1, 0, -1):
             slope = slopes[k - 1]
-            g = g @ params[self.layers[k].weight]  # shape: (n, C, d_out of layer k - 1)
+            weight = params[self.layers[k].weight]  # shape: (d_out of layer k, d_out of layer k - 1)
+            # shape: (n, C, d_out of layer k - 1); g_K = I: g_K W_K is W_K itself
+            g = weight.expand(n, C, weight.shape[1]) if k == len(self.layers) - 1 else g @ weight
             if slope is not None:
                 g = g * slope[:, None, :]
             cotangents.append(g)
         cotangents.reverse()
+        return inputs, cotangents, out
+
+    def capture(self, params: dict[str, Tensor], x: Tensor) -> tuple[list[UnitCapture], Tensor]:
+        """Captures of every unit (in the plan's order) and the outputs ``(n, C)`` for inputs ``x`` ``(n, d)``.
+
+        Differentiable in ``x`` and in nothing else: ``params`` are the frozen :math:`\\hat\\theta`.
+        """
+        inputs, cotangents, out = self.propagate(params, x)
         result: list[UnitCapture | None] = [None] * len(self.layers)
         for k, unit in enumerate(self.units):
             # shape: inputs (n, 1, d_in), cotangents (n, C, 1, d_out)
