@@ -241,7 +241,7 @@ def test_woodbury_factor_against_dense_linear_algebra(p: int, ranks: tuple[int, 
     assert _close(factor.dense(), torch.linalg.cholesky(a))
 
 
-@pytest.mark.parametrize("solver", ["weight"])
+@pytest.mark.parametrize("solver", ["weight", "kernel"])
 @pytest.mark.parametrize("between", [False, True])
 def test_updates_create_no_matrix_of_the_old_size_and_pass_only_over_the_new_points(
     solver: str, between: bool, monkeypatch: pytest.MonkeyPatch

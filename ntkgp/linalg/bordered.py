@@ -77,8 +77,12 @@ class BorderedCholesky:
 
     def solve_lower(self, rhs: Tensor) -> Tensor:
         r""":math:`L'^{-1}\,\text{rhs}` for ``rhs`` ``(M + k, t)``."""
+        return self.solve_lower_from(lower_solve(self.base, rhs[: self.base_size]), rhs)
+
+    def solve_lower_from(self, top: Tensor, rhs: Tensor) -> Tensor:
+        r""":math:`L'^{-1}\,\text{rhs}` given its first ``M`` rows, ``top`` :math:`= L^{-1}\,\text{rhs}_{:M}`: the
+        forward substitution of the last ``k`` rows only (:math:`kMt` flops instead of :math:`M^2 t`)."""
         m = self.base_size
-        top = lower_solve(self.base, rhs[:m])
         bottom = torch.linalg.solve_triangular(self.corner, rhs[m:] - self.border @ top, upper=False)
         return torch.cat([top, bottom])
 

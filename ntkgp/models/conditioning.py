@@ -8,7 +8,8 @@ to round-off, and much cheaper:
 
 * exact kernel-space solver: the per-group Grams are bordered with the new rows and the cached
   Cholesky factor of :math:`K + S` is extended by a block (:func:`~ntkgp.solvers.update.extend_kernel_solver`);
-  the posterior is then recomputed with two triangular solves and one pullback over the data;
+  the posterior then solves once with the factor (the old rows' :math:`L^{-1}r` is kept) and pulls
+  its weights back through the training data's cached captures;
 * exact weight-space solver: the new rows of :math:`J^\top J` and the rank-``kC`` term they add to
   the precision are kept apart from the cached matrix and factor, the latter in Woodbury form
   (:func:`~ntkgp.solvers.update.extend_weight_solver`, :class:`~ntkgp.linalg.woodbury.WoodburyFactor`),

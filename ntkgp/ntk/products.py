@@ -4,7 +4,8 @@ r"""Products with the Jacobian and the NTK: :math:`Jv`, :math:`P_0^{-1}J^\top u`
   per-group scaling, :math:`P_0^{-1}` with ``scale = 1/delta``): batched jvps / vjps, or, for many
   vectors (more than ``4 C``), a GEMM with per-chunk Jacobians, which was up to 50x faster on an
   8-256-256-1 MLP (512 vectors, 1000 examples: 4 s against 200 s). A plain MLP pushes forward
-  through its closed-form captures (:mod:`ntkgp.structured.chain`) instead of jvps.
+  and pulls back through its closed-form captures (:mod:`ntkgp.structured.chain`) instead of jvps
+  and vjps (the captures of the training data are cached when they fit: no pass over it).
 * :func:`kernel_matmul` :math:`\sum_g w_g K_g(X_1, X_2) V`: one pullback and one pushforward, or,
   when every tensor is on a one-position structured unit (``nn.Linear`` networks), the factor form
   of :mod:`ntkgp.structured.products` with no Jacobian and no jvp/vjp at all.
@@ -100,8 +101,28 @@ def pullback(ntk: EmpiricalNTK, x: Inputs, cotangents: Tensor, *, scale: Tensor 
         assert total is not None
         pulled = total.to(torch.float64)
     else:
-        pulled = network.vjp(x, cotangents).to(torch.float64)
+        by_captures = _pullback_by_captures(ntk, x, cotangents) if ntk.dense_chain is not None else None
+        pulled = (network.vjp(x, cotangents) if by_captures is None else by_captures).to(torch.float64)
     return pulled if scale is None else ntk.layout.scale(pulled, scale.to(torch.float64))
+
+
+def _pullback_by_captures(ntk: EmpiricalNTK, x: Inputs, cotangents: Tensor) -> Tensor | None:
+    r""":func:`pullback` of a plain MLP (closed-form captures): per unit :math:`J_u^\top u` from its inputs and
+    cotangents (:func:`~ntkgp.structured.products.unit_pullback`), no vjp; ``None`` when the units do not cover
+    every tensor."""
+    network, plan = ntk.network, ntk.plan(x)
+    offsets = network.offsets
+    if sorted(i for unit in plan.units for i in unit.tensors) != list(range(len(offsets) - 1)):
+        return None
+    cot = cotangents.to(network.dtype)
+    total: Tensor | None = None
+    for start, xc, caps in capture_chunks(ntk, x, capture_rows(ntk, x), ntk.budget // 2, "vjp"):
+        parts: dict[int, Tensor] = {}
+        for unit, cap in zip(plan.units, caps):
+            parts.update(unit_pullback(unit, cap, cot[:, start : start + xc.num]))
+        flat = torch.cat([parts[i] for i in range(len(offsets) - 1)], dim=-1)  # shape: (T, P)
+        total = flat if total is None else total + flat
+    return total
 
 
 def uses_factor_form(ntk: EmpiricalNTK, vectors: int, x: Inputs | None = None) -> bool:

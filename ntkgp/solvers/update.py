@@ -13,7 +13,9 @@ Adding ``k`` points (``kC`` rows) to a problem of ``M = NC`` rows changes
   :math:`O(M^2 kC)` (one triangular solve) and the cross-Grams :math:`K(X, X_{new})`, instead of
   the :math:`M^3/3` Cholesky and the :math:`M^2` Gram of a rebuild. Factor and Grams are kept in
   blocks (:class:`~ntkgp.linalg.bordered.BorderedCholesky`, :class:`ExtendedKernelSpaceSolver`):
-  nothing ``M x M`` is copied, which on a memory-bound CPU costs more than the solve;
+  nothing ``M x M`` is copied, which on a memory-bound CPU costs more than the solve. The posterior
+  keeps :math:`z = L^{-1}r` of its residual, so the next one extends it by the ``kC`` new rows
+  (:meth:`~ntkgp.linalg.bordered.BorderedCholesky.solve_lower_from`) and solves once, backwards;
 * **weight space** the precision by a low-rank term,
   :math:`A' = A + UU^\top`, :math:`U = J_{new}^\top S_{new}^{-1/2}` ``(P, kC)``, kept apart from the
   cached factor in Woodbury form (:class:`~ntkgp.linalg.woodbury.WoodburyFactor`: one triangular
@@ -39,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ntkgp.linalg.bordered import BorderedCholesky
-from ntkgp.linalg.factor import AnyFactor, factor_logdet, factor_solve, lower_solve
+from ntkgp.linalg.factor import AnyFactor, factor_logdet, factor_solve, lower_solve, upper_solve
 from ntkgp.linalg.woodbury import WoodburyFactor
 from ntkgp.memory import check_fits
 from ntkgp.network.inputs import Inputs
@@ -80,6 +82,8 @@ class ExtendedKernelSpaceSolver(KernelSpaceSolver):
         )
         self._base, self._cross, self._block = base, cross, block
         self._grams: Tensor | None = None
+        self._spectrum: tuple[Tensor, Tensor] | None = None
+        self._whitened: tuple[tuple[Tensor, Tensor], Tensor, Tensor] | None = None
         #: the hyperparameters ``(delta, noise)`` of :attr:`bordered`
         self.key = key
         #: the bordered factor of :math:`K + S` at :attr:`key` (``None`` if the base had none there)
@@ -128,7 +132,11 @@ class ExtendedKernelSpaceSolver(KernelSpaceSolver):
         if not self._at_key(delta, noise):
             return super().posterior(delta, noise, residual)
         assert self.bordered is not None
-        alpha = factor_solve(self.bordered, residual.to(torch.float64).reshape(-1, 1))
+        r, m = residual.to(torch.float64).reshape(-1, 1), self._base.size
+        top = self._base.whitened_residual(self.key[0], self.key[1][:m], r[:m])  # L^{-1} r of the old rows
+        z = lower_solve(self.bordered, r) if top is None else self.bordered.solve_lower_from(top, r)
+        self.keep_whitened(*self.key, r, z)
+        alpha = upper_solve(self.bordered, z)  # one solve over all rows, backwards
         weights = self.posterior_weights(self.key[0], alpha[:, 0])
         return BorderedKernelSpacePosterior(self.problem, self.key[0], self.bordered, weights)
 
@@ -162,7 +170,8 @@ def extend_kernel_solver(
     x_all = Inputs.concat([problem.x, x_new])
     new_caps = None
     if ntk.plan().units and (captures_train is not None or captures_fit(ntk, problem.x, ntk.budget // 2)):
-        captures_train = captures(ntk, problem.x) if captures_train is None else captures_train
+        if captures_train is None:  # the cache holds them after an earlier update (no pass over the old points)
+            captures_train = ntk.captures.get(problem.x) or captures(ntk, problem.x)
         new_caps = captures(ntk, x_new)
         if capture_bytes(ntk, x_all) <= ntk.budget // 2:  # the posterior's cross-kernel will want them
             joined = [
