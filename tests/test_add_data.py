@@ -219,6 +219,24 @@ def test_cholesky_update_against_a_refactorization(p: int, k: int, panel: int) -
     assert _close(updated, torch.linalg.cholesky(a + u @ u.T))
 
 
+@pytest.mark.parametrize("solver,c", [("kernel", 1), ("weight", 1), ("weight", 2)])
+def test_input_gradients_after_add_data_equal_the_rebuilt_models(solver: str, c: int) -> None:
+    """Gradients in the test inputs of the mean, the variances and a batched joint covariance (the factor's solves
+    with Jacobians that carry a graph) equal the rebuilt model's."""
+    net, x, y = _case(c, solver)
+    model = ntkgp.LinearizedGP(net, _likelihood(c), x[:36], y[:36], prior_precision=2.0, solver=solver).eval()
+    model.posterior()
+    model.add_data(x[36:], y[36:])
+    ref = ntkgp.LinearizedGP(net, _likelihood(c), x, y, prior_precision=2.0, solver=solver).eval()
+    grads = []
+    for m in (model, ref):
+        x_test = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        out, joint = m(x_test), m(x_test.reshape(3, 2, 3))
+        (out.mean.sum() + out.variance.sum() + joint.covariance_matrix.sum()).backward()
+        grads.append(x_test.grad)
+    assert _close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("p,ranks", [(40, (3, 5)), (30, (MAX_RANK - 2, 5)), (25, (4,))])
 def test_woodbury_factor_against_dense_linear_algebra(p: int, ranks: tuple[int, ...]) -> None:
     """Solves, whitening, draws' covariance and log-determinant of stacked low-rank terms (folded past

@@ -52,7 +52,8 @@ class WeightSpacePosterior(Posterior):
 
     def _solved_jacobian(self, x: Inputs) -> Tensor:
         # shape: x (n examples) -> V = T^{-1} J_*^T, (P, n*C)
-        chunks = [jacobian(self.ntk, xc) for _, xc in x.chunks(self.network.chunk_size())]
+        size = self.network.chunk_size()  # one chunk: x itself (its captures may be cached by the mean)
+        chunks = [jacobian(self.ntk, xc) for _, xc in x.chunks(size)] if x.num > size else [jacobian(self.ntk, x)]
         jac = torch.cat(chunks).reshape(-1, self.network.num_parameters).to(torch.float64)
         return self.whiten(jac.T)
 

@@ -172,7 +172,7 @@ def extend_kernel_solver(
     if ntk.plan().units and (captures_train is not None or captures_fit(ntk, problem.x, ntk.budget // 2)):
         if captures_train is None:  # the cache holds them after an earlier update (no pass over the old points)
             captures_train = ntk.captures.get(problem.x) or captures(ntk, problem.x)
-        new_caps = captures(ntk, x_new)
+        new_caps = ntk.captures.get(x_new) or captures(ntk, x_new)  # kept by the training mean's update
         if capture_bytes(ntk, x_all) <= ntk.budget // 2:  # the posterior's cross-kernel will want them
             joined = [
                 UnitCapture(_cat(a.inputs, b.inputs), torch.cat([a.cotangents, b.cotangents]))
@@ -284,7 +284,9 @@ def extend_weight_solver(solver: WeightSpaceSolver, x_new: Inputs, delta: Tensor
     """
     problem, ntk, network = solver.problem, solver.ntk, solver.network
     P, C = network.num_parameters, problem.num_outputs
-    jac = torch.cat([jacobian(ntk, xc) for _, xc in x_new.chunks(network.chunk_size())]).to(torch.float64)
+    size = network.chunk_size()  # one chunk: x_new itself, whose captures the training mean's update kept
+    chunks = [jacobian(ntk, xc) for _, xc in x_new.chunks(size)] if x_new.num > size else [jacobian(ntk, x_new)]
+    jac = torch.cat(chunks).to(torch.float64)  # shape: (k, C, P)
     outer, rows = solver.outer_parts()
     rows = jac if rows is None else torch.cat([rows, jac])  # shape: (k, C, P)
     delta, noise_c = delta.detach().to(torch.float64), noise_c.detach().to(torch.float64)
