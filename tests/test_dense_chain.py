@@ -255,3 +255,37 @@ def test_dense_groups_are_kept_and_renewed(monkeypatch: pytest.MonkeyPatch) -> N
     changed = _batched(other, x, 1)
     assert float((changed[1] - first[1]).abs().max()) > 1e-6
     _assert_close(changed, _generic(monkeypatch, other, x, 1))
+
+
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("c", [1, 2])
+def test_pullback_through_the_captures_equals_the_vjp(name: str, c: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pullback`` of a plain MLP (few cotangents) goes through the closed-form captures, not a vjp: equal to the
+    network's vjp, and so are the gradients in inputs that require grad."""
+    from ntkgp.network.functional import FunctionalNetwork
+    from ntkgp.ntk import pullback
+
+    vjp = FunctionalNetwork.vjp
+
+    def pull(ntk, x, cot):  # type: ignore[no-untyped-def]
+        with monkeypatch.context() as patch:
+            patch.setattr(FunctionalNetwork, "vjp", None)  # not called
+            return pullback(ntk, x, cot)
+
+    torch.manual_seed(2)
+    gp = _gp(NETS[name](c).double(), c)
+    ntk, x = gp.ntk, gp.train_x
+    ntk.plan()
+    assert ntk.dense_chain is not None
+    g = torch.Generator().manual_seed(3)
+    cot = torch.randn(2, x.num, c, generator=g, dtype=torch.float64)
+    got, want = pull(ntk, x, cot), vjp(ntk.network, x, cot)
+    assert float((got - want).abs().max()) <= TOL * float(want.abs().max())
+    data = x.data.clone().requires_grad_(True)
+    weights = torch.randn(2, got.shape[1], generator=g, dtype=torch.float64)
+    grads = []
+    for route in (lambda xi: pull(ntk, xi, cot), lambda xi: vjp(ntk.network, xi, cot)):
+        (route(gp.inputs(data)) * weights).sum().backward()
+        grads.append(data.grad.clone())
+        data.grad = None
+    assert float((grads[0] - grads[1]).abs().max()) <= 1e-10 * float(grads[1].abs().max())

@@ -11,8 +11,9 @@ When ``k`` rows and columns are appended to an SPD matrix :math:`A = LL^\top`,
 :class:`BorderedCholesky` stores :math:`L` (a tensor or another bordered factor), :math:`L_{21}`
 ``(k, M)`` and :math:`L_{22}` ``(k, k)``: an extension costs one triangular solve with ``k``
 right-hand sides (:math:`M^2 k` flops) and no :math:`M^2` copy, which at ``M = 2000`` costs more
-than the solve itself on a memory-bound CPU. Solves run block by block; the dense factor is
-assembled only when asked for (and kept). Chains deeper than :data:`MAX_DEPTH` are collapsed.
+than the solve itself on a memory-bound CPU. Solves run block by block (the
+interface of :mod:`ntkgp.linalg.factor`); the dense factor is assembled only when asked for (and
+kept). Chains deeper than :data:`MAX_DEPTH` are collapsed.
 """
 
 from __future__ import annotations
@@ -21,37 +22,12 @@ import torch
 from torch import Tensor
 
 from ntkgp.linalg.cholesky import cholesky
+from ntkgp.linalg.factor import factor_logdet, lower_solve, upper_solve
 
-__all__ = ["MAX_DEPTH", "BorderedCholesky", "factor_logdet", "factor_solve", "lower_solve", "upper_solve"]
+__all__ = ["MAX_DEPTH", "BorderedCholesky"]
 
 #: bordered levels kept before the factor is assembled into one tensor
 MAX_DEPTH = 8
-
-
-def lower_solve(factor: Tensor | BorderedCholesky, rhs: Tensor) -> Tensor:
-    r""":math:`L^{-1}\,\text{rhs}` for ``rhs`` ``(M, t)``."""
-    if isinstance(factor, BorderedCholesky):
-        return factor.solve_lower(rhs)
-    return torch.linalg.solve_triangular(factor, rhs, upper=False)
-
-
-def upper_solve(factor: Tensor | BorderedCholesky, rhs: Tensor) -> Tensor:
-    r""":math:`L^{-\top}\,\text{rhs}` for ``rhs`` ``(M, t)``."""
-    if isinstance(factor, BorderedCholesky):
-        return factor.solve_upper(rhs)
-    return torch.linalg.solve_triangular(factor.mT, rhs, upper=True)
-
-
-def factor_solve(factor: Tensor | BorderedCholesky, rhs: Tensor) -> Tensor:
-    r""":math:`(LL^\top)^{-1}\,\text{rhs}` for ``rhs`` ``(M, t)``."""
-    return upper_solve(factor, lower_solve(factor, rhs))
-
-
-def factor_logdet(factor: Tensor | BorderedCholesky) -> Tensor:
-    r""":math:`\log|LL^\top|`."""
-    if isinstance(factor, BorderedCholesky):
-        return factor.logdet()
-    return 2.0 * factor.diagonal().log().sum()
 
 
 class BorderedCholesky:
@@ -100,18 +76,25 @@ class BorderedCholesky:
         return self.corner.device
 
     def solve_lower(self, rhs: Tensor) -> Tensor:
+        r""":math:`L'^{-1}\,\text{rhs}` for ``rhs`` ``(M + k, t)``."""
+        return self.solve_lower_from(lower_solve(self.base, rhs[: self.base_size]), rhs)
+
+    def solve_lower_from(self, top: Tensor, rhs: Tensor) -> Tensor:
+        r""":math:`L'^{-1}\,\text{rhs}` given its first ``M`` rows, ``top`` :math:`= L^{-1}\,\text{rhs}_{:M}`: the
+        forward substitution of the last ``k`` rows only (:math:`kMt` flops instead of :math:`M^2 t`)."""
         m = self.base_size
-        top = lower_solve(self.base, rhs[:m])
         bottom = torch.linalg.solve_triangular(self.corner, rhs[m:] - self.border @ top, upper=False)
         return torch.cat([top, bottom])
 
     def solve_upper(self, rhs: Tensor) -> Tensor:
+        r""":math:`L'^{-\top}\,\text{rhs}` for ``rhs`` ``(M + k, t)``."""
         m = self.base_size
         bottom = torch.linalg.solve_triangular(self.corner.mT, rhs[m:], upper=True)
         top = upper_solve(self.base, rhs[:m] - self.border.mT @ bottom)
         return torch.cat([top, bottom])
 
     def logdet(self) -> Tensor:
+        r""":math:`\log|L'L'^\top|`."""
         return factor_logdet(self.base) + 2.0 * self.corner.diagonal().log().sum()
 
     def dense(self) -> Tensor:

@@ -9,7 +9,7 @@ from gpytorch.means import Mean
 from torch import Tensor
 
 from ntkgp.network.inputs import InputLike
-from ntkgp.ntk import EmpiricalNTK, pushforward
+from ntkgp.ntk import EmpiricalNTK, outputs_and_pushforward
 
 __all__ = ["LinearizedMean"]
 
@@ -19,8 +19,8 @@ class LinearizedMean(Mean):
 
     Under :math:`\theta\sim\mathcal N(0, P_0^{-1})` the linearized network
     :math:`f_{\text{lin}}(x;\theta) = f(x;\hat\theta) + J(x)(\theta-\hat\theta)` has this mean.
-    It costs one forward pass and one jvp (tangent :math:`\hat\theta`) per data chunk and has
-    no hyperparameters.
+    It costs one forward pass and one jvp (tangent :math:`\hat\theta`) per data chunk (a plain MLP: one
+    closed-form capture pass, :func:`~ntkgp.ntk.products.outputs_and_pushforward`) and has no hyperparameters.
 
     Returns shape ``(N,)`` for a single-output network and ``(N, C)`` otherwise, in float64 (the
     difference is formed in float64), or in the dtype of floating tensor inputs.
@@ -39,9 +39,8 @@ class LinearizedMean(Mean):
     def forward(self, x: InputLike) -> Tensor:
         network = self.ntk.network
         inputs = network.inputs(x)
-        f = network.forward(inputs).to(torch.float64)
-        jtheta = pushforward(self.ntk, inputs, network.flat_params.unsqueeze(0))[0].to(torch.float64)
-        mean = f - jtheta
+        f, jtheta = outputs_and_pushforward(self.ntk, inputs, network.flat_params.unsqueeze(0))
+        mean = f.to(torch.float64) - jtheta[0].to(torch.float64)
         dtype = inputs.float_dtype if isinstance(x, Tensor) and x.is_floating_point() else None
         mean = mean if dtype is None else mean.to(dtype)
         return mean.squeeze(-1) if network.num_outputs == 1 else mean

@@ -8,14 +8,18 @@ to round-off, and much cheaper:
 
 * exact kernel-space solver: the per-group Grams are bordered with the new rows and the cached
   Cholesky factor of :math:`K + S` is extended by a block (:func:`~ntkgp.solvers.update.extend_kernel_solver`);
-* exact weight-space solver: :math:`J^\top J` gains the new rows' outer products and the precision's
-  factor a rank-``kC`` update (:func:`~ntkgp.solvers.update.extend_weight_solver`);
+  the posterior then solves once with the factor (the old rows' :math:`L^{-1}r` is kept) and pulls
+  its weights back through the training data's cached captures;
+* exact weight-space solver: the new rows of :math:`J^\top J` and the rank-``kC`` term they add to
+  the precision are kept apart from the cached matrix and factor, the latter in Woodbury form
+  (:func:`~ntkgp.solvers.update.extend_weight_solver`, :class:`~ntkgp.linalg.woodbury.WoodburyFactor`),
+  and the posterior weights' right-hand side is extended by the new rows: no ``P x P`` matrix is
+  made and no pass over the old points;
 * approximate solvers: the solver is rebuilt on the extended data on first use (their caches,
   such as inducing points chosen from the data, depend on all of it).
 
-The posterior (mean weights, factor) is then recomputed with two triangular solves and one
-pullback over the data. Gaussian likelihoods only: a Laplace GP is centred at the network's MAP on
-its training data, which new data moves; retrain the network and build a new GP.
+Gaussian likelihoods only: a Laplace GP is centred at the network's MAP on its training data,
+which new data moves; retrain the network and build a new GP.
 """
 
 from __future__ import annotations

@@ -18,8 +18,10 @@ The linearized network is linear in its weights, so a function sample is a weigh
   samples (kernel space). For a Laplace GP, :math:`S^{-1}` becomes :math:`\Lambda = BB^\top` and
   the solve is with :math:`I + B^\top K B`: :math:`\theta_s' = \hat\theta + \theta_s - P_0^{-1}J^\top B
   (I + B^\top K B)^{-1}(B^\top J\theta_s + \varepsilon_s)`, :math:`\varepsilon_s \sim \mathcal N(0, I)`.
-  In weight space the cached factor :math:`L` of the posterior precision gives the same law directly,
-  :math:`\theta_s' = \bar\theta + L^{-\top}z_s`.
+  In weight space the cached factor :math:`T` of the posterior precision :math:`A = TT^\top` gives the
+  same law directly, :math:`\theta_s' = \bar\theta + T^{-\top}z_s`
+  (:meth:`~ntkgp.posteriors.weight_space.WeightSpacePosterior.draw`; :math:`T` is the Cholesky factor, or
+  after points were added its Woodbury form, :mod:`ntkgp.linalg.woodbury`).
 
 The draws are fixed when the :class:`FunctionSamples` is made: every call evaluates the same ``S``
 functions, at any inputs (batched ones too), differentiably in them (Thompson sampling by
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ntkgp.linalg.bordered import factor_solve
+from ntkgp.linalg.factor import factor_solve
 from ntkgp.linalg.hessian_root import apply_root, apply_root_transpose
 from ntkgp.network.inputs import InputLike
 from ntkgp.ntk import EmpiricalNTK, pullback, pushforward
@@ -114,8 +116,7 @@ def posterior_samples(
     theta_hat = model.network.flat_params.to(torch.float64)
     if isinstance(posterior, WeightSpacePosterior):
         z = _normal((model.network.num_parameters, num_samples), generator, theta_hat.device)
-        theta = posterior.weights + torch.linalg.solve_triangular(posterior.cholesky_factor.mT, z, upper=True).T
-        return FunctionSamples(model, theta - theta_hat)
+        return FunctionSamples(model, posterior.draw(z) - theta_hat)
     if not isinstance(posterior, KernelSpacePosterior):
         raise NotImplementedError(
             f"pathwise samples need an exact solver ('kernel' or 'weight'); this GP's posterior is a "

@@ -4,7 +4,8 @@ r"""Products with the Jacobian and the NTK: :math:`Jv`, :math:`P_0^{-1}J^\top u`
   per-group scaling, :math:`P_0^{-1}` with ``scale = 1/delta``): batched jvps / vjps, or, for many
   vectors (more than ``4 C``), a GEMM with per-chunk Jacobians, which was up to 50x faster on an
   8-256-256-1 MLP (512 vectors, 1000 examples: 4 s against 200 s). A plain MLP pushes forward
-  through its closed-form captures (:mod:`ntkgp.structured.chain`) instead of jvps.
+  and pulls back through its closed-form captures (:mod:`ntkgp.structured.chain`) instead of jvps
+  and vjps (the captures of the training data are cached when they fit: no pass over it).
 * :func:`kernel_matmul` :math:`\sum_g w_g K_g(X_1, X_2) V`: one pullback and one pushforward, or,
   when every tensor is on a one-position structured unit (``nn.Linear`` networks), the factor form
   of :mod:`ntkgp.structured.products` with no Jacobian and no jvp/vjp at all.
@@ -22,9 +23,9 @@ import torch
 from torch import Tensor
 
 from ntkgp.network.inputs import Inputs
-from ntkgp.ntk.captures import capture_chunks, capture_rows, captures
+from ntkgp.ntk.captures import capture_bytes, capture_chunks, capture_rows, captures, captures_with_outputs
 from ntkgp.ntk.engine import EmpiricalNTK
-from ntkgp.structured.capture import differentiable
+from ntkgp.structured.capture import UnitCapture, differentiable
 from ntkgp.structured.outer import kronecker_outer
 from ntkgp.structured.products import unit_columns, unit_pullback, unit_pushforward, write_columns
 
@@ -33,6 +34,7 @@ __all__ = [
     "jacobian_outer",
     "kernel_matmul",
     "kernel_matmul_columns",
+    "outputs_and_pushforward",
     "pullback",
     "pushforward",
     "uses_factor_form",
@@ -64,24 +66,51 @@ def pushforward(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _pushforward_by_captures(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> Tensor:
-    r""":func:`pushforward` of a plain MLP (closed-form captures, :mod:`ntkgp.structured.chain`): per unit
-    :math:`J_u v = \sum g\,(V_W a + v_b)`, no jvp (whose ``vmap`` and dual tensors cost more on few points)."""
+def outputs_and_pushforward(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`f(x;\hat\theta)` ``(N, C)`` and :func:`pushforward` :math:`J(x)\,v_t` ``(T, N, C)``, network dtype.
+
+    A plain MLP whose captures of ``x`` are not cached and fit in half the budget takes both from one
+    closed-form capture pass (its outputs are the network's), and keeps the captures for the next product
+    with ``x`` (a predictive covariance, a Jacobian); otherwise a forward pass and :func:`pushforward`.
+    """
+    network = ntk.network
+    if (
+        ntk.dense_chain is None
+        or _through_jacobian(ntk, tangents.shape[0])
+        or (not differentiable(x) and ntk.captures.get(x) is not None)
+        or capture_bytes(ntk, x) > ntk.budget // 2
+    ):
+        return network.forward(x), pushforward(ntk, x, tangents)
+    caps, out = captures_with_outputs(ntk, x)
+    if not differentiable(x):
+        ntk.captures.put(x, caps)
+    return out, _captured_pushforward(ntk, x, caps, tangents)
+
+
+def _captured_pushforward(ntk: EmpiricalNTK, x: Inputs, caps: list[UnitCapture], tangents: Tensor) -> Tensor:
+    r""":math:`J v = \sum_u g\,(V_W a + v_b)` from the captures of ``x`` (a plain MLP: every tensor on a unit)."""
     network, plan = ntk.network, ntk.plan(x)
     flat = tangents.to(network.dtype)
     offsets = network.offsets
-    per_tensor = {i: flat[:, offsets[i] : offsets[i + 1]] for i in range(len(network.names))}
-    parts = []
+    total: Tensor | None = None
+    for unit, cap in zip(plan.units, caps):
+        unit_tangents = {i: flat[:, offsets[i] : offsets[i + 1]] for i in unit.tensors}
+        part = unit_pushforward(unit, cap, unit_tangents)  # shape: (T, n, C)
+        if part is not None:
+            total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+def _pushforward_by_captures(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> Tensor:
+    r""":func:`pushforward` of a plain MLP (closed-form captures, :mod:`ntkgp.structured.chain`): per unit
+    :math:`J_u v = \sum g\,(V_W a + v_b)`, no jvp (whose ``vmap`` and dual tensors cost more on few points)."""
     # the captures of all of x are kept (and reused) when they fit in half the budget, as kernel_matmul's
-    for _, _, caps in capture_chunks(ntk, x, capture_rows(ntk, x), ntk.budget // 2, "jvp"):
-        total: Tensor | None = None
-        for unit, cap in zip(plan.units, caps):
-            part = unit_pushforward(unit, cap, {i: per_tensor[i] for i in unit.tensors})  # shape: (T, n, C)
-            if part is not None:
-                total = part if total is None else total + part
-        assert total is not None
-        parts.append(total)
-    return torch.cat(parts, dim=1).to(network.dtype)
+    parts = [
+        _captured_pushforward(ntk, xc, caps, tangents)
+        for _, xc, caps in capture_chunks(ntk, x, capture_rows(ntk, x), ntk.budget // 2, "jvp")
+    ]
+    return torch.cat(parts, dim=1).to(ntk.network.dtype)
 
 
 def pullback(ntk: EmpiricalNTK, x: Inputs, cotangents: Tensor, *, scale: Tensor | None = None) -> Tensor:
@@ -100,8 +129,28 @@ def pullback(ntk: EmpiricalNTK, x: Inputs, cotangents: Tensor, *, scale: Tensor 
         assert total is not None
         pulled = total.to(torch.float64)
     else:
-        pulled = network.vjp(x, cotangents).to(torch.float64)
+        by_captures = _pullback_by_captures(ntk, x, cotangents) if ntk.dense_chain is not None else None
+        pulled = (network.vjp(x, cotangents) if by_captures is None else by_captures).to(torch.float64)
     return pulled if scale is None else ntk.layout.scale(pulled, scale.to(torch.float64))
+
+
+def _pullback_by_captures(ntk: EmpiricalNTK, x: Inputs, cotangents: Tensor) -> Tensor | None:
+    r""":func:`pullback` of a plain MLP (closed-form captures): per unit :math:`J_u^\top u` from its inputs and
+    cotangents (:func:`~ntkgp.structured.products.unit_pullback`), no vjp; ``None`` when the units do not cover
+    every tensor."""
+    network, plan = ntk.network, ntk.plan(x)
+    offsets = network.offsets
+    if sorted(i for unit in plan.units for i in unit.tensors) != list(range(len(offsets) - 1)):
+        return None
+    cot = cotangents.to(network.dtype)
+    total: Tensor | None = None
+    for start, xc, caps in capture_chunks(ntk, x, capture_rows(ntk, x), ntk.budget // 2, "vjp"):
+        parts: dict[int, Tensor] = {}
+        for unit, cap in zip(plan.units, caps):
+            parts.update(unit_pullback(unit, cap, cot[:, start : start + xc.num]))
+        flat = torch.cat([parts[i] for i in range(len(offsets) - 1)], dim=-1)  # shape: (T, P)
+        total = flat if total is None else total + flat
+    return total
 
 
 def uses_factor_form(ntk: EmpiricalNTK, vectors: int, x: Inputs | None = None) -> bool:
@@ -206,7 +255,8 @@ def jacobian(ntk: EmpiricalNTK, x: Inputs, tensors: Sequence[int] | None = None)
     if len(generic) == len(requested):
         return network.jacobian(x, generic)
     offsets = dict(zip(requested, itertools.accumulate((layout.numels[t] for t in requested), initial=0)))
-    caps = captures(ntk, x)
+    held = None if differentiable(x) else ntk.captures.get(x)  # e.g. kept by the mean of the same points
+    caps = captures(ntk, x) if held is None else held
     n, C = x.num, ntk.num_outputs
     if differentiable(x):  # columns as new tensors, concatenated: the graph to x is kept
         columns: dict[int, Tensor] = {}

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ntkgp.network.functional import FunctionalNetwork
 from ntkgp.network.inputs import InputLike, Inputs
-from ntkgp.ntk import EmpiricalNTK, pushforward
+from ntkgp.ntk import EmpiricalNTK, outputs_and_pushforward
 
 __all__ = ["Posterior"]
 
@@ -40,13 +40,14 @@ class Posterior(ABC):
         return self.ntk.network
 
     def mean(self, x: InputLike) -> Tensor:
-        """Predictive mean, ``(N*, C)``, float64."""
+        """Predictive mean, ``(N*, C)``, float64 (a plain MLP's from one closed-form capture pass, whose captures
+        the covariance at the same inputs then reuses)."""
         x = self.network.inputs(x)
-        f = self.network.forward(x).to(torch.float64)
         shift = (self.weights - self.network.flat_params.to(torch.float64)).unsqueeze(0)
         if not shift.any():  # the Laplace posterior is centred at the MAP: the mean is f(x)
-            return f
-        return f + pushforward(self.ntk, x, shift)[0].to(torch.float64)
+            return self.network.forward(x).to(torch.float64)
+        f, pushed = outputs_and_pushforward(self.ntk, x, shift)
+        return f.to(torch.float64) + pushed[0].to(torch.float64)
 
     def rows_per_block(self, cols: int) -> int:
         """Test points per block so that a ``(block * C) x cols`` float64 matrix fits the budget."""

@@ -6,7 +6,7 @@ between groups. With the ``n = B q`` points in group-major order, this module co
 
 .. math::
     \Sigma_b = K_{bb} - V_b^\top V_b \;(+\, U_b^\top U_b) \quad\text{(kernel space, inducing, low rank)},\qquad
-    \Sigma_b = V_b^\top V_b,\ V_b = L^{-1} J_b^\top \quad\text{(weight space)},
+    \Sigma_b = V_b^\top V_b,\ V_b = T^{-1} J_b^\top \quad\text{(weight space, } A = TT^\top\text{)},
 
 ``(B, qC, qC)``: the prior blocks :math:`K_{bb}` within groups only (:func:`group_prior`, a batched
 version of the per-point blocks of :mod:`ntkgp.ntk.diagonal`) and per-group products of the
@@ -153,7 +153,7 @@ def _weight_space_groups(posterior: WeightSpacePosterior, x: Inputs, q: int) -> 
         if shift is not None:
             shifts.append((jac @ shift.to(jac.dtype)).to(torch.float64))
         cols = jac.reshape(-1, P).T.to(torch.float64)  # shape: (P, B q C)
-        v = torch.linalg.solve_triangular(posterior.cholesky_factor, cols, upper=False)
+        v = posterior.whiten(cols)  # shape: (P, B q C), V^T V = J_b A^-1 J_b^T
         v = v.reshape(P, xb.num // q, q * C)  # shape: (P, B, qC)
         parts.append(torch.einsum("pbi,pbj->bij", v, v))
     return torch.cat(parts), (torch.cat(shifts) if shifts else None)

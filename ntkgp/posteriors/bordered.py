@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.linalg.bordered import BorderedCholesky, factor_solve, lower_solve
+from ntkgp.linalg.bordered import BorderedCholesky
+from ntkgp.linalg.factor import factor_solve, lower_solve
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import NTKProblem, kernel_matmul
 from ntkgp.posteriors.downdate import DowndatePosterior

@@ -21,7 +21,7 @@ from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, captures, point_blocks, structured_gram
 from ntkgp.ntk.captures import captures_fit, rows_within
 from ntkgp.ntk.generic import generic_jacobian, generic_rows
-from ntkgp.structured.capture import UnitCapture
+from ntkgp.structured.capture import UnitCapture, differentiable
 
 __all__ = ["PriorKernel"]
 
@@ -102,7 +102,8 @@ class PriorKernel:
         plan = ntk.plan()
         test_captures = captured
         if test_captures is None and plan.units and (prior or cross is not None):
-            test_captures = captures(ntk, x)
+            held = None if differentiable(x) else ntk.captures.get(x)  # e.g. kept by the mean at x
+            test_captures = captures(ntk, x) if held is None else held
         if jac is None and self.rest and (prior or cross is not None):
             jac = generic_jacobian(ntk, x, self.rest)  # shape: (n, C, P_rest)
         if test_captures is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ntkgp.linalg.cholesky import cholesky_solve
+from ntkgp.linalg.factor import AnyFactor, dense_factor, factor_solve, lower_solve, upper_solve
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, jacobian, pullback, pushforward
 from ntkgp.posteriors.base import Posterior
@@ -16,23 +16,46 @@ __all__ = ["WeightSpacePosterior"]
 class WeightSpacePosterior(Posterior):
     r"""Predictive covariance :math:`J_* A^{-1} J_*^\top`, :math:`A = P_0 + J^\top S^{-1} J` (or the GGN).
 
+    Every use of the precision goes through its factor :math:`T`, :math:`A = TT^\top`
+    (:mod:`ntkgp.linalg.factor`): :meth:`whiten` gives :math:`V = T^{-1}J_*^\top`, whose
+    :math:`V^\top V` is the covariance, and :meth:`draw` the weights :math:`\bar\theta + T^{-\top}z`.
+
     Parameters
     ----------
     ntk, weights:
         As for every :class:`~ntkgp.posteriors.base.Posterior`.
-    cholesky_factor:
-        :math:`L`, lower Cholesky factor of :math:`A`, ``(P, P)``.
+    factor:
+        :math:`T`: the lower Cholesky factor of :math:`A`, ``(P, P)``, or a structured factor
+        (:class:`~ntkgp.linalg.woodbury.WoodburyFactor` after points were added).
     """
 
-    def __init__(self, ntk: EmpiricalNTK, cholesky_factor: Tensor, weights: Tensor) -> None:
+    def __init__(self, ntk: EmpiricalNTK, factor: AnyFactor, weights: Tensor) -> None:
         super().__init__(ntk, weights)
-        self.cholesky_factor = cholesky_factor
+        #: the factor :math:`T` of the posterior precision
+        self.factor = factor
+
+    @property
+    def cholesky_factor(self) -> Tensor:
+        """The lower Cholesky factor of :math:`A` as one ``(P, P)`` tensor (a structured factor's is computed on
+        first access, :func:`~ntkgp.linalg.factor.dense_factor`)."""
+        return dense_factor(self.factor)
+
+    def whiten(self, columns: Tensor) -> Tensor:
+        r""":math:`V = T^{-1}\,\text{columns}` for ``columns`` ``(P, t)`` (e.g. :math:`J_*^\top`):
+        :math:`V^\top V = \text{columns}^\top A^{-1}\,\text{columns}`. Differentiable in ``columns``."""
+        return lower_solve(self.factor, columns)
+
+    def draw(self, z: Tensor) -> Tensor:
+        r"""Weights :math:`\bar\theta + T^{-\top}z` ``(S, P)`` for standard normal ``z`` ``(P, S)``: draws from
+        :math:`\mathcal N(\bar\theta, A^{-1})`."""
+        return self.weights + upper_solve(self.factor, z).T
 
     def _solved_jacobian(self, x: Inputs) -> Tensor:
-        # shape: x (n examples) -> V = L^{-1} J_*^T, (P, n*C)
-        chunks = [jacobian(self.ntk, xc) for _, xc in x.chunks(self.network.chunk_size())]
+        # shape: x (n examples) -> V = T^{-1} J_*^T, (P, n*C)
+        size = self.network.chunk_size()  # one chunk: x itself (its captures may be cached by the mean)
+        chunks = [jacobian(self.ntk, xc) for _, xc in x.chunks(size)] if x.num > size else [jacobian(self.ntk, x)]
         jac = torch.cat(chunks).reshape(-1, self.network.num_parameters).to(torch.float64)
-        return torch.linalg.solve_triangular(self.cholesky_factor, jac.T, upper=False)
+        return self.whiten(jac.T)
 
     def _covariance(self, x: Inputs) -> Tensor:
         v = self._solved_jacobian(x)
@@ -49,6 +72,6 @@ class WeightSpacePosterior(Posterior):
     def _covariance_matmul(self, x: Inputs, rhs: Tensor) -> Tensor:
         C = self.ntk.num_outputs
         pulled = pullback(self.ntk, x, rhs.T.reshape(rhs.shape[1], x.num, C))  # shape: (t, P)
-        inner = cholesky_solve(pulled.T, self.cholesky_factor)  # shape: (P, t)
+        inner = factor_solve(self.factor, pulled.T)  # shape: (P, t)
         out = pushforward(self.ntk, x, inner.T)  # shape: (t, n, C)
         return out.reshape(out.shape[0], -1).T.to(torch.float64)

@@ -51,6 +51,22 @@ class KernelSpaceSolver(GaussianSolver):
         #: per-group Gram matrices, ``(G, M, M)``, float64 (given when extended, :mod:`ntkgp.solvers.update`)
         self.grams = gram(self.ntk, problem.x) if grams is None else grams
         self._spectrum: tuple[Tensor, Tensor] | None = None
+        self._whitened: tuple[tuple[Tensor, Tensor], Tensor, Tensor] | None = None
+
+    def whitened_residual(self, delta: Tensor, noise: Tensor, residual: Tensor) -> Tensor | None:
+        r""":math:`z = L^{-1}r` ``(M, 1)`` of the last posterior's residual :math:`r` (``(M, 1)``, float64), kept
+        when that posterior was at these hyperparameters and had this residual; else ``None``.
+
+        An extended solver (:mod:`ntkgp.solvers.update`) continues it by the new rows' forward substitution.
+        """
+        held = self._whitened
+        if held is None or not _same(held[0], (delta, noise)) or not _same((held[1],), (residual,)):
+            return None
+        return held[2]
+
+    def keep_whitened(self, delta: Tensor, noise: Tensor, residual: Tensor, whitened: Tensor) -> None:
+        """Keep ``whitened`` :math:`= L^{-1}r` of the posterior at ``(delta, noise)`` with residual ``residual``."""
+        self._whitened = ((delta.detach().clone(), noise.detach().clone()), residual.detach().clone(), whitened)
 
     @torch.no_grad()
     def spectrum(self) -> tuple[Tensor, Tensor]:
@@ -101,5 +117,12 @@ class KernelSpaceSolver(GaussianSolver):
     def posterior(self, delta: Tensor, noise: Tensor, residual: Tensor) -> KernelSpacePosterior:
         delta, noise = delta.detach(), noise.detach()
         factor = self.factor(delta, noise)
-        alpha = cholesky_solve(residual.to(torch.float64).reshape(-1, 1), factor)
+        r = residual.to(torch.float64).reshape(-1, 1)
+        z = torch.linalg.solve_triangular(factor, r, upper=False)
+        self.keep_whitened(delta, noise, r, z)
+        alpha = torch.linalg.solve_triangular(factor.mT, z, upper=True)
         return KernelSpacePosterior(self.problem, delta, factor, self.posterior_weights(delta, alpha[:, 0]))
+
+
+def _same(old: tuple[Tensor, ...], new: tuple[Tensor, ...]) -> bool:
+    return len(old) == len(new) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(old, new))

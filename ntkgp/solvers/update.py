@@ -13,13 +13,20 @@ Adding ``k`` points (``kC`` rows) to a problem of ``M = NC`` rows changes
   :math:`O(M^2 kC)` (one triangular solve) and the cross-Grams :math:`K(X, X_{new})`, instead of
   the :math:`M^3/3` Cholesky and the :math:`M^2` Gram of a rebuild. Factor and Grams are kept in
   blocks (:class:`~ntkgp.linalg.bordered.BorderedCholesky`, :class:`ExtendedKernelSpaceSolver`):
-  nothing ``M x M`` is copied, which on a memory-bound CPU costs more than the solve;
+  nothing ``M x M`` is copied, which on a memory-bound CPU costs more than the solve. The posterior
+  keeps :math:`z = L^{-1}r` of its residual, so the next one extends it by the ``kC`` new rows
+  (:meth:`~ntkgp.linalg.bordered.BorderedCholesky.solve_lower_from`) and solves once, backwards;
 * **weight space** the precision by a low-rank term,
-  :math:`A' = A + UU^\top`, :math:`U = J_{new}^\top S_{new}^{-1/2}` ``(P, kC)``: a rank-``kC``
-  update of its Cholesky factor in :math:`O(P^2 (kC + b))` (:func:`cholesky_update`),
-  :math:`J^\top J` by the new rows' outer products and the posterior weights' right-hand side
-  :math:`J^\top S^{-1} r` by the new rows' terms, instead of passes over all ``N`` points and a
-  :math:`P^3/3` factorization.
+  :math:`A' = A + UU^\top`, :math:`U = J_{new}^\top S_{new}^{-1/2}` ``(P, kC)``, kept apart from the
+  cached factor in Woodbury form (:class:`~ntkgp.linalg.woodbury.WoodburyFactor`: one triangular
+  solve :math:`W = L^{-1}U` with ``kC`` right-hand sides, :math:`O(P^2 kC)`, nothing ``P x P``
+  allocated), the new rows of :math:`J^\top J` kept apart too (:class:`ExtendedWeightSpaceSolver`)
+  and the posterior weights' right-hand side :math:`J^\top S^{-1} r` extended by the new rows'
+  terms, instead of passes over all ``N`` points and a :math:`P^3/3` factorization. Every consumer
+  of the factor takes it through :mod:`ntkgp.linalg.factor`; :math:`J^\top J` (one new ``P x P``
+  matrix) and a dense factor (a rank-``kC`` update,
+  :func:`~ntkgp.linalg.cholesky_update.cholesky_update`) are made only when something needs them:
+  other hyperparameters, gradients.
 
 Both are exact: the results equal a rebuilt solver's to round-off. The factor is updated only when
 the cached one was computed at the same hyperparameters; otherwise the extended solver factors
@@ -28,10 +35,14 @@ afresh on first use (still without recomputing its Grams or :math:`J^\top J`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from ntkgp.linalg.bordered import BorderedCholesky, factor_logdet, factor_solve, lower_solve
+from ntkgp.linalg.bordered import BorderedCholesky
+from ntkgp.linalg.factor import AnyFactor, factor_logdet, factor_solve, lower_solve, upper_solve
+from ntkgp.linalg.woodbury import WoodburyFactor
 from ntkgp.memory import check_fits
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import NTKProblem, captures, gram, jacobian
@@ -43,45 +54,7 @@ from ntkgp.solvers.kernel_space import KernelSpaceSolver
 from ntkgp.solvers.weight_space import WeightSpaceSolver
 from ntkgp.structured.capture import UnitCapture
 
-__all__ = ["ExtendedKernelSpaceSolver", "cholesky_update", "extend_kernel_solver", "extend_weight_solver"]
-
-#: columns per panel of :func:`cholesky_update` (at least the update's rank)
-_PANEL = 32
-
-
-def cholesky_update(factor: Tensor, update: Tensor, *, panel: int = _PANEL) -> Tensor:
-    r"""Lower factor of :math:`LL^\top + UU^\top` from ``factor`` :math:`L` ``(P, P)`` and ``update`` :math:`U`
-    ``(P, k)``.
-
-    Blocked, left to right over panels ``j`` of columns, with :math:`W = L_{jj}^{-1}U_j`:
-
-    .. math::
-        L'_{jj} = L_{jj} M,\ MM^\top = I + WW^\top;\qquad
-        L'_{bj} = (L_{bj} + U_b W^\top) M^{-\top};\qquad
-        U_b \leftarrow (U_b - L_{bj} W) R^{-1},\ R^\top R = I + W^\top W,
-
-    where ``b`` are the rows below the panel. The last step rotates the update's columns so that
-    the panel's part of :math:`[L\ U]` is :math:`[L'_{jj}\ 0]` (an orthogonal transformation of
-    :math:`[L\ U]`, whose Gram it keeps). :math:`O(P^2 (k + \text{panel}))` flops, no :math:`P^3` term.
-    """
-    P, k = update.shape
-    out = factor.clone()
-    u = update.clone()
-    width = max(panel, k)
-    eye_k = torch.eye(k, dtype=factor.dtype, device=factor.device)
-    eye_panel = torch.eye(width, dtype=factor.dtype, device=factor.device)
-    for s in range(0, P, width):
-        e = min(s + width, P)
-        ljj, uj = out[s:e, s:e], u[s:e]
-        w = torch.linalg.solve_triangular(ljj, uj, upper=False)  # shape: (nb, k)
-        m = torch.linalg.cholesky(eye_panel[: e - s, : e - s] + w @ w.mT)
-        lbj, ub = out[e:, s:e], u[e:]
-        new_lbj = torch.linalg.solve_triangular(m, (lbj + ub @ w.mT).mT, upper=False).mT
-        r = torch.linalg.cholesky(eye_k + w.mT @ w)  # lower: R = r^T
-        u[e:] = torch.linalg.solve_triangular(r, (ub - lbj @ w).mT, upper=False).mT
-        out[s:e, s:e] = ljj @ m
-        out[e:, s:e] = new_lbj
-    return out
+__all__ = ["ExtendedKernelSpaceSolver", "ExtendedWeightSpaceSolver", "extend_kernel_solver", "extend_weight_solver"]
 
 
 class ExtendedKernelSpaceSolver(KernelSpaceSolver):
@@ -109,6 +82,8 @@ class ExtendedKernelSpaceSolver(KernelSpaceSolver):
         )
         self._base, self._cross, self._block = base, cross, block
         self._grams: Tensor | None = None
+        self._spectrum: tuple[Tensor, Tensor] | None = None
+        self._whitened: tuple[tuple[Tensor, Tensor], Tensor, Tensor] | None = None
         #: the hyperparameters ``(delta, noise)`` of :attr:`bordered`
         self.key = key
         #: the bordered factor of :math:`K + S` at :attr:`key` (``None`` if the base had none there)
@@ -157,7 +132,11 @@ class ExtendedKernelSpaceSolver(KernelSpaceSolver):
         if not self._at_key(delta, noise):
             return super().posterior(delta, noise, residual)
         assert self.bordered is not None
-        alpha = factor_solve(self.bordered, residual.to(torch.float64).reshape(-1, 1))
+        r, m = residual.to(torch.float64).reshape(-1, 1), self._base.size
+        top = self._base.whitened_residual(self.key[0], self.key[1][:m], r[:m])  # L^{-1} r of the old rows
+        z = lower_solve(self.bordered, r) if top is None else self.bordered.solve_lower_from(top, r)
+        self.keep_whitened(*self.key, r, z)
+        alpha = upper_solve(self.bordered, z)  # one solve over all rows, backwards
         weights = self.posterior_weights(self.key[0], alpha[:, 0])
         return BorderedKernelSpacePosterior(self.problem, self.key[0], self.bordered, weights)
 
@@ -191,8 +170,9 @@ def extend_kernel_solver(
     x_all = Inputs.concat([problem.x, x_new])
     new_caps = None
     if ntk.plan().units and (captures_train is not None or captures_fit(ntk, problem.x, ntk.budget // 2)):
-        captures_train = captures(ntk, problem.x) if captures_train is None else captures_train
-        new_caps = captures(ntk, x_new)
+        if captures_train is None:  # the cache holds them after an earlier update (no pass over the old points)
+            captures_train = ntk.captures.get(problem.x) or captures(ntk, problem.x)
+        new_caps = ntk.captures.get(x_new) or captures(ntk, x_new)  # kept by the training mean's update
         if capture_bytes(ntk, x_all) <= ntk.budget // 2:  # the posterior's cross-kernel will want them
             joined = [
                 UnitCapture(_cat(a.inputs, b.inputs), torch.cat([a.cotangents, b.cotangents]))
@@ -215,28 +195,122 @@ def extend_kernel_solver(
     return ExtendedKernelSpaceSolver(problem.on(x_all), solver, cross, block, (delta.clone(), noise.clone()), factor)
 
 
+class ExtendedWeightSpaceSolver(WeightSpaceSolver):
+    r"""A weight-space solver with points appended: :math:`J^\top J` and the precision's factor with the new rows
+    kept apart.
+
+    :math:`J^\top J` is the base's dense matrix plus the appended rows' outer products, assembled (one new
+    ``(C, P, P)`` tensor) only when something needs it: other hyperparameters, gradients, the spectrum.
+    At the hyperparameters it was extended at (``key``) the posterior, solves and the evidence without
+    gradients use the :class:`~ntkgp.linalg.woodbury.WoodburyFactor`; with gradients there, the dense
+    factor is its rank-``kC`` update (:meth:`~ntkgp.linalg.woodbury.WoodburyFactor.dense`), not a new
+    factorization. Everything else is :class:`~ntkgp.solvers.weight_space.WeightSpaceSolver`'s.
+
+    Parameters
+    ----------
+    problem:
+        The training problem (all points, the added ones last).
+    outer:
+        :math:`J^\top J` of the points before the appended ones, ``(C, P, P)`` (shared, never modified).
+    rows:
+        The appended points' Jacobian ``(k, C, P)``, float64.
+    key:
+        The hyperparameters ``(delta, noise_c)`` of ``factor``.
+    factor:
+        The factor of the precision at ``key`` (``None`` if the base had none there).
+    """
+
+    def __init__(
+        self,
+        problem: NTKProblem,
+        outer: Tensor,
+        rows: Tensor,
+        key: tuple[Tensor, Tensor],
+        factor: WoodburyFactor | None,
+    ) -> None:
+        super().__init__(problem, outer=outer)
+        self._rows = rows
+        self._assembled: Tensor | None = None
+        #: the hyperparameters ``(delta, noise_c)`` of :attr:`woodbury`
+        self.key = key
+        #: the factor of the precision at :attr:`key` (``None`` if the base had none there)
+        self.woodbury = factor
+
+    @property
+    def outer(self) -> Tensor:
+        r""":math:`J^\top J` per output, ``(C, P, P)``: the base's plus the appended rows', made on first access."""
+        if self._assembled is None:
+            base, rows, P = self._outer, self._rows, self._outer.shape[-1]
+            if base.shape[0] == 1:  # one new (P, P) matrix, no temporary of that size
+                flat = rows.reshape(-1, P)
+                self._assembled = torch.addmm(base[0], flat.mT, flat).unsqueeze(0)
+            else:  # shape: (C, P, k) @ (C, k, P)
+                self._assembled = torch.baddbmm(base, rows.permute(1, 2, 0), rows.permute(1, 0, 2))
+        return self._assembled
+
+    def outer_parts(self) -> tuple[Tensor, Tensor | None]:
+        if self._assembled is not None:
+            return self._assembled, None
+        return self._outer, self._rows
+
+    def _at_key(self, delta: Tensor, noise_c: Tensor) -> bool:
+        return self.woodbury is not None and _same(self.key, (delta.detach(), noise_c.detach()))
+
+    def _factor(self, delta: Tensor, noise_c: Tensor) -> AnyFactor:
+        if self.woodbury is not None and self._at_key(delta, noise_c) and not needs_grad(delta, noise_c):
+            return self.woodbury
+        return super()._factor(delta, noise_c)
+
+    def cached_factor(self, compute: Callable[[], Tensor], *key: Tensor) -> Tensor:
+        last = self.last_factor
+        if (
+            self.woodbury is not None
+            and not needs_grad(*key)
+            and _same(self.key, tuple(k.detach() for k in key))
+            and (last is None or not _same(last[0], self.key))
+        ):
+            self.seed_factor(self.woodbury.dense(), *self.key)  # a rank-kC update, not a new factorization
+        return super().cached_factor(compute, *key)
+
+
 def extend_weight_solver(solver: WeightSpaceSolver, x_new: Inputs, delta: Tensor, noise_c: Tensor) -> WeightSpaceSolver:
     r"""The weight-space solver of ``solver``'s problem plus the points ``x_new``.
 
-    ``delta`` ``(G,)`` and ``noise_c`` ``(C,)`` are the current hyperparameters: if ``solver``'s cached
-    factor is theirs, the new solver's is its rank-``kC`` update (:func:`cholesky_update`).
+    ``delta`` ``(G,)`` and ``noise_c`` ``(C,)`` are the current hyperparameters: if ``solver`` holds its
+    factor at them (dense, or in Woodbury form after an earlier update), the new solver's is that factor
+    with the rank-``kC`` term of the new rows kept apart (:meth:`~ntkgp.linalg.woodbury.WoodburyFactor.extend`).
+    Costs the new points' Jacobian and one triangular solve with ``kC`` right-hand sides: nothing ``P x P``
+    is allocated and no pass over the old points is made.
     """
     problem, ntk, network = solver.problem, solver.ntk, solver.network
     P, C = network.num_parameters, problem.num_outputs
-    jac = torch.cat([jacobian(ntk, xc) for _, xc in x_new.chunks(network.chunk_size())]).to(torch.float64)
-    if solver.outer.shape[0] == 1:  # one new (P, P) matrix, no temporary of that size
-        flat = jac.reshape(-1, P)
-        outer = torch.addmm(solver.outer[0], flat.mT, flat).unsqueeze(0)
-    else:  # shape: (C, P, k) @ (C, k, P)
-        outer = torch.baddbmm(solver.outer, jac.permute(1, 2, 0), jac.permute(1, 0, 2))
-    extended = WeightSpaceSolver(problem.on(Inputs.concat([problem.x, x_new])), outer=outer)
-    extended.extend_pulled(solver, jac)  # the posterior weights' J^T S^-1 r by the new rows only
-    last = solver.last_factor
+    size = network.chunk_size()  # one chunk: x_new itself, whose captures the training mean's update kept
+    chunks = [jacobian(ntk, xc) for _, xc in x_new.chunks(size)] if x_new.num > size else [jacobian(ntk, x_new)]
+    jac = torch.cat(chunks).to(torch.float64)  # shape: (k, C, P)
+    outer, rows = solver.outer_parts()
+    rows = jac if rows is None else torch.cat([rows, jac])  # shape: (k, C, P)
     delta, noise_c = delta.detach().to(torch.float64), noise_c.detach().to(torch.float64)
-    if last is not None and _same(last[0], (delta, noise_c)):
+    base = _weight_factor_at(solver, delta, noise_c)
+    factor = None
+    if base is not None:
         update = (jac / noise_c.sqrt().reshape(1, C, 1)).reshape(-1, P).mT  # shape: (P, kC)
-        extended.seed_factor(cholesky_update(last[1], update), delta, noise_c)
+        factor = WoodburyFactor.extend(base, update)
+    key = (delta.clone(), noise_c.clone())
+    extended = ExtendedWeightSpaceSolver(problem.on(Inputs.concat([problem.x, x_new])), outer, rows, key, factor)
+    extended.extend_pulled(solver, jac)  # the posterior weights' J^T S^-1 r by the new rows only
     return extended
+
+
+def _weight_factor_at(solver: WeightSpaceSolver, delta: Tensor, noise_c: Tensor) -> Tensor | WoodburyFactor | None:
+    """``solver``'s factor of the precision at these hyperparameters, if it holds one (no new factorization):
+    a dense one if it has one there (the new term then starts on it), else its Woodbury factor."""
+    last = solver.last_factor
+    if last is not None and _same(last[0], (delta, noise_c)):
+        return last[1]
+    if isinstance(solver, ExtendedWeightSpaceSolver) and solver.woodbury is not None:
+        if _same(solver.key, (delta, noise_c)):
+            return solver.woodbury
+    return None
 
 
 def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -9,7 +9,10 @@ and :math:`P_0 = \operatorname{diag}(\delta)`:
     r^\top (K + S)^{-1} r &= r^\top S^{-1} r - b^\top A^{-1} b, \qquad b = J^\top S^{-1} r
 
 (matrix determinant lemma and Woodbury). Built once: :math:`J_c^\top J_c`, ``(C, P, P)``.
-Each evaluation: one ``P x P`` Cholesky and one batched vjp for ``b``.
+Each evaluation: one ``P x P`` Cholesky and one batched vjp for ``b``. After points were added
+(:mod:`ntkgp.solvers.update`) the factor at the hyperparameters of the update may be a
+:class:`~ntkgp.linalg.woodbury.WoodburyFactor`: everything here takes factors through
+:mod:`ntkgp.linalg.factor`.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ntkgp.linalg.cholesky import cholesky, cholesky_solve, factored_inv_quad_logdet
+from ntkgp.linalg.cholesky import cholesky, factored_inv_quad_logdet
+from ntkgp.linalg.factor import AnyFactor, factor_logdet, factor_solve, lower_solve
 from ntkgp.memory import WEIGHT_SPACE_MATRICES, check_fits
 from ntkgp.ntk import NTKProblem, gram, jacobian_outer, pullback, pushforward
 from ntkgp.posteriors.weight_space import WeightSpacePosterior
-from ntkgp.solvers.base import GaussianSolver, output_noise
+from ntkgp.solvers.base import GaussianSolver, needs_grad, output_noise
 
 __all__ = ["WeightSpaceSolver"]
 
@@ -42,15 +46,25 @@ class WeightSpaceSolver(GaussianSolver):
             f"the weight-space solver ({C} + {WEIGHT_SPACE_MATRICES} matrices of {P} x {P}, evidence and gradient)",
             self.network.device,
         )
-        #: per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64, summed over ranks
-        #: (given when extended, :mod:`ntkgp.solvers.update`)
-        self.outer = (
+        self._outer = (
             self.sharding.sum_(jacobian_outer(self.ntk, problem.x, per_output=C > 1)) if outer is None else outer
         )
         self._spectrum: tuple[Tensor, Tensor] | None = None
         #: :math:`b = J^\top S^{-1} r` of the last posterior: ``(r, s, b)``, and the Jacobian ``(k, C, P)`` of
         #: points appended since (their rows of :math:`r` are the last ``kC``), or ``None``
         self._pulled: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
+
+    @property
+    def outer(self) -> Tensor:
+        r"""Per-output :math:`J_c^\top J_c`, ``(C, P, P)``, float64, summed over ranks (given when extended,
+        :mod:`ntkgp.solvers.update`)."""
+        return self._outer
+
+    def outer_parts(self) -> tuple[Tensor, Tensor | None]:
+        r""":attr:`outer` as a dense part ``(C, P, P)`` and the Jacobian ``(k, C, P)`` of points whose rows
+        are not in it yet (``None`` when none): :attr:`outer` is the dense part plus
+        :math:`\sum_k J_{kc}^\top J_{kc}`. Never modified (an extended solver makes a new matrix)."""
+        return self._outer, None
 
     @torch.no_grad()
     def spectrum(self) -> tuple[Tensor, Tensor]:
@@ -97,8 +111,9 @@ class WeightSpaceSolver(GaussianSolver):
         """Continue ``base``'s kept :math:`b` (:meth:`pulled_residual`) on this solver, whose data are ``base``'s
         plus points of Jacobian ``new_jacobian`` ``(k, C, P)``, appended."""
         held = base._pulled
-        if held is not None and held[3] is None:
-            self._pulled = (held[0], held[1], held[2], new_jacobian)
+        if held is not None:  # points appended twice without a posterior between: both sets' rows
+            appended = new_jacobian if held[3] is None else torch.cat([held[3], new_jacobian])
+            self._pulled = (held[0], held[1], held[2], appended)
 
     def _precision(self, delta: Tensor, noise_c: Tensor) -> Tensor:
         r""":math:`P_0 + \sum_c s_c^{-1} J_c^\top J_c`, ``(P, P)``: one new matrix, the prior added to its diagonal."""
@@ -110,7 +125,8 @@ class WeightSpaceSolver(GaussianSolver):
         matrix.diagonal().add_(prior)
         return matrix
 
-    def _factor(self, delta: Tensor, noise_c: Tensor) -> Tensor:
+    def _factor(self, delta: Tensor, noise_c: Tensor) -> AnyFactor:
+        """The factor of the posterior precision (cached; differentiable when ``delta`` or ``noise_c`` need it)."""
         return self.cached_factor(lambda: cholesky(self._precision(delta, noise_c), what=self._WHAT), delta, noise_c)
 
     def _pull(self, rhs: Tensor, noise_c: Tensor) -> Tensor:
@@ -121,8 +137,7 @@ class WeightSpaceSolver(GaussianSolver):
 
     def inv_quad_logdet(self, delta: Tensor, noise: Tensor, rhs: Tensor | None, logdet: bool) -> tuple[Tensor, Tensor]:
         noise_c = output_noise(noise, self.problem.num_outputs, "weight-space", sharding=self.sharding)
-        factor, matrix = self.factor_and_matrix(lambda: self._precision(delta, noise_c), self._WHAT, delta, noise_c)
-        zero = torch.zeros((), dtype=torch.float64, device=factor.device)
+        zero = torch.zeros((), dtype=torch.float64, device=self.network.device)
         inv_quad, data_term, pulled = zero, zero, None
         if rhs is not None:
             N, C = self.problem.num_data, self.problem.num_outputs
@@ -132,7 +147,13 @@ class WeightSpaceSolver(GaussianSolver):
             pulled = self._pull(r.detach(), noise_c.detach())
             if rhs.requires_grad or noise_c.requires_grad:  # b is linear in r and S^-1: its gradient by autograd
                 pulled = self._pull_differentiable(r, local_noise, pulled)
-        quad, log_det_precision = factored_inv_quad_logdet(factor, pulled, matrix)
+        if needs_grad(delta, noise_c, *([] if pulled is None else [pulled])):
+            factor, matrix = self.factor_and_matrix(lambda: self._precision(delta, noise_c), self._WHAT, delta, noise_c)
+            quad, log_det_precision = factored_inv_quad_logdet(factor, pulled, matrix)
+        else:  # any factor (:mod:`ntkgp.linalg.factor`)
+            held = self._factor(delta, noise_c)
+            quad = zero if pulled is None else lower_solve(held, pulled).square().sum(-2)
+            log_det_precision = factor_logdet(held)
         if rhs is not None:
             inv_quad = data_term - quad
         log_det = zero
@@ -151,7 +172,7 @@ class WeightSpaceSolver(GaussianSolver):
         noise_c = output_noise(noise, C, "weight-space", sharding=self.sharding)
         factor = self._factor(delta, noise_c)
         r = rhs.to(torch.float64)
-        inner = cholesky_solve(self._pull(r, noise_c), factor)  # shape: (P, t)
+        inner = factor_solve(factor, self._pull(r, noise_c))  # shape: (P, t)
         back = pushforward(self.ntk, self.problem.x, inner.T)  # shape: (t, N, C)
         back = back.reshape(back.shape[0], -1).T.to(torch.float64)
         return ((r - back).reshape(N, C, -1) / noise_c.reshape(1, C, 1)).reshape(N * C, -1)
@@ -182,7 +203,7 @@ class WeightSpaceSolver(GaussianSolver):
         delta, noise = delta.detach(), noise.detach()
         noise_c = output_noise(noise, self.problem.num_outputs, "weight-space", sharding=self.sharding)
         factor = self._factor(delta, noise_c)
-        weights = cholesky_solve(self.pulled_residual(residual, noise_c).unsqueeze(1), factor)[:, 0]
+        weights = factor_solve(factor, self.pulled_residual(residual, noise_c).unsqueeze(1))[:, 0]
         return WeightSpacePosterior(self.ntk, factor, weights)
 
 
