@@ -173,7 +173,7 @@ def positions_gram(
         # a block of `rows` points holds rows*C*width gradient entries and a (rows*C, n2*C) product
         rows = max(1, half // (C * max(width, n2 * C) * item))
         if symmetric:
-            rows = min(rows, block_rows(n1, C))
+            rows = min(rows, block_rows(n1, C, width))
         # the right-hand gradients are formed once if they fit (the left ones too when x1 = x2)
         whole = weight_gradients(unit, c2) if n2 * C * width * item <= half else None
 
