@@ -19,8 +19,9 @@ from torch import Tensor
 
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, captures, point_blocks, structured_gram
-from ntkgp.ntk.captures import captures_fit, rows_within
+from ntkgp.ntk.captures import captures_fit
 from ntkgp.ntk.generic import generic_jacobian, generic_rows
+from ntkgp.ntk.tiles import operand_layout, streamed_cross
 from ntkgp.structured.capture import UnitCapture
 
 __all__ = ["PriorKernel"]
@@ -34,7 +35,9 @@ class PriorKernel:
     inputs' captures and their generic Jacobian are each kept in memory when they fit in half the
     budget; otherwise they are recomputed, chunk by chunk, for every block of test points (a
     convolutional network holds megabytes of captures per example: then each test block costs a
-    capture pass over the reference inputs, and larger ``memory_budget`` values save passes).
+    capture pass over the reference inputs, and larger ``memory_budget`` values save passes), and
+    the test block's per-example weight gradients are formed once per block
+    (:func:`~ntkgp.ntk.tiles.streamed_cross`).
 
     Parameters
     ----------
@@ -128,11 +131,8 @@ class PriorKernel:
             structured_gram(ntk, self.reference_captures, test_captures, cross, weights=self.group_weights)
             return
         assert self.reference is not None
-        C = ntk.num_outputs
-        rows = rows_within(ntk, self.reference, ntk.budget // 4)
-        for start, xr in ntk.network.chunks(self.reference, rows, desc="cross-kernel (captures beyond the budget)"):
-            block = cross[start * C : (start + xr.num) * C]
-            structured_gram(ntk, captures(ntk, xr), test_captures, block, weights=self.group_weights)
+        desc = "cross-kernel (captures beyond the budget)"
+        streamed_cross(ntk, self.reference, test_captures, cross, self.group_weights, desc)
 
     def _reference_rest_cross(self, scaled: Tensor) -> Tensor:
         if self._reference_rest_jacobian is not None:
@@ -151,5 +151,8 @@ class PriorKernel:
         C, item = ntk.num_outputs, ntk.network.dtype.itemsize
         generic = self.rest_width * item * 2
         captured = ntk.plan().entries_per_example * item if ntk.plan().units else 0
+        if captured and self.reference is not None and self.reference_captures is None:
+            # the block's operands for the streamed cross-kernel are held too
+            captured += operand_layout(ntk, self.reference.num, self.reference.num, False).entries * item
         per_point = C * (generic + 8 * (self.reference_size + downdate_rank + C)) + captured
         return max(1, ntk.budget // (2 * per_point))
