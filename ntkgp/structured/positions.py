@@ -97,6 +97,8 @@ def weight_gradients(unit: Unit, capture: UnitCapture) -> Tensor:
     assert u is not None
     n, C, L, d = g.shape
     if unit.kind == "affine":
+        if g.stride(-1) != 1:  # channel-major storage (a capture's own layout): contract positions in place
+            return torch.einsum("ncdl,ndl->ncd", g.transpose(2, 3), u.to(g.dtype).transpose(1, 2)).reshape(n * C, d)
         return torch.einsum("ncld,nld->ncd", g, u.to(g.dtype)).reshape(n * C, d)
     if unit.kind == "embedding":
         vocab = unit.taps
