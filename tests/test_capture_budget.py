@@ -29,6 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 gram_module = importlib.import_module("ntkgp.ntk.gram")  # the module, which ntkgp.ntk.gram (the function) shadows
 captures_module = importlib.import_module("ntkgp.ntk.captures")
 tiles_module = importlib.import_module("ntkgp.ntk.tiles")
+prior_kernel_module = importlib.import_module("ntkgp.posteriors.prior_kernel")
 
 
 def _conv_net(classes: int) -> nn.Module:
@@ -81,12 +82,22 @@ def test_softmax_laplace_beyond_the_budget_equals_brute_force(monkeypatch: pytes
     evidence = model.log_evidence().detach()
     assert calls, "the Gram did not take the tiled route"
     model.eval()
+    streamed: list[int] = []
+    streamed_parts = prior_kernel_module.PriorKernel._streamed_parts
+
+    def counting(self: object, x: ntkgp.network.Inputs, *args: object) -> None:
+        streamed.append(x.num)
+        streamed_parts(self, x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prior_kernel_module.PriorKernel, "_streamed_parts", counting)
     with torch.no_grad():
+        blocks = model(x[n:]).lazy_covariance_matrix.point_blocks()  # per block, never the dense matrix
         latent = model(x[n:])
         cov = latent.covariance_matrix
     post = model.posterior()
     kernel = post[1].kernel if isinstance(post, tuple) else post.kernel
     assert kernel.reference_captures is None  # recaptured per test block, not held
+    assert sum(streamed) == n_test  # the per-point blocks streamed the test blocks' captures
 
     j, j_test = truth.jacobian(net, x[:n]), truth.jacobian(net, x[n:])
     theta = truth.flat_params(net)
@@ -99,6 +110,10 @@ def test_softmax_laplace_beyond_the_budget_equals_brute_force(monkeypatch: pytes
     want_evidence, want_cov = truth.ggn_laplace_from(j, j_test, hessians, prior, theta, log_lik)
     assert abs(float(evidence - want_evidence)) <= 1e-8 * abs(float(want_evidence))
     assert float((cov - want_cov).abs().max()) <= 1e-8 * float(want_cov.abs().max())
+    want_blocks = torch.stack(
+        [want_cov[i * classes : (i + 1) * classes, i * classes : (i + 1) * classes] for i in range(n_test)]
+    )
+    assert float((blocks - want_blocks).abs().max()) <= 1e-8 * float(want_cov.abs().max())
 
 
 def test_gram_tiles_equal_the_whole_gram(monkeypatch: pytest.MonkeyPatch) -> None:

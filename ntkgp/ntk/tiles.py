@@ -38,7 +38,7 @@ passes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -145,16 +145,24 @@ def _fill(
             gradients[g][rows, a:b].copy_(part)
 
 
-def operands(ntk: EmpiricalNTK, x: Inputs, layout: OperandLayout) -> Operands:
+def operands(
+    ntk: EmpiricalNTK,
+    x: Inputs,
+    layout: OperandLayout,
+    each: Callable[[int, Inputs, list[UnitCapture]], None] | None = None,
+) -> Operands:
     """The operands of ``x``: one capture pass per chunk of examples (:func:`capture_rows`, and captures
     within a quarter of the budget), each chunk's gradients written into the held matrices at once (the
-    captures of gradient units are dropped)."""
+    captures of gradient units are dropped). ``each(start, chunk, its captures)`` is called per chunk
+    before they are dropped (for what else the caller takes from them)."""
     chunk = min(capture_rows(ntk, x), rows_within(ntk, x, ntk.budget // 4))
     gradients = _held(ntk, x.num, layout)
     kept: list[list[UnitCapture]] = []
     for start, xc in ntk.network.chunks(x, chunk):
         caps = captures(ntk, xc)
         _fill(ntk, layout, gradients, start, caps)
+        if each is not None:
+            each(start, xc, caps)
         kept.append([caps[u] for u in layout.captured])
         del caps
     if len(kept) == 1:
@@ -296,16 +304,20 @@ def tiled_gram(ntk: EmpiricalNTK, x1: Inputs, x2: Inputs | None, out: Tensor, we
 
 
 def streamed_cross(
-    ntk: EmpiricalNTK, x: Inputs, held: list[UnitCapture], out: Tensor, weights: Tensor | None, desc: str = ""
+    ntk: EmpiricalNTK,
+    x: Inputs,
+    held: Operands,
+    layout: OperandLayout,
+    out: Tensor,
+    weights: Tensor | None,
+    desc: str = "",
 ) -> None:
-    """Add the structured Gram between ``x`` and examples whose captures ``held`` are in memory to ``out``
-    (``(G, n_x C, n C)`` or weighted ``(n_x C, n C)``): the held examples' operands are formed once, and
-    ``x`` is streamed past them in chunks (each example of ``x`` captured once)."""
+    """Add the structured Gram between ``x`` and the examples of the operands ``held`` (of ``layout``)
+    to ``out`` (``(G, n_x C, n C)`` or weighted ``(n_x C, n C)``): ``x`` is streamed past them in chunks,
+    each example of ``x`` captured once."""
     C = ntk.num_outputs
-    layout = operand_layout(ntk, x.num, held[0].num, False)
-    b = operands_of(ntk, held, layout)
     _, stream = tile_rows(ntk, layout)
     workspace = Workspace()
     for start, xa in ntk.network.chunks(x, stream, desc=desc):
         a = operands(ntk, xa, layout)
-        operand_gram(ntk, layout, a, b, out[..., start * C : (start + xa.num) * C, :], weights, workspace)
+        operand_gram(ntk, layout, a, held, out[..., start * C : (start + xa.num) * C, :], weights, workspace)
