@@ -208,10 +208,11 @@ def test_tiled_cross_gram_holds_the_cheaper_side(monkeypatch: pytest.MonkeyPatch
 
 
 def test_float32_gram_within_the_documented_bound() -> None:
-    """A float32 network's held gradients are contracted in float32 panels of FLOAT32_PANEL columns and
-    summed in float64: every entry is within FLOAT32_PANEL * 2**-24 * sqrt(k_aa k_bb) of the float64
-    product of the same gradients (the documented worst case), and the Gram equals the float64
-    network's to float32 accuracy. A float64 network's Gram is float64 throughout (1e-12)."""
+    """A float32 network's weight gradients (held by the tiles, or formed from captures by the gradient
+    route) are contracted in float32 panels of FLOAT32_PANEL columns and summed in float64: every entry
+    is within FLOAT32_PANEL * 2**-24 * sqrt(k_aa k_bb) of the float64 product of the same gradients (the
+    documented worst case), and the Gram equals the float64 network's to float32 accuracy. A float64
+    network's Gram is float64 throughout (1e-12)."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
@@ -235,6 +236,7 @@ def test_float32_gram_within_the_documented_bound() -> None:
     assert layout.widths[conv] > tiles_module.FLOAT32_PANEL
     ops = tiles_module.operands(ntk, xi, layout)
     got = gram_module.gram(ntk, xi)
+    from_captures = gram_module.gram(ntk, xi, captures1=ntkgp.ntk.captures(ntk, xi))  # the gradient route's blocks
     assert got.dtype == torch.float64
     bound = tiles_module.FLOAT32_PANEL * 2.0**-24
     for g, width in enumerate(layout.widths):
@@ -243,7 +245,8 @@ def test_float32_gram_within_the_documented_bound() -> None:
         gradients = ops.gradients[g].double()
         exact = gradients @ gradients.T
         scale = exact.diagonal().sqrt()
-        assert bool(((got[g] - exact).abs() <= bound * scale[:, None] * scale[None, :]).all())
+        for gram in (got, from_captures):
+            assert bool(((gram[g] - exact).abs() <= bound * scale[:, None] * scale[None, :]).all())
     net64 = net.double()
     ntk64 = _gram_model(net64, x.double(), 2**30, 3).ntk
     want = gram_module.gram(ntk64, ntk64.network.inputs(x.double()))

@@ -49,7 +49,7 @@ from ntkgp.ntk.captures import capture_rows, captures, rows_within
 from ntkgp.ntk.engine import EmpiricalNTK
 from ntkgp.structured.capture import UnitCapture
 from ntkgp.structured.positions import bias_gradients, choose_route, weight_gradients
-from ntkgp.structured.workspace import Workspace, accumulate, add_block, block_rows
+from ntkgp.structured.workspace import FLOAT32_PANEL, Workspace, add_block, block_rows, gram_product
 
 __all__ = [
     "FLOAT32_PANEL",
@@ -63,9 +63,6 @@ __all__ = [
     "tile_rows",
     "tiled_gram",
 ]
-
-#: columns of held gradients contracted per float32 product before the float64 sum (see the module docstring)
-FLOAT32_PANEL = 4096
 
 
 @dataclass(frozen=True)
@@ -190,18 +187,6 @@ def operands_of(ntk: EmpiricalNTK, caps: list[UnitCapture], layout: OperandLayou
     return Operands(num, gradients, tuple(caps[u] for u in layout.captured))
 
 
-def _gradient_product(left: Tensor, right: Tensor, workspace: Workspace) -> Tensor:
-    """``left @ right.T`` in float64: one product in float64, float32 panels summed in float64 otherwise."""
-    if left.dtype == torch.float64:
-        return left @ right.T
-    width = left.shape[1]
-    total = torch.zeros(left.shape[0], right.shape[0], dtype=torch.float64, device=left.device)
-    for start in range(0, width, FLOAT32_PANEL):
-        stop = min(start + FLOAT32_PANEL, width)
-        accumulate(total, workspace.matmul("panel", left[:, start:stop], right[:, start:stop].T), workspace)
-    return total
-
-
 def operand_gram(
     ntk: EmpiricalNTK,
     layout: OperandLayout,
@@ -235,7 +220,7 @@ def operand_gram(
                     break
                 e2 = min(s2 + (rows if symmetric else other.num), other.num)
                 r1, r2 = slice(s1 * C, e1 * C), slice(s2 * C, e2 * C)
-                block = _gradient_product(left[r1], right[r2], workspace)
+                block = gram_product(left[r1], right[r2], workspace)
                 add_block(out, weights, g, r1, r2, block, workspace)
                 if symmetric and s2 != s1:
                     add_block(out, weights, g, r2, r1, block.T, workspace)
