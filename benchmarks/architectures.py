@@ -26,7 +26,12 @@ The ``lastlayer`` task is the issue's target: 512 features, C = 10, N = 5,000, f
 evidence, latent covariance and probit probabilities, and the time ratio.
 
 ``--check`` compares the all-weights evidence with a float64 brute force over the whole network
-(``torch.func`` Jacobians) for the transformer (N = 1000, C = 2) and ResNet-20 (N = 200, C = 10).
+(``torch.func`` Jacobians) for the transformer (N = 1000, C = 2) and ResNet-20 (N = 200, C = 10), or at
+``--check-n`` points (the brute force holds the float64 Jacobian: 4.4 GB for ResNet-20 at N = 200).
+
+Every row records wall and CPU seconds (this process's CPU time: on a shared machine the wall time
+also counts other jobs' share of the cores) and the load averages before and after it; ntkgp rows
+also record ``build_evidence_seconds``, the part before the predictions.
 
 Usage::
 
@@ -54,7 +59,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
-from benchmarks.harness import PeakRSS, finish_report, start_report  # noqa: E402
+from benchmarks.harness import PeakRSS, finish_report, loadavg, start_report  # noqa: E402
 from ntkgp.likelihoods import SoftmaxLikelihood  # noqa: E402
 
 N_TEST = 500
@@ -238,15 +243,20 @@ def _predict(model: ntkgp.LinearizedGP, x_test: Any) -> Tensor:
 
 
 def _measured(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``'s row with its wall and CPU seconds (the CPU time of this process: on a shared machine
+    the wall time also counts the other jobs' share of the cores), load averages and added peak RSS."""
+    load_start = loadavg()
     with PeakRSS() as peak:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             row = fn()
         except Exception as error:  # a peer that does not run on the architecture: report why
             row = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
             traceback.print_exc(limit=2)
         row["seconds"] = time.perf_counter() - start
+        row["cpu_seconds"] = time.process_time() - cpu
     row["peak_mib"] = peak.peak_delta / 2**20
+    row["load"] = [load_start, loadavg()]
     return row
 
 
@@ -255,12 +265,20 @@ def ntkgp_row(task: Task, n: int, **kwargs: Any) -> dict[str, Any]:
     y = task.targets(x)
 
     def run() -> dict[str, Any]:
+        start = time.perf_counter()
         model = ntkgp.LinearizedGP(task.net, task.likelihood(), x, y, prior_precision=1.0, mode="map", **kwargs)
         evidence = float(model.log_evidence())
+        build = time.perf_counter() - start
         plan, numels = model.ntk.plan(), model.network.numels
         structured = sum(numels[i] for i in plan.structured) / sum(numels)
         _predict(model, x_test)
-        return {"evidence": evidence, "structured": structured, "P": sum(numels), "solver": model.solver.name}
+        return {
+            "evidence": evidence,
+            "structured": structured,
+            "P": sum(numels),
+            "solver": model.solver.name,
+            "build_evidence_seconds": build,
+        }
 
     return {"n": n, **_measured(run)}
 
@@ -385,10 +403,11 @@ def brute_force_check(name: str, n: int) -> dict[str, Any]:
     task = Task(name, torch.float64)
     x = task.inputs(n)
     y = task.targets(x)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model = ntkgp.LinearizedGP(task.net, task.likelihood(), x, y, prior_precision=1.0, mode="map")
     evidence = float(model.log_evidence())
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    del model  # its Gram and factors, before the brute force's Jacobian
     params = {k: v.detach() for k, v in task.net.named_parameters()}
     theta = torch.cat([v.reshape(-1) for v in params.values()])
 
@@ -400,11 +419,13 @@ def brute_force_check(name: str, n: int) -> dict[str, Any]:
         return torch.func.functional_call(task.net, split, (xc,))
 
     print({"task": name, "n": n, "ntkgp_evidence": evidence, "ntkgp_seconds": seconds}, flush=True)
-    rows = []
     step = 4 if name == "resnet20" else 50  # jacrev holds C * step copies of the activations
+    j = torch.empty(n * task.classes, theta.numel(), dtype=theta.dtype)  # shape: (N*C, P), filled in place
     for start in range(0, n, step):
-        rows.append(torch.func.jacrev(f)(theta, x[start : start + step]).reshape(-1, theta.numel()))
-    j = torch.cat(rows)  # shape: (N*C, P)
+        stop = min(start + step, n)
+        j[start * task.classes : stop * task.classes] = torch.func.jacrev(f)(theta, x[start:stop]).reshape(
+            -1, theta.numel()
+        )
     with torch.no_grad():
         logits = task.net(x)
     probs = logits.softmax(-1)
@@ -414,7 +435,14 @@ def brute_force_check(name: str, n: int) -> dict[str, Any]:
     log_lik = -float(F.cross_entropy(logits, y, reduction="sum"))
     truth = log_lik - 0.5 * float(theta @ theta) - 0.5 * float(log_det)
     rel = abs(evidence - truth) / abs(truth)
-    return {"n": n, "evidence": evidence, "truth": truth, "rel": rel, "ntkgp_seconds": seconds}
+    return {
+        "n": n,
+        "evidence": evidence,
+        "truth": truth,
+        "rel": rel,
+        "ntkgp_seconds": seconds,
+        "ntkgp_cpu_seconds": cpu_seconds,
+    }
 
 
 # -------------------------------------------------------------------------------------- main
@@ -427,6 +455,9 @@ def main() -> None:
     parser.add_argument("--last-layer-n", type=int, default=5000)
     parser.add_argument("--peers", nargs="*", default=["lt last-layer kfac", "lt full kfac", "lt functional"])
     parser.add_argument("--check", nargs="*", default=[], help="brute-force checks: transformer, resnet20")
+    parser.add_argument(
+        "--check-n", type=int, help="points of the brute-force checks (default: 1000 transformer, 200 resnet20)"
+    )
     parser.add_argument("--gram-n", type=int, default=32, help="points of resnet18's all-weights Gram")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
@@ -471,7 +502,7 @@ def main() -> None:
             report["rows"].append(row)
     for name, n in (("transformer", 1000), ("resnet20", 200)):
         if name in args.check:
-            row = {"task": name, "route": "brute force", **brute_force_check(name, n)}
+            row = {"task": name, "route": "brute force", **brute_force_check(name, args.check_n or n)}
             print(row, flush=True)
             report["rows"].append(row)
     finish_report(report, started, args.json)

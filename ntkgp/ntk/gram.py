@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from ntkgp.network.inputs import Inputs
-from ntkgp.ntk.captures import captures, captures_fit, rows_within
+from ntkgp.ntk.captures import captures
 from ntkgp.ntk.engine import EmpiricalNTK
 from ntkgp.ntk.generic import generic_gram
-from ntkgp.structured.capture import UnitCapture
+from ntkgp.ntk.tiles import tiled_gram
+from ntkgp.structured.capture import UnitCapture, differentiable
 from ntkgp.structured.linear import linear_gram_weighted, linear_grams
 from ntkgp.structured.plan import Unit
 from ntkgp.structured.positions import positions_gram
@@ -81,45 +82,6 @@ def structured_gram(
         linear_grams(linear, tensor_group, out, workspace, symmetric=symmetric)
 
 
-def _captures_fit(ntk: EmpiricalNTK, x1: Inputs, x2: Inputs | None, max_bytes: int) -> bool:
-    """Whether the captures of ``x1`` and ``x2`` fit in ``max_bytes`` together."""
-    if x2 is None:
-        return captures_fit(ntk, x1, max_bytes)
-    return captures_fit(ntk, x1, max_bytes // 2) and captures_fit(ntk, x2, max_bytes // 2)
-
-
-def _tiled_structured_gram(
-    ntk: EmpiricalNTK, x1: Inputs, x2: Inputs | None, out: Tensor, weights: Tensor | None
-) -> None:
-    r"""The structured units' part of :func:`gram` in tiles, when the captures of the inputs do not
-    fit in half the budget (convolutions at many positions hold a few MB per example).
-
-    Blocks of rows of ``x1`` and ``x2`` whose captures take a quarter of the budget each are
-    captured one pair at a time: each block of ``x1`` once, the blocks of ``x2`` once per block of
-    ``x1`` (above the diagonal only when ``x2`` is ``x1``). Memory stays within the budget; the
-    price is :math:`b_1 b_2` capture passes instead of :math:`b_1 + b_2` (about half that when
-    symmetric).
-    """
-    C, quarter = ntk.num_outputs, ntk.budget // 4
-    symmetric = x2 is None
-    other = x1 if x2 is None else x2
-    rows = rows_within(ntk, x1, quarter)
-    for s1, xa in ntk.network.chunks(x1, rows, desc="Gram tiles (captures beyond the budget)"):
-        ca = captures(ntk, xa)
-        rows1 = slice(s1 * C, (s1 + xa.num) * C)
-        for s2, xb in other.chunks(rows):
-            if symmetric and s2 < s1:
-                continue
-            same = symmetric and s2 == s1
-            cb = ca if same else captures(ntk, xb)
-            block = torch.zeros(*out.shape[:-2], xa.num * C, xb.num * C, dtype=out.dtype, device=out.device)
-            structured_gram(ntk, ca, cb, block, weights=weights, budget=ntk.budget // 2)
-            rows2 = slice(s2 * C, (s2 + xb.num) * C)
-            out[..., rows1, rows2] += block
-            if symmetric and not same:
-                out[..., rows2, rows1] += block.mT
-
-
 def gram(
     ntk: EmpiricalNTK,
     x1: Inputs,
@@ -133,25 +95,30 @@ def gram(
     r"""NTK Grams between ``x1`` and ``x2`` (``None``: ``x2 = x1``, using symmetry).
 
     Returns ``(G, N1 C, N2 C)`` per group, or ``(N1 C, N2 C)`` :math:`\sum_g w_g K_g` with
-    ``weights`` ``(G,)``, in ``dtype``. Captures already computed for ``x1`` or ``x2`` can be passed.
-    ``budget`` bytes of the engine bound the generic Jacobian blocks and the structured blocks; when
-    the captures of the inputs do not fit in half of it, the structured part is built in tiles.
+    ``weights`` ``(G,)``, in ``dtype``. Captures already computed for ``x1`` or ``x2`` can be passed
+    (or are held by the engine's cache): the structured part is then built from them. Otherwise it is
+    built by :func:`~ntkgp.ntk.tiles.tiled_gram`, from tiles of per-example weight gradients that
+    hold at most half of the engine's ``budget``, each example of a tile captured once. ``budget``
+    also bounds the generic Jacobian blocks.
     """
     C = ntk.num_outputs
     n2 = x1.num if x2 is None else x2.num
     shape = (x1.num * C, n2 * C) if weights is not None else (ntk.layout.num_groups, x1.num * C, n2 * C)
     out = torch.zeros(*shape, dtype=dtype, device=ntk.network.device)
     plan = ntk.plan(x1)
-    half = ntk.budget // 2
-    if plan.units and captures1 is None and captures2 is None and not _captures_fit(ntk, x1, x2, half):
-        _tiled_structured_gram(ntk, x1, x2, out, weights)
-    elif plan.units:
-        c1 = captures(ntk, x1) if captures1 is None else captures1
-        if x2 is None:
-            c2 = c1
+    if plan.units:
+        held1 = captures1 if captures1 is not None else ntk.captures.get(x1)
+        held2 = captures2 if captures2 is not None or x2 is None else ntk.captures.get(x2)
+        graph = differentiable(x1) or (x2 is not None and differentiable(x2))
+        if held1 is None and held2 is None and not graph:
+            tiled_gram(ntk, x1, x2, out, weights)
         else:
-            c2 = captures(ntk, x2) if captures2 is None else captures2
-        structured_gram(ntk, c1, c2, out, weights=weights, budget=ntk.budget)
+            c1 = captures(ntk, x1) if held1 is None else held1
+            if x2 is None:
+                c2 = c1
+            else:
+                c2 = captures(ntk, x2) if held2 is None else held2
+            structured_gram(ntk, c1, c2, out, weights=weights, budget=ntk.budget)
     if plan.generic:
         generic_gram(ntk, x1, x2, out, plan.generic, weights=weights)
     return out

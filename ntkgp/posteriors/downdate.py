@@ -86,7 +86,8 @@ class DowndatePosterior(Posterior):
     def _covariance_blocks(self, x: Inputs) -> Tensor:
         C = self.ntk.num_outputs
         parts = []
-        for _, xb in self.network.chunks(x, self.kernel.rows(self.rank), desc="predictive blocks"):
+        rows = self.kernel.rows(self.rank, streamed=self.kernel.streams(x))
+        for _, xb in self.network.chunks(x, rows, desc="predictive blocks"):
             prior, terms = self._parts(xb, full=False)
             for sign, v in terms:
                 v = v.reshape(v.shape[0], xb.num, C)
@@ -106,7 +107,8 @@ class DowndatePosterior(Posterior):
         out = self.prior_matmul(x, rhs) if self.prior_residual else torch.zeros_like(rhs)
         # V and U are (r, n*C): kept whole (r per test output, like the result)
         blocks: list[list[tuple[float, Tensor]]] = []
-        for _, xb in self.network.chunks(x, self.kernel.rows(self.rank), desc="predictive matmul"):
+        rows = self.kernel.rows(self.rank, streamed=self.kernel.streams(x))
+        for _, xb in self.network.chunks(x, rows, desc="predictive matmul"):
             blocks.append(self._terms(xb, self.kernel.parts(xb, full=False, prior=False)[1]))
         for term in range(len(blocks[0]) if blocks else 0):
             sign = blocks[0][term][0]

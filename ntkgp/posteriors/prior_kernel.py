@@ -19,8 +19,9 @@ from torch import Tensor
 
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, captures, point_blocks, structured_gram
-from ntkgp.ntk.captures import captures_fit, rows_within
+from ntkgp.ntk.captures import captures_fit
 from ntkgp.ntk.generic import generic_jacobian, generic_rows
+from ntkgp.ntk.tiles import operand_layout, operands, operands_of, streamed_cross
 from ntkgp.structured.capture import UnitCapture, differentiable
 
 __all__ = ["PriorKernel"]
@@ -34,7 +35,9 @@ class PriorKernel:
     inputs' captures and their generic Jacobian are each kept in memory when they fit in half the
     budget; otherwise they are recomputed, chunk by chunk, for every block of test points (a
     convolutional network holds megabytes of captures per example: then each test block costs a
-    capture pass over the reference inputs, and larger ``memory_budget`` values save passes).
+    capture pass over the reference inputs, and larger ``memory_budget`` values save passes), and
+    the test block's per-example weight gradients are formed once per block
+    (:func:`~ntkgp.ntk.tiles.streamed_cross`).
 
     Parameters
     ----------
@@ -100,6 +103,9 @@ class PriorKernel:
             cross = torch.zeros(self.reference_size, n * C, dtype=torch.float64, device=device)
         covariance = torch.zeros(*((n * C, n * C) if full else (n, C, C)), dtype=torch.float64, device=device)
         plan = ntk.plan()
+        if captured is None and not full and cross is not None and self.streams(x):
+            self._streamed_parts(x, prior, jac, covariance, cross)
+            return covariance, cross
         test_captures = captured
         if test_captures is None and plan.units and (prior or cross is not None):
             held = None if differentiable(x) else ntk.captures.get(x)  # e.g. kept by the mean at x
@@ -122,6 +128,40 @@ class PriorKernel:
                 cross += self._reference_rest_cross(scaled)
         return covariance, cross
 
+    def streams(self, x: Inputs) -> bool:
+        """Whether :meth:`parts` streams the captures of test blocks ``x`` (when the caller passes none and
+        wants per-point prior blocks): the reference inputs are recaptured per block, and the block holds
+        its per-example weight gradients (operands, :mod:`ntkgp.ntk.tiles`) rather than its captures,
+        so that blocks, and recaptures of the reference inputs, are fewer."""
+        return (
+            self.reference is not None
+            and self.reference_captures is None
+            and bool(self.ntk.plan().units)
+            and not differentiable(x)
+        )
+
+    def _streamed_parts(self, x: Inputs, prior: bool, jac: Tensor | None, covariance: Tensor, cross: Tensor) -> None:
+        """:meth:`parts` for a block whose captures are taken chunk by chunk: each chunk's prior blocks and
+        gradients, then the reference inputs streamed past the block's operands."""
+        ntk = self.ntk
+        assert self.reference is not None
+        if jac is None and self.rest:
+            jac = generic_jacobian(ntk, x, self.rest)  # shape: (n, C, P_rest)
+
+        def each(start: int, xc: Inputs, caps: list[UnitCapture]) -> None:
+            if prior:
+                cols = None if jac is None else jac[start : start + xc.num]
+                blocks = point_blocks(ntk, xc, self.group_weights, captured=caps, generic_jacobian_cols=cols)
+                covariance[start : start + xc.num] += blocks
+
+        layout = operand_layout(ntk, self.reference.num, x.num, False)
+        held = operands(ntk, x, layout, each)
+        desc = "cross-kernel (captures beyond the budget)"
+        streamed_cross(ntk, self.reference, held, layout, cross, self.group_weights, desc)
+        if jac is not None:
+            scaled = jac.reshape(-1, self.rest_width) * self.rest_prior_variance  # shape: (n*C, P_rest)
+            cross += self._reference_rest_cross(scaled)
+
     def _structured_cross(self, test_captures: list[UnitCapture], cross: Tensor) -> None:
         """Add the structured units' cross-kernel ``(M*C, n*C)`` to ``cross``."""
         ntk = self.ntk
@@ -129,11 +169,10 @@ class PriorKernel:
             structured_gram(ntk, self.reference_captures, test_captures, cross, weights=self.group_weights)
             return
         assert self.reference is not None
-        C = ntk.num_outputs
-        rows = rows_within(ntk, self.reference, ntk.budget // 4)
-        for start, xr in ntk.network.chunks(self.reference, rows, desc="cross-kernel (captures beyond the budget)"):
-            block = cross[start * C : (start + xr.num) * C]
-            structured_gram(ntk, captures(ntk, xr), test_captures, block, weights=self.group_weights)
+        layout = operand_layout(ntk, self.reference.num, test_captures[0].num, False)
+        held = operands_of(ntk, test_captures, layout)
+        desc = "cross-kernel (captures beyond the budget)"
+        streamed_cross(ntk, self.reference, held, layout, cross, self.group_weights, desc)
 
     def _reference_rest_cross(self, scaled: Tensor) -> Tensor:
         if self._reference_rest_jacobian is not None:
@@ -145,12 +184,17 @@ class PriorKernel:
         ]
         return torch.cat(parts).to(torch.float64)
 
-    def rows(self, downdate_rank: int) -> int:
+    def rows(self, downdate_rank: int, *, streamed: bool = False) -> int:
         """Test points per block so that the cross-kernel, the downdate, a generic Jacobian and the
-        block's captures fit half the budget."""
+        block's captures fit half the budget; ``streamed`` (:meth:`streams`, for callers that pass no
+        captures to :meth:`parts`): the block's operands instead of its captures."""
         ntk = self.ntk
         C, item = ntk.num_outputs, ntk.network.dtype.itemsize
         generic = self.rest_width * item * 2
         captured = ntk.plan().entries_per_example * item if ntk.plan().units else 0
+        if captured and self.reference is not None and self.reference_captures is None:
+            # the block's operands for the streamed cross-kernel (and, unless streamed, its captures)
+            held = operand_layout(ntk, self.reference.num, self.reference.num, False).entries * item
+            captured = held if streamed else captured + held
         per_point = C * (generic + 8 * (self.reference_size + downdate_rank + C)) + captured
         return max(1, ntk.budget // (2 * per_point))

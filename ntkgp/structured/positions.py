@@ -19,7 +19,13 @@ orders, picked per unit by estimated cost (:func:`conv_route_costs`) unless a ro
   :math:`2L^2 t + 2C^2L^2 d_{out}` flops plus :math:`C^2L^2` memory-bound products per pair;
   better for few positions and many channels (late conv layers) and for large vocabularies.
 
-Products run in the network's dtype and are accumulated in float64.
+Products run in the network's dtype and are accumulated in float64. For a float32 network the
+gradient route contracts :math:`\Gamma` in panels of 4096 columns summed in float64
+(:func:`~ntkgp.structured.workspace.gram_product`: an entry is within
+:math:`4096\cdot 2^{-24}\sqrt{k_{aa}k_{bb}}` of the float64 product of the same gradients). The
+spatial route's products have inner dimensions :math:`t` and :math:`d_{out}`, and its sum over the
+:math:`L_1 L_2` position pairs runs in float32 too: an error of about
+:math:`(\max(t, d_{out}) + L_1L_2)\,2^{-24}` relative to the sum of the absolute terms.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch import Tensor
 
 from ntkgp.structured.capture import UnitCapture
 from ntkgp.structured.plan import Unit
-from ntkgp.structured.workspace import Workspace, add_block, block_rows
+from ntkgp.structured.workspace import Workspace, add_block, block_rows, gram_product
 
 __all__ = [
     "Route",
@@ -97,6 +103,8 @@ def weight_gradients(unit: Unit, capture: UnitCapture) -> Tensor:
     assert u is not None
     n, C, L, d = g.shape
     if unit.kind == "affine":
+        if g.stride(-1) != 1:  # channel-major storage (a capture's own layout): contract positions in place
+            return torch.einsum("ncdl,ndl->ncd", g.transpose(2, 3), u.to(g.dtype).transpose(1, 2)).reshape(n * C, d)
         return torch.einsum("ncld,nld->ncd", g, u.to(g.dtype)).reshape(n * C, d)
     if unit.kind == "embedding":
         vocab = unit.taps
@@ -173,7 +181,7 @@ def positions_gram(
         # a block of `rows` points holds rows*C*width gradient entries and a (rows*C, n2*C) product
         rows = max(1, half // (C * max(width, n2 * C) * item))
         if symmetric:
-            rows = min(rows, block_rows(n1, C))
+            rows = min(rows, block_rows(n1, C, width))
         # the right-hand gradients are formed once if they fit (the left ones too when x1 = x2)
         whole = weight_gradients(unit, c2) if n2 * C * width * item <= half else None
 
@@ -183,7 +191,7 @@ def positions_gram(
             return (weight_gradients(unit, sides[side][start:stop]),)
 
         def product(left: tuple[Tensor, ...], right: tuple[Tensor, ...]) -> Tensor:
-            return left[0] @ right[0].T  # shape: (r1*C, r2*C)
+            return gram_product(left[0], right[0], workspace)  # shape: (r1*C, r2*C)
     else:
         # a block of rows x rows points holds u u^T (L^2 per pair) and g g^T (C^2 L^2 per pair)
         rows = max(1, math.isqrt(max(1, half // ((L * L + C * C * L * L) * item))))
