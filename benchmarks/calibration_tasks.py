@@ -120,18 +120,11 @@ def _tokens(seed: int) -> tuple[Tensor, ...]:
     return x, y, xt, yt, ood
 
 
-class TokenClassifier(nn.Module):
-    """``nn.Embedding`` + 2 ``nn.TransformerEncoderLayer`` + mean pool + Linear, on token ids ``(n, L)``."""
+def _token_classifier() -> nn.Module:
+    """The architectures benchmark's transformer (Embedding, 2 encoder layers, mean pool, Linear), this vocabulary."""
+    from benchmarks.architectures import TokenTransformer
 
-    def __init__(self, vocab: int = _VOCAB, width: int = 32, classes: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.head(self.encoder(self.embed(ids)).mean(1))
+    return TokenTransformer(vocab=_VOCAB)
 
 
 def _cnn(bn: bool) -> nn.Sequential:
@@ -273,7 +266,7 @@ def make_task(name: str, seed: int = 0, cache: Path | None = None) -> Task:
             task = Task(name, "softmax", net, x[:1000], y[:1000], xt, yt, ood, 1.0)
     elif name == "transformer":
         x, y, xt, yt, ood = _tokens(seed)
-        net = TokenClassifier()
+        net = _token_classifier()
         train_map(net, "softmax", x, y, 1.0, lbfgs=False)
         task = Task(name, "softmax", net, x, y, xt, yt, ood, 1.0, num_classes=2)
     elif name == "breast_cancer":
@@ -309,7 +302,7 @@ def _untrained(name: str, seed: int) -> Task:
         return Task(name, "softmax", net, x, y, xt, yt, ood, 1.0)
     if name == "transformer":
         x, y, xt, yt, ood = _tokens(seed)
-        return Task(name, "softmax", TokenClassifier(), x, y, xt, yt, ood, 1.0, num_classes=2)
+        return Task(name, "softmax", _token_classifier(), x, y, xt, yt, ood, 1.0, num_classes=2)
     if name == "breast_cancer":
         x, y, xt, yt, ood = _tabular(load_breast_cancer, seed, regression=False)
         return Task(name, "bernoulli", _mlp([30, 16, 16, 1]), x, y, xt, yt, ood, 1.0)
