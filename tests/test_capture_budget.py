@@ -2,11 +2,13 @@
 blocks sized by their captures.
 
 A convolution at many positions holds its patches and ``C`` output cotangents per example: a few MB
-per example for a CIFAR ResNet, more than its Jacobian. When the captures of the training inputs do
-not fit in half of ``memory_budget``, the Gram is built in tiles and the cross-kernel of predictions
-recaptures the training inputs per test block; test blocks are sized so that their captures fit.
-Every quantity must equal a float64 brute force, and the peak memory of many predictions must stay
-bounded (a subprocess probe of peak RSS).
+per example for a CIFAR ResNet, more than its Jacobian. Grams from inputs are built in tiles of held
+weight gradients, each tile captured once and the rest streamed past it (the capture passes are
+counted). When the captures of the training inputs do not fit in half of ``memory_budget``, the
+cross-kernel of predictions recaptures the training inputs per test block; test blocks are sized so
+that what they hold fits. Every quantity must equal a float64 brute force (float32 Grams: within the
+documented bound), and the peak memory of many predictions must stay bounded (a subprocess probe of
+peak RSS).
 """
 
 from __future__ import annotations
