@@ -2,13 +2,14 @@ r"""Structured Grams from inputs in tiles of held per-example weight gradients, 
 
 A structured unit on the gradient route (:mod:`ntkgp.structured.positions`) contributes
 :math:`\Gamma_1\Gamma_2^\top` to the Gram, :math:`\Gamma` its per-example weight (and bias) gradients
-``(n C, numel)``. Its captures (patches and ``C`` output cotangents at every position) are usually
-larger than :math:`\Gamma`: a CIFAR ResNet-20 holds 44 MiB of captures per example in float64 against
-21 MiB of gradients. :func:`tiled_gram` therefore holds, per block of examples, *operands*
-(:class:`Operands`): the gradients of the units on the gradient route, packed per prior group, and the
-captures of the other units (one-position ``nn.Linear`` units, whose factored route needs only their
-inputs and cotangents; embeddings; units on the spatial route). Each operand is formed once, straight
-after the capture pass of its chunk.
+``(n C, numel)``. Its captures (patches and ``C`` output cotangents at every position) are often
+larger than :math:`\Gamma`. :func:`tiled_gram` therefore holds, per block of examples, *operands*
+(:class:`Operands`): the gradients of the units on the gradient route whose gradients are not larger
+than their captures, packed per prior group, and the captures of the other units (one-position
+``nn.Linear`` units, whose factored route needs only their inputs and cotangents; embeddings; units on
+the spatial route; units with many channels at few positions). A CIFAR ResNet-20 in float64 holds
+8.7 MiB per example this way, against 44 MiB of captures. Each operand is formed once, straight after
+the capture pass of its chunk.
 
 **Tiles.** Rows of :math:`X_1` are held a tile at a time (operands within half the budget); the
 examples of :math:`X_2` are streamed past each tile in small chunks, each captured, turned into
@@ -30,9 +31,10 @@ and summed in float64, so a Gram entry :math:`k = \sum_{p} a_p^\top b_p` has err
 inequality over panels; the float64 sums add :math:`O(2^{-53})`). With :math:`K = 4096` that is
 :math:`2.4\times 10^{-4}` of :math:`\sqrt{k_{aa}k_{bb}}` in the worst case; rounding errors of
 opposite signs make the typical error about :math:`\sqrt{K}\,2^{-24} = 3.8\times10^{-6}` of it
-(tested against the float64 Gram of the same network). This is the precision the float32 network's
-own gradients have: every entry of :math:`\Gamma` is already rounded to float32 by the backward
-passes.
+(tested against the float64 product of the same gradients;
+:func:`~ntkgp.structured.workspace.gram_product`, which the gradient route of units held as captures
+uses too). This is the precision the float32 network's own gradients have: every entry of
+:math:`\Gamma` is already rounded to float32 by the backward passes.
 """
 
 from __future__ import annotations
@@ -227,8 +229,7 @@ def operand_gram(
 
 
 def tile_rows(ntk: EmpiricalNTK, layout: OperandLayout) -> tuple[int, int]:
-    """Examples per held tile (operands within half the budget) and per streamed chunk (an eighth,
-    and at least one capture pass's worth)."""
+    """Examples per held tile (operands within half the budget) and per streamed chunk (an eighth)."""
     item = ntk.network.dtype.itemsize
     per_example = layout.entries * item
     tile = max(1, ntk.budget // (2 * per_example))
