@@ -25,8 +25,10 @@ KERNEL_SPACE_MATRICES = 6
 #: ``P x P`` float64 matrices an exact weight-space evaluation holds besides the ``C`` cached
 #: :math:`J_c^\top J_c` blocks: the precision, its factor, and in the backward pass :math:`A^{-1}` and the
 #: gradients of the noise and prior terms. Measured peaks of the first evidence plus backward, the
-#: build included (P = 2,000 to 2,900, C = 1 and 3, Gaussian and softmax): C + 5.6 to C + 9.7 (resident
-#: memory varies by about 2 such matrices between runs); C + 11 bounds them.
+#: build included (P = 2,000 to 2,900, C = 1 and 3, Gaussian and softmax): C + 5.6 to C + 9.7; C + 11
+#: bounds them. Matrices under 32 MiB (P < 2,048), which glibc serves from its heap rather than by mmap,
+#: can leave freed blocks resident and push the process's peak a few matrices higher; at that size the
+#: whole solve takes under half a GiB.
 WEIGHT_SPACE_MATRICES = 11
 
 _GiB = 2**30
