@@ -8,6 +8,7 @@ lower bound) evaluated densely.
 from __future__ import annotations
 
 import math
+import sys
 
 import gpytorch
 import pytest
@@ -172,8 +173,14 @@ def test_gpytorch_loop_uses_the_bound_and_one_data_pass(monkeypatch) -> None:
     lik = _likelihood(1, 0.2)
     model = ntkgp.LinearizedGP(net, lik, x, y.reshape(-1), prior_precision=1.0, solver=Inducing(num_inducing=12))
     calls = []
-    cross = type(model.solver).cross
-    monkeypatch.setattr(type(model.solver), "cross", lambda self, xc: calls.append(1) or cross(self, xc))
+    products = type(model.solver).chunk_products
+    monkeypatch.setattr(
+        type(model.solver), "chunk_products", lambda self, xc, **kw: calls.append(1) or products(self, xc, **kw)
+    )
+    captured = []  # capture passes over training points: each chunk once, Phi and the traces from the same pass
+    module = sys.modules["ntkgp.ntk.captures"]
+    capture = module.captures_with_outputs
+    monkeypatch.setattr(module, "captures_with_outputs", lambda ntk, xs: captured.append(xs.num) or capture(ntk, xs))
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     model.train(), lik.train()
@@ -189,6 +196,7 @@ def test_gpytorch_loop_uses_the_bound_and_one_data_pass(monkeypatch) -> None:
     assert float(loss) < first
     passes = len(calls)
     assert passes == len(list(model.network.chunks(model.train_x, model.solver._chunk_rows())))  # one pass, 30 steps
+    assert sum(captured) == x.shape[0]
     model.eval(), lik.eval()
     pred = lik(model(x_test))
     assert torch.isfinite(pred.variance).all() and (pred.variance > lik.noise).all()

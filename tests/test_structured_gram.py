@@ -11,6 +11,7 @@ from torch import nn
 
 import ntkgp.structured.workspace as workspace
 from ntkgp.ntk import captures, gram, gram_diagonal, jacobian, kernel_matmul, structured_gram, uses_factor_form
+from ntkgp.ntk.reference import ReferenceOperands, chunk_products
 
 
 class Residual(nn.Module):
@@ -303,3 +304,29 @@ def test_factor_kernel_matmul_matches_dense_gram_and_cache_follows_inputs() -> N
     conv_net, conv_shape = _nets()["cnn_two_convs"]
     conv_ntk, _ = make_ntk(conv_net.double().eval(), _inputs(conv_shape, 4, 10))
     assert not uses_factor_form(conv_ntk, 5)
+
+
+@pytest.mark.parametrize("name", list(_nets()))
+@pytest.mark.parametrize(("route", "held"), [("auto", True), ("gradient", True), ("spatial", True), ("auto", False)])
+def test_reference_products_equal_generic(name: str, route: str, held: bool) -> None:
+    """One capture pass of a chunk gives its cross-Gram against held reference inputs and its per-point
+    blocks, per group (weights and biases in groups of their own), as the generic route does."""
+    net, shape = _nets()[name]
+    net = net.double().eval()
+    x, z = _inputs(shape, 7, 0), _inputs(shape, 4, 1)
+    fast, a = make_ntk(net, x, budget=2**20, conv_route=route)
+    spec = torch.linspace(0.5, 2.0, len(fast.network.names))
+    fast, a = make_ntk(net, x, spec, budget=2**20, conv_route=route)
+    slow, _ = make_ntk(net, x, spec, budget=2**20, implementation="generic")
+    b = fast.network.inputs(z)
+    if held:
+        products = ReferenceOperands(fast, b, rows=a.num).products(a, blocks=True)
+    else:
+        products = chunk_products(fast, a, b, blocks=True)
+    want_cross = gram(slow, a, b)
+    assert torch.allclose(products.cross, want_cross, rtol=1e-12, atol=1e-13 * want_cross.abs().max())
+    C = fast.num_outputs
+    whole = gram(slow, a).reshape(-1, a.num, C, a.num, C)
+    want_blocks = torch.stack([whole[:, n, :, n, :] for n in range(a.num)], 1)  # shape: (G, n, C, C)
+    assert products.blocks is not None
+    assert torch.allclose(products.blocks, want_blocks, rtol=1e-12, atol=1e-13 * want_blocks.abs().max())

@@ -82,10 +82,11 @@ class OperandLayout:
     entries: int
 
 
-def operand_layout(ntk: EmpiricalNTK, n1: int, n2: int, symmetric: bool) -> OperandLayout:
+def operand_layout(ntk: EmpiricalNTK, n1: int, n2: int, symmetric: bool, *, reused: bool = False) -> OperandLayout:
     """The operands of a ``(n1, n2)`` Gram: a unit is held as gradients when its weight block takes the
     gradient route (:func:`~ntkgp.structured.positions.choose_route`) and its gradients are not larger
-    than its captures; one-position units and embeddings keep their captures."""
+    than its captures (``reused``: whatever their size, for operands contracted with many blocks, whose
+    gradients would otherwise be formed for each); one-position units and embeddings keep their captures."""
     plan, C = ntk.plan(), ntk.num_outputs
     group, numels = ntk.layout.tensor_group, ntk.network.numels
     columns: list[list[tuple[int, bool, int, int]]] = [[] for _ in range(ntk.layout.num_groups)]
@@ -99,7 +100,7 @@ def operand_layout(ntk: EmpiricalNTK, n1: int, n2: int, symmetric: bool) -> Oper
             not unit.is_linear
             and unit.kind != "embedding"
             and (unit.weight is None or choose_route(unit, C, n1, n2, symmetric, ntk.conv_route) == "gradient")
-            and gradient_entries <= capture_entries
+            and (reused or gradient_entries <= capture_entries)
         )
         if not held:
             captured.append(u)

@@ -14,9 +14,12 @@ from ntkgp.memory import check_fits
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import NTKProblem, captures, gram
 from ntkgp.ntk.captures import captures_fit, rows_within
+from ntkgp.ntk.generic import generic_rows
+from ntkgp.ntk.reference import ChunkProducts, ReferenceOperands, chunk_products, reference_bytes
 from ntkgp.ntk.sharded import gather_points
 from ntkgp.posteriors.inducing import InducingPosterior
 from ntkgp.solvers.base import SolverBase
+from ntkgp.structured.capture import UnitCapture
 
 __all__ = ["InducingCaches"]
 
@@ -58,12 +61,15 @@ class InducingCaches(SolverBase):
         self.kzz = gram(self.ntk, self.z)
         #: :math:`\Phi` ``(blocks, G, G, MC, MC)``, float64
         self.phi = torch.zeros(blocks, G, G, mc, mc, dtype=torch.float64, device=network.device)
-        #: the inducing inputs' captures, ``None`` (recaptured per chunk) when they exceed half the budget
-        self._z_captures = (
-            captures(self.ntk, self.z)
-            if self.ntk.plan().units and captures_fit(self.ntk, self.z, problem.budget // 2)
-            else None
-        )
+        rows = self._chunk_rows()
+        #: the inducing inputs' operands (:mod:`ntkgp.ntk.reference`) when they fit in half the budget,
+        #: else ``None`` and their captures when those fit (else they are recaptured per chunk)
+        self._held: ReferenceOperands | None = None
+        self._z_captures: list[UnitCapture] | None = None
+        if reference_bytes(self.ntk, self.z, rows) <= problem.budget // 2:
+            self._held = ReferenceOperands(self.ntk, self.z, rows)
+        elif self.ntk.plan().units and captures_fit(self.ntk, self.z, problem.budget // 2):
+            self._z_captures = captures(self.ntk, self.z)
 
     def _posterior(self, delta: Tensor, lz: Tensor, ld: Tensor, weights: Tensor) -> InducingPosterior:
         return InducingPosterior(self.ntk, weights, delta, self.z, lz, ld, prior_residual=self.prior_residual)
@@ -78,11 +84,14 @@ class InducingCaches(SolverBase):
         rows = max(1, self.problem.budget // (4 * 8 * G * C * self.inducing_size))
         if self.ntk.plan().units:  # a chunk's captures are held too
             rows = min(rows, rows_within(self.ntk, self.problem.x, self.problem.budget // 4))
+        if self.ntk.plan().generic:  # and its generic Jacobian
+            rows = min(rows, generic_rows(self.ntk, self.ntk.plan().generic))
         return rows
 
-    def cross(self, xc: Inputs) -> Tensor:
-        """Per-group :math:`K^g(x_c, Z)`, ``(G, n C, M C)``, float64."""
-        return gram(self.ntk, xc, self.z, captures2=self._z_captures)
+    def chunk_products(self, xc: Inputs, *, blocks: bool) -> ChunkProducts:
+        """Per-group :math:`K^g(x_c, Z)` ``(G, n C, M C)`` and (``blocks``) the per-group per-point blocks
+        :math:`K^g(x_n, x_n)` ``(G, n, C, C)`` of a chunk of training inputs, float64, from one capture pass."""
+        return chunk_products(self.ntk, xc, self.z, blocks=blocks, held=self._held, reference_captures=self._z_captures)
 
     @staticmethod
     def _add_outer(phi: Tensor, left: Tensor) -> None:

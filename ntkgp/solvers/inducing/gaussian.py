@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ntkgp.linalg.cholesky import cholesky_solve
-from ntkgp.ntk import NTKProblem, gram_diagonal, pullback
+from ntkgp.ntk import NTKProblem, pullback
 from ntkgp.posteriors.inducing import InducingPosterior
 from ntkgp.solvers.base import EvidenceOnlyGaussianSolver, output_noise
 from ntkgp.solvers.inducing.caches import InducingCaches
@@ -32,9 +32,9 @@ class InducingSolver(InducingCaches, EvidenceOnlyGaussianSolver):
         super().__init__(problem, indices, jitter, blocks=C, prior_residual=prior_residual)
         #: ``"posterior"`` (SGPR mean) or ``"network"`` (the MAP network's outputs)
         self.mean = mean
-        n = problem.num_data
-        #: per-group, per-output traces :math:`\sum_n K^g_{(n,c),(n,c)}`, ``(C, G)`` (summed over ranks)
-        self.traces = self.sharding.sum_(gram_diagonal(self.ntk, problem.x).reshape(G, n, C).sum(1).T.contiguous())
+        #: per-group, per-output traces :math:`\sum_n K^g_{(n,c),(n,c)}`, ``(C, G)`` (summed over ranks),
+        #: accumulated in the first pass over the data, with :math:`\Phi`
+        self.traces = torch.zeros(C, G, dtype=torch.float64, device=self.network.device)
         self._rhs: Tensor | None = None  # the right-hand side whose projections are cached
         self._projected: Tensor | None = None  # (C, G, MC, t): K^g_{Z X_c} r_c
         self._rhs_square: Tensor | None = None  # (C, t): sum over points of r_c^2
@@ -58,14 +58,19 @@ class InducingSolver(InducingCaches, EvidenceOnlyGaussianSolver):
         C, G, t = self.problem.num_outputs, self.layout.num_groups, rhs.shape[-1]
         per_output = rhs.reshape(-1, C, t)  # shape: (N, C, t)
         projected = torch.zeros(C, G, self.inducing_size, t, dtype=torch.float64, device=rhs.device)
+        first = not self._phi_ready  # the first pass also accumulates Phi and the traces
         for start, xc in self.network.chunks(self.problem.x, self._chunk_rows(), desc="inducing pass"):
-            cross = self.cross(xc).reshape(G, xc.num, C, -1)  # shape: (G, n, C, MC)
+            products = self.chunk_products(xc, blocks=first)
+            cross = products.cross.reshape(G, xc.num, C, -1)  # shape: (G, n, C, MC)
             projected += torch.einsum("gncm,nct->cgmt", cross, per_output[start : start + xc.num])
-            if not self._phi_ready:
+            if first:
+                assert products.blocks is not None
+                self.traces += products.blocks.diagonal(dim1=-2, dim2=-1).sum(1).T
                 for c in range(C):
                     self._add_outer(self.phi[c], cross[:, :, c])
-        if not self._phi_ready:
+        if first:
             self.sharding.sum_(self.phi)
+            self.sharding.sum_(self.traces)
         self._phi_ready = True
         self._rhs, self._projected = rhs.clone(), self.sharding.sum_(projected)
         self._rhs_square = self.sharding.sum_(per_output.square().sum(0))

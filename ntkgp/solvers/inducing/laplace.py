@@ -6,8 +6,7 @@ import torch
 from torch import Tensor
 
 from ntkgp.linalg.hessian_root import apply_root_transpose
-from ntkgp.ntk import NTKProblem, captures, point_blocks
-from ntkgp.ntk.captures import rows_within
+from ntkgp.ntk import NTKProblem
 from ntkgp.posteriors.base import Posterior
 from ntkgp.solvers.base import LaplaceSolver
 from ntkgp.solvers.inducing.caches import InducingCaches
@@ -32,33 +31,19 @@ class InducingLaplaceSolver(InducingCaches, LaplaceSolver):
         super().__init__(problem, indices, jitter, blocks=1, prior_residual=prior_residual)
         self.hessian_root = hessian_root
         G = self.layout.num_groups
+        #: per-group :math:`\operatorname{tr}(B^\top K^g B) = \sum_n \operatorname{tr}(B_n^\top K^g_{nn} B_n)`,
+        #: ``(G,)`` (summed over ranks), from the same pass as :math:`\Phi`
+        self.traces = torch.zeros(G, dtype=torch.float64, device=self.network.device)
         for start, xc in self.network.chunks(problem.x, self._chunk_rows(), desc="inducing caches"):
             root = hessian_root[start : start + xc.num]
-            cross = self.cross(xc)
-            left = torch.stack([apply_root_transpose(root, cross[g]) for g in range(G)])
+            products = self.chunk_products(xc, blocks=True)
+            left = torch.stack([apply_root_transpose(root, products.cross[g]) for g in range(G)])
             self._add_outer(self.phi[0], left)
+            assert products.blocks is not None
+            b = root.to(torch.float64)
+            self.traces += torch.einsum("nca,gncd,nda->g", b, products.blocks, b)
         self.sharding.sum_(self.phi)
-        #: per-group :math:`\operatorname{tr}(B^\top K^g B)`, ``(G,)`` (summed over ranks)
-        self.traces = self.sharding.sum_(self._laplace_traces())
-
-    def _laplace_traces(self) -> Tensor:
-        r""":math:`\operatorname{tr}(B^\top K^g B) = \sum_n \operatorname{tr}(B_n^\top K^g_{nn} B_n)` per group."""
-        G, ntk, x = self.layout.num_groups, self.ntk, self.problem.x
-        out = torch.zeros(G, dtype=torch.float64, device=self.network.device)
-        C = self.problem.num_outputs
-        generic_width = self.layout.width(ntk.plan().generic)
-        rows = max(1, self.problem.budget // (4 * C * (generic_width * self.network.dtype.itemsize + 8 * C)))
-        if ntk.plan().units:  # a chunk's captures are held too
-            rows = min(rows, rows_within(ntk, x, self.problem.budget // 4))
-        for start, xc in self.network.chunks(x, rows, desc="inducing traces"):
-            b = self.hessian_root[start : start + xc.num].to(torch.float64)
-            captured = captures(ntk, xc) if ntk.plan().units else None
-            for g in range(G):  # one-hot prior variances select group g
-                one_hot = torch.zeros(G, dtype=torch.float64, device=out.device)
-                one_hot[g] = 1.0
-                blocks = point_blocks(ntk, xc, one_hot, captured=captured)  # shape: (n, C, C)
-                out[g] += torch.einsum("nca,ncd,nda->", b, blocks, b)
-        return out
+        self.sharding.sum_(self.traces)
 
     def _pieces(self, delta: Tensor) -> tuple[Tensor, Tensor]:
         one = torch.ones(1, dtype=torch.float64, device=delta.device)
