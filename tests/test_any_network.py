@@ -338,3 +338,38 @@ def test_prior_point_blocks_equal_brute_force(name: str, budget: int | None) -> 
     full = ((j * variance) @ j.T).reshape(7, C, 7, C)
     want = full.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max())
+
+
+def test_last_layer_runs_the_network_once_over_each_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A last-layer GP of a ResNet takes f(x) and the head's captures from one pass over the training inputs
+    (build and evidence) and one over the test inputs (mean and covariance), and stays exact."""
+    x = torch.randn(12, 3, 6, 6, generator=G, dtype=F64)
+    x_test = torch.randn(5, 3, 6, 6, generator=G, dtype=F64)
+    net = _eval_with_statistics(TinyResNet().double(), torch.randn(16, 3, 6, 6, generator=G, dtype=F64))
+    y = torch.randint(0, 3, (12,), generator=G)
+    passes: list[int] = []  # examples per network call, probes (at most 3 examples) left out
+    call = ntkgp.network.FunctionalNetwork.call
+
+    def counting(self: object, params: object, xs: ntkgp.network.Inputs, **kwargs: object) -> torch.Tensor:
+        if xs.num > 3:
+            passes.append(xs.num)
+        return call(self, params, xs, **kwargs)
+
+    monkeypatch.setattr(ntkgp.network.FunctionalNetwork, "call", counting)
+    model = ntkgp.LinearizedGP(
+        net, SoftmaxLikelihood(3), x, y, prior_precision=2.0, subnetwork="last_layer", mode="map"
+    )
+    evidence = float(model.log_evidence())
+    assert passes == [12]
+    model.eval()
+    with torch.no_grad():
+        blocks = model(x_test).lazy_covariance_matrix.point_blocks()
+    assert passes == [12, 5]
+    head = {"fc.weight", "fc.bias"}
+    frozen = [p for n, p in net.named_parameters() if n not in head]
+    for p in frozen:
+        p.requires_grad_(False)  # the truth's Jacobian over the head only
+    want_evidence, want_cov = _softmax_truth(net, lambda f: f(x), lambda f: f(x_test), y, 2.0)
+    assert evidence == pytest.approx(float(want_evidence), rel=1e-10)
+    want_blocks = torch.stack([want_cov.reshape(5, 3, 5, 3)[n, :, n, :] for n in range(5)])
+    assert torch.allclose(blocks, want_blocks, rtol=1e-9, atol=1e-12)

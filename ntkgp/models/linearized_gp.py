@@ -32,7 +32,7 @@ from ntkgp.network.functional import FunctionalNetwork, OutputFn
 from ntkgp.network.inputs import InputLike, Inputs
 from ntkgp.network.passes import outside_inference_mode
 from ntkgp.network.subnetwork import SubnetworkSpec
-from ntkgp.ntk import EmpiricalNTK, Implementation, NTKProblem, PriorLayout, PriorPrecisionSpec
+from ntkgp.ntk import EmpiricalNTK, Implementation, NTKProblem, PriorLayout, PriorPrecisionSpec, outputs
 from ntkgp.operators.posterior_covariance import PosteriorCovariance
 from ntkgp.operators.training_covariance import TrainingCovariance
 from ntkgp.posteriors.base import Posterior
@@ -199,7 +199,7 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         self._train_mean_cache: Tensor | None = None  # m(X), computed on first use (one jvp pass)
         self._hessian_root: Tensor | None = None
         if isinstance(likelihood, LaplaceLikelihood):
-            f_hat = network.forward(x).to(torch.float64)
+            f_hat = outputs(self.problem.ntk, x).to(torch.float64)  # the captures kept when they serve
             likelihood.check_outputs(f_hat)
             #: :math:`\log p(y \mid \hat f)` at the MAP (summed over ranks)
             self.map_log_likelihood = sharding.sum(likelihood.log_likelihood(f_hat, train_y))

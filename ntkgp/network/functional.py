@@ -342,6 +342,8 @@ class FunctionalNetwork:
         total: Tensor | None = None
         if self._unbatchable:
             return self._vjp_by_loop(x, cotangents, names, held, size)
+        if cotangents.shape[0] == 1:
+            return self._vjp_by_autograd(x, cotangents, names, held, size)
         try:
             with network_pass(self._grad(x) or cotangents.requires_grad, inputs_graph=self._grad(x)):
                 for start, xc in self.chunks(x, size, desc="vjp"):
@@ -355,6 +357,36 @@ class FunctionalNetwork:
         except RuntimeError as error:  # no batching rule for the pullback (LSTM)
             self._check_loop_route(names, held, x, error)
             return self._vjp_by_loop(x, cotangents, names, held, size)
+        assert total is not None
+        return total
+
+    def _vjp_by_autograd(
+        self, x: Inputs, cotangents: Tensor, names: list[str], held: dict[str, Tensor], size: int
+    ) -> Tensor:
+        """:meth:`vjp` of one cotangent ``(1, N, C)`` by plain autograd on detached copies of the weights.
+
+        The same numbers as ``torch.func.vjp``, whose pullback imports ``torch._dynamo`` on its first call
+        in a process (4-5 s on a CPU), which a network whose tensors all take structured routes then never pays."""
+        graph = self._grad(x) or cotangents.requires_grad
+        total: Tensor | None = None
+        with network_pass(graph, inputs_graph=self._grad(x)):
+            for start, xc in self.chunks(x, size, desc="vjp"):
+                xc = self._prepare(xc)
+                with torch.enable_grad():
+                    leaves = {n: self.params[n].detach().requires_grad_() for n in names}
+                    out = self.call({**held, **leaves}, xc)
+                    grads = torch.autograd.grad(
+                        out,
+                        [leaves[n] for n in names],
+                        cotangents[0, start : start + xc.num],
+                        create_graph=graph,
+                        allow_unused=True,
+                    )
+                flat = torch.cat(
+                    [(torch.zeros_like(leaves[n]) if g is None else g).reshape(1, -1) for n, g in zip(names, grads)],
+                    dim=-1,
+                )
+                total = flat if total is None else total + flat
         assert total is not None
         return total
 

@@ -34,6 +34,7 @@ __all__ = [
     "jacobian_outer",
     "kernel_matmul",
     "kernel_matmul_columns",
+    "outputs",
     "outputs_and_pushforward",
     "pullback",
     "pushforward",
@@ -64,6 +65,26 @@ def pushforward(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> Tensor:
         for _, xc in network.chunks(x, network.chunk_size(), desc="jvp")
     ]
     return torch.cat(parts, dim=1)
+
+
+def outputs(ntk: EmpiricalNTK, x: Inputs) -> Tensor:
+    r""":math:`f(x;\hat\theta)` ``(N, C)`` in the network's dtype.
+
+    When the captures of ``x`` fit in half the budget and the Grams would use them as they are (no unit
+    held as per-example gradients by :func:`~ntkgp.ntk.tiles.operand_layout`: a last layer, an MLP, a
+    transformer's linear maps), they come from the same capture pass and are kept for the products with
+    ``x`` that follow (a Gram, :math:`J^\top\Lambda J`), so the network does not run over ``x`` twice.
+    """
+    from ntkgp.ntk.tiles import operand_layout  # tiles imports the capture helpers this module does
+
+    if differentiable(x) or not ntk.plan(x).units or ntk.captures.get(x) is not None:
+        return ntk.network.forward(x)
+    layout = operand_layout(ntk, x.num, x.num, True)  # what the captures hold once the pass is done
+    if any(layout.widths) or x.num * layout.entries * ntk.network.dtype.itemsize > ntk.budget // 2:
+        return ntk.network.forward(x)
+    caps, out = captures_with_outputs(ntk, x)
+    ntk.captures.put(x, caps)
+    return out
 
 
 def outputs_and_pushforward(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,13 +260,15 @@ def kernel_matmul_columns(
     return out.reshape(t, -1).T.to(torch.float64)
 
 
-def jacobian(ntk: EmpiricalNTK, x: Inputs, tensors: Sequence[int] | None = None) -> Tensor:
+def jacobian(
+    ntk: EmpiricalNTK, x: Inputs, tensors: Sequence[int] | None = None, *, captured: list[UnitCapture] | None = None
+) -> Tensor:
     r"""Per-example :math:`J(x)` of one chunk, ``(n, C, P)`` (or the columns of ``tensors``, in that order).
 
     Structured tensors' columns are formed from the chunk's captures (one forward and ``C``
     backward passes for the chunk, where ``vmap(jacrev)`` costs ``C`` backward passes per example:
-    about 10x faster on an 8-256-256-1 MLP); the rest by ``vmap(jacrev)``. Materializes ``n C P``
-    entries: callers chunk the data.
+    about 10x faster on an 8-256-256-1 MLP; ``captured``: the chunk's captures, when the caller holds
+    them); the rest by ``vmap(jacrev)``. Materializes ``n C P`` entries: callers chunk the data.
     """
     network, layout = ntk.network, ntk.layout
     plan = ntk.plan(x)
@@ -255,7 +278,7 @@ def jacobian(ntk: EmpiricalNTK, x: Inputs, tensors: Sequence[int] | None = None)
     if len(generic) == len(requested):
         return network.jacobian(x, generic)
     offsets = dict(zip(requested, itertools.accumulate((layout.numels[t] for t in requested), initial=0)))
-    held = None if differentiable(x) else ntk.captures.get(x)  # e.g. kept by the mean of the same points
+    held = captured if captured is not None or differentiable(x) else ntk.captures.get(x)  # e.g. kept by the mean
     caps = captures(ntk, x) if held is None else held
     n, C = x.num, ntk.num_outputs
     if differentiable(x):  # columns as new tensors, concatenated: the graph to x is kept
@@ -307,9 +330,10 @@ def jacobian_outer(ntk: EmpiricalNTK, x: Inputs, *, per_output: bool, hessian_ro
     if hessian_root is not None and not per_output and C > 1 and uses_kronecker_outer(ntk, x):
         widest = max(network.numels)
         rows = max(1, min(capture_rows(ntk, x), ntk.budget // (2 * 8 * widest)))
-        for start, xc in network.chunks(x, rows, desc="J^T Lambda J (Kronecker)"):
+        # slices of the captures of all of x when they are held (e.g. kept by outputs()), else a pass per chunk
+        for start, xc, caps in capture_chunks(ntk, x, rows, 0, "J^T Lambda J (Kronecker)"):
             root = hessian_root[start : start + xc.num]
-            kronecker_outer(plan.units, captures(ntk, xc), root, ntk.layout.offsets, out[0])
+            kronecker_outer(plan.units, caps, root, ntk.layout.offsets, out[0])
         return out
     rows = max(1, ntk.budget // (2 * C * P * network.dtype.itemsize))
     inner = network.chunk_size()

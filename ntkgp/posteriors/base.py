@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ntkgp.network.functional import FunctionalNetwork
 from ntkgp.network.inputs import InputLike, Inputs
-from ntkgp.ntk import EmpiricalNTK, outputs_and_pushforward
+from ntkgp.ntk import EmpiricalNTK, outputs, outputs_and_pushforward
 
 __all__ = ["Posterior"]
 
@@ -45,7 +45,7 @@ class Posterior(ABC):
         x = self.network.inputs(x)
         shift = (self.weights - self.network.flat_params.to(torch.float64)).unsqueeze(0)
         if not shift.any():  # the Laplace posterior is centred at the MAP: the mean is f(x)
-            return self.network.forward(x).to(torch.float64)
+            return outputs(self.ntk, x).to(torch.float64)  # captures kept for the covariance when they serve
         f, pushed = outputs_and_pushforward(self.ntk, x, shift)
         return f.to(torch.float64) + pushed[0].to(torch.float64)
 

@@ -9,6 +9,7 @@ from ntkgp.linalg.factor import AnyFactor, dense_factor, factor_solve, lower_sol
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, jacobian, pullback, pushforward
 from ntkgp.posteriors.base import Posterior
+from ntkgp.structured.capture import UnitCapture, differentiable
 
 __all__ = ["WeightSpacePosterior"]
 
@@ -50,10 +51,15 @@ class WeightSpacePosterior(Posterior):
         :math:`\mathcal N(\bar\theta, A^{-1})`."""
         return self.weights + upper_solve(self.factor, z).T
 
-    def _solved_jacobian(self, x: Inputs) -> Tensor:
+    def _solved_jacobian(self, x: Inputs, captured: list[UnitCapture] | None = None) -> Tensor:
         # shape: x (n examples) -> V = T^{-1} J_*^T, (P, n*C)
         size = self.network.chunk_size()  # one chunk: x itself (its captures may be cached by the mean)
-        chunks = [jacobian(self.ntk, xc) for _, xc in x.chunks(size)] if x.num > size else [jacobian(self.ntk, x)]
+        if captured is None and not differentiable(x):
+            captured = self.ntk.captures.get(x)
+        chunks = [
+            jacobian(self.ntk, xc, captured=None if captured is None else [c[s : s + xc.num] for c in captured])
+            for s, xc in x.chunks(size)
+        ]
         jac = torch.cat(chunks).reshape(-1, self.network.num_parameters).to(torch.float64)
         return self.whiten(jac.T)
 
@@ -64,8 +70,10 @@ class WeightSpacePosterior(Posterior):
     def _covariance_blocks(self, x: Inputs) -> Tensor:
         C = self.ntk.num_outputs
         parts = []
-        for _, xb in self.network.chunks(x, self.rows_per_block(self.network.num_parameters), desc="predictive"):
-            v = self._solved_jacobian(xb).reshape(-1, xb.num, C)  # shape: (P, n, C)
+        whole = None if differentiable(x) else self.ntk.captures.get(x)  # e.g. kept by the mean at x
+        for s, xb in self.network.chunks(x, self.rows_per_block(self.network.num_parameters), desc="predictive"):
+            captured = None if whole is None else [c[s : s + xb.num] for c in whole]
+            v = self._solved_jacobian(xb, captured).reshape(-1, xb.num, C)  # shape: (P, n, C)
             parts.append(torch.einsum("pnc,pnd->ncd", v, v))
         return torch.cat(parts)
 
