@@ -340,13 +340,15 @@ def test_prior_point_blocks_equal_brute_force(name: str, budget: int | None) -> 
     assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max())
 
 
-def test_last_layer_runs_the_network_once_over_each_input(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A last-layer GP of a ResNet takes f(x) and the head's captures from one pass over the training inputs
-    (build and evidence) and one over the test inputs (mean and covariance), and stays exact."""
+@pytest.mark.parametrize("task", ["softmax", "gaussian"])
+def test_last_layer_runs_the_network_once_over_each_input(monkeypatch: pytest.MonkeyPatch, task: str) -> None:
+    """A last-layer GP of a ResNet takes f(x) (and J(x) theta) and the head's captures from one pass over the
+    training inputs (build and evidence) and one over the test inputs (mean and covariance), and stays exact."""
+    classes = 3 if task == "softmax" else 1
     x = torch.randn(12, 3, 6, 6, generator=G, dtype=F64)
     x_test = torch.randn(5, 3, 6, 6, generator=G, dtype=F64)
-    net = _eval_with_statistics(TinyResNet().double(), torch.randn(16, 3, 6, 6, generator=G, dtype=F64))
-    y = torch.randint(0, 3, (12,), generator=G)
+    net = _eval_with_statistics(TinyResNet(classes).double(), torch.randn(16, 3, 6, 6, generator=G, dtype=F64))
+    y = torch.randint(0, 3, (12,), generator=G) if task == "softmax" else torch.randn(12, generator=G, dtype=F64)
     passes: list[int] = []  # examples per network call, probes (at most 3 examples) left out
     call = ntkgp.network.FunctionalNetwork.call
 
@@ -356,20 +358,31 @@ def test_last_layer_runs_the_network_once_over_each_input(monkeypatch: pytest.Mo
         return call(self, params, xs, **kwargs)
 
     monkeypatch.setattr(ntkgp.network.FunctionalNetwork, "call", counting)
-    model = ntkgp.LinearizedGP(
-        net, SoftmaxLikelihood(3), x, y, prior_precision=2.0, subnetwork="last_layer", mode="map"
-    )
+    lik = SoftmaxLikelihood(3) if task == "softmax" else _likelihood(0.3)
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=2.0, subnetwork="last_layer", mode="map")
     evidence = float(model.log_evidence())
     assert passes == [12]
-    model.eval()
+    model.eval(), lik.eval()
     with torch.no_grad():
-        blocks = model(x_test).lazy_covariance_matrix.point_blocks()
+        out = model(x_test)
+        mean, blocks = out.mean.reshape(5, classes), out.lazy_covariance_matrix.point_blocks()
     assert passes == [12, 5]
     head = {"fc.weight", "fc.bias"}
-    frozen = [p for n, p in net.named_parameters() if n not in head]
-    for p in frozen:
-        p.requires_grad_(False)  # the truth's Jacobian over the head only
-    want_evidence, want_cov = _softmax_truth(net, lambda f: f(x), lambda f: f(x_test), y, 2.0)
+    for name, p in net.named_parameters():
+        p.requires_grad_(name in head)  # the truth's Jacobian over the head only
+    if task == "softmax":
+        want_evidence, want_cov = _softmax_truth(net, lambda f: f(x), lambda f: f(x_test), y, 2.0)
+        want_mean = net(x_test).detach()
+    else:
+        j, jt = truth.jacobian_of(net, lambda f: f(x)), truth.jacobian_of(net, lambda f: f(x_test))
+        theta, prior = truth.flat_params(net), truth.prior_vector(net, 2.0)
+        noise = torch.full((12,), 0.3, dtype=F64)
+        want_evidence, want_cov = truth.gaussian_gp(j, net(x).detach(), theta, y, prior, noise, jt)
+        precision = j.T @ (j / 0.3) + torch.diag(prior)
+        prior_mean = net(x).detach().reshape(-1) - j @ theta
+        weights = torch.linalg.solve(precision, j.T @ ((y - prior_mean) / 0.3))
+        want_mean = (net(x_test).detach().reshape(-1) - jt @ theta + jt @ weights).reshape(5, 1)
     assert evidence == pytest.approx(float(want_evidence), rel=1e-10)
-    want_blocks = torch.stack([want_cov.reshape(5, 3, 5, 3)[n, :, n, :] for n in range(5)])
+    assert torch.allclose(mean, want_mean, rtol=1e-9, atol=1e-12)
+    want_blocks = torch.stack([want_cov.reshape(5, classes, 5, classes)[n, :, n, :] for n in range(5)])
     assert torch.allclose(blocks, want_blocks, rtol=1e-9, atol=1e-12)

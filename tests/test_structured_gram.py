@@ -11,6 +11,7 @@ from torch import nn
 
 import ntkgp.structured.workspace as workspace
 from ntkgp.ntk import captures, gram, gram_diagonal, jacobian, kernel_matmul, structured_gram, uses_factor_form
+from ntkgp.ntk.products import outputs_and_pushforward
 from ntkgp.ntk.reference import ReferenceOperands, chunk_products
 
 
@@ -330,3 +331,25 @@ def test_reference_products_equal_generic(name: str, route: str, held: bool) -> 
     want_blocks = torch.stack([whole[:, n, :, n, :] for n in range(a.num)], 1)  # shape: (G, n, C, C)
     assert products.blocks is not None
     assert torch.allclose(products.blocks, want_blocks, rtol=1e-12, atol=1e-13 * want_blocks.abs().max())
+
+
+@pytest.mark.parametrize("name", list(_nets()))
+def test_outputs_and_pushforward_from_captures_equal_a_jvp(name: str) -> None:
+    """f(x) and J(x)v from one capture pass (the closed form of every unit kind: dense at many positions,
+    convolutions, affine, embeddings) equal a forward pass and a jvp; a later product reuses the captures."""
+    net, shape = _nets()[name]
+    net = net.double().eval()
+    x = _inputs(shape, 6, 0)
+    fast, a = make_ntk(net, x, budget=2**22)
+    tangents = torch.randn(
+        3, fast.network.num_parameters, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    f, pushed = outputs_and_pushforward(fast, a, tangents)
+    assert torch.allclose(f, fast.network.forward(a), rtol=1e-13, atol=1e-14)
+    want = fast.network.jvp(a, tangents)
+    assert torch.allclose(pushed, want, rtol=1e-11, atol=1e-13 * want.abs().max())
+    if name in ("mlp", "shared_linear", "sequence_linear", "tied_weight", "frozen_weight"):
+        assert fast.captures.get(a) is not None  # the closed form ran, and kept the captures
+    fast.captures.put(a, captures(fast, a))  # held captures: the closed form for every unit kind
+    again = outputs_and_pushforward(fast, a, tangents)[1]
+    assert torch.allclose(again, want, rtol=1e-11, atol=1e-13 * want.abs().max())

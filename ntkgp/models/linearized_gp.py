@@ -461,6 +461,9 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         finder = self.mode_finder
         if finder is not None:
             return finder.log_evidence(delta)
+        # Gaussian: the prior mean first, whose capture pass over the training inputs may be kept (a last layer,
+        # an MLP) for the solver's build to reuse
+        residual = None if isinstance(self.likelihood, LaplaceLikelihood) else self.residual()
         solver = self.solver
         if isinstance(solver, LaplaceSolver):
             theta = self.network.flat_params.to(torch.float64)
@@ -468,7 +471,8 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
             evidence = self.map_log_likelihood - 0.5 * scatter - 0.5 * solver.log_det(delta)
             return evidence + solver.correction(delta, None)
         noise = self.noise_diagonal()
-        inv_quad, log_det = solver.inv_quad_logdet(delta, noise, self.residual().unsqueeze(-1), True)
+        assert residual is not None
+        inv_quad, log_det = solver.inv_quad_logdet(delta, noise, residual.unsqueeze(-1), True)
         evidence = -0.5 * (inv_quad.sum() + log_det + self.problem.total_size * math.log(2 * math.pi))
         return evidence + solver.correction(delta, noise)
 

@@ -67,20 +67,27 @@ def pushforward(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
-def outputs(ntk: EmpiricalNTK, x: Inputs) -> Tensor:
-    r""":math:`f(x;\hat\theta)` ``(N, C)`` in the network's dtype.
-
-    When the captures of ``x`` fit in half the budget and the Grams would use them as they are (no unit
-    held as per-example gradients by :func:`~ntkgp.ntk.tiles.operand_layout`: a last layer, an MLP, a
-    transformer's linear maps), they come from the same capture pass and are kept for the products with
-    ``x`` that follow (a Gram, :math:`J^\top\Lambda J`), so the network does not run over ``x`` twice.
-    """
+def _captures_serve(ntk: EmpiricalNTK, x: Inputs) -> bool:
+    """Whether a capture pass over ``x`` should stand in for its forward pass, its captures kept for the products
+    with ``x`` that follow: ``x`` needs no graph and has no captures held yet, and its captures fit in half the
+    budget with no unit that the Grams hold as per-example gradients (:func:`~ntkgp.ntk.tiles.operand_layout`:
+    a last layer, an MLP, linear maps), so the Grams use them as they are."""
     from ntkgp.ntk.tiles import operand_layout  # tiles imports the capture helpers this module does
 
     if differentiable(x) or not ntk.plan(x).units or ntk.captures.get(x) is not None:
-        return ntk.network.forward(x)
+        return False
     layout = operand_layout(ntk, x.num, x.num, True)  # what the captures hold once the pass is done
-    if any(layout.widths) or x.num * layout.entries * ntk.network.dtype.itemsize > ntk.budget // 2:
+    return not any(layout.widths) and x.num * layout.entries * ntk.network.dtype.itemsize <= ntk.budget // 2
+
+
+def outputs(ntk: EmpiricalNTK, x: Inputs) -> Tensor:
+    r""":math:`f(x;\hat\theta)` ``(N, C)`` in the network's dtype.
+
+    From a capture pass whose captures are kept (:func:`_captures_serve`: a last layer, an MLP) for the
+    products with ``x`` that follow (a Gram, :math:`J^\top\Lambda J`, a covariance), so that the network does
+    not run over ``x`` twice; otherwise a forward pass.
+    """
+    if not _captures_serve(ntk, x):
         return ntk.network.forward(x)
     caps, out = captures_with_outputs(ntk, x)
     ntk.captures.put(x, caps)
@@ -90,17 +97,25 @@ def outputs(ntk: EmpiricalNTK, x: Inputs) -> Tensor:
 def outputs_and_pushforward(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`f(x;\hat\theta)` ``(N, C)`` and :func:`pushforward` :math:`J(x)\,v_t` ``(T, N, C)``, network dtype.
 
-    A plain MLP whose captures of ``x`` are not cached and fit in half the budget takes both from one
-    closed-form capture pass (its outputs are the network's), and keeps the captures for the next product
-    with ``x`` (a predictive covariance, a Jacobian); otherwise a forward pass and :func:`pushforward`.
+    When every tensor is on a structured unit, both come from one capture pass, the pushforward in closed form
+    from the captures (no jvp), and the captures are kept for the next product with ``x`` (a predictive
+    covariance, a Jacobian): always for a plain MLP whose captures fit in half the budget, and for other
+    networks when :func:`_captures_serve` (or when ``x``'s captures are held already: then a forward pass and
+    the closed form). Otherwise a forward pass and :func:`pushforward`.
     """
     network = ntk.network
-    if (
-        ntk.dense_chain is None
-        or _through_jacobian(ntk, tangents.shape[0])
-        or (not differentiable(x) and ntk.captures.get(x) is not None)
-        or capture_bytes(ntk, x) > ntk.budget // 2
-    ):
+    if _through_jacobian(ntk, tangents.shape[0]) or ntk.plan(x).generic:
+        return network.forward(x), pushforward(ntk, x, tangents)
+    if ntk.dense_chain is not None:
+        serve = (
+            not (not differentiable(x) and ntk.captures.get(x) is not None) and capture_bytes(ntk, x) <= ntk.budget // 2
+        )
+    else:
+        held = None if differentiable(x) else ntk.captures.get(x)
+        if held is not None:
+            return network.forward(x), _captured_pushforward(ntk, x, held, tangents)
+        serve = _captures_serve(ntk, x)
+    if not serve:
         return network.forward(x), pushforward(ntk, x, tangents)
     caps, out = captures_with_outputs(ntk, x)
     if not differentiable(x):
@@ -109,7 +124,7 @@ def outputs_and_pushforward(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> t
 
 
 def _captured_pushforward(ntk: EmpiricalNTK, x: Inputs, caps: list[UnitCapture], tangents: Tensor) -> Tensor:
-    r""":math:`J v = \sum_u g\,(V_W a + v_b)` from the captures of ``x`` (a plain MLP: every tensor on a unit)."""
+    r""":math:`J v = \sum_u g\,(V_W a + v_b)` from the captures of ``x`` (every tensor on a structured unit)."""
     network, plan = ntk.network, ntk.plan(x)
     flat = tangents.to(network.dtype)
     offsets = network.offsets
@@ -150,15 +165,17 @@ def pullback(ntk: EmpiricalNTK, x: Inputs, cotangents: Tensor, *, scale: Tensor 
         assert total is not None
         pulled = total.to(torch.float64)
     else:
-        by_captures = _pullback_by_captures(ntk, x, cotangents) if ntk.dense_chain is not None else None
+        # closed form: a plain MLP always, other networks when the captures of x are held (e.g. kept by outputs())
+        closed = ntk.dense_chain is not None or (not differentiable(x) and ntk.captures.get(x) is not None)
+        by_captures = _pullback_by_captures(ntk, x, cotangents) if closed else None
         pulled = (network.vjp(x, cotangents) if by_captures is None else by_captures).to(torch.float64)
     return pulled if scale is None else ntk.layout.scale(pulled, scale.to(torch.float64))
 
 
 def _pullback_by_captures(ntk: EmpiricalNTK, x: Inputs, cotangents: Tensor) -> Tensor | None:
-    r""":func:`pullback` of a plain MLP (closed-form captures): per unit :math:`J_u^\top u` from its inputs and
-    cotangents (:func:`~ntkgp.structured.products.unit_pullback`), no vjp; ``None`` when the units do not cover
-    every tensor."""
+    r""":func:`pullback` by closed-form captures (held, or a plain MLP's): per unit :math:`J_u^\top u` from its
+    inputs and cotangents (:func:`~ntkgp.structured.products.unit_pullback`), no vjp; ``None`` when the units do
+    not cover every tensor."""
     network, plan = ntk.network, ntk.plan(x)
     offsets = network.offsets
     if sorted(i for unit in plan.units for i in unit.tensors) != list(range(len(offsets) - 1)):
@@ -337,8 +354,13 @@ def jacobian_outer(ntk: EmpiricalNTK, x: Inputs, *, per_output: bool, hessian_ro
         return out
     rows = max(1, ntk.budget // (2 * C * P * network.dtype.itemsize))
     inner = network.chunk_size()
+    whole = None if differentiable(x) else ntk.captures.get(x)  # held captures of x are sliced, not recomputed
     for start, xc in network.chunks(x, rows, desc="J^T J"):
-        jac = torch.cat([jacobian(ntk, part) for _, part in xc.chunks(inner)]).to(torch.float64)  # shape: (n, C, P)
+        parts = []
+        for s, part in xc.chunks(inner):
+            held = None if whole is None else [c[start + s : start + s + part.num] for c in whole]
+            parts.append(jacobian(ntk, part, captured=held))
+        jac = torch.cat(parts).to(torch.float64)  # shape: (n, C, P)
         if hessian_root is not None:
             jac = torch.einsum("nca,ncp->nap", hessian_root[start : start + jac.shape[0]].to(jac.dtype), jac)
         if per_output:
