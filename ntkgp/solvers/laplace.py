@@ -80,6 +80,13 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
         return KernelSpacePosterior(self.problem, delta, factor, weights, hessian_root=self.hessian_root)
 
     @torch.no_grad()
+    def inner_solve(self, delta: Tensor, rhs: Tensor) -> Tensor:
+        r""":math:`(I + B^\top K B)^{-1} V` for ``V`` ``(M, t)``, float64, with the cached factor (no gradient)."""
+        delta = delta.detach()
+        factor = self.factor_and_matrix(lambda: self._matrix(delta), self._WHAT, delta)[0]
+        return cholesky_solve(rhs.to(torch.float64), factor)
+
+    @torch.no_grad()
     def spectrum(self) -> Tensor:
         r"""Eigenvalues of :math:`B^\top K_1 B` (one prior group), ascending, ``(M,)``, float64, cached.
 
@@ -101,12 +108,11 @@ class KernelSpaceLaplaceSolver(LaplaceSolver):
         """
         delta = delta.detach()
         x, C = self.problem.x, self.problem.num_outputs
-        factor = self.factor_and_matrix(lambda: self._matrix(delta), self._WHAT, delta)[0]
         inv = delta.to(torch.float64).reciprocal()
         scaled = self.layout.scale(rhs.to(torch.float64).T, inv)  # shape: (t, P)
         pushed = pushforward(self.ntk, x, scaled).to(torch.float64)  # shape: (t, N, C)
         inner = apply_root_transpose(self.hessian_root, pushed.reshape(pushed.shape[0], -1).T)  # shape: (M, t)
-        back = apply_root(self.hessian_root, cholesky_solve(inner, factor))  # shape: (M, t)
+        back = apply_root(self.hessian_root, self.inner_solve(delta, inner))  # shape: (M, t)
         pulled = pullback(self.ntk, x, back.T.reshape(-1, x.num, C), scale=inv)  # shape: (t, P)
         return (scaled - pulled).T
 

@@ -51,7 +51,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ntkgp.linalg.cholesky import cholesky_solve
 from ntkgp.linalg.hessian_root import apply_root, apply_root_transpose
 from ntkgp.memory import KERNEL_SPACE_MATRICES, WEIGHT_SPACE_MATRICES, check_fits
 from ntkgp.ntk import NTKProblem, gram, pullback, pushforward
@@ -365,10 +364,9 @@ class LinearizedMode:
         with torch.enable_grad():
             (score,) = torch.autograd.grad(self.log_likelihood(f), f)
         score = score.reshape(-1).to(torch.float64)
-        factor = solver.factor_and_matrix(lambda: solver._matrix(s.delta), solver._WHAT, s.delta)[0]
         ku = self.problem.layout.weighted(inv, grams) @ u  # K u, (M, 1)
         root = solver.hessian_root
-        r = u - apply_root(root, cholesky_solve(apply_root_transpose(root, ku), factor))
+        r = u - apply_root(root, solver.inner_solve(s.delta, apply_root_transpose(root, ku)))
         return torch.einsum("m,gmk,k->g", score, grams, r[:, 0]) * inv.square()
 
     def posterior(self, delta: Tensor) -> Posterior:
