@@ -26,6 +26,7 @@ __all__ = [
     "capture_rows",
     "captures",
     "captures_fit",
+    "held_captures",
     "rows_within",
     "captures_with_outputs",
 ]
@@ -90,13 +91,19 @@ def captures_with_outputs(ntk: EmpiricalNTK, x: Inputs) -> tuple[list[UnitCaptur
     return joined, out
 
 
+def held_captures(ntk: EmpiricalNTK, x: Inputs) -> list[UnitCapture] | None:
+    """The captures of all of ``x`` held by the engine's cache (e.g. kept by :func:`~ntkgp.ntk.products.outputs`),
+    or ``None``; never for inputs that require grad (a gradient-free capture must not stand in for them)."""
+    return None if differentiable(x) else ntk.captures.get(x)
+
+
 def cached_captures(ntk: EmpiricalNTK, x: Inputs, max_bytes: int) -> list[UnitCapture] | None:
     """:func:`captures` of ``x`` kept for reuse, or ``None`` when they would hold more than ``max_bytes``
     (then callers capture chunk by chunk). Differentiable captures (inputs that require grad) are
     never cached: they hold a graph, and a cached gradient-free capture must not stand in for them."""
     if differentiable(x):
         return None
-    held = ntk.captures.get(x)
+    held = held_captures(ntk, x)
     if held is not None:
         return held
     if capture_bytes(ntk, x) > max_bytes:

@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from ntkgp.network.inputs import Inputs
-from ntkgp.ntk.captures import capture_bytes, capture_chunks, capture_rows, captures, captures_with_outputs
+from ntkgp.ntk.captures import (
+    capture_bytes,
+    capture_chunks,
+    capture_rows,
+    captures,
+    captures_with_outputs,
+    held_captures,
+)
 from ntkgp.ntk.engine import EmpiricalNTK
 from ntkgp.structured.capture import UnitCapture, differentiable
 from ntkgp.structured.outer import kronecker_outer
@@ -74,7 +81,7 @@ def _captures_serve(ntk: EmpiricalNTK, x: Inputs) -> bool:
     a last layer, an MLP, linear maps), so the Grams use them as they are."""
     from ntkgp.ntk.tiles import operand_layout  # tiles imports the capture helpers this module does
 
-    if differentiable(x) or not ntk.plan(x).units or ntk.captures.get(x) is not None:
+    if differentiable(x) or not ntk.plan(x).units or held_captures(ntk, x) is not None:
         return False
     layout = operand_layout(ntk, x.num, x.num, True)  # what the captures hold once the pass is done
     return not any(layout.widths) and x.num * layout.entries * ntk.network.dtype.itemsize <= ntk.budget // 2
@@ -107,11 +114,9 @@ def outputs_and_pushforward(ntk: EmpiricalNTK, x: Inputs, tangents: Tensor) -> t
     if _through_jacobian(ntk, tangents.shape[0]) or ntk.plan(x).generic:
         return network.forward(x), pushforward(ntk, x, tangents)
     if ntk.dense_chain is not None:
-        serve = (
-            not (not differentiable(x) and ntk.captures.get(x) is not None) and capture_bytes(ntk, x) <= ntk.budget // 2
-        )
+        serve = held_captures(ntk, x) is None and capture_bytes(ntk, x) <= ntk.budget // 2
     else:
-        held = None if differentiable(x) else ntk.captures.get(x)
+        held = held_captures(ntk, x)
         if held is not None:
             return network.forward(x), _captured_pushforward(ntk, x, held, tangents)
         serve = _captures_serve(ntk, x)
@@ -166,7 +171,7 @@ def pullback(ntk: EmpiricalNTK, x: Inputs, cotangents: Tensor, *, scale: Tensor 
         pulled = total.to(torch.float64)
     else:
         # closed form: a plain MLP always, other networks when the captures of x are held (e.g. kept by outputs())
-        closed = ntk.dense_chain is not None or (not differentiable(x) and ntk.captures.get(x) is not None)
+        closed = ntk.dense_chain is not None or held_captures(ntk, x) is not None
         by_captures = _pullback_by_captures(ntk, x, cotangents) if closed else None
         pulled = (network.vjp(x, cotangents) if by_captures is None else by_captures).to(torch.float64)
     return pulled if scale is None else ntk.layout.scale(pulled, scale.to(torch.float64))
@@ -295,7 +300,7 @@ def jacobian(
     if len(generic) == len(requested):
         return network.jacobian(x, generic)
     offsets = dict(zip(requested, itertools.accumulate((layout.numels[t] for t in requested), initial=0)))
-    held = captured if captured is not None or differentiable(x) else ntk.captures.get(x)  # e.g. kept by the mean
+    held = captured if captured is not None else held_captures(ntk, x)  # e.g. kept by the mean
     caps = captures(ntk, x) if held is None else held
     n, C = x.num, ntk.num_outputs
     if differentiable(x):  # columns as new tensors, concatenated: the graph to x is kept
@@ -354,7 +359,7 @@ def jacobian_outer(ntk: EmpiricalNTK, x: Inputs, *, per_output: bool, hessian_ro
         return out
     rows = max(1, ntk.budget // (2 * C * P * network.dtype.itemsize))
     inner = network.chunk_size()
-    whole = None if differentiable(x) else ntk.captures.get(x)  # held captures of x are sliced, not recomputed
+    whole = held_captures(ntk, x)  # held captures of x are sliced, not recomputed
     for start, xc in network.chunks(x, rows, desc="J^T J"):
         parts = []
         for s, part in xc.chunks(inner):

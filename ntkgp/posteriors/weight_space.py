@@ -8,8 +8,9 @@ from torch import Tensor
 from ntkgp.linalg.factor import AnyFactor, dense_factor, factor_solve, lower_solve, upper_solve
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk import EmpiricalNTK, jacobian, pullback, pushforward
+from ntkgp.ntk.captures import held_captures
 from ntkgp.posteriors.base import Posterior
-from ntkgp.structured.capture import UnitCapture, differentiable
+from ntkgp.structured.capture import UnitCapture
 
 __all__ = ["WeightSpacePosterior"]
 
@@ -54,8 +55,8 @@ class WeightSpacePosterior(Posterior):
     def _solved_jacobian(self, x: Inputs, captured: list[UnitCapture] | None = None) -> Tensor:
         # shape: x (n examples) -> V = T^{-1} J_*^T, (P, n*C)
         size = self.network.chunk_size()  # one chunk: x itself (its captures may be cached by the mean)
-        if captured is None and not differentiable(x):
-            captured = self.ntk.captures.get(x)
+        if captured is None:
+            captured = held_captures(self.ntk, x)
         chunks = [
             jacobian(self.ntk, xc, captured=None if captured is None else [c[s : s + xc.num] for c in captured])
             for s, xc in x.chunks(size)
@@ -70,7 +71,7 @@ class WeightSpacePosterior(Posterior):
     def _covariance_blocks(self, x: Inputs) -> Tensor:
         C = self.ntk.num_outputs
         parts = []
-        whole = None if differentiable(x) else self.ntk.captures.get(x)  # e.g. kept by the mean at x
+        whole = held_captures(self.ntk, x)  # e.g. kept by the mean at x
         for s, xb in self.network.chunks(x, self.rows_per_block(self.network.num_parameters), desc="predictive"):
             captured = None if whole is None else [c[s : s + xb.num] for c in whole]
             v = self._solved_jacobian(xb, captured).reshape(-1, xb.num, C)  # shape: (P, n, C)
