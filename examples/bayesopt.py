@@ -5,7 +5,8 @@ What it shows
 1. Each round, a 2-64-64-1 tanh MLP (float64) is trained to a MAP on the evaluations so far
    (warm-started Adam on standardized targets, inputs scaled to [-1, 1]).
 2. The trained net, unchanged, becomes an ``ntkgp.LinearizedGP`` whose prior precision and noise
-   are fitted on the exact log evidence, then an ``ntkgp.botorch.LinearizedGPModel``.
+   are fitted to the optimum of the exact log evidence (``ntkgp.marglik.fit_hyperparameters``), then
+   an ``ntkgp.botorch.LinearizedGPModel``.
 3. BoTorch's ``qLogNoisyExpectedImprovement`` is maximised with ``optimize_acqf``: the posterior is
    the GP's exact joint posterior over the ``q`` candidates, differentiable in them.
 4. The same loop with BoTorch's ``SingleTaskGP`` and random search, from the same initial points;
@@ -83,11 +84,7 @@ def ntkgp_surrogate(net: nn.Module, x: Tensor, y: Tensor) -> Model:
     lik = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-6)).double()
     lik.noise = NOISE
     gp = ntkgp.LinearizedGP(net, lik, 2 * x - 1, y, prior_precision=PRIOR)
-    opt = torch.optim.Adam(gp.parameters(), lr=0.1)
-    for _ in range(50):
-        opt.zero_grad()
-        (-gp.log_evidence()).backward()
-        opt.step()
+    ntkgp.marglik.fit_hyperparameters(gp)  # L-BFGS to the evidence's optimum
     return UnitCube(LinearizedGPModel(gp.eval()))
 
 
