@@ -393,3 +393,31 @@ def test_lbfgs_treats_a_failed_factorization_at_a_trial_point_as_a_rejected_step
     monkeypatch.setattr(model, "log_evidence", lambda: (_ for _ in ()).throw(NotPositiveDefiniteError("start")))
     with pytest.raises(NotPositiveDefiniteError, match="start"):
         fit_hyperparameters(model, method="lbfgs")
+
+
+def test_lbfgs_treats_a_non_finite_evidence_gradient_at_a_trial_point_as_a_rejected_step(monkeypatch) -> None:
+    """A line-search trial whose evidence gradient is not finite (as at delta = 1e-192 in a BO loop, where
+    the kernel's 1/delta overflows) backtracks instead of turning L-BFGS's direction into NaN; the fit
+    reaches the clean fit's optimum. A non-finite gradient at the starting point raises a clear error."""
+    x, y, net, lik = _softmax()
+    truth.train_map_loss(net, x, lambda f: F.cross_entropy(f, y, reduction="sum"), truth.prior_vector(net, 1.0))
+    clean = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map")
+    want = fit_hyperparameters(clean, method="lbfgs", tolerance=1e-7)
+    model = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map")
+    evidence, calls = model.log_evidence, []
+
+    def non_finite_gradient() -> torch.Tensor:  # the value is the evidence's, its gradient NaN
+        return evidence() + (0.0 * model.covar_module.raw_prior_precision.sum()).sqrt()
+
+    def once() -> torch.Tensor:
+        calls.append(1)
+        return non_finite_gradient() if len(calls) == 2 else evidence()  # the first line-search trial
+
+    monkeypatch.setattr(model, "log_evidence", once)
+    got = fit_hyperparameters(model, method="lbfgs", tolerance=1e-7)
+    assert got.converged and len(calls) > 2
+    assert torch.isfinite(got.prior_precision).all()
+    assert torch.allclose(got.prior_precision, want.prior_precision, rtol=1e-5, atol=0)
+    monkeypatch.setattr(model, "log_evidence", non_finite_gradient)
+    with pytest.raises(ValueError, match="not finite at the starting hyperparameters"):
+        fit_hyperparameters(model, method="lbfgs")

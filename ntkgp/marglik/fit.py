@@ -233,24 +233,32 @@ def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> Hyperparamet
     noisy = model.mode_finder is not None
     round_off = _ROUND_OFF * torch.finfo(model.network.dtype).eps
 
+    def reject(why: str) -> Tensor:
+        if state["last"] is None:  # the starting point itself: nothing to fall back to
+            raise ValueError(f"fit_hyperparameters: {why} at the starting hyperparameters")
+        # a line-search trial at extreme hyperparameters: a rejected step. A large finite loss with a
+        # zero gradient makes the strong-Wolfe search backtrack.
+        state["rejected"] = True
+        for v in variables:
+            v.grad = torch.zeros_like(v)
+        return torch.tensor(_REJECTED_LOSS * (1.0 + abs(state["last"][2])), dtype=torch.float64)
+
     def closure() -> Tensor:
         state["evaluations"] += 1
+        trial = log_delta.detach().exp()
+        if not (torch.isfinite(trial).all() and (trial > 0).all()):  # a step past exp's float64 range
+            return reject("the prior precisions are not finite and positive")
         with torch.no_grad():
-            kernel.prior_precision = log_delta.detach().exp()
+            kernel.prior_precision = trial
         for v in variables:
             v.grad = None
         raw_delta.grad = None
         try:
             loss = -model.log_evidence()
         except NotPositiveDefiniteError:
-            if state["last"] is None:  # the starting point itself: nothing to fall back to
+            if state["last"] is None:
                 raise
-            # a line-search trial at extreme hyperparameters whose factor failed: a rejected step. A
-            # large finite loss with a zero gradient makes the strong-Wolfe search backtrack.
-            state["rejected"] = True
-            for v in variables:
-                v.grad = torch.zeros_like(v)
-            return torch.tensor(_REJECTED_LOSS * (1.0 + abs(state["last"][2])), dtype=torch.float64)
+            return reject("the factor is not positive definite")
         grads = torch.autograd.grad(loss, [raw_delta] + others, allow_unused=True)
         raw = raw_delta.detach().clone().requires_grad_(True)
         with torch.enable_grad():
@@ -261,6 +269,9 @@ def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> Hyperparamet
         for p, g in zip(others, grads[1:]):
             p.grad = torch.zeros_like(p) if g is None else g
         flat = torch.cat([v.grad.reshape(-1).to(torch.float64) for v in variables])
+        if not (torch.isfinite(loss) and torch.isfinite(flat).all()):
+            # e.g. a trial at delta = 1e-192, where the kernel's 1/delta overflows the gradient
+            return reject("the evidence or its gradient is not finite")
         state["rejected"], state["gradient"] = False, flat.detach().clone()
         state["last"] = ([v.detach().clone() for v in variables], float(flat.detach().norm()), -float(loss.detach()))
         point = torch.cat([v.detach().reshape(-1).to(torch.float64) for v in variables])
