@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
+from typing import Any
 
 import gpytorch
 import pytest
@@ -368,16 +369,21 @@ def test_linearized_mode_checks_memory_once_not_at_every_newton_step(solver, mon
         fresh.log_evidence()
 
 
+def _module_prior_fit_and_a_fresh_copy() -> tuple[ntkgp.LinearizedGP, Any]:
+    """A softmax GP at its MAP with per-module priors, unfitted, and the L-BFGS fit of an identical one."""
+    x, y, net, lik = _softmax()
+    truth.train_map_loss(net, x, lambda f: F.cross_entropy(f, y, reduction="sum"), truth.prior_vector(net, 1.0))
+    clean = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map")
+    want = fit_hyperparameters(clean, method="lbfgs", tolerance=1e-7)
+    return ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map"), want
+
+
 def test_lbfgs_treats_a_failed_factorization_at_a_trial_point_as_a_rejected_step(monkeypatch) -> None:
     """A line-search trial whose factor is not positive definite (extreme prior precisions) backtracks;
     the fit reaches the same optimum as one whose trials all factor. Only the starting point raises."""
     from ntkgp.errors import NotPositiveDefiniteError
 
-    x, y, net, lik = _softmax()
-    truth.train_map_loss(net, x, lambda f: F.cross_entropy(f, y, reduction="sum"), truth.prior_vector(net, 1.0))
-    clean = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map")
-    want = fit_hyperparameters(clean, method="lbfgs", tolerance=1e-7)
-    model = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map")
+    model, want = _module_prior_fit_and_a_fresh_copy()
     evidence, calls = model.log_evidence, []
 
     def failing_once() -> torch.Tensor:
@@ -399,11 +405,7 @@ def test_lbfgs_treats_a_non_finite_evidence_gradient_at_a_trial_point_as_a_rejec
     """A line-search trial whose evidence gradient is not finite (as at delta = 1e-192 in a BO loop, where
     the kernel's 1/delta overflows) backtracks instead of turning L-BFGS's direction into NaN; the fit
     reaches the clean fit's optimum. A non-finite gradient at the starting point raises a clear error."""
-    x, y, net, lik = _softmax()
-    truth.train_map_loss(net, x, lambda f: F.cross_entropy(f, y, reduction="sum"), truth.prior_vector(net, 1.0))
-    clean = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map")
-    want = fit_hyperparameters(clean, method="lbfgs", tolerance=1e-7)
-    model = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision="module", mode="map")
+    model, want = _module_prior_fit_and_a_fresh_copy()
     evidence, calls = model.log_evidence, []
 
     def non_finite_gradient() -> torch.Tensor:  # the value is the evidence's, its gradient NaN
