@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ntkgp.linalg.symmetric_gram import add_lower_gram, mirror_lower
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk.captures import (
     capture_bytes,
@@ -371,6 +372,7 @@ def jacobian_outer(ntk: EmpiricalNTK, x: Inputs, *, per_output: bool, hessian_ro
         if per_output:
             out += torch.einsum("ncp,ncq->cpq", jac, jac)
         else:
-            flat = jac.reshape(-1, P)
-            out[0] += flat.T @ flat
+            add_lower_gram(out[0], jac.reshape(-1, P))  # the symmetric half: half a GEMM's flops
+    if not per_output:
+        mirror_lower(out[0])
     return out
