@@ -86,12 +86,6 @@ def make(kind: str, dtype: torch.dtype, n: int) -> tuple[nn.Module, object, Tens
     return net.eval(), lik, x, y
 
 
-def _cold(finder: LinearizedMode) -> None:
-    """Forget the cached modes: the next solve starts from the network's weights."""
-    finder._states = []
-    finder._warm = (finder.theta_hat, finder.f_hat)
-
-
 def _value_gradient(finder: LinearizedMode, log_delta: Tensor) -> tuple[float, Tensor]:
     s = log_delta.clone().requires_grad_(True)
     evidence = finder.log_evidence(s.exp())
@@ -106,15 +100,15 @@ def check_gradient(kind: str, dtype: torch.dtype, space: str, n: int, prior: str
     finder = model.mode_finder
     assert finder is not None
     s0 = model.prior_precision.detach().to(torch.float64).log()
-    _cold(finder)
+    finder.forget_modes()
     v0, g0 = _value_gradient(finder, s0)
     fd = torch.zeros_like(s0)
     for i in range(s0.numel()):
         e = torch.zeros_like(s0)
         e[i] = step
-        _cold(finder)
+        finder.forget_modes()
         plus = _value_gradient(finder, s0 + e)[0]
-        _cold(finder)
+        finder.forget_modes()
         fd[i] = (plus - _value_gradient(finder, s0 - e)[0]) / (2 * step)
     line = f"{kind} {str(dtype)[6:]} {space} G={s0.numel()}: |g - fd| = {float((g0 - fd).abs().max()):.1e}"
     if dtype != torch.float64:
@@ -126,9 +120,9 @@ def check_gradient(kind: str, dtype: torch.dtype, space: str, n: int, prior: str
         line += f", |g - g(float64 copy)| = {float((g0 - _value_gradient(twin.mode_finder, s0)[1]).abs().max()):.1e}"
     warm = []
     for offset in (0.5, -0.5, 0.05, 1e-3):
-        _cold(finder)
+        finder.forget_modes()
         _value_gradient(finder, s0 + offset)
-        finder._states = []  # keep the warm start, drop the cache
+        finder.forget_modes(keep_warm_start=True)
         v, g = _value_gradient(finder, s0)
         warm.append((abs(v - v0), float((g - g0).abs().max())))
     line += f"; warm starts: |dL| <= {max(w[0] for w in warm):.1e}, |dg| <= {max(w[1] for w in warm):.1e}"

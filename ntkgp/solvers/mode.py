@@ -160,6 +160,13 @@ class LinearizedMode:
         #: exact solvers built (the GGN or Grams and a factorization each) and CG iterations run, over all solves
         self.solvers_built, self.cg_iterations = 0, 0
 
+    def forget_modes(self, *, keep_warm_start: bool = False) -> None:
+        r"""Drop the cached modes, so the next :meth:`state` solves again: from the last mode found if
+        ``keep_warm_start``, else from the network's weights :math:`\hat\theta` (a cold start)."""
+        self._states = []
+        if not keep_warm_start:
+            self._warm = (self.theta_hat, self.f_hat)
+
     # ------------------------------------------------------------ pieces
     def solver_at(self, f: Tensor) -> KernelSpaceLaplaceSolver | WeightSpaceLaplaceSolver:
         r"""The exact Laplace solver with :math:`\Lambda(f)`, ``f`` ``(N, C)``."""
