@@ -25,7 +25,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from gpytorch.likelihoods import GaussianLikelihood
@@ -220,6 +220,25 @@ def _spectral(model: LinearizedGP, problem: tuple, tolerance: float, max_iter: i
 _REJECTED_LOSS = 1e6
 
 
+class _Evaluation(NamedTuple):
+    """An accepted evidence evaluation of the L-BFGS fit."""
+
+    #: the variables' values (log delta first, then the likelihood's raw parameters)
+    values: list[Tensor]
+    #: the gradient of the loss (the negative log evidence) in them, flat, float64
+    gradient: Tensor
+    log_evidence: float
+
+    @property
+    def point(self) -> Tensor:
+        """The values, flat, float64."""
+        return torch.cat([v.reshape(-1).to(torch.float64) for v in self.values])
+
+    @property
+    def norm(self) -> float:
+        return float(self.gradient.norm())
+
+
 def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> HyperparameterFit:
     kernel = model.covar_module
     raw_delta = kernel.raw_prior_precision
@@ -227,7 +246,8 @@ def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> Hyperparamet
     log_delta = model.prior_precision.detach().log().clone().requires_grad_(True)
     variables = [log_delta] + others
     model.train()
-    state: dict[str, Any] = {"evaluations": 0, "last": None, "point": None}
+    # "last": the last accepted _Evaluation; "rejected": whether the last call was a rejected trial
+    state: dict[str, Any] = {"evaluations": 0, "last": None, "rejected": False, "polishing": False}
     curve: list[float] = []
     # the evidence at the linearized mode carries the network dtype's round-off: below it, gradients only
     noisy = model.mode_finder is not None
@@ -241,7 +261,7 @@ def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> Hyperparamet
         state["rejected"] = True
         for v in variables:
             v.grad = torch.zeros_like(v)
-        return torch.tensor(_REJECTED_LOSS * (1.0 + abs(state["last"][2])), dtype=torch.float64)
+        return torch.tensor(_REJECTED_LOSS * (1.0 + abs(state["last"].log_evidence)), dtype=torch.float64)
 
     def closure() -> Tensor:
         state["evaluations"] += 1
@@ -272,18 +292,15 @@ def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> Hyperparamet
         if not (torch.isfinite(loss) and torch.isfinite(flat).all()):
             # e.g. a trial at delta = 1e-192, where the kernel's 1/delta overflows the gradient
             return reject("the evidence or its gradient is not finite")
-        state["rejected"], state["gradient"] = False, flat.detach().clone()
-        state["last"] = ([v.detach().clone() for v in variables], float(flat.detach().norm()), -float(loss.detach()))
-        point = torch.cat([v.detach().reshape(-1).to(torch.float64) for v in variables])
-        previous, state["point"] = state["point"], (point, state["gradient"])
-        if noisy and previous is not None and not state.get("polishing"):
-            moved, turned = float((point - previous[0]).norm()), float((state["gradient"] - previous[1]).norm())
+        previous = state["last"]
+        last = _Evaluation([v.detach().clone() for v in variables], flat.detach().clone(), -float(loss.detach()))
+        state["rejected"], state["last"] = False, last
+        if noisy and previous is not None and not state["polishing"]:
+            moved = float((last.point - previous.point).norm())
+            turned = float((last.gradient - previous.gradient).norm())
             # the gain a Newton step would make, |g|^2 / 2H, with the curvature H from the last two points
-            if (
-                moved > 0
-                and turned > 0
-                and state["last"][1] ** 2 * moved / (2 * turned) < round_off * max(1.0, abs(float(loss)))
-            ):
+            gain = last.norm**2 * moved / (2 * turned) if moved > 0 and turned > 0 else math.inf
+            if gain < round_off * max(1.0, abs(last.log_evidence)):
                 raise _BelowRoundOff
         return loss.detach()
 
@@ -302,13 +319,12 @@ def _lbfgs(model: LinearizedGP, tolerance: float, max_iter: int) -> Hyperparamet
             opt.step(closure)
         except _BelowRoundOff:
             iterations += int(opt.state[variables[0]].get("n_iter", 0))
-            _, norm, value = state["last"]
+            norm, value = state["last"].norm, state["last"].log_evidence
             break
         iterations += int(opt.state[variables[0]].get("n_iter", 0))
-        values, norm, value = state["last"]
-        if not all(torch.equal(a, b.detach()) for a, b in zip(values, variables)):  # last call was a trial point
+        if not all(torch.equal(a, b.detach()) for a, b in zip(state["last"].values, variables)):  # a trial point
             closure()
-            _, norm, value = state["last"]
+        norm, value = state["last"].norm, state["last"].log_evidence
         if norm <= tolerance or iterations >= max_iter:
             break
     if norm > tolerance and iterations < max_iter:
@@ -373,9 +389,9 @@ def _gradient_polish(
                 v.copy_(x[offset : offset + v.numel()].reshape(v.shape).to(v.dtype))
                 offset += v.numel()
         loss = closure()
-        return None if state["rejected"] else (state["gradient"], -float(loss))
+        return None if state["rejected"] else (state["last"].gradient, -float(loss))
 
-    g, value = state["gradient"], state["last"][2]  # the last evaluation was at the variables' values
+    g, value = state["last"].gradient, state["last"].log_evidence  # the last evaluation was at the variables' values
     n = x0.numel()
     hessian = torch.empty(n, n, dtype=torch.float64)
     for i in range(n):
