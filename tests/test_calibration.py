@@ -95,7 +95,7 @@ def test_linearized_mode_matches_brute_force_glm_newton(make, solver) -> None:
     x, y, net, lik = make()
     net = _perturb(net, x, y, lik)
     delta = 1.7
-    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=delta, solver=solver)
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=delta, solver=solver, mode="auto")
     assert model.mode == "linearized"  # auto: the network is not at a MAP of the stated prior
     evidence = float(model.log_evidence())
     state = model.mode_finder.state(model.prior_precision)
@@ -206,12 +206,13 @@ def test_fit_at_the_linearized_mode_of_a_float32_network_converges(kind, solver)
     assert abs(float(model.log_evidence()) - fit.log_evidence) <= 1e-4  # at the fitted point, up to round-off
 
 
-def test_auto_mode_keeps_a_map_network_and_map_mode_keeps_the_network() -> None:
+def test_auto_mode_keeps_a_map_network_and_map_mode_is_the_default_and_keeps_the_network() -> None:
     x, y, net, lik = _softmax()
     truth.train_map_loss(net, x, lambda f: F.cross_entropy(f, y, reduction="sum"), truth.prior_vector(net, 1.0))
-    model = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision=1.0)
+    model = ntkgp.LinearizedGP(net.eval(), lik, x, y, prior_precision=1.0, mode="auto")
     assert model.mode == "map" and model.mode_finder is None
     perturbed = _perturb(net, x, y, lik, steps=5)
+    assert ntkgp.LinearizedGP(perturbed, lik, x, y, prior_precision=1.0).mode == "map"  # the default
     model = ntkgp.LinearizedGP(perturbed, lik, x, y, prior_precision=1.0, mode="map")
     assert model.mode == "map"
     with torch.no_grad():
@@ -281,12 +282,12 @@ def test_spectral_laplace_fit_agrees_with_lbfgs_and_brute_force(solver) -> None:
 def test_per_group_fit_at_the_linearized_mode_converges_and_warns_when_cut_short() -> None:
     x, y, net, lik = _softmax()
     net = _perturb(net, x, y, lik)
-    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision="module")
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision="module", mode="linearized")
     assert model.layout.group_names == ("0", "2") and model.mode == "linearized"
     fit = fit_hyperparameters(model)
     assert fit.method == "lbfgs" and fit.converged and fit.prior_precision.shape == (2,)
     assert abs(float(model.log_evidence()) - fit.log_evidence) <= 1e-9 * abs(fit.log_evidence)
-    short = ntkgp.LinearizedGP(net, lik, x, y, prior_precision="tensor")
+    short = ntkgp.LinearizedGP(net, lik, x, y, prior_precision="tensor", mode="linearized")
     assert short.layout.num_groups == 4
     with pytest.warns(ConvergenceWarning, match="gradient norm"):
         result = fit_hyperparameters(short, max_iter=1)

@@ -31,3 +31,13 @@ def test_lower_gram_writes_only_the_lower_block_triangle() -> None:
     out = torch.zeros(P, P, dtype=torch.float64)
     add_lower_gram(out, torch.randn(3, P, dtype=torch.float64))
     assert not out[:block, block:].any() and out[block:, :block].any()
+
+
+def test_mirror_lower_takes_every_block_from_the_lower_triangle_batched() -> None:
+    """A batched, nowhere-symmetric matrix becomes its lower triangle mirrored, diagonal blocks included
+    (a GEMM's diagonal block is symmetric only up to its BLAS kernel's round-off)."""
+    n = symmetric_gram.BLOCK + 37
+    a = torch.randn(2, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = a.tril() + a.tril(-1).mT
+    mirror_lower(a)
+    assert torch.equal(a, want)

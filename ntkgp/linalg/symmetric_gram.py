@@ -38,12 +38,16 @@ def add_lower_gram(out: Tensor, a: Tensor) -> None:
 
 
 def mirror_lower(out: Tensor) -> None:
-    """Copy the strictly lower triangle of the square ``out`` onto its upper triangle, in place.
+    """Make the square ``out`` (``(..., n, n)``) exactly symmetric from its lower triangle, in place.
 
-    The diagonal blocks of :func:`add_lower_gram` are complete already; only the blocks above them
-    are filled, block row by block row (no ``P x P`` temporary).
+    The strictly lower triangle is copied onto the upper one, block row by block row (temporaries of
+    at most ``BLOCK x BLOCK``; no ``n x n`` copy). The diagonal blocks are mirrored too: a GEMM's
+    diagonal block :math:`A_s^\top A_s` is symmetric in exact arithmetic but not always bitwise
+    (it depends on the BLAS kernel), and a Gram should be exactly symmetric.
     """
-    P = out.shape[-1]
-    for start in range(0, P, BLOCK):
-        stop = min(start + BLOCK, P)
-        out[start:stop, stop:] = out[stop:, start:stop].mT
+    n = out.shape[-1]
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        diagonal = out[..., start:stop, start:stop]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).mT)
+        out[..., start:stop, stop:] = out[..., stop:, start:stop].mT

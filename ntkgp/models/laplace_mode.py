@@ -1,7 +1,7 @@
 r"""Where a Laplace GP takes its approximation: at the network's MAP or at the linearized model's own mode.
 
-``LinearizedGP(..., mode="map" | "linearized" | "auto")`` for non-Gaussian likelihoods; ``"auto"``
-(the default) finds the linearized model's mode (:mod:`ntkgp.solvers.mode`) when half the squared
+``LinearizedGP(..., mode="map" | "linearized" | "auto")`` for non-Gaussian likelihoods; ``"map"`` is
+the default, ``"auto"`` finds the linearized model's mode (:mod:`ntkgp.solvers.mode`) when half the squared
 Newton decrement at :math:`\hat\theta`, under the stated prior, exceeds
 :data:`~ntkgp.solvers.mode.AUTO_DECREMENT` nats; it is resolved once, on first use.
 """

@@ -113,10 +113,12 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
     progress:
         Show tqdm progress bars on long passes.
     mode:
-        Laplace likelihoods: ``"map"`` (the Laplace approximation at :math:`\hat\theta` for every
-        :math:`\delta`), ``"linearized"`` (at the linearized model's posterior mode for the current
-        :math:`\delta`, :mod:`ntkgp.solvers.mode`) or ``"auto"``: ``"linearized"`` where the network is not
-        at a MAP of the stated prior (``docs/calibration.md``). Approximate solvers use ``"map"``.
+        Laplace likelihoods: ``"map"`` (default: the Laplace approximation at :math:`\hat\theta` for every
+        :math:`\delta`, predictive mean = the network), ``"linearized"`` (at the linearized model's posterior
+        mode for the current :math:`\delta`, :mod:`ntkgp.solvers.mode`) or ``"auto"``: ``"linearized"`` where
+        the network is not at a MAP of the stated prior. ``"map"`` is the default because it predicted better
+        on every network measured, at a tenth of the cost (``docs/calibration.md``). Approximate solvers use
+        ``"map"``.
     process_group:
         ``None`` (one process), or a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) over
         which the training data are sharded: each rank passes its own shard as ``train_x``, ``train_y``
@@ -143,7 +145,7 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         progress: bool = False,
-        mode: str = "auto",
+        mode: str = "map",
         process_group: Any = None,
     ) -> None:
         if mode not in ("auto", "map", "linearized"):

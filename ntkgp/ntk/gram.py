@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ntkgp.linalg.symmetric_gram import mirror_lower
 from ntkgp.network.inputs import Inputs
 from ntkgp.ntk.captures import captures
 from ntkgp.ntk.engine import EmpiricalNTK
@@ -121,4 +122,6 @@ def gram(
             structured_gram(ntk, c1, c2, out, weights=weights, budget=ntk.budget)
     if plan.generic:
         generic_gram(ntk, x1, x2, out, plan.generic, weights=weights)
+    if x2 is None:
+        mirror_lower(out)  # diagonal blocks of GEMMs are symmetric only up to the BLAS kernel's round-off
     return out
