@@ -22,8 +22,8 @@ half, and the MAP, the evidence optimum and the validation fit are scored on the
 the OOD points of the second half).
 The last columns say whether each target of issue 16 holds at that δ: NLL ≤ MAP + max(10 %, 0.01),
 ECE ≤ max(MAP, 0.02), AUROC ≥ MAP (the laplace-torch comparison is in the calibration benchmark).
-Nothing is tuned on the test set: the sweep reports what each δ would give, to locate the targets
-relative to the evidence optimum.
+The sweep tunes nothing: it reports what each δ would give, to locate the targets relative to the
+evidence optimum. The held-out part below tunes δ on one half of the test set and scores the other.
 
 Usage::
 

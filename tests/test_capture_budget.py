@@ -194,6 +194,22 @@ def test_tiled_gram_captures_each_tile_once(monkeypatch: pytest.MonkeyPatch) -> 
     assert torch.equal(got, got.T)
 
 
+def test_symmetric_grams_are_exactly_symmetric_per_group_and_from_held_captures() -> None:
+    """Every route of ``gram(ntk, x)`` returns an exactly symmetric Gram: per group (tiled) and weighted
+    from held captures. A GEMM's diagonal block is symmetric only up to its BLAS kernel (on an AMD EPYC
+    with MKL it was not), so ``gram`` mirrors the lower triangle."""
+    net, n = _conv_net(2), 30
+    x, _ = _data(n, 2)
+    ntk = _gram_model(net, x, 98304, 2).ntk
+    xi = ntk.network.inputs(x)
+    per_group = gram_module.gram(ntk, xi)
+    weights = torch.arange(1.0, ntk.layout.num_groups + 1, dtype=torch.float64)
+    held = gram_module.gram(ntk, xi, weights=weights, captures1=captures_module.captures(ntk, xi))
+    assert per_group.shape == (ntk.layout.num_groups, 2 * n, 2 * n)
+    assert torch.equal(per_group, per_group.mT) and torch.equal(held, held.mT)
+    assert float((held - torch.einsum("g,gij->ij", weights, per_group)).abs().max()) <= 1e-12 * float(held.abs().max())
+
+
 @pytest.mark.parametrize("n1", [7, 25])
 def test_tiled_cross_gram_holds_the_cheaper_side(monkeypatch: pytest.MonkeyPatch, n1: int) -> None:
     """A cross-Gram holds tiles of the side that costs fewer captures and streams the other past each

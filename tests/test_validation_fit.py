@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import gpytorch
@@ -105,6 +106,53 @@ def test_fit_by_validation_bernoulli_and_warns_at_the_grid_edge() -> None:
     assert fit.scale == pytest.approx(1e-7)  # the weakest prior has the widest, worst predictive here
 
 
+def test_validation_nll_bernoulli_matches_the_brute_force_probit() -> None:
+    x, noise = _split(50, 2, 31)
+    y = (x[:, 0] + 0.3 * noise > 0).double()
+    net = truth.mlp(2, 5, 1, seed=32).eval()
+    model = ntkgp.LinearizedGP(net, BernoulliLikelihood(), x[:30], y[:30], prior_precision=0.7).eval()
+    j, jv = truth.jacobian(net, x[:30]), truth.jacobian(net, x[30:])
+    with torch.no_grad():
+        f, fv = net(x[:30])[:, 0], net(x[30:])[:, 0]
+    lam = f.sigmoid() * (1 - f.sigmoid())
+    precision = j.T @ (lam[:, None] * j) + 0.7 * torch.eye(j.shape[1], dtype=torch.float64)
+    var = (jv @ torch.linalg.solve(precision, jv.T)).diagonal()
+    p = (fv / (1 + math.pi / 8 * var).sqrt()).sigmoid()
+    brute = -(y[30:] * p.log() + (1 - y[30:]) * (1 - p).log()).mean()
+    assert abs(validation_nll(model, x[30:], y[30:]) - float(brute)) <= 1e-10
+
+
+def test_fit_by_validation_scales_every_group_by_one_factor() -> None:
+    net, lik, x, y, xv, yv = _softmax_problem()
+    start = torch.tensor([0.5, 2.0, 3.0, 8.0], dtype=torch.float64)  # one per parameter tensor
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=start.clone())
+    fit = fit_by_validation(model, xv, yv)
+    assert float((fit.prior_precision / start - fit.scale).abs().max()) <= 1e-12 * fit.scale
+    assert not model.training
+
+
+def test_fit_by_validation_restores_the_precisions_on_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    net, lik, x, y, xv, yv = _softmax_problem()
+    model = ntkgp.LinearizedGP(net, lik, x, y, prior_precision=3.0)
+    validation = importlib.import_module("ntkgp.marglik.validation")
+    calls = []
+
+    def failing(*args: object) -> float:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return 1.0
+
+    monkeypatch.setattr(validation, "validation_nll", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        fit_by_validation(model, xv, yv)
+    assert float(model.prior_precision) == pytest.approx(3.0, rel=1e-12)
+    monkeypatch.setattr(validation, "validation_nll", lambda *args: math.nan)
+    with pytest.raises(ValueError, match="not finite at any factor"):
+        fit_by_validation(model, xv, yv)
+    assert float(model.prior_precision) == pytest.approx(3.0, rel=1e-12)
+
+
 def test_fit_by_validation_rejects_bad_input() -> None:
     net, lik, x, y, xv, yv = _softmax_problem()
     model = ntkgp.LinearizedGP(net, lik, x, y)
@@ -120,3 +168,6 @@ def test_fit_by_validation_rejects_bad_input() -> None:
         fit_by_validation(model, xv, yv, scales=(1.0, 2.0))
     with pytest.raises(ValueError, match="increasing"):
         fit_by_validation(model, xv, yv, scales=(3.0, 2.0, 1.0))
+    for tolerance in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="tolerance"):
+            fit_by_validation(model, xv, yv, tolerance=tolerance)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +39,14 @@ from ntkgp.network.inputs import Inputs
 if TYPE_CHECKING:
     from ntkgp.models.linearized_gp import LinearizedGP
 
-__all__ = ["ValidationFit", "fit_by_validation"]
+__all__ = ["ValidationFit", "fit_by_validation", "validation_nll"]
 
 #: the default grid of factors: half decades from 1e-2 to 1e6
 DEFAULT_SCALES = tuple(10.0 ** (k / 2) for k in range(-4, 13))
 #: golden-section ratio
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+#: golden-section steps at most (each shrinks the bracket by 0.618: 60 steps take a half decade to 1e-13)
+_MAX_REFINE = 60
 
 
 @dataclass
@@ -76,18 +79,25 @@ def validation_nll(model: LinearizedGP, x: Any, y: Tensor) -> float:
         predictive = model.likelihood(model(x))
         if isinstance(predictive, MultivariateNormal):  # GaussianLikelihood: per-point marginals
             mean, variance = predictive.mean, predictive.variance
-            target = y.to(mean.dtype).reshape(mean.shape)
+            target = y.to(device=mean.device, dtype=mean.dtype).reshape(mean.shape)
             log_density = torch.distributions.Normal(mean, variance.sqrt()).log_prob(target)
         elif isinstance(predictive, torch.distributions.Bernoulli):
-            log_density = predictive.log_prob(y.to(predictive.probs.dtype).reshape(predictive.probs.shape))
-        elif isinstance(predictive, torch.distributions.Normal):
-            log_density = predictive.log_prob(y.to(predictive.mean.dtype).reshape(predictive.mean.shape))
+            probs = predictive.probs
+            log_density = predictive.log_prob(y.to(device=probs.device, dtype=probs.dtype).reshape(probs.shape))
+        elif isinstance(predictive, torch.distributions.Normal):  # the natural-parameter likelihood's
+            mean = predictive.mean
+            log_density = predictive.log_prob(y.to(device=mean.device, dtype=mean.dtype).reshape(mean.shape))
+        elif isinstance(predictive, torch.distributions.Categorical):
+            log_density = predictive.log_prob(y.to(predictive.probs.device).reshape(-1).long())
         else:
-            log_density = predictive.log_prob(y.reshape(-1).long())
+            raise TypeError(
+                f"validation_nll knows Categorical, Bernoulli, Normal and MultivariateNormal predictives; "
+                f"{type(model.likelihood).__name__} gives a {type(predictive).__name__}"
+            )
     return float(-log_density.to(torch.float64).sum() / y.shape[0])
 
 
-def _check(model: LinearizedGP, x: Any, y: Tensor, scales: tuple[float, ...]) -> None:
+def _check(x: Any, y: Tensor, scales: tuple[float, ...], tolerance: float) -> None:
     inputs = Inputs.wrap(x, "x_val")
     inputs.check("x_val")
     if not isinstance(y, Tensor):
@@ -102,6 +112,37 @@ def _check(model: LinearizedGP, x: Any, y: Tensor, scales: tuple[float, ...]) ->
         raise ValueError(f"scales must be positive and finite, got {scales}")
     if list(scales) != sorted(set(scales)):
         raise ValueError("scales must be strictly increasing")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be positive and finite, got {tolerance}")
+
+
+def _search(logs: list[float], objective: Callable[[float], float], tolerance: float) -> tuple[float, float, bool]:
+    """Grid, then golden section between the best grid point's neighbours: ``(best log s, its value, at edge)``."""
+    values = [objective(v) for v in logs]
+    if not any(math.isfinite(v) for v in values):
+        raise ValueError("fit_by_validation: the held-out NLL is not finite at any factor of the grid")
+    best = min(range(len(logs)), key=values.__getitem__)
+    best_log, best_value = logs[best], values[best]
+    if best in (0, len(logs) - 1):
+        return best_log, best_value, True
+    lo, hi = logs[best - 1], logs[best + 1]  # brackets a minimum of the grid
+    a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+    fa, fb = objective(a), objective(b)
+    for _ in range(_MAX_REFINE):
+        if (hi - lo) / math.log(10.0) <= tolerance:
+            break
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - _GOLDEN * (hi - lo)
+            fa = objective(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + _GOLDEN * (hi - lo)
+            fb = objective(b)
+    for point, value in ((a, fa), (b, fb)):
+        if value < best_value:
+            best_log, best_value = point, value
+    return best_log, best_value, False
 
 
 def fit_by_validation(
@@ -132,10 +173,11 @@ def fit_by_validation(
     Returns
     -------
     ValidationFit
-        Warns (``UserWarning``) when the best grid point is at the grid's edge.
+        Warns (``UserWarning``) when the best grid point is at the grid's edge. On an error during the
+        search the precisions are restored to their starting values.
     """
     scales = tuple(float(s) for s in scales)
-    _check(model, x_val, y_val, scales)
+    _check(x_val, y_val, scales, tolerance)
     started = time.perf_counter()
     base = model.prior_precision.detach().clone()
     model.eval()
@@ -147,34 +189,18 @@ def fit_by_validation(
         curve.append((math.exp(log_s), value))
         return value if math.isfinite(value) else math.inf
 
-    logs = [math.log(s) for s in scales]
-    values = [objective(v) for v in logs]
-    best = min(range(len(logs)), key=values.__getitem__)
-    at_edge = best in (0, len(logs) - 1)
-    best_log, best_value = logs[best], values[best]
+    try:
+        best_log, best_value, at_edge = _search([math.log(s) for s in scales], objective, tolerance)
+    except BaseException:
+        model.prior_precision = base  # an error mid-search leaves the precisions where they started
+        raise
     if at_edge:
         warnings.warn(
-            f"fit_by_validation: the best factor {scales[best]:.3g} is at the edge of the grid "
+            f"fit_by_validation: the best factor {math.exp(best_log):.3g} is at the edge of the grid "
             f"[{scales[0]:.3g}, {scales[-1]:.3g}]; the optimum may lie outside it (pass wider scales)",
             UserWarning,
             stacklevel=2,
         )
-    else:  # golden-section search on [log s_{best-1}, log s_{best+1}], which brackets a minimum of the grid
-        lo, hi = logs[best - 1], logs[best + 1]
-        a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-        fa, fb = objective(a), objective(b)
-        while (hi - lo) / math.log(10.0) > tolerance:
-            if fa <= fb:
-                hi, b, fb = b, a, fa
-                a = hi - _GOLDEN * (hi - lo)
-                fa = objective(a)
-            else:
-                lo, a, fa = a, b, fb
-                b = lo + _GOLDEN * (hi - lo)
-                fb = objective(b)
-        for point, value in ((a, fa), (b, fb)):
-            if value < best_value:
-                best_log, best_value = point, value
     model.prior_precision = base * math.exp(best_log)
     return ValidationFit(
         scale=math.exp(best_log),

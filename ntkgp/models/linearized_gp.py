@@ -117,7 +117,7 @@ class LinearizedGP(ConditioningMixin, LaplaceModeMixin, FixedDataMixin, ExactGP)
         :math:`\delta`, predictive mean = the network), ``"linearized"`` (at the linearized model's posterior
         mode for the current :math:`\delta`, :mod:`ntkgp.solvers.mode`) or ``"auto"``: ``"linearized"`` where
         the network is not at a MAP of the stated prior. ``"map"`` is the default because it predicted better
-        on every network measured, at a tenth of the cost (``docs/calibration.md``). Approximate solvers use
+        on every network measured, at 1/13-1/21 of the time (``docs/calibration.md``). Approximate solvers use
         ``"map"``.
     process_group:
         ``None`` (one process), or a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) over
