@@ -78,6 +78,18 @@ def _scores(task: Task, probs: Tensor | None, mean: Tensor | None = None, var: T
     return {"nll": M.class_nll(probs, y), "ece": M.ece(probs, y), "acc": M.accuracy(probs, y)}
 
 
+def score_predictions(task: Task, test: tuple[Tensor, ...], ood: tuple[Tensor, ...]) -> dict:
+    """Test NLL, ECE, accuracy or RMSE, and OOD AUROC from a method's test and OOD predictions:
+    ``(probs,)`` (class probabilities), or ``(mean, variance)`` for regression (AUROC by the variance)."""
+    if task.kind == "gaussian":
+        row = _scores(task, None, *test)
+        row["auroc"] = M.auroc(test[1], ood[1])
+        return row
+    row = _scores(task, test[0])
+    row["auroc"] = M.auroc(M.entropy(test[0]), M.entropy(ood[0]))
+    return row
+
+
 def _binary(p1: Tensor) -> Tensor:
     return torch.stack([1 - p1, p1], 1)
 
@@ -143,13 +155,7 @@ def run_laplace_torch(task: Task, subset: str, structure: str) -> dict:
 
     test = predict(task.x_test)
     seconds = time.perf_counter() - started
-    ood = predict(task.x_ood)
-    if task.kind == "gaussian":
-        row = _scores(task, None, *test)
-        row["auroc"] = M.auroc(test[1], ood[1])
-    else:
-        row = _scores(task, test[0])
-        row["auroc"] = M.auroc(M.entropy(test[0]), M.entropy(ood[0]))
+    row = score_predictions(task, test, predict(task.x_ood))
     row["seconds"] = seconds
     row["prior_precision"] = la.prior_precision.detach().reshape(-1).tolist()[:8]
     return row
@@ -189,13 +195,7 @@ def run_ntkgp(task: Task, structure: str, mode: str) -> dict:
     fitted = time.perf_counter()
     test = _ntkgp_predict(model, lik, task, task.x_test)
     seconds = time.perf_counter() - started
-    ood = _ntkgp_predict(model, lik, task, task.x_ood)
-    if task.kind == "gaussian":
-        row = _scores(task, None, *test)
-        row["auroc"] = M.auroc(test[1], ood[1])
-    else:
-        row = _scores(task, test[0])
-        row["auroc"] = M.auroc(M.entropy(test[0]), M.entropy(ood[0]))
+    row = score_predictions(task, test, _ntkgp_predict(model, lik, task, task.x_ood))
     finder = model.mode_finder
     state = finder.state(model.prior_precision) if finder is not None else None
     row |= {
@@ -231,20 +231,31 @@ def _run(task: Task, method: str, P: int) -> dict:
     return run_ntkgp(task, *NTKGP_ROWS[method])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tasks --seed --threads --json --networks``, shared with ``calibration_sweep.py``."""
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--methods", nargs="+", default=["map", "lt_default", "lt_all", "ntkgp_scalar", "ntkgp_module"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--networks", type=Path, default=None, help="folder of trained networks: loaded if there, else saved there"
     )
-    args = parser.parse_args(argv)
+
+
+def start_task_report(args: argparse.Namespace) -> tuple[dict[str, Any], float]:
+    """The report (machine, configuration, an empty ``tasks``) and its start time."""
     report, started = start_report(args)
     report["config"]["json"], report["config"]["networks"] = str(args.json), str(args.networks)
     report["tasks"] = {}
+    return report, started
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_arguments(parser)
+    parser.add_argument("--methods", nargs="+", default=["map", "lt_default", "lt_all", "ntkgp_scalar", "ntkgp_module"])
+    args = parser.parse_args(argv)
+    report, started = start_task_report(args)
     for name in args.tasks:
         task = make_task(name, args.seed, cache=args.networks)
         P = sum(p.numel() for p in task.net.parameters())

@@ -45,10 +45,16 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/<name>.py): ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ntkgp  # noqa: E402
-from benchmarks.calibration import _likelihood, _ntkgp_predict, _scores, run_map  # noqa: E402
-from benchmarks.calibration_tasks import TASKS, Task, make_task  # noqa: E402
-from benchmarks.harness import finish_report, start_report, write_json  # noqa: E402
-from benchmarks.harness import metrics as M  # noqa: E402
+from benchmarks.calibration import (  # noqa: E402
+    _likelihood,
+    _ntkgp_predict,
+    add_task_arguments,
+    run_map,
+    score_predictions,
+    start_task_report,
+)
+from benchmarks.calibration_tasks import Task, make_task  # noqa: E402
+from benchmarks.harness import finish_report, write_json  # noqa: E402
 
 GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 1e5)
 
@@ -76,14 +82,8 @@ def _logit_variance(model: Any, task: Task) -> float:
 
 
 def _evaluate(model: Any, lik: Any, task: Task) -> dict[str, Any]:
-    test = _ntkgp_predict(model, lik, task, task.x_test)
-    ood = _ntkgp_predict(model, lik, task, task.x_ood)
-    if task.kind == "gaussian":
-        row = _scores(task, None, *test)
-        row["auroc"] = M.auroc(test[1], ood[1])
-    else:
-        row = _scores(task, test[0])
-        row["auroc"] = M.auroc(M.entropy(test[0]), M.entropy(ood[0]))
+    row = score_predictions(task, *(_ntkgp_predict(model, lik, task, x) for x in (task.x_test, task.x_ood)))
+    if task.kind != "gaussian":
         row["logit_variance"] = _logit_variance(model, task)
     return row
 
@@ -177,16 +177,10 @@ def markdown(name: str, entry: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    add_task_arguments(parser)
     parser.add_argument("--grid", nargs="+", type=float, default=list(GRID))
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--networks", type=Path, default=None, help="folder of trained networks (see calibration.py)")
     args = parser.parse_args(argv)
-    report, started = start_report(args)
-    report["config"]["json"], report["config"]["networks"] = str(args.json), str(args.networks)
-    report["tasks"] = {}
+    report, started = start_task_report(args)
     for name in args.tasks:
         task = make_task(name, args.seed, cache=args.networks)
         entry: dict[str, Any] = {"map": run_map(task)}
