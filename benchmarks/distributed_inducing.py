@@ -156,6 +156,7 @@ def _measure(
     }
     torch.save(result, Path(out) / f"rank{rank}.pt")
     if group is not None:
+        _barrier(group)  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 

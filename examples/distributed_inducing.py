@@ -199,6 +199,7 @@ def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None
     )
     try:
         run(args)
+        dist.barrier()  # no rank tears the group down while another still uses it (gloo can abort the other)
     finally:
         dist.destroy_process_group()
 
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group(backend)
         try:
             run(args)
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return

@@ -315,6 +315,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         offsets = [_bounds(SHARDS[world], r).start for r in range(world)]
         results = {name: fn(sl, tsl, group, offsets) for name, fn in {**SCENARIOS, "refusals": _refusals}.items()}
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
